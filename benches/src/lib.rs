@@ -1,1 +1,43 @@
-//! Shared helpers for the benchmarks (the benches themselves are in `benches/`).
+//! Shared helpers for RevPilot's benchmarks: the benchmark accounts and a baseline pass.
+
+use revpilot_core::Account;
+use revpilot_core::synth::{SynthConfig, generate};
+
+/// The benchmark account: `customers` customers of the synthetic SaaS over 24 months, without
+/// payments (the target counts timeline entries; cash is one more linear pass).
+pub fn bench_account(customers: usize) -> (SynthConfig, Account) {
+    let mut config = SynthConfig::new(customers, 42);
+    config.payments = false;
+    let account = generate(&config);
+    (config, account)
+}
+
+/// The baseline: one pass reading every timeline entry's instant and amount, the least any
+/// computation over the account must do.
+pub fn touch_every_entry(account: &Account) -> i64 {
+    let mut acc = 0i64;
+    for s in &account.subscriptions {
+        for st in &s.statuses {
+            acc = acc.wrapping_add(st.at.timestamp());
+        }
+        for i in &s.items {
+            acc = acc
+                .wrapping_add(i.from.timestamp())
+                .wrapping_add(i.quantity as i64);
+            acc = acc.wrapping_add(i.price.unit_amount.mantissa() as i64);
+        }
+        for d in &s.discounts {
+            acc = acc.wrapping_add(d.start.timestamp());
+        }
+        acc = acc.wrapping_add(i64::from(s.cancellation.is_some()));
+    }
+    acc
+}
+
+/// Peak resident memory of this process so far, in bytes (Linux `VmHWM`), when available.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

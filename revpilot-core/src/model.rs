@@ -5,7 +5,7 @@
 //! account can be written by hand. Amounts are [`Decimal`]s in the currency's **minor units**
 //! (cents), as Stripe sends them; the engine reports in major units.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -41,8 +41,8 @@ pub struct Customer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub country: Option<String>,
     /// Free-form metadata; any key can segment a series.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub metadata: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
 }
 
 /// A subscription and its history.
@@ -108,8 +108,8 @@ pub enum Status {
 /// A price at a quantity over a period of a subscription's life.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ItemPeriod {
-    /// The price billed.
-    pub price: Price,
+    /// The price billed. Shared: many items bill the same price, as in Stripe.
+    pub price: Arc<Price>,
     /// The quantity (seats, units); 1 when omitted.
     #[serde(default = "one")]
     pub quantity: u64,
@@ -312,4 +312,75 @@ pub struct Refund {
     pub at: Instant,
     /// Amount refunded, minor units of the payment's currency.
     pub amount: Decimal,
+}
+
+/// Key-value metadata, kept as a sorted vector: a customer has a handful of keys, and a million
+/// customers must not each pay for a tree node. Serialises as a JSON object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Metadata(Vec<(String, String)>);
+
+impl Metadata {
+    /// No entries.
+    pub fn new() -> Self {
+        Metadata(Vec::new())
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| self.0[i].1.as_str())
+    }
+
+    /// Sets `key` to `value`, returning the previous value.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) -> Option<String> {
+        let key = key.into();
+        let value = value.into();
+        match self.0.binary_search_by(|(k, _)| k.as_str().cmp(&key)) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (key, value));
+                None
+            }
+        }
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Metadata {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut m = Metadata::new();
+        for (k, v) in iter {
+            m.insert(k, v);
+        }
+        m
+    }
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = std::collections::BTreeMap::<String, String>::deserialize(d)?;
+        Ok(Metadata(map.into_iter().collect()))
+    }
 }

@@ -124,21 +124,6 @@ pub const OUTPUT_SCALE: u32 = 12;
 /// as anomalies and left out, which keeps every internal sum far from overflow.
 pub const MAX_ITEM_MAJOR: i64 = 10_000_000_000;
 
-/// Converts a `Decimal` (major units) to native fixed point, rounding half-even.
-/// `None` when it does not fit [`MAX_ITEM_MAJOR`].
-pub(crate) fn to_native(amount: Decimal) -> Option<i64> {
-    let limit = Decimal::from(MAX_ITEM_MAJOR);
-    if amount.abs() > limit {
-        return None;
-    }
-    let scaled = amount.round_dp_with_strategy(NATIVE_SCALE, RoundingStrategy::MidpointNearestEven);
-    let mantissa = scaled.mantissa();
-    let scale = scaled.scale();
-    // `scaled` has at most NATIVE_SCALE digits; widen it to exactly NATIVE_SCALE.
-    let factor = 10i128.checked_pow(NATIVE_SCALE - scale)?;
-    i64::try_from(mantissa.checked_mul(factor)?).ok()
-}
-
 /// Converts a rate to fixed point at [`RATE_SCALE`], rounding half-even; `None` for rates that are
 /// not positive or do not fit.
 pub(crate) fn to_rate(rate: Decimal) -> Option<i64> {
@@ -204,10 +189,11 @@ mod tests {
 
     #[test]
     fn fixed_point_round_trips() {
-        let v = to_native(Decimal::new(2900, 2)).unwrap();
-        assert_eq!(v, 29 * 100_000_000);
-        assert_eq!(native_to_decimal(i128::from(v)), Decimal::new(29, 0));
-        assert_eq!(to_native(Decimal::from(MAX_ITEM_MAJOR + 1)), None);
+        let v: i64 = 29 * 100_000_000;
+        assert_eq!(
+            report_to_decimal(i128::from(v) * i128::from(RATE_ONE)),
+            Decimal::new(29, 0)
+        );
         assert_eq!(to_rate(Decimal::ONE), Some(RATE_ONE));
         assert_eq!(to_rate(Decimal::ZERO), None);
         let r = i128::from(v) * i128::from(RATE_ONE);

@@ -13,7 +13,7 @@ use crate::model::{
     Account, BillingScheme, Customer, DiscountOff, Duration, Interval, Price, Status, Subscription,
     TiersMode, UsageType,
 };
-use crate::money::{Currency, to_native};
+use crate::money::Currency;
 
 /// Seconds since the Unix epoch.
 pub(crate) type Secs = i64;
@@ -130,16 +130,10 @@ impl<'a> Compiled<'a> {
         }
 
         // Place each subscription under its customer, then lay them out grouped by customer.
-        let mut sub_ids: FxHashMap<&'a str, ()> = FxHashMap::default();
-        sub_ids.reserve(account.subscriptions.len());
         let mut placed: Vec<(u32, &'a Subscription)> =
             Vec::with_capacity(account.subscriptions.len());
         for s in &account.subscriptions {
-            if sub_ids.insert(s.id.as_str(), ()).is_some() {
-                b.anomalies.push(Anomaly::DuplicateId { id: s.id.clone() });
-                continue;
-            }
-            if s.currency.minor_digits().is_none() {
+            if b.digits(s.currency).is_none() {
                 b.anomalies.push(Anomaly::UnknownCurrency {
                     object: s.id.clone(),
                     currency: s.currency,
@@ -179,10 +173,22 @@ impl<'a> Compiled<'a> {
             order[*slot as usize] = Some((c, s));
             *slot += 1;
         }
-        let mut subs = Vec::with_capacity(order.len());
-        for (c, s) in order.into_iter().flatten() {
-            subs.push(b.compile_sub(c, s));
+        // A subscription listed twice (say, by overlapping export pages) is the same object under
+        // the same customer, so duplicates are looked for within each customer's group.
+        let mut subs: Vec<CSub<'a>> = Vec::with_capacity(order.len());
+        for c in 0..customers.len() {
+            let group = cust_offsets[c] as usize..cust_offsets[c + 1] as usize;
+            let first = subs.len();
+            for (cust, s) in order[group].iter().flatten() {
+                if subs[first..].iter().any(|x| x.src.id == s.id) {
+                    b.anomalies.push(Anomaly::DuplicateId { id: s.id.clone() });
+                    continue;
+                }
+                subs.push(b.compile_sub(*cust, s));
+            }
+            cust_offsets[c] = first as u32;
         }
+        cust_offsets[customers.len()] = subs.len() as u32;
 
         let mut cash = Vec::with_capacity(account.payments.len());
         let mut payment_ids: FxHashMap<&'a str, ()> = FxHashMap::default();
@@ -191,7 +197,7 @@ impl<'a> Compiled<'a> {
                 b.anomalies.push(Anomaly::DuplicateId { id: p.id.clone() });
                 continue;
             }
-            let Some(digits) = p.currency.minor_digits() else {
+            let Some(digits) = b.digits(p.currency) else {
                 b.anomalies.push(Anomaly::UnknownCurrency {
                     object: p.id.clone(),
                     currency: p.currency,
@@ -262,8 +268,17 @@ impl<'a> Compiled<'a> {
     }
 }
 
+/// A price's amount for one period: per unit (times the quantity) or already a total.
+enum PeriodAmount {
+    PerUnit(Decimal),
+    Total(Decimal),
+}
+
 #[derive(Default)]
 struct Builder<'a> {
+    digits_cache: Vec<(Currency, Option<u32>)>,
+    price_by_ptr: FxHashMap<usize, u32>,
+    scratch: Vec<(u32, Secs, Secs)>,
     items: Vec<CItem>,
     statuses: Vec<(Secs, Status)>,
     discounts: Vec<CDiscount>,
@@ -274,9 +289,32 @@ struct Builder<'a> {
     anomalies: Vec<Anomaly>,
 }
 
+/// `amount` minor units times `qty`, times `num / den`, as native fixed point: one exact rational
+/// computation rounded half-even once. `None` when it is out of range.
+pub(crate) fn scaled_native(
+    amount: Decimal,
+    qty: u64,
+    digits: u32,
+    num: i128,
+    den: i128,
+) -> Option<i64> {
+    let shift = crate::money::NATIVE_SCALE.checked_sub(digits)?;
+    let numerator = amount
+        .mantissa()
+        .checked_mul(i128::from(qty))?
+        .checked_mul(10i128.checked_pow(shift)?)?
+        .checked_mul(num)?;
+    let denominator = 10i128.checked_pow(amount.scale())?.checked_mul(den)?;
+    let v = super::timeline::div_half_even(numerator, denominator);
+    let limit = i128::from(crate::money::MAX_ITEM_MAJOR) * 10i128.pow(crate::money::NATIVE_SCALE);
+    if v.abs() > limit {
+        return None;
+    }
+    i64::try_from(v).ok()
+}
+
 fn minor_to_native(minor: Decimal, digits: u32) -> Option<i64> {
-    let major = minor.checked_div(Decimal::from(10i64.pow(digits)))?;
-    to_native(major)
+    scaled_native(minor, 1, digits, 1, 1)
 }
 
 /// `(num, den)` with monthly = per-period x num / den (issue #2's normalisation).
@@ -300,6 +338,16 @@ fn add_interval(t: DateTime<Utc>, interval: Interval, count: u32) -> Option<Date
 }
 
 impl<'a> Builder<'a> {
+    /// ISO minor digits, cached (the ISO table lookup is a linear scan).
+    fn digits(&mut self, c: Currency) -> Option<u32> {
+        if let Some((_, d)) = self.digits_cache.iter().find(|(k, _)| *k == c) {
+            return *d;
+        }
+        let d = c.minor_digits();
+        self.digits_cache.push((c, d));
+        d
+    }
+
     fn currency(&mut self, c: Currency) -> u16 {
         if let Some(i) = self.currencies.iter().position(|x| *x == c) {
             return i as u16;
@@ -319,7 +367,7 @@ impl<'a> Builder<'a> {
 
     /// The per-period amount of `price` at `quantity`, in minor units; `None` with an anomaly
     /// pushed when the price is unusable.
-    fn period_amount(&mut self, price: &Price, quantity: u64) -> Option<Decimal> {
+    fn period_amount(&mut self, price: &Price, quantity: u64) -> Option<PeriodAmount> {
         let q = Decimal::from(quantity);
         match &price.scheme {
             BillingScheme::PerUnit => {
@@ -329,7 +377,7 @@ impl<'a> Builder<'a> {
                     });
                     return None;
                 }
-                price.unit_amount.checked_mul(q)
+                Some(PeriodAmount::PerUnit(price.unit_amount))
             }
             BillingScheme::Tiered { mode, tiers } => {
                 let sorted = tiers.windows(2).all(|w| {
@@ -353,9 +401,9 @@ impl<'a> Builder<'a> {
                     return None;
                 }
                 if quantity == 0 {
-                    return Some(Decimal::ZERO);
+                    return Some(PeriodAmount::Total(Decimal::ZERO));
                 }
-                match mode {
+                let total = match mode {
                     TiersMode::Volume => {
                         let tier = tiers
                             .iter()
@@ -364,7 +412,7 @@ impl<'a> Builder<'a> {
                             .checked_mul(q)?
                             .checked_add(tier.flat_amount)
                     }
-                    TiersMode::Graduated => {
+                    TiersMode::Graduated => (|| {
                         let mut total = Decimal::ZERO;
                         let mut lower = 0u64;
                         for tier in tiers {
@@ -379,17 +427,17 @@ impl<'a> Builder<'a> {
                             lower = upper;
                         }
                         Some(total)
-                    }
-                }
+                    })(),
+                };
+                total.map(PeriodAmount::Total)
             }
         }
     }
 
     fn compile_sub(&mut self, customer: u32, s: &'a Subscription) -> CSub<'a> {
         let currency = self.currency(s.currency);
-        let digits = s.currency.minor_digits().unwrap_or(2);
+        let digits = self.digits(s.currency).unwrap_or(2);
         let items_start = self.items.len() as u32;
-        let mut main_interval: Option<(Interval, u32)> = None;
         let mut magnitude = 0.0f64;
         for item in &s.items {
             let from = secs(&item.from);
@@ -420,23 +468,32 @@ impl<'a> Builder<'a> {
                 });
                 continue;
             }
-            main_interval.get_or_insert((interval, p.interval_count));
             let Some(per_period) = self.period_amount(p, item.quantity) else {
                 continue;
             };
             let (num, den) = month_factor(interval, p.interval_count);
-            let monthly = per_period
-                .checked_div(Decimal::from(10i64.pow(digits)))
-                .and_then(|m| m.checked_mul(Decimal::from(num as i64)))
-                .and_then(|m| m.checked_div(Decimal::from(den as i64)))
-                .and_then(to_native);
+            let monthly = match per_period {
+                PeriodAmount::PerUnit(unit) => scaled_native(unit, item.quantity, digits, num, den),
+                PeriodAmount::Total(total) => scaled_native(total, 1, digits, num, den),
+            };
             let Some(monthly) = monthly else {
                 self.anomalies.push(Anomaly::AmountOutOfRange {
                     object: p.id.clone(),
                 });
                 continue;
             };
-            let price = self.price(&p.id);
+            let price = match self
+                .price_by_ptr
+                .get(&(std::sync::Arc::as_ptr(&item.price) as usize))
+            {
+                Some(i) => *i,
+                None => {
+                    let i = self.price(&p.id);
+                    self.price_by_ptr
+                        .insert(std::sync::Arc::as_ptr(&item.price) as usize, i);
+                    i
+                }
+            };
             magnitude += monthly as f64 / 1e8;
             self.items.push(CItem {
                 from,
@@ -449,22 +506,31 @@ impl<'a> Builder<'a> {
         }
         let items_end = self.items.len() as u32;
         // Overlapping periods of one price: reported, counted as given.
-        let mut by_price: Vec<CItem> = self.items[items_start as usize..].to_vec();
-        by_price.sort_unstable_by_key(|i| (i.price, i.from));
-        for w in by_price.windows(2) {
-            if w[0].price == w[1].price && w[1].from < w[0].to {
-                self.anomalies.push(Anomaly::OverlappingItemPeriods {
-                    subscription: s.id.clone(),
-                    price: self.prices[w[0].price as usize].to_owned(),
-                });
+        if items_end - items_start > 1 {
+            self.scratch.clear();
+            self.scratch.extend(
+                self.items[items_start as usize..]
+                    .iter()
+                    .map(|i| (i.price, i.from, i.to)),
+            );
+            self.scratch.sort_unstable();
+            for k in 1..self.scratch.len() {
+                let (prev, cur) = (self.scratch[k - 1], self.scratch[k]);
+                if prev.0 == cur.0 && cur.1 < prev.2 {
+                    self.anomalies.push(Anomaly::OverlappingItemPeriods {
+                        subscription: s.id.clone(),
+                        price: self.prices[cur.0 as usize].to_owned(),
+                    });
+                }
             }
         }
 
         let statuses_start = self.statuses.len() as u32;
-        let mut statuses: Vec<(Secs, Status)> =
-            s.statuses.iter().map(|c| (secs(&c.at), c.status)).collect();
-        statuses.sort_by_key(|(t, _)| *t);
-        self.statuses.extend(statuses);
+        self.statuses
+            .extend(s.statuses.iter().map(|c| (secs(&c.at), c.status)));
+        // Ties (two statuses at one instant) are broken by status, not input order, so the
+        // result never depends on the order the input lists them in.
+        self.statuses[statuses_start as usize..].sort_unstable_by_key(|(t, st)| (*t, *st as u8));
         let statuses_end = self.statuses.len() as u32;
 
         let discounts_start = self.discounts.len() as u32;
@@ -515,7 +581,29 @@ impl<'a> Builder<'a> {
             let derived_end = match d.duration {
                 Duration::Forever => None,
                 Duration::Once => {
-                    let (interval, count) = main_interval.unwrap_or((Interval::Month, 1));
+                    // One billing period of the subscription's main item when the coupon starts
+                    // (the largest MRR, ties by price id), else of its earliest item: never
+                    // of whichever item the input happens to list first.
+                    let start = secs(&d.start);
+                    let items = &self.items[items_start as usize..items_end as usize];
+                    let prices = &self.prices;
+                    let main = items
+                        .iter()
+                        .filter(|i| i.from <= start && start < i.to)
+                        .max_by(|a, b| {
+                            a.monthly.cmp(&b.monthly).then_with(|| {
+                                prices[b.price as usize].cmp(prices[a.price as usize])
+                            })
+                        })
+                        .or_else(|| {
+                            items.iter().min_by(|a, b| {
+                                a.from.cmp(&b.from).then_with(|| {
+                                    prices[a.price as usize].cmp(prices[b.price as usize])
+                                })
+                            })
+                        });
+                    let (interval, count) =
+                        main.map_or((Interval::Month, 1), |i| (i.interval, i.count));
                     add_interval(d.start, interval, count)
                 }
                 Duration::Repeating { months } => d.start.checked_add_months(Months::new(months)),

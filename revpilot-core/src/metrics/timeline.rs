@@ -19,6 +19,16 @@ pub(crate) struct Change {
 
 /// Division rounding half to even; `den > 0`.
 pub(crate) fn div_half_even(num: i128, den: i128) -> i128 {
+    // i128 division is a slow library call; nearly every amount fits i64.
+    if let (Ok(n), Ok(d)) = (i64::try_from(num), i64::try_from(den)) {
+        let q = n.div_euclid(d);
+        let r = n.rem_euclid(d);
+        return i128::from(match (2 * i128::from(r)).cmp(&i128::from(d)) {
+            std::cmp::Ordering::Greater => q + 1,
+            std::cmp::Ordering::Equal if q % 2 != 0 => q + 1,
+            _ => q,
+        });
+    }
     let q = num.div_euclid(den);
     let r = num.rem_euclid(den);
     match (2 * r).cmp(&den) {
@@ -73,7 +83,11 @@ impl Compiled<'_> {
                 total += i128::from(item.monthly);
                 let better = match main {
                     None => true,
-                    Some((m, p, _)) => item.monthly > m || (item.monthly == m && item.price < p),
+                    Some((m, p, _)) => {
+                        item.monthly > m
+                            || (item.monthly == m
+                                && self.prices[item.price as usize] < self.prices[p as usize])
+                    }
                 };
                 if better {
                     main = Some((item.monthly, item.price, i));

@@ -549,9 +549,7 @@ impl Engine<'_> {
                     let src = c.customers[i].src;
                     match by {
                         Segmentation::Country => src.and_then(|s| s.country.as_deref()),
-                        Segmentation::Metadata(k) => {
-                            src.and_then(|s| s.metadata.get(k).map(String::as_str))
-                        }
+                        Segmentation::Metadata(k) => src.and_then(|s| s.metadata.get(k)),
                         _ => None,
                     }
                     .unwrap_or(NONE)

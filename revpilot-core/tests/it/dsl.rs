@@ -205,7 +205,7 @@ pub(crate) fn parse(text: &str) -> Result<Case, String> {
                     None => 1,
                 };
                 account.subscriptions[i].items.push(ItemPeriod {
-                    price,
+                    price: price.into(),
                     quantity,
                     from,
                     to,
