@@ -22,7 +22,7 @@
 //! let engine = Engine::new(&account, Rules::default(), Currency::USD);
 //! let day = NaiveDate::from_ymd_opt(2024, 1, 31).unwrap();
 //! let report = engine.series(&SeriesRequest::new(day, day, Granularity::Month)).unwrap();
-//! assert_eq!(report.rows[0].mrr.to_string(), "58");
+//! assert_eq!(Currency::USD.round(report.rows[0].mrr).to_string(), "58.00"); // 2 x $29
 //! ```
 
 pub mod anomaly;

@@ -110,6 +110,10 @@ const PLANS: [Plan; 6] = [
     },
 ];
 
+/// Where an upgrade or a downgrade of each plan goes (the same index: none).
+const UPGRADE: [usize; 6] = [2, 2, 5, 5, 5, 5];
+const DOWNGRADE: [usize; 6] = [0, 1, 1, 2, 1, 2];
+
 fn make_price(plan: &Plan, currency: Currency) -> Price {
     let scheme = if plan.tiered {
         BillingScheme::Tiered {
@@ -219,6 +223,15 @@ impl Gen<'_> {
         }
     }
 
+    /// Seats carry over between seat-based plans; otherwise the new plan's own quantity.
+    fn carry_quantity(&mut self, from: usize, to: usize, qty: u64) -> u64 {
+        if PLANS[from].seats && PLANS[to].seats {
+            qty
+        } else {
+            self.quantity(&PLANS[to])
+        }
+    }
+
     fn quantity(&mut self, plan: &Plan) -> u64 {
         if plan.seats { self.rng.u64(1..25) } else { 1 }
     }
@@ -314,21 +327,22 @@ impl Gen<'_> {
         let mut ended = None;
         let mut month_start = paid_from;
         let mut month_no = 0u32;
-        loop {
-            let Some(next) = month_start.checked_add_months(Months::new(1)) else {
-                break;
-            };
-            if next >= self.end {
+        while let Some(next) = month_start.checked_add_months(Months::new(1)) {
+            if month_start >= self.end {
                 break;
             }
-            if self.payments && (PLANS[plan_idx].interval == Interval::Month || month_no % 12 == 0)
+            if self.payments
+                && (PLANS[plan_idx].interval == Interval::Month || month_no.is_multiple_of(12))
             {
                 self.charge(customer, month_start, &PLANS[plan_idx], qty, account);
             }
             month_no += 1;
+            if next >= self.end {
+                break;
+            }
             let roll = self.rng.f64() * 100.0;
             let at = self.within(month_start, 27);
-            if roll < 2.5 {
+            if roll < 1.5 {
                 // Churn: half at period end, half immediately.
                 if self.chance(50.0) {
                     cancellation = Some(Cancellation {
@@ -355,25 +369,25 @@ impl Gen<'_> {
                     ended = Some(at);
                 }
                 break;
-            } else if roll < 5.0 && plan_idx + 1 < PLANS.len() {
+            } else if roll < 5.0 && UPGRADE[plan_idx] != plan_idx {
                 items.push(ItemPeriod {
                     price: self.price(plan_idx),
                     quantity: qty,
                     from: item_from,
                     to: Some(at),
                 });
-                plan_idx += 1;
-                qty = self.quantity(&PLANS[plan_idx]);
+                qty = self.carry_quantity(plan_idx, UPGRADE[plan_idx], qty);
+                plan_idx = UPGRADE[plan_idx];
                 item_from = at;
-            } else if roll < 6.0 && plan_idx > 0 {
+            } else if roll < 6.0 && DOWNGRADE[plan_idx] != plan_idx {
                 items.push(ItemPeriod {
                     price: self.price(plan_idx),
                     quantity: qty,
                     from: item_from,
                     to: Some(at),
                 });
-                plan_idx -= 1;
-                qty = self.quantity(&PLANS[plan_idx]);
+                qty = self.carry_quantity(plan_idx, DOWNGRADE[plan_idx], qty);
+                plan_idx = DOWNGRADE[plan_idx];
                 item_from = at;
             } else if roll < 30.0 && PLANS[plan_idx].seats {
                 items.push(ItemPeriod {
@@ -382,7 +396,7 @@ impl Gen<'_> {
                     from: item_from,
                     to: Some(at),
                 });
-                qty = if self.chance(60.0) {
+                qty = if self.chance(65.0) {
                     qty + self.rng.u64(1..5)
                 } else {
                     qty.saturating_sub(self.rng.u64(1..3)).max(1)
@@ -523,7 +537,7 @@ pub fn generate(config: &SynthConfig) -> Account {
         .and_hms_opt(23, 59, 59)
         .unwrap_or_default()
         .and_utc();
-    let span_days = ((end - start).num_days() - 30).max(1) as u32;
+    let span_days = (end - start).num_days().max(1) as u32;
     let mut account = Account::default();
     account.customers.reserve(config.customers);
     account.subscriptions.reserve(config.customers * 13 / 10);
@@ -567,7 +581,7 @@ pub fn generate(config: &SynthConfig) -> Account {
             }
             life_start = back;
         }
-        if g.chance(10.0) {
+        if g.chance(25.0) {
             // An add-on subscription beside the main one.
             let at = g.within(created, 60);
             if at < end {
