@@ -3,12 +3,12 @@
 use revpilot_core::Account;
 use revpilot_core::synth::{SynthConfig, generate};
 
-/// The benchmark account: `customers` customers of the synthetic SaaS signing up over 36 months
+/// The benchmark account: `customers` customers of the synthetic SaaS signing up over 48 months
 /// (about 10 timeline entries each, so 1,000,000 customers is about 10 million entries), without
 /// payments (the target counts timeline entries; cash is one more linear pass).
 pub fn bench_account(customers: usize) -> (SynthConfig, Account) {
     let mut config = SynthConfig::new(customers, 42);
-    config.months = 36;
+    config.months = 48;
     config.payments = false;
     let account = generate(&config);
     (config, account)

@@ -170,7 +170,7 @@ pub fn fx_table(config: &SynthConfig) -> FxTable {
     table
 }
 
-/// Counts timeline entries: status changes, item periods, discounts and cancellations.
+/// Counts timeline entries: status changes, item periods, discounts, trial ends and cancellations.
 pub fn timeline_entries(account: &Account) -> usize {
     account
         .subscriptions
@@ -581,7 +581,7 @@ pub fn generate(config: &SynthConfig) -> Account {
             }
             life_start = back;
         }
-        if g.chance(25.0) {
+        if g.chance(30.0) {
             // An add-on subscription beside the main one.
             let at = g.within(created, 60);
             if at < end {
