@@ -297,7 +297,7 @@ impl<'f> SeriesSink<'f> {
         ((kind as usize) * self.currencies + currency as usize) * self.frame.days + day
     }
 
-    fn churn_counts(&mut self, s: &Scratch) {
+    fn churn_counts(&mut self, s: &Scratch<'_>) {
         if s.churn_days.is_empty() {
             return;
         }
@@ -359,7 +359,7 @@ impl<'f> SeriesSink<'f> {
 
     /// NRR/GRR numerators: for day D, the customer's MRR at D (NRR) or min(MRR at D, MRR at
     /// lag D) (GRR) if the customer was paying at lag D, per currency, as difference arrays.
-    fn retention(&mut self, s: &Scratch) {
+    fn retention(&mut self, s: &Scratch<'_>) {
         if s.records.is_empty() {
             return;
         }
@@ -395,7 +395,7 @@ impl<'f> SeriesSink<'f> {
 }
 
 impl Sink for SeriesSink<'_> {
-    fn movement(&mut self, g: &Group<'_>, _rates: &RateTable) {
+    fn movement(&mut self, g: &Group<'_, '_>, _rates: &RateTable) {
         let delta: i32 = match g.kind {
             MovementKind::New | MovementKind::Reactivation => 1,
             MovementKind::Churn => -1,
@@ -414,7 +414,7 @@ impl Sink for SeriesSink<'_> {
         self.subscriptions[day] += i64::from(delta);
     }
 
-    fn customer_done(&mut self, _customer: u32, s: &Scratch) {
+    fn customer_done(&mut self, _customer: u32, s: &Scratch<'_>) {
         self.churn_counts(s);
         self.retention(s);
     }

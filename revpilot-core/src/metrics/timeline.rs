@@ -1,18 +1,18 @@
 //! One subscription's MRR over time under a rule profile: the instants where it changes and by how
 //! much, in native fixed point, attributed to the subscription's main price.
 
-use super::compile::{COff, CSub, Compiled, NEVER, Secs, month_factor};
+use super::compile::{COff, CSub, Compiled, NEVER, Secs, SubScratch, month_factor};
 use crate::model::Status;
 use crate::rules::{ChurnTiming, DiscountRule, Rules};
 
 /// A change of one subscription's MRR.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Change {
+pub(crate) struct Change<'a> {
     pub(crate) at: Secs,
     /// Global subscription index.
     pub(crate) sub: u32,
-    /// Interned price id of the subscription's main item (the one with the largest MRR).
-    pub(crate) price: u32,
+    /// The price id of the subscription's main item (the one with the largest MRR).
+    pub(crate) price: &'a str,
     pub(crate) currency: u16,
     pub(crate) delta: i64,
 }
@@ -54,149 +54,152 @@ fn counts(status: Status, rules: &Rules) -> bool {
 /// The instant from which a canceled subscription stops counting under `rules`.
 fn end_of_service(sub: &CSub<'_>, rules: &Rules) -> Secs {
     match rules.churn_timing {
-        ChurnTiming::AtEnd => sub.ends_at,
-        ChurnTiming::AtCancellation => sub.canceled_at.min(sub.ends_at),
+        ChurnTiming::AtEnd => sub.ends_at(),
+        ChurnTiming::AtCancellation => sub.canceled_at().min(sub.ends_at()),
     }
 }
 
-impl Compiled<'_> {
-    /// The subscription's value (native, after discounts) and main price from `at` until its next
-    /// breakpoint.
-    fn value_at(
-        &self,
-        sub: &CSub<'_>,
-        rules: &Rules,
-        status: Option<Status>,
-        at: Secs,
-    ) -> (i64, u32) {
-        let live = status.is_some_and(|s| counts(s, rules))
-            && at >= sub.trial_end
-            && at < end_of_service(sub, rules);
-        if !live {
-            return (0, u32::MAX);
-        }
-        let mut total: i128 = 0;
-        let mut main: Option<(i64, u32, usize)> = None;
-        for i in sub.items.start as usize..sub.items.end as usize {
-            let item = &self.items[i];
-            if item.from <= at && at < item.to {
-                total += i128::from(item.monthly);
-                let better = match main {
-                    None => true,
-                    Some((m, p, _)) => {
-                        item.monthly > m
-                            || (item.monthly == m
-                                && self.prices[item.price as usize] < self.prices[p as usize])
-                    }
-                };
-                if better {
-                    main = Some((item.monthly, item.price, i));
-                }
-            }
-        }
-        let Some((_, price, main_item)) = main else {
-            return (0, u32::MAX);
-        };
-        for d in &self.discounts[sub.discounts.start as usize..sub.discounts.end as usize] {
-            let end = match rules.discounts {
-                DiscountRule::WhileApplicable => d.end_while_applicable,
-                DiscountRule::ForeverOnly => match d.end_forever_only {
-                    Some(e) => e,
-                    None => continue,
-                },
-            };
-            if at < d.start || at >= end {
-                continue;
-            }
-            total = match d.off {
-                COff::Percent { num, den } => div_half_even(total * num, den),
-                COff::Amount(per_period) => {
-                    let item = &self.items[main_item];
-                    let (num, den) = month_factor(item.interval, item.count);
-                    (total - div_half_even(i128::from(per_period) * num, den)).max(0)
-                }
-            };
-        }
-        // Bounded by the item sum, which fits i64 per the compile-time range check; saturate
-        // rather than wrap for an adversarial sum of many maximal items.
-        (i64::try_from(total).unwrap_or(i64::MAX), price)
+/// The subscription's value (native, after discounts) and main price from `at` until its next
+/// breakpoint; `live` says whether its status, trial and end of service let it count at all.
+fn value_at<'a>(
+    scratch: &SubScratch<'a>,
+    rules: &Rules,
+    live: bool,
+    at: Secs,
+) -> (i64, Option<&'a str>) {
+    if !live {
+        return (0, None);
     }
+    let mut total: i128 = 0;
+    let mut main: Option<usize> = None;
+    for (i, item) in scratch.items.iter().enumerate() {
+        if item.from <= at && at < item.to {
+            total += i128::from(item.monthly);
+            let better = match main {
+                None => true,
+                Some(m) => {
+                    let m = &scratch.items[m];
+                    item.monthly > m.monthly || (item.monthly == m.monthly && item.price < m.price)
+                }
+            };
+            if better {
+                main = Some(i);
+            }
+        }
+    }
+    let Some(main) = main else {
+        return (0, None);
+    };
+    let main = &scratch.items[main];
+    for d in &scratch.discounts {
+        let end = match rules.discounts {
+            DiscountRule::WhileApplicable => d.end_while_applicable,
+            DiscountRule::ForeverOnly => match d.end_forever_only {
+                Some(e) => e,
+                None => continue,
+            },
+        };
+        if at < d.start || at >= end {
+            continue;
+        }
+        total = match d.off {
+            COff::Percent { num, den } => div_half_even(total * num, den),
+            COff::Amount(per_period) => {
+                let (num, den) = month_factor(main.interval, main.count);
+                (total - div_half_even(i128::from(per_period) * num, den)).max(0)
+            }
+        };
+    }
+    // Bounded by the item sum, which the compile-time magnitude check keeps in range; saturate
+    // rather than wrap for an adversarial sum of many maximal items.
+    (i64::try_from(total).unwrap_or(i64::MAX), Some(main.price))
+}
 
-    /// Appends subscription `s`'s changes under `rules` to `out`. `scratch` is a reusable buffer.
+impl<'a> Compiled<'a> {
+    /// Appends subscription `s`'s changes under `rules` to `out`, using `scratch` as buffers.
     pub(crate) fn emit_changes(
         &self,
         s: u32,
         rules: &Rules,
-        out: &mut Vec<Change>,
-        scratch: &mut Vec<Secs>,
+        out: &mut Vec<Change<'a>>,
+        scratch: &mut SubScratch<'a>,
     ) {
         let sub = &self.subs[s as usize];
-        let statuses = &self.statuses[sub.statuses.start as usize..sub.statuses.end as usize];
-        if statuses.is_empty() {
+        if sub.src.statuses.is_empty() {
             return;
         }
-        scratch.clear();
-        scratch.extend(statuses.iter().map(|(t, _)| *t));
-        for item in &self.items[sub.items.start as usize..sub.items.end as usize] {
-            scratch.push(item.from);
-            scratch.push(item.to);
+        sub.load(scratch, None);
+        let trial_end = sub.trial_end();
+        let service_end = end_of_service(sub, rules);
+        let mut bps = std::mem::take(&mut scratch.breakpoints);
+        bps.clear();
+        bps.extend(scratch.statuses.iter().map(|(t, _)| *t));
+        for item in &scratch.items {
+            bps.push(item.from);
+            bps.push(item.to);
         }
-        for d in &self.discounts[sub.discounts.start as usize..sub.discounts.end as usize] {
-            scratch.push(d.start);
-            scratch.push(d.end_while_applicable);
+        for d in &scratch.discounts {
+            bps.push(d.start);
+            bps.push(d.end_while_applicable);
             if let Some(e) = d.end_forever_only {
-                scratch.push(e);
+                bps.push(e);
             }
         }
-        scratch.push(sub.trial_end);
-        scratch.push(end_of_service(sub, rules));
-        scratch.sort_unstable();
-        scratch.dedup();
+        bps.push(trial_end);
+        bps.push(service_end);
+        bps.sort_unstable();
+        bps.dedup();
 
+        let statuses = &scratch.statuses;
+        let first = statuses[0].0;
         let mut status_idx = 0usize;
         let mut prev_value = 0i64;
-        let mut prev_price = u32::MAX;
-        for &at in scratch.iter() {
-            if at == NEVER || at == i64::MIN || at < statuses[0].0 {
+        let mut prev_price: Option<&'a str> = None;
+        let currency = sub.currency;
+        for &at in &bps {
+            if at == NEVER || at == i64::MIN || at < first {
                 continue;
             }
             while status_idx + 1 < statuses.len() && statuses[status_idx + 1].0 <= at {
                 status_idx += 1;
             }
-            let status = Some(statuses[status_idx].1);
-            let (value, price) = self.value_at(sub, rules, status, at);
+            let live = counts(statuses[status_idx].1, rules) && at >= trial_end && at < service_end;
+            let (value, price) = value_at(scratch, rules, live, at);
             if value == prev_value && (value == 0 || price == prev_price) {
                 continue;
             }
-            let currency = sub.currency;
-            if prev_value > 0 && value > 0 && price != prev_price {
-                out.push(Change {
-                    at,
-                    sub: s,
-                    price: prev_price,
-                    currency,
-                    delta: -prev_value,
-                });
-                out.push(Change {
-                    at,
-                    sub: s,
-                    price,
-                    currency,
-                    delta: value,
-                });
-            } else {
-                let price = if value > 0 { price } else { prev_price };
-                out.push(Change {
-                    at,
-                    sub: s,
-                    price,
-                    currency,
-                    delta: value - prev_value,
-                });
+            match (prev_price, price) {
+                (Some(old), Some(new)) if prev_value > 0 && value > 0 && old != new => {
+                    out.push(Change {
+                        at,
+                        sub: s,
+                        price: old,
+                        currency,
+                        delta: -prev_value,
+                    });
+                    out.push(Change {
+                        at,
+                        sub: s,
+                        price: new,
+                        currency,
+                        delta: value,
+                    });
+                }
+                _ => {
+                    let price = if value > 0 { price } else { prev_price };
+                    out.push(Change {
+                        at,
+                        sub: s,
+                        price: price.unwrap_or(""),
+                        currency,
+                        delta: value - prev_value,
+                    });
+                }
             }
             prev_value = value;
-            prev_price = if value > 0 { price } else { u32::MAX };
+            prev_price = if value > 0 { price } else { None };
         }
+        scratch.breakpoints = bps;
     }
 }
 
@@ -211,5 +214,10 @@ mod tests {
         assert_eq!(div_half_even(-5, 2), -2);
         assert_eq!(div_half_even(10, 3), 3);
         assert_eq!(div_half_even(11, 3), 4);
+        // Beyond i64: the i128 path. i64::MAX is odd, so its half rounds up.
+        let max = i128::from(i64::MAX);
+        assert_eq!(div_half_even(max * 4 + 1, 4), max);
+        assert_eq!(div_half_even(max * 4 + 2, 4), max + 1);
+        assert_eq!(div_half_even((max - 1) * 4 + 2, 4), max - 1);
     }
 }

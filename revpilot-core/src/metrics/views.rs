@@ -155,7 +155,7 @@ pub struct ProfileDiff {
 struct Noop;
 
 impl Sink for Noop {
-    fn movement(&mut self, _g: &Group<'_>, _r: &RateTable) {}
+    fn movement(&mut self, _g: &Group<'_, '_>, _r: &RateTable) {}
 }
 
 impl Engine<'_> {
@@ -287,7 +287,7 @@ impl Engine<'_> {
             used: Vec<(u16, usize)>,
         }
         impl Sink for LedgerSink<'_, '_> {
-            fn movement(&mut self, g: &Group<'_>, rates: &RateTable) {
+            fn movement(&mut self, g: &Group<'_, '_>, rates: &RateTable) {
                 if g.at < self.from {
                     return;
                 }
@@ -400,8 +400,8 @@ impl Engine<'_> {
             paying: Vec<i64>,
         }
         impl Sink for CohortSink<'_> {
-            fn movement(&mut self, _g: &Group<'_>, _r: &RateTable) {}
-            fn customer_done(&mut self, _customer: u32, s: &Scratch) {
+            fn movement(&mut self, _g: &Group<'_, '_>, _r: &RateTable) {}
+            fn customer_done(&mut self, _customer: u32, s: &Scratch<'_>) {
                 let Some(first) = s.records.iter().find(|r| r.paying) else {
                     return;
                 };
@@ -510,15 +510,15 @@ impl Engine<'_> {
         let mut out = Vec::new();
         match by {
             Segmentation::Plan => {
-                let mut keys: Vec<(&str, u32)> = c
-                    .prices
+                let mut keys: Vec<&str> = c
+                    .subs
                     .iter()
-                    .enumerate()
-                    .map(|(i, p)| (*p, i as u32))
+                    .flat_map(|s| s.src.items.iter().map(|i| i.price.id.as_str()))
                     .collect();
                 keys.sort_unstable();
-                for (key, price) in keys {
-                    let f = move |_: &Compiled<'_>, ch: &Change| ch.price == price;
+                keys.dedup();
+                for key in keys {
+                    let f = move |_: &Compiled<'_>, ch: &Change<'_>| ch.price == key;
                     out.push(Segment {
                         key: key.to_owned(),
                         report: self.series_filtered(req, Some(&f))?,
@@ -537,7 +537,7 @@ impl Engine<'_> {
                     if !c.subs.iter().any(|s| s.currency == cur) {
                         continue;
                     }
-                    let f = move |_: &Compiled<'_>, ch: &Change| ch.currency == cur;
+                    let f = move |_: &Compiled<'_>, ch: &Change<'_>| ch.currency == cur;
                     out.push(Segment {
                         key: key.to_string(),
                         report: self.series_filtered(req, Some(&f))?,
@@ -564,7 +564,7 @@ impl Engine<'_> {
                     .collect();
                 for (ki, key) in keys.iter().enumerate() {
                     let index = &index;
-                    let f = move |c: &Compiled<'_>, ch: &Change| {
+                    let f = move |c: &Compiled<'_>, ch: &Change<'_>| {
                         index[c.subs[ch.sub as usize].customer as usize] == ki as u32
                     };
                     out.push(Segment {

@@ -2,7 +2,7 @@
 //! the same UTC day) into movements, and handing each movement to a [`Sink`].
 
 use super::MovementKind;
-use super::compile::{Compiled, Secs};
+use super::compile::{Compiled, Secs, SubScratch};
 use super::timeline::Change;
 use crate::rules::Rules;
 
@@ -21,10 +21,10 @@ impl RateTable {
 }
 
 /// Which changes count: a segment of the account.
-pub(crate) type Filter<'f> = &'f (dyn Fn(&Compiled<'_>, &Change) -> bool + Sync);
+pub(crate) type Filter<'f> = &'f (dyn Fn(&Compiled<'_>, &Change<'_>) -> bool + Sync);
 
 /// A netted movement of one customer, as the walker hands it to a sink.
-pub(crate) struct Group<'s> {
+pub(crate) struct Group<'s, 'a> {
     pub(crate) customer: u32,
     pub(crate) at: Secs,
     /// Day index relative to the walk's base day (clamped to 0 for earlier history).
@@ -33,7 +33,7 @@ pub(crate) struct Group<'s> {
     /// `(currency, before, after)` native values of the customer, for every currency it has.
     pub(crate) values: &'s [(u16, i128, i128)],
     /// The changes netted into this movement.
-    pub(crate) changes: &'s [Change],
+    pub(crate) changes: &'s [Change<'a>],
 }
 
 /// A customer's state at the end of a day on which it changed.
@@ -47,9 +47,9 @@ pub(crate) struct DayRecord {
 
 /// Per-customer working memory, reused across customers.
 #[derive(Default)]
-pub(crate) struct Scratch {
-    pub(crate) changes: Vec<Change>,
-    breakpoints: Vec<Secs>,
+pub(crate) struct Scratch<'a> {
+    pub(crate) changes: Vec<Change<'a>>,
+    sub: SubScratch<'a>,
     /// The customer's currencies and running native values.
     pub(crate) state: Vec<(u16, i128)>,
     group_values: Vec<(u16, i128, i128)>,
@@ -64,11 +64,11 @@ pub(crate) struct Scratch {
 /// Receives what the walker finds.
 pub(crate) trait Sink {
     /// A netted movement.
-    fn movement(&mut self, group: &Group<'_>, rates: &RateTable);
+    fn movement(&mut self, group: &Group<'_, '_>, rates: &RateTable);
     /// A subscription started (+1) or stopped (-1) contributing MRR on `day`.
     fn subscription(&mut self, _day: usize, _delta: i32) {}
     /// The customer's walk is over; `scratch` holds its day records and movement days.
-    fn customer_done(&mut self, _customer: u32, _scratch: &Scratch) {}
+    fn customer_done(&mut self, _customer: u32, _scratch: &Scratch<'_>) {}
 }
 
 /// Walks customers under one rule profile up to an instant.
@@ -83,7 +83,7 @@ pub(crate) struct Walker<'e, 'a> {
     pub(crate) filter: Option<Filter<'e>>,
 }
 
-impl Walker<'_, '_> {
+impl<'a> Walker<'_, 'a> {
     #[inline]
     pub(crate) fn day_index(&self, at: Secs) -> usize {
         (at.div_euclid(DAY) - self.base_day).max(0) as usize
@@ -109,12 +109,12 @@ impl Walker<'_, '_> {
     }
 
     /// Walks one customer into `sink`.
-    pub(crate) fn walk(&self, customer: u32, s: &mut Scratch, sink: &mut impl Sink) {
+    pub(crate) fn walk(&self, customer: u32, s: &mut Scratch<'a>, sink: &mut impl Sink) {
         s.changes.clear();
         for sub in self.compiled.subs_of(customer) {
             let before = s.changes.len();
             self.compiled
-                .emit_changes(sub as u32, &self.rules, &mut s.changes, &mut s.breakpoints);
+                .emit_changes(sub as u32, &self.rules, &mut s.changes, &mut s.sub);
             let mut kept = before;
             for i in before..s.changes.len() {
                 let ch = s.changes[i];
