@@ -61,9 +61,11 @@ pub(crate) struct Compiled<'a> {
     pub(crate) currencies: Vec<Currency>,
     pub(crate) cash: Vec<CCash>,
     pub(crate) anomalies: Vec<Anomaly>,
-    /// An upper bound, in major units of each currency, of every amount the engine may sum:
-    /// the sum over items of |monthly| times (1 + the number of changes of its subscription).
-    pub(crate) magnitude: Vec<f64>,
+    /// The sum of |cash amounts| per currency, in major units: the cash part of the bound that
+    /// keeps every exact sum in range (the subscription part is counted as walks load them).
+    pub(crate) cash_magnitude: Vec<f64>,
+    /// Every anomaly of the account, computed on first request by [`Compiled::all_anomalies`].
+    all_anomalies: std::sync::OnceLock<Vec<Anomaly>>,
 }
 
 /// An item period, priced.
@@ -277,11 +279,14 @@ impl<'a> CSub<'a> {
 
     /// Fills `scratch` with this subscription's statuses (sorted), priced items and discounts.
     /// Unusable items and discounts are left out; with `anomalies`, each is reported there.
+    ///
+    /// Returns a bound, in major units, of every amount this subscription can add to a sum:
+    /// the sum of |item MRR| times (1 + its number of breakpoints).
     pub(crate) fn load(
         &self,
         scratch: &mut SubScratch<'a>,
         mut anomalies: Option<&mut Vec<Anomaly>>,
-    ) {
+    ) -> f64 {
         let s = self.src;
         scratch.statuses.clear();
         scratch
@@ -448,10 +453,33 @@ impl<'a> CSub<'a> {
                 }
             }
         }
+        let size: f64 = scratch
+            .items
+            .iter()
+            .map(|it| (it.monthly as f64).abs() / 1e8)
+            .sum();
+        let changes =
+            scratch.items.len() * 2 + scratch.statuses.len() + scratch.discounts.len() * 2 + 3;
+        size * changes as f64
     }
 }
 
 impl<'a> Compiled<'a> {
+    /// Every anomaly: those found while compiling and those of every subscription's items and
+    /// discounts (one validation pass, run once and kept).
+    pub(crate) fn all_anomalies(&self) -> &[Anomaly] {
+        self.all_anomalies.get_or_init(|| {
+            let mut out = self.anomalies.clone();
+            let mut scratch = SubScratch::default();
+            for sub in &self.subs {
+                sub.load(&mut scratch, Some(&mut out));
+            }
+            out.sort();
+            out.dedup();
+            out
+        })
+    }
+
     pub(crate) fn subs_of(&self, customer: u32) -> std::ops::Range<usize> {
         let c = customer as usize;
         self.cust_offsets[c] as usize..self.cust_offsets[c + 1] as usize
@@ -462,7 +490,7 @@ impl<'a> Compiled<'a> {
             return i as u16;
         }
         self.currencies.push(c);
-        self.magnitude.push(0.0);
+        self.cash_magnitude.push(0.0);
         (self.currencies.len() - 1) as u16
     }
 
@@ -474,7 +502,8 @@ impl<'a> Compiled<'a> {
             currencies: Vec::new(),
             cash: Vec::with_capacity(account.payments.len()),
             anomalies: Vec::new(),
-            magnitude: Vec::new(),
+            cash_magnitude: Vec::new(),
+            all_anomalies: std::sync::OnceLock::new(),
         };
         // ISO minor digits, cached: the ISO table lookup is a linear scan.
         let mut digits_cache: Vec<(Currency, Option<u32>)> = Vec::new();
@@ -550,10 +579,9 @@ impl<'a> Compiled<'a> {
         drop(next);
 
         // A subscription listed twice (say, by overlapping export pages) is the same object under
-        // the same customer, so duplicates are looked for within each customer's group. The
-        // validation pass prices everything once, to report anomalies and bound the amounts.
+        // the same customer, so duplicates are looked for within each customer's group. Items are
+        // not read here: walks price and validate them as they load each subscription.
         c.subs.reserve(order.len());
-        let mut scratch = SubScratch::default();
         let mut anomalies = std::mem::take(&mut c.anomalies);
         for cust in 0..n {
             let first = c.subs.len();
@@ -564,24 +592,12 @@ impl<'a> Compiled<'a> {
                     continue;
                 }
                 let currency = c.currency(s.currency);
-                let sub = CSub {
+                c.subs.push(CSub {
                     src: s,
                     customer: cust as u32,
                     currency,
                     digits: digits(s.currency).unwrap_or(2),
-                };
-                sub.load(&mut scratch, Some(&mut anomalies));
-                let changes = scratch.items.len() * 2
-                    + scratch.statuses.len()
-                    + scratch.discounts.len() * 2
-                    + 3;
-                let size: f64 = scratch
-                    .items
-                    .iter()
-                    .map(|it| (it.monthly as f64).abs() / 1e8)
-                    .sum();
-                c.magnitude[currency as usize] += size * changes as f64;
-                c.subs.push(sub);
+                });
             }
             offsets[cust] = first as u32;
         }
@@ -634,7 +650,7 @@ impl<'a> Compiled<'a> {
             match events {
                 Some(events) => {
                     for e in &events {
-                        c.magnitude[currency as usize] += (e.amount as f64).abs() / 1e8;
+                        c.cash_magnitude[currency as usize] += (e.amount as f64).abs() / 1e8;
                     }
                     c.cash.extend(events);
                 }

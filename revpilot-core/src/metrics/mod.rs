@@ -173,9 +173,10 @@ impl<'a> Engine<'a> {
         self.currency
     }
 
-    /// Anomalies found while reading the account (independent of any query).
+    /// Every anomaly of the account's data, independent of any query (one validation pass, run
+    /// on the first call and kept). Each report also lists the anomalies it met.
     pub fn input_anomalies(&self) -> &[Anomaly] {
-        &self.compiled.anomalies
+        self.compiled.all_anomalies()
     }
 
     fn check(&self) -> Result<(), Error> {
@@ -185,30 +186,24 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// Rates for days `base_day..base_day + days`, with a magnitude check.
+    /// Rates for days `base_day..base_day + days`.
     fn rate_table(&self, base_day: i64, days: usize) -> Result<RateTable, Error> {
         let c = &self.compiled;
         let mut rates = Vec::with_capacity(c.currencies.len());
-        for (k, cur) in c.currencies.iter().enumerate() {
-            let mut row = vec![0i64; days];
-            let mut max_rate = 0i64;
-            for (d, slot) in row.iter_mut().enumerate() {
-                let date = date_of(base_day + d as i64);
-                *slot = self
-                    .fx
-                    .rate(*cur, self.currency, date)
-                    .and_then(to_rate)
-                    .unwrap_or(0);
-                max_rate = max_rate.max(*slot);
-            }
-            // Every internal sum stays below i128::MAX when this bound holds (see compile.rs).
-            let bound = c.magnitude[k] * (max_rate as f64 / 1e12);
-            if bound > 1e16 {
-                return Err(Error::AmountsTooLarge(*cur));
-            }
+        let mut max = Vec::with_capacity(c.currencies.len());
+        for cur in &c.currencies {
+            let row: Vec<i64> = (0..days)
+                .map(|d| {
+                    self.fx
+                        .rate(*cur, self.currency, date_of(base_day + d as i64))
+                        .and_then(to_rate)
+                        .unwrap_or(0)
+                })
+                .collect();
+            max.push(row.iter().copied().max().unwrap_or(0) as f64 / 1e12);
             rates.push(row);
         }
-        Ok(RateTable { rates })
+        Ok(RateTable { rates, max })
     }
 
     /// MRR of every paying customer, and in total, at the instant `at` (after every change at or

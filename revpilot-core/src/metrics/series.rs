@@ -460,7 +460,7 @@ impl Engine<'_> {
             filter,
         };
         let mut sink = SeriesSink::new(&frame, &self.rules, req.granularity, ncur);
-        walker.walk_all(&mut sink);
+        let walked = walker.walk_all(&mut sink)?;
 
         // Native MRR per currency per day, and reporting values per day.
         let kinds = MovementKind::ALL.len();
@@ -600,6 +600,7 @@ impl Engine<'_> {
         }
 
         let mut anomalies = c.anomalies.clone();
+        anomalies.extend(walked);
         self.missing_rate_anomalies(
             &frame,
             &rates,

@@ -2,6 +2,7 @@
 //! much, in native fixed point, attributed to the subscription's main price.
 
 use super::compile::{COff, CSub, Compiled, NEVER, Secs, SubScratch, month_factor};
+use crate::anomaly::Anomaly;
 use crate::model::Status;
 use crate::rules::{ChurnTiming, DiscountRule, Rules};
 
@@ -116,19 +117,22 @@ fn value_at<'a>(
 }
 
 impl<'a> Compiled<'a> {
-    /// Appends subscription `s`'s changes under `rules` to `out`, using `scratch` as buffers.
+    /// Appends subscription `s`'s changes under `rules` to `out`, using `scratch` as buffers and
+    /// reporting unusable items and discounts to `anomalies`. Returns the subscription's
+    /// magnitude bound (see [`CSub::load`]).
     pub(crate) fn emit_changes(
         &self,
         s: u32,
         rules: &Rules,
         out: &mut Vec<Change<'a>>,
         scratch: &mut SubScratch<'a>,
-    ) {
+        anomalies: &mut Vec<Anomaly>,
+    ) -> f64 {
         let sub = &self.subs[s as usize];
-        if sub.src.statuses.is_empty() {
-            return;
+        let bound = sub.load(scratch, Some(anomalies));
+        if scratch.statuses.is_empty() {
+            return bound;
         }
-        sub.load(scratch, None);
         let trial_end = sub.trial_end();
         let service_end = end_of_service(sub, rules);
         let mut bps = std::mem::take(&mut scratch.breakpoints);
@@ -200,6 +204,7 @@ impl<'a> Compiled<'a> {
             prev_price = if value > 0 { price } else { None };
         }
         scratch.breakpoints = bps;
+        bound
     }
 }
 

@@ -151,6 +151,12 @@ pub struct ProfileDiff {
     pub customers: Vec<CustomerDiff>,
 }
 
+/// Each customer's MRR at one instant, and the anomalies met.
+struct Snapshot {
+    values: Vec<i128>,
+    anomalies: Vec<Anomaly>,
+}
+
 /// A sink for walks that only need each customer's final state.
 struct Noop;
 
@@ -166,7 +172,7 @@ impl Engine<'_> {
         rules: Rules,
         horizon: Secs,
         only: &[u32],
-    ) -> Result<(Vec<i128>, RateTable), Error> {
+    ) -> Result<Snapshot, Error> {
         let day = (horizon - 1).div_euclid(SECONDS_PER_DAY);
         let rates = self.rate_table(day, 1)?;
         let c = &*self.compiled;
@@ -179,41 +185,43 @@ impl Engine<'_> {
             filter: None,
         };
         let mut values = vec![0i128; c.customers.len()];
-        let mut scratch = Scratch::default();
-        let mut visit = |cust: u32| {
-            walker.walk(cust, &mut scratch, &mut Noop);
+        let mut used = vec![false; c.currencies.len()];
+        let mut scratch = walker.scratch();
+        let mut visit = |cust: u32| -> Result<(), Error> {
+            walker.walk(cust, &mut scratch, &mut Noop)?;
             values[cust as usize] = walker.report_value(scratch.state.iter().copied(), 0);
+            for (cur, v) in &scratch.state {
+                used[*cur as usize] |= *v != 0;
+            }
+            Ok(())
         };
         if only.is_empty() {
-            (0..c.customers.len() as u32).for_each(&mut visit);
+            (0..c.customers.len() as u32).try_for_each(&mut visit)?;
         } else {
-            only.iter().copied().for_each(&mut visit);
+            only.iter().copied().try_for_each(&mut visit)?;
         }
-        Ok((values, rates))
-    }
-
-    fn missing_rates_at(&self, rates: &RateTable, day: i64, values_used: &[bool]) -> Vec<Anomaly> {
-        let c = &*self.compiled;
-        let mut out = c.anomalies.clone();
+        let mut anomalies = c.anomalies.clone();
+        anomalies.append(&mut scratch.anomalies);
         for (k, cur) in c.currencies.iter().enumerate() {
-            if values_used[k] && rates.get(k as u16, 0) == 0 {
+            if used[k] && rates.get(k as u16, 0) == 0 {
                 let d = date_of(day);
-                out.push(Anomaly::MissingFxRate {
+                anomalies.push(Anomaly::MissingFxRate {
                     currency: *cur,
                     from: d,
                     to: d,
                 });
             }
         }
-        out.sort();
-        out.dedup();
-        out
+        anomalies.sort();
+        anomalies.dedup();
+        Ok(Snapshot { values, anomalies })
     }
 
     pub(crate) fn snapshot_at(&self, horizon: Secs) -> Result<MrrSnapshot, Error> {
-        let (values, rates) = self.snapshot_values(self.rules, horizon, &[])?;
+        let snap = self.snapshot_values(self.rules, horizon, &[])?;
         let c = &*self.compiled;
-        let mut customers: Vec<CustomerMrr> = values
+        let mut customers: Vec<CustomerMrr> = snap
+            .values
             .iter()
             .enumerate()
             .filter(|(_, v)| **v > 0)
@@ -223,42 +231,12 @@ impl Engine<'_> {
             })
             .collect();
         customers.sort_by(|a, b| a.customer.cmp(&b.customer));
-        let total = report_to_decimal(values.iter().sum());
-        let used = self.currencies_with_value(horizon);
-        let day = (horizon - 1).div_euclid(SECONDS_PER_DAY);
         Ok(MrrSnapshot {
             currency: self.currency,
-            total,
+            total: report_to_decimal(snap.values.iter().sum()),
             customers,
-            anomalies: self.missing_rates_at(&rates, day, &used),
+            anomalies: snap.anomalies,
         })
-    }
-
-    /// Which currencies have native MRR at the horizon (to report missing rates).
-    fn currencies_with_value(&self, horizon: Secs) -> Vec<bool> {
-        let c = &*self.compiled;
-        let one = RateTable {
-            rates: vec![vec![1]; c.currencies.len()],
-        };
-        let walker = Walker {
-            compiled: c,
-            rules: self.rules,
-            base_day: (horizon - 1).div_euclid(SECONDS_PER_DAY),
-            horizon,
-            rates: &one,
-            filter: None,
-        };
-        let mut used = vec![false; c.currencies.len()];
-        let mut scratch = Scratch::default();
-        for cust in 0..c.customers.len() as u32 {
-            walker.walk(cust, &mut scratch, &mut Noop);
-            for (cur, v) in &scratch.state {
-                if *v != 0 {
-                    used[*cur as usize] = true;
-                }
-            }
-        }
-        used
     }
 
     /// Every movement dated `from..=to`, traceable to its customer and subscriptions.
@@ -330,10 +308,11 @@ impl Engine<'_> {
             out: Vec::new(),
             used: Vec::new(),
         };
-        walker.walk_all(&mut sink);
+        let walked = walker.walk_all(&mut sink)?;
         sink.out
             .sort_by(|a, b| (a.date, &a.customer, a.at).cmp(&(b.date, &b.customer, b.at)));
         let mut anomalies = c.anomalies.clone();
+        anomalies.extend(walked);
         sink.used.sort_unstable();
         sink.used.dedup();
         for (cur, day) in sink.used {
@@ -444,7 +423,7 @@ impl Engine<'_> {
             native: vec![0; months * ncur * months],
             paying: vec![0; months * months],
         };
-        walker.walk_all(&mut sink);
+        let walked = walker.walk_all(&mut sink)?;
         let mut rows = Vec::with_capacity(months);
         for cohort in 0..months {
             let mut totals = vec![0i128; ncur];
@@ -489,10 +468,14 @@ impl Engine<'_> {
             }
             rows.push(row);
         }
+        let mut anomalies = c.anomalies.clone();
+        anomalies.extend(walked);
+        anomalies.sort();
+        anomalies.dedup();
         Ok(CohortTable {
             currency: self.currency,
             rows,
-            anomalies: c.anomalies.clone(),
+            anomalies,
         })
     }
 
@@ -585,8 +568,8 @@ impl Engine<'_> {
     pub fn diff_profiles(&self, other: &Rules, date: NaiveDate) -> Result<ProfileDiff, Error> {
         self.check()?;
         let horizon = (epoch_day(date) + 1) * SECONDS_PER_DAY;
-        let (a, _) = self.snapshot_values(self.rules, horizon, &[])?;
-        let (b, _) = self.snapshot_values(*other, horizon, &[])?;
+        let a = self.snapshot_values(self.rules, horizon, &[])?.values;
+        let b = self.snapshot_values(*other, horizon, &[])?.values;
         let switches = super::switches_between(&self.rules, other);
         let c = &*self.compiled;
         let differing: Vec<u32> = (0..a.len() as u32)
@@ -596,7 +579,7 @@ impl Engine<'_> {
         if !differing.is_empty() {
             for s in &switches {
                 let rules = self.rules.with_switch_from(*s, other);
-                flipped.push(self.snapshot_values(rules, horizon, &differing)?.0);
+                flipped.push(self.snapshot_values(rules, horizon, &differing)?.values);
             }
         }
         let mut customers = Vec::with_capacity(differing.len());

@@ -1,9 +1,10 @@
 //! Walking one customer's changes in time order, netting those inside the grouping window (and on
 //! the same UTC day) into movements, and handing each movement to a [`Sink`].
 
-use super::MovementKind;
 use super::compile::{Compiled, Secs, SubScratch};
 use super::timeline::Change;
+use super::{Error, MovementKind};
+use crate::anomaly::Anomaly;
 use crate::rules::Rules;
 
 pub(crate) const DAY: Secs = 86_400;
@@ -11,7 +12,14 @@ pub(crate) const DAY: Secs = 86_400;
 /// Daily exchange rates into the reporting currency, `[currency][day]`, fixed point; 0 = missing.
 pub(crate) struct RateTable {
     pub(crate) rates: Vec<Vec<i64>>,
+    /// The largest rate of each currency over the table, as a plain multiplier.
+    pub(crate) max: Vec<f64>,
 }
+
+/// The most, in major units of the reporting currency, that the amounts a walk sums may add up
+/// to. Far above any real account (10^16 a month), far below where an `i128` at 10^-20 could
+/// overflow (1.7 x 10^18) even after summing movements over every day of a series.
+const MAGNITUDE_LIMIT: f64 = 1e16;
 
 impl RateTable {
     #[inline]
@@ -59,6 +67,10 @@ pub(crate) struct Scratch<'a> {
     pub(crate) record_values: Vec<i128>,
     pub(crate) churn_days: Vec<usize>,
     pub(crate) start_days: Vec<usize>,
+    /// Anomalies of the subscriptions loaded so far.
+    pub(crate) anomalies: Vec<Anomaly>,
+    /// Running bound of every amount summed so far (see [`MAGNITUDE_LIMIT`]).
+    magnitude: f64,
 }
 
 /// Receives what the walker finds.
@@ -100,21 +112,59 @@ impl<'a> Walker<'_, 'a> {
             .sum()
     }
 
-    /// Walks every customer into `sink`.
-    pub(crate) fn walk_all(&self, sink: &mut impl Sink) {
-        let mut scratch = Scratch::default();
-        for c in 0..self.compiled.customers.len() as u32 {
-            self.walk(c, &mut scratch, sink);
+    /// Working memory for a walk, its magnitude bound starting with the account's cash.
+    pub(crate) fn scratch(&self) -> Scratch<'a> {
+        let cash: f64 = self
+            .compiled
+            .cash_magnitude
+            .iter()
+            .zip(&self.rates.max)
+            .map(|(m, r)| m * r)
+            .sum();
+        Scratch {
+            magnitude: cash,
+            ..Scratch::default()
         }
     }
 
+    /// Walks every customer into `sink`; returns the anomalies of the subscriptions walked.
+    ///
+    /// # Errors
+    /// [`Error::AmountsTooLarge`] when the account's amounts could overflow an exact sum; the sink
+    /// has then seen only customers whose amounts were within bounds.
+    pub(crate) fn walk_all(&self, sink: &mut impl Sink) -> Result<Vec<Anomaly>, Error> {
+        let mut scratch = self.scratch();
+        for c in 0..self.compiled.customers.len() as u32 {
+            self.walk(c, &mut scratch, sink)?;
+        }
+        Ok(scratch.anomalies)
+    }
+
     /// Walks one customer into `sink`.
-    pub(crate) fn walk(&self, customer: u32, s: &mut Scratch<'a>, sink: &mut impl Sink) {
+    ///
+    /// # Errors
+    /// [`Error::AmountsTooLarge`], before anything of this customer reaches the sink.
+    pub(crate) fn walk(
+        &self,
+        customer: u32,
+        s: &mut Scratch<'a>,
+        sink: &mut impl Sink,
+    ) -> Result<(), Error> {
         s.changes.clear();
         for sub in self.compiled.subs_of(customer) {
             let before = s.changes.len();
-            self.compiled
-                .emit_changes(sub as u32, &self.rules, &mut s.changes, &mut s.sub);
+            let bound = self.compiled.emit_changes(
+                sub as u32,
+                &self.rules,
+                &mut s.changes,
+                &mut s.sub,
+                &mut s.anomalies,
+            );
+            let currency = self.compiled.subs[sub].currency as usize;
+            s.magnitude += bound * self.rates.max[currency];
+            if s.magnitude > MAGNITUDE_LIMIT {
+                return Err(Error::AmountsTooLarge(self.compiled.currencies[currency]));
+            }
             let mut kept = before;
             for i in before..s.changes.len() {
                 let ch = s.changes[i];
@@ -134,7 +184,7 @@ impl<'a> Walker<'_, 'a> {
         s.start_days.clear();
         if s.changes.is_empty() {
             sink.customer_done(customer, s);
-            return;
+            return Ok(());
         }
         s.changes
             .sort_unstable_by_key(|c| (c.at, c.sub, c.price, c.delta));
@@ -253,5 +303,6 @@ impl<'a> Walker<'_, 'a> {
             i = j;
         }
         sink.customer_done(customer, s);
+        Ok(())
     }
 }
