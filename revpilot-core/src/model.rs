@@ -384,3 +384,28 @@ impl<'de> Deserialize<'de> for Metadata {
         Ok(Metadata(map.into_iter().collect()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accounts_round_trip_through_json() {
+        let account = crate::synth::generate(&crate::synth::SynthConfig::new(50, 3));
+        let json = serde_json::to_string(&account).unwrap();
+        let back: Account = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, account);
+        // Metadata is a JSON object; missing optional fields read as their defaults.
+        let c: Customer = serde_json::from_str(
+            r#"{"id":"cus_1","created":"2024-01-01T00:00:00Z","metadata":{"b":"2","a":"1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.metadata.iter().collect::<Vec<_>>(),
+            vec![("a", "1"), ("b", "2")]
+        );
+        assert_eq!(c.metadata.get("b"), Some("2"));
+        assert_eq!(c.country, None);
+        assert!(serde_json::from_str::<Subscription>(r#"{"id":"sub_1"}"#).is_err());
+    }
+}
