@@ -223,6 +223,28 @@ impl Gen<'_> {
         }
     }
 
+    /// The plan and quantity an upgrade, a downgrade or a seat change leads to, if `roll` draws
+    /// one that the plan allows.
+    fn plan_change(&mut self, roll: f64, plan: usize, qty: u64) -> Option<(usize, u64)> {
+        if roll < 5.0 && UPGRADE[plan] != plan {
+            Some((UPGRADE[plan], self.carry_quantity(plan, UPGRADE[plan], qty)))
+        } else if roll < 6.0 && DOWNGRADE[plan] != plan {
+            Some((
+                DOWNGRADE[plan],
+                self.carry_quantity(plan, DOWNGRADE[plan], qty),
+            ))
+        } else if roll < 30.0 && PLANS[plan].seats {
+            let seats = if self.chance(65.0) {
+                qty + self.rng.u64(1..5)
+            } else {
+                qty.saturating_sub(self.rng.u64(1..3)).max(1)
+            };
+            Some((plan, seats))
+        } else {
+            None
+        }
+    }
+
     /// Seats carry over between seat-based plans; otherwise the new plan's own quantity.
     fn carry_quantity(&mut self, from: usize, to: usize, qty: u64) -> u64 {
         if PLANS[from].seats && PLANS[to].seats {
@@ -369,39 +391,14 @@ impl Gen<'_> {
                     ended = Some(at);
                 }
                 break;
-            } else if roll < 5.0 && UPGRADE[plan_idx] != plan_idx {
+            } else if let Some((new_plan, new_qty)) = self.plan_change(roll, plan_idx, qty) {
                 items.push(ItemPeriod {
                     price: self.price(plan_idx),
                     quantity: qty,
                     from: item_from,
                     to: Some(at),
                 });
-                qty = self.carry_quantity(plan_idx, UPGRADE[plan_idx], qty);
-                plan_idx = UPGRADE[plan_idx];
-                item_from = at;
-            } else if roll < 6.0 && DOWNGRADE[plan_idx] != plan_idx {
-                items.push(ItemPeriod {
-                    price: self.price(plan_idx),
-                    quantity: qty,
-                    from: item_from,
-                    to: Some(at),
-                });
-                qty = self.carry_quantity(plan_idx, DOWNGRADE[plan_idx], qty);
-                plan_idx = DOWNGRADE[plan_idx];
-                item_from = at;
-            } else if roll < 30.0 && PLANS[plan_idx].seats {
-                items.push(ItemPeriod {
-                    price: self.price(plan_idx),
-                    quantity: qty,
-                    from: item_from,
-                    to: Some(at),
-                });
-                qty = if self.chance(65.0) {
-                    qty + self.rng.u64(1..5)
-                } else {
-                    qty.saturating_sub(self.rng.u64(1..3)).max(1)
-                };
-                item_from = at;
+                (plan_idx, qty, item_from) = (new_plan, new_qty, at);
             } else if roll < 34.0 {
                 // A failed payment: past_due, then recovered or unpaid and canceled.
                 statuses.push(StatusChange {

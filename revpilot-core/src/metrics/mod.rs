@@ -23,7 +23,7 @@ use crate::anomaly::Anomaly;
 use crate::fx::{FxRates, NoFx};
 use crate::model::Account;
 use crate::money::{Currency, to_rate};
-use crate::rules::{RuleSwitch, Rules};
+use crate::rules::Rules;
 use compile::Compiled;
 use walk::{DAY, RateTable};
 
@@ -213,7 +213,7 @@ impl<'a> Engine<'a> {
     /// [`Error::UnknownReportingCurrency`], [`Error::AmountsTooLarge`].
     pub fn mrr_at(&self, at: DateTime<Utc>) -> Result<MrrSnapshot, Error> {
         self.check()?;
-        views::snapshot(self, at.timestamp() + 1)
+        self.snapshot_at(at.timestamp() + 1)
     }
 }
 
@@ -246,11 +246,6 @@ pub(crate) fn decimal_ratio(num: Decimal, den: Decimal) -> Option<Decimal> {
 }
 
 pub(crate) const SECONDS_PER_DAY: i64 = DAY;
-
-/// A rule switch's effect on one customer, for the profile diff.
-pub(crate) fn switches_between(a: &Rules, b: &Rules) -> Vec<RuleSwitch> {
-    a.differences(b)
-}
 
 #[cfg(test)]
 mod tests;

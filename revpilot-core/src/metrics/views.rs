@@ -570,7 +570,7 @@ impl Engine<'_> {
         let horizon = (epoch_day(date) + 1) * SECONDS_PER_DAY;
         let a = self.snapshot_values(self.rules, horizon, &[])?.values;
         let b = self.snapshot_values(*other, horizon, &[])?.values;
-        let switches = super::switches_between(&self.rules, other);
+        let switches = self.rules.differences(other);
         let c = &*self.compiled;
         let differing: Vec<u32> = (0..a.len() as u32)
             .filter(|i| a[*i as usize] != b[*i as usize])
@@ -613,15 +613,10 @@ impl Engine<'_> {
     }
 }
 
-pub(crate) fn snapshot(engine: &Engine<'_>, horizon: Secs) -> Result<MrrSnapshot, Error> {
-    engine.snapshot_at(horizon)
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
-    fn month_rows_cover_the_range() {
-        // Exercised through the engine in metrics::tests; this guards the day arithmetic helper.
+    fn epoch_days_round_trip() {
         let d = chrono::NaiveDate::from_ymd_opt(2024, 2, 29).unwrap();
         assert_eq!(super::date_of(super::epoch_day(d)), d);
     }
