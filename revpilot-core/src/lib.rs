@@ -30,9 +30,12 @@ pub mod fx;
 pub mod metrics;
 pub mod model;
 pub mod money;
+pub mod ports;
 pub mod rules;
 #[cfg(feature = "synth")]
 pub mod synth;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use anomaly::Anomaly;
 pub use fx::{FxRates, FxTable};

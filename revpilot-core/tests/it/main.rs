@@ -2,6 +2,7 @@
 
 mod dsl;
 mod props;
+mod store;
 
 use std::path::{Path, PathBuf};
 

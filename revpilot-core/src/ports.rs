@@ -1,0 +1,598 @@
+//! The storage ports: what RevPilot needs from a database, as object-safe async traits.
+//!
+//! Each method is a contract; the adapters in `revpilot-store` (SQLite, PostgreSQL) and the
+//! in-memory implementation behind the `testing` feature all pass the same conformance suite.
+//! Application state holds `Arc<dyn UsageStore>` and friends.
+//!
+//! Tenant isolation is in the signatures: every read of a connection's data takes the owner's
+//! [`UserId`], and a connection of another user reads exactly like one that does not exist.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::metrics::SeriesRow;
+
+/// What a store can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The record a write needs does not exist (or belongs to another user).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The write would take something that belongs to another user.
+    #[error("{0} is already connected to another user")]
+    Conflict(String),
+    /// Recording would pass the meter's limit for the period.
+    #[error("the {meter} limit of {limit} for this period is reached ({used} used)")]
+    LimitExceeded {
+        /// The meter.
+        meter: Meter,
+        /// The limit.
+        limit: u64,
+        /// What was used before this attempt.
+        used: u64,
+    },
+    /// A stored secret could not be decrypted: wrong or missing key, or altered ciphertext.
+    #[error("stored secret cannot be decrypted: {0}")]
+    Crypto(String),
+    /// The input cannot be stored as given.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    /// The database failed; the message is for logs, never for HTTP responses.
+    #[error("database error: {0}")]
+    Backend(String),
+}
+
+/// `Result` with a [`StoreError`].
+pub type StoreResult<T> = Result<T, StoreError>;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Uuid);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A RevPilot user (the embedding product's account).
+    UserId
+);
+id_type!(
+    /// A connected Stripe account.
+    ConnectionId
+);
+
+/// The plan tiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// Free, hard-limited.
+    Starter,
+    /// $29.
+    Professional,
+    /// $99.
+    Business,
+    /// $299.
+    Enterprise,
+}
+
+impl Tier {
+    /// The snake_case name stored in databases.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Starter => "starter",
+            Tier::Professional => "professional",
+            Tier::Business => "business",
+            Tier::Enterprise => "enterprise",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Tier> {
+        [
+            Tier::Starter,
+            Tier::Professional,
+            Tier::Business,
+            Tier::Enterprise,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
+    }
+}
+
+/// Monthly limits; `None` is unlimited (never a magic number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Limits {
+    /// What-if scenarios.
+    pub scenarios: Option<u32>,
+    /// AI insights.
+    pub ai_insights: Option<u32>,
+    /// Transactions synced.
+    pub transaction_volume: Option<u64>,
+}
+
+/// A user's profile: tier, Stripe billing ids and limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserProfile {
+    /// The user.
+    pub user_id: UserId,
+    /// Email, when known.
+    pub email: Option<String>,
+    /// Current tier.
+    pub tier: Tier,
+    /// Stripe subscription status of the user's own plan, when subscribed.
+    pub subscription_status: Option<String>,
+    /// The user's Stripe customer (on the embedding company's own Stripe account).
+    pub stripe_customer_id: Option<String>,
+    /// The user's Stripe subscription.
+    pub stripe_subscription_id: Option<String>,
+    /// End of the current billing period, when subscribed.
+    pub current_period_end: Option<DateTime<Utc>>,
+    /// The tier's limits.
+    pub limits: Limits,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A change of plan to apply to a profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanChange {
+    /// New tier.
+    pub tier: Tier,
+    /// New status.
+    pub subscription_status: Option<String>,
+    /// Stripe customer id (kept when `None`).
+    pub stripe_customer_id: Option<String>,
+    /// Stripe subscription id.
+    pub stripe_subscription_id: Option<String>,
+    /// Period end.
+    pub current_period_end: Option<DateTime<Utc>>,
+    /// The new tier's limits.
+    pub limits: Limits,
+}
+
+/// Users and their profiles.
+#[async_trait]
+pub trait UserStore: Send + Sync {
+    /// Creates the profile of a new user on `tier` with `limits`, at `now`.
+    ///
+    /// # Errors
+    /// MUST return [`StoreError::Conflict`] when the user exists or the email is taken.
+    async fn create_user(
+        &self,
+        user: UserId,
+        email: Option<&str>,
+        tier: Tier,
+        limits: Limits,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile>;
+
+    /// The user's profile, `None` when there is none.
+    async fn user(&self, user: UserId) -> StoreResult<Option<UserProfile>>;
+
+    /// The user with this email (case-insensitive), if any.
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserProfile>>;
+
+    /// The user whose Stripe customer this is, if any.
+    async fn user_by_stripe_customer(&self, customer: &str) -> StoreResult<Option<UserProfile>>;
+
+    /// The user whose Stripe subscription this is, if any.
+    async fn user_by_stripe_subscription(
+        &self,
+        subscription: &str,
+    ) -> StoreResult<Option<UserProfile>>;
+
+    /// Applies a plan change at `now` and returns the new profile. A `None` customer id keeps
+    /// the stored one.
+    ///
+    /// # Errors
+    /// MUST return [`StoreError::NotFound`] for an unknown user.
+    async fn set_plan(
+        &self,
+        user: UserId,
+        change: &PlanChange,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile>;
+}
+
+/// A usage meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Meter {
+    /// One per generated insight.
+    AiInsight,
+    /// One per synced charge.
+    TransactionVolume,
+}
+
+impl Meter {
+    /// The stored `event_type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Meter::AiInsight => "ai_insight",
+            Meter::TransactionVolume => "transaction_volume",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Meter> {
+        [Meter::AiInsight, Meter::TransactionVolume]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
+}
+
+impl fmt::Display for Meter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A usage period, `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Period {
+    /// First instant.
+    pub start: DateTime<Utc>,
+    /// First instant after.
+    pub end: DateTime<Utc>,
+}
+
+/// One unit (or several) of usage to record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// Whose usage.
+    pub user: UserId,
+    /// Which meter.
+    pub meter: Meter,
+    /// The connection it concerns, if any.
+    pub connection: Option<ConnectionId>,
+    /// How many units.
+    pub amount: u64,
+    /// Unique per user, forever: the insight id, the Stripe charge id.
+    pub idempotency_key: String,
+    /// Free-form context.
+    pub metadata: serde_json::Value,
+    /// When it happened (decides the period).
+    pub at: DateTime<Utc>,
+}
+
+/// The outcome of recording usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded now.
+    New,
+    /// A record with this key exists (reserved or committed); nothing changed.
+    Duplicate,
+}
+
+/// Usage events, counted exactly once and recorded against limits atomically.
+#[async_trait]
+pub trait UsageStore: Send + Sync {
+    /// Records `record` as committed usage unless its key exists, in one atomic step that checks
+    /// the meter's usage in `period` (committed and reserved) against `limit`.
+    ///
+    /// # Errors
+    /// MUST return [`StoreError::LimitExceeded`], writing nothing, when `limit` is `Some` and the
+    /// usage plus `record.amount` would pass it. Concurrent calls MUST NOT together pass it.
+    async fn record(
+        &self,
+        record: &UsageRecord,
+        period: Period,
+        limit: Option<u64>,
+    ) -> StoreResult<Recorded>;
+
+    /// As [`UsageStore::record`], but the units are only reserved: they count against the limit
+    /// until [`UsageStore::commit`] or [`UsageStore::release`].
+    async fn reserve(
+        &self,
+        record: &UsageRecord,
+        period: Period,
+        limit: Option<u64>,
+    ) -> StoreResult<Recorded>;
+
+    /// Turns a reservation into committed usage.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when there is no reservation with this key.
+    async fn commit(&self, user: UserId, idempotency_key: &str) -> StoreResult<()>;
+
+    /// Drops a reservation (the work it paid for failed); committed usage is never released.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when there is no reservation with this key.
+    async fn release(&self, user: UserId, idempotency_key: &str) -> StoreResult<()>;
+
+    /// Committed units of `meter` in `period`.
+    async fn used(&self, user: UserId, meter: Meter, period: Period) -> StoreResult<u64>;
+}
+
+/// A verified webhook event for the inbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxEvent {
+    /// Stripe's event id (`evt_...`), unique.
+    pub event_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Stripe's `created`.
+    pub created: DateTime<Utc>,
+    /// Live or test mode.
+    pub livemode: bool,
+    /// The verified body, exactly as received.
+    pub payload: String,
+    /// When it was received.
+    pub received_at: DateTime<Utc>,
+}
+
+/// An inbox entry waiting to be processed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingEvent {
+    /// The event.
+    pub event: InboxEvent,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// Whether an inbox insert was new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// Stored now.
+    New,
+    /// An event with this id was already stored; nothing changed.
+    Duplicate,
+}
+
+/// The webhook inbox: durable first, processed after, never lost.
+#[async_trait]
+pub trait WebhookInbox: Send + Sync {
+    /// Stores a verified event.
+    async fn insert(&self, event: &InboxEvent) -> StoreResult<Inserted>;
+
+    /// Up to `limit` unprocessed events with fewer than `max_attempts` failures, oldest
+    /// `created` first.
+    async fn pending(&self, limit: usize, max_attempts: u32) -> StoreResult<Vec<PendingEvent>>;
+
+    /// Marks an event processed at `now`.
+    async fn mark_processed(&self, event_id: &str, now: DateTime<Utc>) -> StoreResult<()>;
+
+    /// Records a failed attempt; the event stays pending.
+    async fn mark_failed(&self, event_id: &str, error: &str) -> StoreResult<()>;
+}
+
+/// Kinds of cached Stripe objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectKind {
+    /// `customer`.
+    Customer,
+    /// `subscription`.
+    Subscription,
+    /// `invoice`.
+    Invoice,
+    /// `charge`.
+    Charge,
+    /// `price`.
+    Price,
+    /// `product`.
+    Product,
+    /// `coupon`.
+    Coupon,
+}
+
+impl ObjectKind {
+    /// Every kind.
+    pub const ALL: [ObjectKind; 7] = [
+        ObjectKind::Customer,
+        ObjectKind::Subscription,
+        ObjectKind::Invoice,
+        ObjectKind::Charge,
+        ObjectKind::Price,
+        ObjectKind::Product,
+        ObjectKind::Coupon,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Customer => "customer",
+            ObjectKind::Subscription => "subscription",
+            ObjectKind::Invoice => "invoice",
+            ObjectKind::Charge => "charge",
+            ObjectKind::Price => "price",
+            ObjectKind::Product => "product",
+            ObjectKind::Coupon => "coupon",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<ObjectKind> {
+        ObjectKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// A cached Stripe object: the raw JSON and the version it was seen at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedObject {
+    /// Kind.
+    pub kind: ObjectKind,
+    /// Stripe id.
+    pub stripe_id: String,
+    /// The version: the event's `created`, or when it was fetched. An older version never
+    /// overwrites a newer one.
+    pub version: DateTime<Utc>,
+    /// The object as Stripe sent it.
+    pub data: String,
+}
+
+/// What a bulk upsert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UpsertStats {
+    /// New objects.
+    pub inserted: usize,
+    /// Objects replaced by a newer version with different data.
+    pub updated: usize,
+    /// Same or older version, or identical data: nothing written.
+    pub skipped: usize,
+}
+
+/// Cached Stripe objects of connections.
+#[async_trait]
+pub trait ObjectCache: Send + Sync {
+    /// Upserts `objects` of a connection in one transaction. An object whose stored version is
+    /// newer, or whose data is unchanged, is left alone (nothing written).
+    async fn upsert_objects(
+        &self,
+        connection: ConnectionId,
+        objects: &[CachedObject],
+    ) -> StoreResult<UpsertStats>;
+
+    /// The cached objects of `kind` of the user's connection, by Stripe id; empty for another
+    /// user's connection.
+    async fn objects(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+    ) -> StoreResult<Vec<CachedObject>>;
+}
+
+/// Metric snapshots: one series row per connection and day.
+#[async_trait]
+pub trait SnapshotStore: Send + Sync {
+    /// Inserts or replaces the rows (by `date`) of a connection; returns how many were written.
+    async fn upsert_snapshots(
+        &self,
+        connection: ConnectionId,
+        rows: &[SeriesRow],
+    ) -> StoreResult<usize>;
+
+    /// Rows from `from` to `to` inclusive, oldest first; empty for another user's connection.
+    async fn snapshots(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<SeriesRow>>;
+}
+
+/// A connection's OAuth tokens, in clear (only ever held in memory).
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// Access token.
+    pub access_token: SecretString,
+    /// Refresh token, when Stripe gave one.
+    pub refresh_token: Option<SecretString>,
+}
+
+/// A new or renewed connection.
+#[derive(Debug, Clone)]
+pub struct NewConnection {
+    /// The owner.
+    pub user: UserId,
+    /// `acct_...`.
+    pub stripe_account_id: String,
+    /// Business name.
+    pub business_name: Option<String>,
+    /// Default currency.
+    pub currency: Option<String>,
+    /// Tokens, stored encrypted.
+    pub tokens: Tokens,
+}
+
+/// A stored connection (never with its tokens).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connection {
+    /// Id.
+    pub id: ConnectionId,
+    /// Owner.
+    pub user: UserId,
+    /// `acct_...`.
+    pub stripe_account_id: String,
+    /// Business name.
+    pub business_name: Option<String>,
+    /// Default currency.
+    pub currency: Option<String>,
+    /// False once deauthorized.
+    pub is_active: bool,
+    /// Last successful sync.
+    pub last_synced_at: Option<DateTime<Utc>>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Stripe connections, with their tokens stored encrypted.
+#[async_trait]
+pub trait ConnectionStore: Send + Sync {
+    /// Stores a connection, or renews the user's existing connection of the same account
+    /// (new tokens, active again).
+    ///
+    /// # Errors
+    /// MUST return [`StoreError::Conflict`], writing nothing, when the account is connected to
+    /// another user.
+    async fn save_connection(
+        &self,
+        connection: NewConnection,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Connection>;
+
+    /// The user's connection; `None` for another user's.
+    async fn connection(&self, user: UserId, id: ConnectionId) -> StoreResult<Option<Connection>>;
+
+    /// The user's connections.
+    async fn connections(&self, user: UserId) -> StoreResult<Vec<Connection>>;
+
+    /// Every active connection (for the sync cron).
+    async fn active_connections(&self) -> StoreResult<Vec<Connection>>;
+
+    /// The decrypted tokens of the user's active connection; `None` when there is none.
+    ///
+    /// # Errors
+    /// [`StoreError::Crypto`] when the stored ciphertext cannot be decrypted.
+    async fn tokens(&self, user: UserId, id: ConnectionId) -> StoreResult<Option<Tokens>>;
+
+    /// Deauthorization: marks the account's connection inactive and erases its tokens. Returns
+    /// the connection, `None` when the account is unknown.
+    async fn deactivate(
+        &self,
+        stripe_account_id: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Connection>>;
+
+    /// Records a successful sync.
+    async fn set_last_synced(&self, id: ConnectionId, at: DateTime<Utc>) -> StoreResult<()>;
+}
+
+/// Short-lived, single-use OAuth `state` values.
+#[async_trait]
+pub trait OAuthStateStore: Send + Sync {
+    /// Stores `state` for `user` until `expires_at`.
+    async fn put_state(
+        &self,
+        state: &str,
+        user: UserId,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// Consumes `state`: returns its user when it exists and has not expired at `now`, and makes
+    /// sure it can never be taken again (even concurrently).
+    async fn take_state(&self, state: &str, now: DateTime<Utc>) -> StoreResult<Option<UserId>>;
+}

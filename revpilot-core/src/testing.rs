@@ -1,0 +1,555 @@
+//! In-memory implementations of every storage port, for unit tests of the layers above and as the
+//! reference the database adapters are checked against (feature `testing`).
+//!
+//! One [`MemoryStore`] implements every port; each method takes one lock, so each call is atomic
+//! exactly as the database implementations' transactions are.
+
+pub mod conformance;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use uuid::Uuid;
+
+use crate::metrics::SeriesRow;
+use crate::ports::{
+    CachedObject, Connection, ConnectionId, ConnectionStore, InboxEvent, Inserted, Limits, Meter,
+    NewConnection, OAuthStateStore, ObjectCache, ObjectKind, PendingEvent, Period, PlanChange,
+    Recorded, SnapshotStore, StoreError, StoreResult, Tier, Tokens, UpsertStats, UsageRecord,
+    UsageStore, UserId, UserProfile, UserStore, WebhookInbox,
+};
+
+#[derive(Clone)]
+struct Usage {
+    record: UsageRecord,
+    committed: bool,
+}
+
+#[derive(Clone)]
+struct StoredConnection {
+    connection: Connection,
+    tokens: Option<(String, Option<String>)>,
+}
+
+#[derive(Default)]
+struct State {
+    users: BTreeMap<UserId, UserProfile>,
+    usage: HashMap<(UserId, String), Usage>,
+    inbox: BTreeMap<String, PendingEvent>,
+    processed: BTreeMap<String, DateTime<Utc>>,
+    objects: BTreeMap<(ConnectionId, ObjectKind, String), CachedObject>,
+    snapshots: BTreeMap<(ConnectionId, NaiveDate), SeriesRow>,
+    connections: BTreeMap<ConnectionId, StoredConnection>,
+    states: HashMap<String, (UserId, DateTime<Utc>)>,
+}
+
+/// Every port, in memory.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> StoreResult<MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| StoreError::Backend("in-memory store poisoned by a panic".into()))
+    }
+}
+
+impl State {
+    fn owns(&self, user: UserId, connection: ConnectionId) -> bool {
+        self.connections
+            .get(&connection)
+            .is_some_and(|c| c.connection.user == user)
+    }
+
+    fn used(&self, user: UserId, meter: Meter, period: Period, include_reserved: bool) -> u64 {
+        self.usage
+            .iter()
+            .filter(|((u, _), e)| {
+                *u == user
+                    && e.record.meter == meter
+                    && e.record.at >= period.start
+                    && e.record.at < period.end
+                    && (include_reserved || e.committed)
+            })
+            .map(|(_, e)| e.record.amount)
+            .sum()
+    }
+
+    fn add_usage(
+        &mut self,
+        record: &UsageRecord,
+        period: Period,
+        limit: Option<u64>,
+        committed: bool,
+    ) -> StoreResult<Recorded> {
+        let key = (record.user, record.idempotency_key.clone());
+        if self.usage.contains_key(&key) {
+            return Ok(Recorded::Duplicate);
+        }
+        if let Some(limit) = limit {
+            let used = self.used(record.user, record.meter, period, true);
+            if used.saturating_add(record.amount) > limit {
+                return Err(StoreError::LimitExceeded {
+                    meter: record.meter,
+                    limit,
+                    used,
+                });
+            }
+        }
+        self.usage.insert(
+            key,
+            Usage {
+                record: record.clone(),
+                committed,
+            },
+        );
+        Ok(Recorded::New)
+    }
+}
+
+#[async_trait]
+impl UserStore for MemoryStore {
+    async fn create_user(
+        &self,
+        user: UserId,
+        email: Option<&str>,
+        tier: Tier,
+        limits: Limits,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile> {
+        let mut s = self.lock()?;
+        if s.users.contains_key(&user) {
+            return Err(StoreError::Conflict(format!("user {user}")));
+        }
+        if let Some(e) = email
+            && s.users.values().any(|p| {
+                p.email
+                    .as_deref()
+                    .is_some_and(|x| x.eq_ignore_ascii_case(e))
+            })
+        {
+            return Err(StoreError::Conflict(format!("email {e}")));
+        }
+        let profile = UserProfile {
+            user_id: user,
+            email: email.map(str::to_owned),
+            tier,
+            subscription_status: None,
+            stripe_customer_id: None,
+            stripe_subscription_id: None,
+            current_period_end: None,
+            limits,
+            created_at: now,
+            updated_at: now,
+        };
+        s.users.insert(user, profile.clone());
+        Ok(profile)
+    }
+
+    async fn user(&self, user: UserId) -> StoreResult<Option<UserProfile>> {
+        Ok(self.lock()?.users.get(&user).cloned())
+    }
+
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserProfile>> {
+        Ok(self
+            .lock()?
+            .users
+            .values()
+            .find(|p| {
+                p.email
+                    .as_deref()
+                    .is_some_and(|e| e.eq_ignore_ascii_case(email))
+            })
+            .cloned())
+    }
+
+    async fn user_by_stripe_customer(&self, customer: &str) -> StoreResult<Option<UserProfile>> {
+        Ok(self
+            .lock()?
+            .users
+            .values()
+            .find(|p| p.stripe_customer_id.as_deref() == Some(customer))
+            .cloned())
+    }
+
+    async fn user_by_stripe_subscription(
+        &self,
+        subscription: &str,
+    ) -> StoreResult<Option<UserProfile>> {
+        Ok(self
+            .lock()?
+            .users
+            .values()
+            .find(|p| p.stripe_subscription_id.as_deref() == Some(subscription))
+            .cloned())
+    }
+
+    async fn set_plan(
+        &self,
+        user: UserId,
+        change: &PlanChange,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile> {
+        let mut s = self.lock()?;
+        let p = s.users.get_mut(&user).ok_or(StoreError::NotFound("user"))?;
+        p.tier = change.tier;
+        p.subscription_status
+            .clone_from(&change.subscription_status);
+        if change.stripe_customer_id.is_some() {
+            p.stripe_customer_id.clone_from(&change.stripe_customer_id);
+        }
+        p.stripe_subscription_id
+            .clone_from(&change.stripe_subscription_id);
+        p.current_period_end = change.current_period_end;
+        p.limits = change.limits;
+        p.updated_at = now;
+        Ok(p.clone())
+    }
+}
+
+#[async_trait]
+impl UsageStore for MemoryStore {
+    async fn record(
+        &self,
+        record: &UsageRecord,
+        period: Period,
+        limit: Option<u64>,
+    ) -> StoreResult<Recorded> {
+        self.lock()?.add_usage(record, period, limit, true)
+    }
+
+    async fn reserve(
+        &self,
+        record: &UsageRecord,
+        period: Period,
+        limit: Option<u64>,
+    ) -> StoreResult<Recorded> {
+        self.lock()?.add_usage(record, period, limit, false)
+    }
+
+    async fn commit(&self, user: UserId, idempotency_key: &str) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        match s.usage.get_mut(&(user, idempotency_key.to_owned())) {
+            Some(e) if !e.committed => {
+                e.committed = true;
+                Ok(())
+            }
+            _ => Err(StoreError::NotFound("usage reservation")),
+        }
+    }
+
+    async fn release(&self, user: UserId, idempotency_key: &str) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        let key = (user, idempotency_key.to_owned());
+        match s.usage.get(&key) {
+            Some(e) if !e.committed => {
+                s.usage.remove(&key);
+                Ok(())
+            }
+            _ => Err(StoreError::NotFound("usage reservation")),
+        }
+    }
+
+    async fn used(&self, user: UserId, meter: Meter, period: Period) -> StoreResult<u64> {
+        Ok(self.lock()?.used(user, meter, period, false))
+    }
+}
+
+#[async_trait]
+impl WebhookInbox for MemoryStore {
+    async fn insert(&self, event: &InboxEvent) -> StoreResult<Inserted> {
+        let mut s = self.lock()?;
+        if s.inbox.contains_key(&event.event_id) || s.processed.contains_key(&event.event_id) {
+            return Ok(Inserted::Duplicate);
+        }
+        s.inbox.insert(
+            event.event_id.clone(),
+            PendingEvent {
+                event: event.clone(),
+                attempts: 0,
+                last_error: None,
+            },
+        );
+        Ok(Inserted::New)
+    }
+
+    async fn pending(&self, limit: usize, max_attempts: u32) -> StoreResult<Vec<PendingEvent>> {
+        let s = self.lock()?;
+        let mut out: Vec<PendingEvent> = s
+            .inbox
+            .values()
+            .filter(|p| p.attempts < max_attempts)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| {
+            (a.event.created, &a.event.event_id).cmp(&(b.event.created, &b.event.event_id))
+        });
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn mark_processed(&self, event_id: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        s.inbox
+            .remove(event_id)
+            .ok_or(StoreError::NotFound("webhook event"))?;
+        s.processed.insert(event_id.to_owned(), now);
+        Ok(())
+    }
+
+    async fn mark_failed(&self, event_id: &str, error: &str) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        let p = s
+            .inbox
+            .get_mut(event_id)
+            .ok_or(StoreError::NotFound("webhook event"))?;
+        p.attempts += 1;
+        p.last_error = Some(error.to_owned());
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ObjectCache for MemoryStore {
+    async fn upsert_objects(
+        &self,
+        connection: ConnectionId,
+        objects: &[CachedObject],
+    ) -> StoreResult<UpsertStats> {
+        let mut s = self.lock()?;
+        if !s.connections.contains_key(&connection) {
+            return Err(StoreError::NotFound("connection"));
+        }
+        let mut stats = UpsertStats::default();
+        for o in objects {
+            let key = (connection, o.kind, o.stripe_id.clone());
+            match s.objects.get(&key) {
+                None => {
+                    s.objects.insert(key, o.clone());
+                    stats.inserted += 1;
+                }
+                Some(old) if o.version > old.version && o.data != old.data => {
+                    s.objects.insert(key, o.clone());
+                    stats.updated += 1;
+                }
+                Some(_) => stats.skipped += 1,
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn objects(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+    ) -> StoreResult<Vec<CachedObject>> {
+        let s = self.lock()?;
+        if !s.owns(user, connection) {
+            return Ok(Vec::new());
+        }
+        Ok(s.objects
+            .iter()
+            .filter(|((c, k, _), _)| *c == connection && *k == kind)
+            .map(|(_, o)| o.clone())
+            .collect())
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for MemoryStore {
+    async fn upsert_snapshots(
+        &self,
+        connection: ConnectionId,
+        rows: &[SeriesRow],
+    ) -> StoreResult<usize> {
+        let mut s = self.lock()?;
+        if !s.connections.contains_key(&connection) {
+            return Err(StoreError::NotFound("connection"));
+        }
+        for r in rows {
+            s.snapshots.insert((connection, r.date), r.clone());
+        }
+        Ok(rows.len())
+    }
+
+    async fn snapshots(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<SeriesRow>> {
+        let s = self.lock()?;
+        if !s.owns(user, connection) || from > to {
+            return Ok(Vec::new());
+        }
+        Ok(s.snapshots
+            .range((connection, from)..=(connection, to))
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+}
+
+fn expose(t: &Tokens) -> (String, Option<String>) {
+    (
+        t.access_token.expose_secret().to_owned(),
+        t.refresh_token
+            .as_ref()
+            .map(|r| r.expose_secret().to_owned()),
+    )
+}
+
+#[async_trait]
+impl ConnectionStore for MemoryStore {
+    async fn save_connection(
+        &self,
+        new: NewConnection,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Connection> {
+        let mut s = self.lock()?;
+        let existing = s
+            .connections
+            .values_mut()
+            .find(|c| c.connection.stripe_account_id == new.stripe_account_id);
+        match existing {
+            Some(c) if c.connection.user != new.user => Err(StoreError::Conflict(format!(
+                "Stripe account {}",
+                new.stripe_account_id
+            ))),
+            Some(c) => {
+                c.connection.business_name = new.business_name;
+                c.connection.currency = new.currency;
+                c.connection.is_active = true;
+                c.connection.updated_at = now;
+                c.tokens = Some(expose(&new.tokens));
+                Ok(c.connection.clone())
+            }
+            None => {
+                let connection = Connection {
+                    id: ConnectionId(Uuid::new_v4()),
+                    user: new.user,
+                    stripe_account_id: new.stripe_account_id,
+                    business_name: new.business_name,
+                    currency: new.currency,
+                    is_active: true,
+                    last_synced_at: None,
+                    created_at: now,
+                    updated_at: now,
+                };
+                s.connections.insert(
+                    connection.id,
+                    StoredConnection {
+                        connection: connection.clone(),
+                        tokens: Some(expose(&new.tokens)),
+                    },
+                );
+                Ok(connection)
+            }
+        }
+    }
+
+    async fn connection(&self, user: UserId, id: ConnectionId) -> StoreResult<Option<Connection>> {
+        let s = self.lock()?;
+        Ok(s.connections
+            .get(&id)
+            .filter(|c| c.connection.user == user)
+            .map(|c| c.connection.clone()))
+    }
+
+    async fn connections(&self, user: UserId) -> StoreResult<Vec<Connection>> {
+        let s = self.lock()?;
+        let mut out: Vec<Connection> = s
+            .connections
+            .values()
+            .filter(|c| c.connection.user == user)
+            .map(|c| c.connection.clone())
+            .collect();
+        out.sort_by_key(|c| c.created_at);
+        Ok(out)
+    }
+
+    async fn active_connections(&self) -> StoreResult<Vec<Connection>> {
+        let s = self.lock()?;
+        Ok(s.connections
+            .values()
+            .filter(|c| c.connection.is_active)
+            .map(|c| c.connection.clone())
+            .collect())
+    }
+
+    async fn tokens(&self, user: UserId, id: ConnectionId) -> StoreResult<Option<Tokens>> {
+        let s = self.lock()?;
+        Ok(s.connections
+            .get(&id)
+            .filter(|c| c.connection.user == user && c.connection.is_active)
+            .and_then(|c| c.tokens.clone())
+            .map(|(a, r)| Tokens {
+                access_token: SecretString::from(a),
+                refresh_token: r.map(SecretString::from),
+            }))
+    }
+
+    async fn deactivate(
+        &self,
+        stripe_account_id: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Connection>> {
+        let mut s = self.lock()?;
+        Ok(s.connections
+            .values_mut()
+            .find(|c| c.connection.stripe_account_id == stripe_account_id)
+            .map(|c| {
+                c.connection.is_active = false;
+                c.connection.updated_at = now;
+                c.tokens = None;
+                c.connection.clone()
+            }))
+    }
+
+    async fn set_last_synced(&self, id: ConnectionId, at: DateTime<Utc>) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        let c = s
+            .connections
+            .get_mut(&id)
+            .ok_or(StoreError::NotFound("connection"))?;
+        c.connection.last_synced_at = Some(at);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl OAuthStateStore for MemoryStore {
+    async fn put_state(
+        &self,
+        state: &str,
+        user: UserId,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        if s.states.contains_key(state) {
+            return Err(StoreError::Conflict("OAuth state".into()));
+        }
+        s.states.insert(state.to_owned(), (user, expires_at));
+        Ok(())
+    }
+
+    async fn take_state(&self, state: &str, now: DateTime<Utc>) -> StoreResult<Option<UserId>> {
+        let mut s = self.lock()?;
+        Ok(s.states
+            .remove(state)
+            .filter(|(_, expires)| now < *expires)
+            .map(|(user, _)| user))
+    }
+}

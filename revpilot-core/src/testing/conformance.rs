@@ -1,0 +1,802 @@
+//! The conformance suite every storage backend runs: one async function per guarantee, each
+//! panicking with a message when the store breaks its contract. Concurrency is real: the calls of
+//! a test are in flight together (`join_all`), which for a database means many connections.
+//!
+//! Each function needs a fresh, empty store.
+
+use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
+use futures::future::join_all;
+use rust_decimal::Decimal;
+use secrecy::{ExposeSecret, SecretString};
+use uuid::Uuid;
+
+use crate::metrics::SeriesRow;
+use crate::ports::{
+    CachedObject, ConnectionId, ConnectionStore, InboxEvent, Inserted, Limits, Meter,
+    NewConnection, OAuthStateStore, ObjectCache, ObjectKind, Period, PlanChange, Recorded,
+    SnapshotStore, StoreError, Tier, Tokens, UpsertStats, UsageRecord, UsageStore, UserId,
+    UserStore, WebhookInbox,
+};
+
+fn t(day: u32, hour: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2024, 3, day, hour, 0, 0)
+        .single()
+        .expect("valid instant")
+}
+
+fn march() -> Period {
+    Period {
+        start: t(1, 0),
+        end: Utc
+            .with_ymd_and_hms(2024, 4, 1, 0, 0, 0)
+            .single()
+            .expect("valid instant"),
+    }
+}
+
+fn starter() -> Limits {
+    Limits {
+        scenarios: Some(0),
+        ai_insights: Some(5),
+        transaction_volume: Some(10_000),
+    }
+}
+
+fn usage(user: UserId, key: &str, at: DateTime<Utc>) -> UsageRecord {
+    UsageRecord {
+        user,
+        meter: Meter::AiInsight,
+        connection: None,
+        amount: 1,
+        idempotency_key: key.to_owned(),
+        metadata: serde_json::json!({"insight": key}),
+        at,
+    }
+}
+
+async fn new_user<S: UserStore + ?Sized>(store: &S, email: &str) -> UserId {
+    let user = UserId(Uuid::new_v4());
+    store
+        .create_user(user, Some(email), Tier::Starter, starter(), t(1, 0))
+        .await
+        .expect("create user");
+    user
+}
+
+fn tokens(access: &str) -> Tokens {
+    Tokens {
+        access_token: SecretString::from(access.to_owned()),
+        refresh_token: Some(SecretString::from(format!("{access}-refresh"))),
+    }
+}
+
+async fn new_connection<S: ConnectionStore + ?Sized>(
+    store: &S,
+    user: UserId,
+    account: &str,
+) -> ConnectionId {
+    store
+        .save_connection(
+            NewConnection {
+                user,
+                stripe_account_id: account.to_owned(),
+                business_name: Some("Acme".into()),
+                currency: Some("usd".into()),
+                tokens: tokens("sk_access"),
+            },
+            t(2, 0),
+        )
+        .await
+        .expect("save connection")
+        .id
+}
+
+/// Profiles: creation, lookups, plan changes, unlimited as `None`.
+pub async fn users<S: UserStore + ?Sized>(store: &S) {
+    let user = new_user(store, "Ada@Example.com").await;
+    let again = store
+        .create_user(
+            user,
+            Some("other@example.com"),
+            Tier::Starter,
+            starter(),
+            t(1, 0),
+        )
+        .await;
+    assert!(
+        matches!(again, Err(StoreError::Conflict(_))),
+        "an existing user is a conflict: {again:?}"
+    );
+    let email_taken = store
+        .create_user(
+            UserId(Uuid::new_v4()),
+            Some("ada@example.com"),
+            Tier::Starter,
+            starter(),
+            t(1, 0),
+        )
+        .await;
+    assert!(
+        matches!(email_taken, Err(StoreError::Conflict(_))),
+        "emails are unique, case-insensitively"
+    );
+
+    let found = store
+        .user_by_email("ADA@example.com")
+        .await
+        .expect("lookup")
+        .expect("found by email");
+    assert_eq!(found.user_id, user);
+    assert_eq!(found.tier, Tier::Starter);
+    assert_eq!(found.limits, starter());
+    assert!(
+        store
+            .user(UserId(Uuid::new_v4()))
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    assert!(
+        store
+            .user_by_stripe_customer("cus_nobody")
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+
+    let unlimited = Limits {
+        scenarios: None,
+        ai_insights: None,
+        transaction_volume: None,
+    };
+    let change = PlanChange {
+        tier: Tier::Enterprise,
+        subscription_status: Some("active".into()),
+        stripe_customer_id: Some("cus_1".into()),
+        stripe_subscription_id: Some("sub_1".into()),
+        current_period_end: Some(t(31, 0)),
+        limits: unlimited,
+    };
+    let p = store
+        .set_plan(user, &change, t(3, 0))
+        .await
+        .expect("set plan");
+    assert_eq!(
+        (p.tier, p.limits, p.updated_at),
+        (Tier::Enterprise, unlimited, t(3, 0))
+    );
+    assert_eq!(
+        store
+            .user_by_stripe_customer("cus_1")
+            .await
+            .expect("lookup")
+            .map(|p| p.user_id),
+        Some(user)
+    );
+    assert_eq!(
+        store
+            .user_by_stripe_subscription("sub_1")
+            .await
+            .expect("lookup")
+            .map(|p| p.user_id),
+        Some(user)
+    );
+    // A downgrade without a customer id keeps the stored one.
+    let down = PlanChange {
+        tier: Tier::Starter,
+        subscription_status: Some("canceled".into()),
+        stripe_customer_id: None,
+        stripe_subscription_id: None,
+        current_period_end: None,
+        limits: starter(),
+    };
+    let p = store
+        .set_plan(user, &down, t(4, 0))
+        .await
+        .expect("set plan");
+    assert_eq!(p.stripe_customer_id.as_deref(), Some("cus_1"));
+    assert_eq!(
+        (p.tier, p.stripe_subscription_id.as_deref()),
+        (Tier::Starter, None)
+    );
+    let missing = store.set_plan(UserId(Uuid::new_v4()), &down, t(4, 0)).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))));
+}
+
+/// The same idempotency key recorded five times at once is one event.
+pub async fn usage_is_idempotent_under_concurrency<S: UserStore + UsageStore + ?Sized>(store: &S) {
+    let user = new_user(store, "idem@example.com").await;
+    let record = usage(user, "insight-1", t(5, 0));
+    let results = join_all((0..5).map(|_| store.record(&record, march(), Some(100)))).await;
+    let new = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Recorded::New)))
+        .count();
+    let dup = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Recorded::Duplicate)))
+        .count();
+    assert_eq!(
+        (new, dup),
+        (1, 4),
+        "one event, four duplicates: {results:?}"
+    );
+    assert_eq!(
+        store
+            .used(user, Meter::AiInsight, march())
+            .await
+            .expect("used"),
+        1
+    );
+    // No expiry: the key is a duplicate next year too, and in another period.
+    let later = usage(user, "insight-1", t(20, 0) + Duration::days(365));
+    assert_eq!(
+        store.record(&later, march(), None).await.expect("record"),
+        Recorded::Duplicate
+    );
+    // Keys are per user.
+    let other = new_user(store, "other-idem@example.com").await;
+    assert_eq!(
+        store
+            .record(&usage(other, "insight-1", t(5, 0)), march(), None)
+            .await
+            .expect("record"),
+        Recorded::New
+    );
+}
+
+/// With a limit of 10 and 50 concurrent attempts, exactly 10 succeed.
+pub async fn usage_limit_holds_under_concurrency<S: UserStore + UsageStore + ?Sized>(store: &S) {
+    let user = new_user(store, "limit@example.com").await;
+    let records: Vec<UsageRecord> = (0..50)
+        .map(|i| usage(user, &format!("k{i}"), t(6, 0)))
+        .collect();
+    let results = join_all(records.iter().map(|r| store.record(r, march(), Some(10)))).await;
+    let ok = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Recorded::New)))
+        .count();
+    let refused = results
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Err(StoreError::LimitExceeded {
+                    meter: Meter::AiInsight,
+                    limit: 10,
+                    ..
+                })
+            )
+        })
+        .count();
+    assert_eq!(
+        (ok, refused),
+        (10, 40),
+        "{:?}",
+        results
+            .iter()
+            .find(|r| !matches!(r, Ok(_) | Err(StoreError::LimitExceeded { .. })))
+    );
+    assert_eq!(
+        store
+            .used(user, Meter::AiInsight, march())
+            .await
+            .expect("used"),
+        10
+    );
+    // Usage outside the period does not count against it.
+    let april = usage(
+        user,
+        "april",
+        Utc.with_ymd_and_hms(2024, 4, 2, 0, 0, 0)
+            .single()
+            .expect("valid"),
+    );
+    let april_period = Period {
+        start: march().end,
+        end: Utc
+            .with_ymd_and_hms(2024, 5, 1, 0, 0, 0)
+            .single()
+            .expect("valid"),
+    };
+    assert_eq!(
+        store
+            .record(&april, april_period, Some(10))
+            .await
+            .expect("record"),
+        Recorded::New
+    );
+    // A different meter has its own count.
+    let mut volume = usage(user, "ch_1", t(6, 0));
+    volume.meter = Meter::TransactionVolume;
+    volume.amount = 7;
+    assert_eq!(
+        store
+            .record(&volume, march(), Some(10))
+            .await
+            .expect("record"),
+        Recorded::New
+    );
+    assert_eq!(
+        store
+            .used(user, Meter::TransactionVolume, march())
+            .await
+            .expect("used"),
+        7
+    );
+}
+
+/// Reservations count against the limit until committed or released.
+pub async fn usage_reservations<S: UserStore + UsageStore + ?Sized>(store: &S) {
+    let user = new_user(store, "reserve@example.com").await;
+    let a = usage(user, "a", t(7, 0));
+    let b = usage(user, "b", t(7, 1));
+    assert_eq!(
+        store.reserve(&a, march(), Some(1)).await.expect("reserve"),
+        Recorded::New
+    );
+    let full = store.reserve(&b, march(), Some(1)).await;
+    assert!(
+        matches!(full, Err(StoreError::LimitExceeded { used: 1, .. })),
+        "a reservation holds its unit: {full:?}"
+    );
+    assert_eq!(
+        store
+            .used(user, Meter::AiInsight, march())
+            .await
+            .expect("used"),
+        0,
+        "reserved is not used"
+    );
+    store.release(user, "a").await.expect("release");
+    assert_eq!(
+        store.reserve(&b, march(), Some(1)).await.expect("reserve"),
+        Recorded::New
+    );
+    store.commit(user, "b").await.expect("commit");
+    assert_eq!(
+        store
+            .used(user, Meter::AiInsight, march())
+            .await
+            .expect("used"),
+        1
+    );
+    assert!(
+        matches!(store.release(user, "b").await, Err(StoreError::NotFound(_))),
+        "committed usage is never released"
+    );
+    assert!(
+        matches!(store.commit(user, "b").await, Err(StoreError::NotFound(_))),
+        "a commit happens once"
+    );
+    assert!(matches!(
+        store.commit(user, "nothing").await,
+        Err(StoreError::NotFound(_))
+    ));
+    // A released key may be reserved again (the work is retried).
+    assert_eq!(
+        store.reserve(&a, march(), Some(2)).await.expect("reserve"),
+        Recorded::New
+    );
+}
+
+fn inbox_event(id: &str, created: DateTime<Utc>) -> InboxEvent {
+    InboxEvent {
+        event_id: id.to_owned(),
+        event_type: "customer.subscription.updated".into(),
+        created,
+        livemode: false,
+        payload: format!(r#"{{"id":"{id}"}}"#),
+        received_at: created + Duration::seconds(2),
+    }
+}
+
+/// The inbox stores each event id once, keeps failed events pending, never loses one.
+pub async fn webhook_inbox<S: WebhookInbox + ?Sized>(store: &S) {
+    let first = inbox_event("evt_1", t(8, 2));
+    let results = join_all((0..5).map(|_| store.insert(&first))).await;
+    let new = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Inserted::New)))
+        .count();
+    assert_eq!(
+        new, 1,
+        "one of five concurrent deliveries is new: {results:?}"
+    );
+    assert!(results.iter().all(|r| r.is_ok()));
+    assert_eq!(
+        store
+            .insert(&inbox_event("evt_0", t(8, 1)))
+            .await
+            .expect("insert"),
+        Inserted::New
+    );
+
+    let pending = store.pending(10, 3).await.expect("pending");
+    let ids: Vec<&str> = pending.iter().map(|p| p.event.event_id.as_str()).collect();
+    assert_eq!(ids, ["evt_0", "evt_1"], "oldest created first");
+    assert_eq!(
+        pending[1].event,
+        inbox_event("evt_1", t(8, 2)),
+        "stored exactly"
+    );
+
+    store
+        .mark_failed("evt_0", "boom")
+        .await
+        .expect("mark failed");
+    let p = store.pending(10, 3).await.expect("pending");
+    assert_eq!(
+        (p[0].attempts, p[0].last_error.as_deref()),
+        (1, Some("boom"))
+    );
+    store
+        .mark_failed("evt_0", "boom again")
+        .await
+        .expect("mark failed");
+    assert_eq!(
+        store.pending(10, 2).await.expect("pending").len(),
+        1,
+        "events at max attempts wait"
+    );
+
+    store
+        .mark_processed("evt_1", t(8, 3))
+        .await
+        .expect("processed");
+    assert!(
+        store
+            .pending(10, 3)
+            .await
+            .expect("pending")
+            .iter()
+            .all(|p| p.event.event_id != "evt_1")
+    );
+    assert_eq!(
+        store
+            .insert(&inbox_event("evt_1", t(8, 2)))
+            .await
+            .expect("insert"),
+        Inserted::Duplicate,
+        "a processed event stays a duplicate"
+    );
+    assert!(matches!(
+        store.mark_processed("evt_missing", t(8, 3)).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+fn object(kind: ObjectKind, id: &str, version: DateTime<Utc>, data: &str) -> CachedObject {
+    CachedObject {
+        kind,
+        stripe_id: id.to_owned(),
+        version,
+        data: data.to_owned(),
+    }
+}
+
+/// Versioned upserts: an older version never overwrites a newer one; no change, no write.
+pub async fn object_cache<S: UserStore + ConnectionStore + ObjectCache + ?Sized>(store: &S) {
+    let owner = new_user(store, "cache@example.com").await;
+    let stranger = new_user(store, "stranger@example.com").await;
+    let conn = new_connection(store, owner, "acct_cache").await;
+    let sub = |v: DateTime<Utc>, d: &str| object(ObjectKind::Subscription, "sub_1", v, d);
+
+    let s = store
+        .upsert_objects(conn, &[sub(t(9, 1), r#"{"status":"active"}"#)])
+        .await
+        .expect("upsert");
+    assert_eq!(
+        s,
+        UpsertStats {
+            inserted: 1,
+            updated: 0,
+            skipped: 0
+        }
+    );
+    let s = store
+        .upsert_objects(conn, &[sub(t(9, 3), r#"{"status":"past_due"}"#)])
+        .await
+        .expect("upsert");
+    assert_eq!(s.updated, 1);
+    let s = store
+        .upsert_objects(conn, &[sub(t(9, 2), r#"{"status":"canceled"}"#)])
+        .await
+        .expect("upsert");
+    assert_eq!(s.skipped, 1, "an older version is skipped");
+    let s = store
+        .upsert_objects(conn, &[sub(t(9, 4), r#"{"status":"past_due"}"#)])
+        .await
+        .expect("upsert");
+    assert_eq!(s.skipped, 1, "identical data is not rewritten");
+    let stored = store
+        .objects(owner, conn, ObjectKind::Subscription)
+        .await
+        .expect("read");
+    assert_eq!(stored, vec![sub(t(9, 3), r#"{"status":"past_due"}"#)]);
+
+    // Tenant isolation: another user's read of this connection finds nothing.
+    assert!(
+        store
+            .objects(stranger, conn, ObjectKind::Subscription)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    assert!(matches!(
+        store
+            .upsert_objects(ConnectionId(Uuid::new_v4()), &[sub(t(9, 1), "{}")])
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // A bulk upsert of thousands in one call, kinds kept apart.
+    let many: Vec<CachedObject> = (0..2_500)
+        .map(|i| {
+            object(
+                ObjectKind::Customer,
+                &format!("cus_{i:05}"),
+                t(10, 0),
+                &format!(r#"{{"n":{i}}}"#),
+            )
+        })
+        .collect();
+    let s = store
+        .upsert_objects(conn, &many)
+        .await
+        .expect("bulk upsert");
+    assert_eq!(s.inserted, 2_500);
+    let customers = store
+        .objects(owner, conn, ObjectKind::Customer)
+        .await
+        .expect("read");
+    assert_eq!(customers.len(), 2_500);
+    assert_eq!(
+        store
+            .objects(owner, conn, ObjectKind::Subscription)
+            .await
+            .expect("read")
+            .len(),
+        1
+    );
+}
+
+/// A series row for `date` with `mrr`, every other money column derived from it.
+pub fn snapshot_row(date: NaiveDate, mrr: Decimal) -> SeriesRow {
+    SeriesRow {
+        date,
+        period_start: date,
+        mrr_start: mrr,
+        mrr,
+        arr: mrr * Decimal::from(12),
+        total_revenue: Decimal::new(123_456, 2),
+        customers_start: 3,
+        total_customers: 3,
+        active_subscriptions: 4,
+        churned_customers: 0,
+        arpu: Some(mrr / Decimal::from(3)),
+        ltv: None,
+        customer_churn_rate: Some(Decimal::ZERO),
+        revenue_churn_rate: Some(Decimal::new(1, 3)),
+        net_revenue_churn_rate: Some(Decimal::new(-25, 4)),
+        new_mrr: Decimal::ZERO,
+        expansion_mrr: Decimal::ZERO,
+        contraction_mrr: Decimal::ZERO,
+        churned_mrr: Decimal::ZERO,
+        reactivation_mrr: Decimal::ZERO,
+        fx_mrr: Decimal::ZERO,
+        quick_ratio: None,
+        nrr: Some(Decimal::new(1_0512, 4)),
+        grr: Some(Decimal::new(9_731, 4)),
+    }
+}
+
+/// Snapshots upsert by (connection, date), read back exactly, isolated by owner.
+pub async fn snapshots<S: UserStore + ConnectionStore + SnapshotStore + ?Sized>(store: &S) {
+    let owner = new_user(store, "snap@example.com").await;
+    let stranger = new_user(store, "snap-stranger@example.com").await;
+    let conn = new_connection(store, owner, "acct_snap").await;
+    let d = |n| NaiveDate::from_ymd_opt(2024, 3, n).expect("valid date");
+    // Money is exact: twelve decimals survive the round trip.
+    let exact = Decimal::new(1_234_567_890_123_456_789, 12);
+    let rows: Vec<SeriesRow> = (1..=5)
+        .map(|n| snapshot_row(d(n), exact + Decimal::from(n)))
+        .collect();
+    assert_eq!(
+        store.upsert_snapshots(conn, &rows).await.expect("upsert"),
+        5
+    );
+    assert_eq!(
+        store
+            .snapshots(owner, conn, d(2), d(4))
+            .await
+            .expect("read"),
+        rows[1..4].to_vec()
+    );
+    let replaced = snapshot_row(d(3), Decimal::new(42, 0));
+    store
+        .upsert_snapshots(conn, std::slice::from_ref(&replaced))
+        .await
+        .expect("upsert");
+    let back = store
+        .snapshots(owner, conn, d(1), d(5))
+        .await
+        .expect("read");
+    assert_eq!(back.len(), 5);
+    assert_eq!(back[2], replaced);
+    assert!(
+        store
+            .snapshots(stranger, conn, d(1), d(5))
+            .await
+            .expect("read")
+            .is_empty()
+    );
+}
+
+/// Connections: renewal, refusing to rebind an account, encrypted tokens, deauthorization.
+pub async fn connections<S: UserStore + ConnectionStore + ?Sized>(store: &S) {
+    let owner = new_user(store, "conn@example.com").await;
+    let stranger = new_user(store, "conn-stranger@example.com").await;
+    let id = new_connection(store, owner, "acct_1").await;
+    let c = store
+        .connection(owner, id)
+        .await
+        .expect("read")
+        .expect("found");
+    assert!(c.is_active);
+    assert!(
+        store
+            .connection(stranger, id)
+            .await
+            .expect("read")
+            .is_none(),
+        "another user's connection reads as absent"
+    );
+    assert!(store.tokens(stranger, id).await.expect("read").is_none());
+    let tk = store
+        .tokens(owner, id)
+        .await
+        .expect("read")
+        .expect("tokens");
+    assert_eq!(tk.access_token.expose_secret(), "sk_access");
+
+    // Renewal by the owner keeps the id and replaces the tokens.
+    let renewed = store
+        .save_connection(
+            NewConnection {
+                user: owner,
+                stripe_account_id: "acct_1".into(),
+                business_name: Some("Acme Inc".into()),
+                currency: Some("eur".into()),
+                tokens: tokens("sk_new"),
+            },
+            t(3, 0),
+        )
+        .await
+        .expect("renew");
+    assert_eq!(renewed.id, id);
+    assert_eq!(renewed.business_name.as_deref(), Some("Acme Inc"));
+    // Another user cannot take the account, and nothing changes.
+    let stolen = store
+        .save_connection(
+            NewConnection {
+                user: stranger,
+                stripe_account_id: "acct_1".into(),
+                business_name: None,
+                currency: None,
+                tokens: tokens("sk_thief"),
+            },
+            t(3, 0),
+        )
+        .await;
+    assert!(matches!(stolen, Err(StoreError::Conflict(_))), "{stolen:?}");
+    let tk = store
+        .tokens(owner, id)
+        .await
+        .expect("read")
+        .expect("tokens");
+    assert_eq!(tk.access_token.expose_secret(), "sk_new");
+    assert_eq!(
+        tk.refresh_token
+            .as_ref()
+            .map(|r| r.expose_secret().to_owned())
+            .as_deref(),
+        Some("sk_new-refresh")
+    );
+    assert!(store.connections(stranger).await.expect("read").is_empty());
+    assert_eq!(store.connections(owner).await.expect("read").len(), 1);
+
+    store.set_last_synced(id, t(4, 0)).await.expect("synced");
+    assert_eq!(
+        store
+            .connection(owner, id)
+            .await
+            .expect("read")
+            .and_then(|c| c.last_synced_at),
+        Some(t(4, 0))
+    );
+    assert_eq!(store.active_connections().await.expect("read").len(), 1);
+    let gone = store
+        .deactivate("acct_1", t(5, 0))
+        .await
+        .expect("deactivate")
+        .expect("known account");
+    assert!(!gone.is_active);
+    assert!(
+        store.tokens(owner, id).await.expect("read").is_none(),
+        "tokens are erased"
+    );
+    assert!(store.active_connections().await.expect("read").is_empty());
+    assert!(
+        store
+            .deactivate("acct_unknown", t(5, 0))
+            .await
+            .expect("deactivate")
+            .is_none()
+    );
+}
+
+/// OAuth states are single-use, even when taken concurrently, and expire.
+pub async fn oauth_states<S: UserStore + OAuthStateStore + ?Sized>(store: &S) {
+    let user = new_user(store, "oauth@example.com").await;
+    store
+        .put_state("state-1", user, t(10, 1))
+        .await
+        .expect("put");
+    let taken = join_all((0..5).map(|_| store.take_state("state-1", t(10, 0)))).await;
+    let some = taken
+        .iter()
+        .filter(|r| matches!(r, Ok(Some(u)) if *u == user))
+        .count();
+    assert_eq!(some, 1, "exactly one take succeeds: {taken:?}");
+    assert!(
+        store
+            .take_state("state-1", t(10, 0))
+            .await
+            .expect("take")
+            .is_none()
+    );
+    store
+        .put_state("state-2", user, t(10, 1))
+        .await
+        .expect("put");
+    assert!(
+        store
+            .take_state("state-2", t(10, 2))
+            .await
+            .expect("take")
+            .is_none(),
+        "expired"
+    );
+    assert!(
+        store
+            .take_state("never-issued", t(10, 0))
+            .await
+            .expect("take")
+            .is_none()
+    );
+}
+
+/// Runs every test of the suite, each on a store from `fresh`.
+pub async fn run_all<S, F, Fut>(fresh: F)
+where
+    S: UserStore
+        + UsageStore
+        + WebhookInbox
+        + ObjectCache
+        + SnapshotStore
+        + ConnectionStore
+        + OAuthStateStore,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    users(&fresh().await).await;
+    usage_is_idempotent_under_concurrency(&fresh().await).await;
+    usage_limit_holds_under_concurrency(&fresh().await).await;
+    usage_reservations(&fresh().await).await;
+    webhook_inbox(&fresh().await).await;
+    object_cache(&fresh().await).await;
+    snapshots(&fresh().await).await;
+    connections(&fresh().await).await;
+    oauth_states(&fresh().await).await;
+}
