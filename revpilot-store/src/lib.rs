@@ -1,2 +1,75 @@
-//! Storage adapter for RevPilot: SQLite (embedded default) and PostgreSQL behind `revpilot-core`'s
-//! storage ports; it is filled by the store issue.
+//! RevPilot's storage adapter: every storage port of `revpilot-core` on SQLite (feature `sqlite`,
+//! the embedded default: bundled, WAL, foreign keys on, nothing to install).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), revpilot_store::Error> {
+//! use revpilot_store::{KeyRing, SqliteStore};
+//! let keys = KeyRing::parse(&std::env::var("REVPILOT_ENCRYPTION_KEY").unwrap_or_default())?;
+//! let store = SqliteStore::connect("sqlite://revpilot.db", keys).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Guarantees, checked by `revpilot_core::testing::conformance` and this crate's tests: usage is
+//! recorded once per key and atomically against limits; the webhook inbox stores an event id once;
+//! an older cached object never overwrites a newer one, and an unchanged one is not rewritten;
+//! every read of a connection's data takes its owner; money is stored exactly (decimal text);
+//! Stripe tokens are stored only encrypted, bound to their connection and user.
+
+mod crypto;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+pub use crypto::{KeyError, KeyRing, Sealed};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+
+/// Why a store cannot be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database URL is not one this build can open.
+    #[error("invalid database URL {url:?}: {problem}")]
+    InvalidUrl {
+        /// The URL, with any password removed.
+        url: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The database cannot be opened or is not a RevPilot database.
+    #[error("cannot open database {url:?}: {problem}")]
+    Open {
+        /// The URL, with any password removed.
+        url: String,
+        /// What went wrong.
+        problem: String,
+    },
+    /// The encryption keys are missing or malformed.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+}
+
+/// `url` without a password, for error messages.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(super::redact("sqlite://file.db"), "sqlite://file.db");
+    }
+}
