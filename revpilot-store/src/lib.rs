@@ -1,5 +1,6 @@
 //! RevPilot's storage adapter: every storage port of `revpilot-core` on SQLite (feature `sqlite`,
-//! the embedded default: bundled, WAL, foreign keys on, nothing to install).
+//! the embedded default: bundled, WAL, foreign keys on, nothing to install) and PostgreSQL
+//! (feature `postgres`, for many servers and workers on one database).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), revpilot_store::Error> {
@@ -16,10 +17,14 @@
 //! Stripe tokens are stored only encrypted, bound to their connection and user.
 
 mod crypto;
+#[cfg(feature = "postgres")]
+mod pg;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
 pub use crypto::{KeyError, KeyRing, Sealed};
+#[cfg(feature = "postgres")]
+pub use pg::PgStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 

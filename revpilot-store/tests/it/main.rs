@@ -19,11 +19,14 @@ use sqlx::Row;
 use tempfile::TempDir;
 use uuid::Uuid;
 
+#[cfg(feature = "postgres")]
+mod postgres;
+
 fn key(byte: u8) -> String {
     base64::engine::general_purpose::STANDARD.encode([byte; 32])
 }
 
-fn keys() -> KeyRing {
+pub(crate) fn keys() -> KeyRing {
     KeyRing::parse(&format!("k1:{}", key(7))).unwrap()
 }
 

@@ -1,0 +1,1177 @@
+//! Every storage port on PostgreSQL.
+//!
+//! Writes that read before they write lock what they read: usage against a limit locks the user's
+//! profile row (`FOR UPDATE`), so one user's usage writes are serialized while other users' run in
+//! parallel; connection saves lock the account's row; cache upserts carry a version guard in the
+//! statement itself, so a concurrent older write can never win. Ids are UUID, instants
+//! TIMESTAMPTZ, money NUMERIC.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use revpilot_core::metrics::SeriesRow;
+use revpilot_core::ports::{
+    CachedObject, Connection, ConnectionId, ConnectionStore, InboxEvent, Inserted, Limits, Meter,
+    NewConnection, OAuthStateStore, ObjectCache, ObjectKind, PendingEvent, Period, PlanChange,
+    Recorded, SnapshotStore, StoreError, StoreResult, Tier, Tokens, UpsertStats, UsageRecord,
+    UsageStore, UserId, UserProfile, UserStore, WebhookInbox,
+};
+use rust_decimal::Decimal;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use crate::crypto::{KeyRing, Sealed};
+use crate::{Error, redact};
+
+/// The migrations, embedded: a database created by an older version migrates forward on connect.
+fn migrator() -> Migrator {
+    let m = |version, description: &'static str, sql: &'static str| {
+        Migration::new(
+            version,
+            Cow::Borrowed(description),
+            MigrationType::Simple,
+            sql.into_sql(),
+            false,
+        )
+    };
+    Migrator::with_migrations(vec![
+        m(
+            1,
+            "init",
+            include_str!("../migrations/postgres/0001_init.sql"),
+        ),
+        m(
+            2,
+            "usage by connection",
+            include_str!("../migrations/postgres/0002_usage_by_connection.sql"),
+        ),
+    ])
+}
+
+trait IntoSql {
+    fn into_sql(self) -> sqlx::SqlStr;
+}
+
+impl IntoSql for &'static str {
+    fn into_sql(self) -> sqlx::SqlStr {
+        sqlx::SqlSafeStr::into_sql_str(self)
+    }
+}
+
+/// RevPilot's storage on a PostgreSQL database, shared by any number of servers and workers.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    keys: KeyRing,
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn is_unique(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+fn is_foreign_key(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_foreign_key_violation())
+}
+
+fn instant(v: DateTime<Utc>) -> StoreResult<DateTime<Utc>> {
+    Ok(v)
+}
+
+fn opt_instant(v: Option<DateTime<Utc>>) -> StoreResult<Option<DateTime<Utc>>> {
+    Ok(v)
+}
+
+fn limit_to_db(v: Option<u32>) -> StoreResult<Option<i32>> {
+    v.map(|x| i32::try_from(x).map_err(|_| StoreError::Invalid(format!("limit {x} is too large"))))
+        .transpose()
+}
+
+fn u32_limit(v: Option<i32>) -> StoreResult<Option<u32>> {
+    v.map(|x| {
+        u32::try_from(x)
+            .map_err(|_| StoreError::Invalid(format!("stored limit {x} is out of range")))
+    })
+    .transpose()
+}
+
+impl PgStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://path`, `sqlite:path` or a
+    /// plain path), runs the embedded migrations, and uses `keys` for the tokens it stores.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for a URL this build cannot open; [`Error::Open`] when the file is
+    /// not a database, is another application's database, or is newer than this version. Nothing
+    /// is written in either case.
+    pub async fn connect(url: &str, keys: KeyRing) -> Result<PgStore, Error> {
+        Self::connect_in_schema(url, None, keys).await
+    }
+
+    /// As [`PgStore::connect`], with every table in `schema` (created when missing): several
+    /// RevPilot databases, or parallel tests, on one server.
+    ///
+    /// # Errors
+    /// As [`PgStore::connect`]; a schema name must be letters, digits and `_`.
+    pub async fn connect_in_schema(
+        url: &str,
+        schema: Option<&str>,
+        keys: KeyRing,
+    ) -> Result<PgStore, Error> {
+        let shown = redact(url);
+        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return Err(Error::InvalidUrl {
+                url: shown,
+                problem: "this store opens `postgres://` URLs".into(),
+            });
+        }
+        let mut options = PgConnectOptions::from_str(url).map_err(|e| Error::InvalidUrl {
+            url: shown.clone(),
+            problem: e.to_string(),
+        })?;
+        let open = |problem: String| Error::Open {
+            url: shown.clone(),
+            problem,
+        };
+        if let Some(schema) = schema {
+            if schema.is_empty()
+                || !schema
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(Error::InvalidUrl {
+                    url: shown,
+                    problem: format!("schema name {schema:?} must be letters, digits and _"),
+                });
+            }
+            let admin = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.clone())
+                .await
+                .map_err(|e| open(e.to_string()))?;
+            sqlx::query(AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema}"
+            )))
+            .execute(&admin)
+            .await
+            .map_err(|e| open(e.to_string()))?;
+            admin.close().await;
+            options = options.options([("search_path", schema)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| open(e.to_string()))?;
+        let foreign: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM information_schema.tables t
+             WHERE t.table_schema = current_schema() AND t.table_name = 'user_profiles'
+               AND NOT EXISTS (SELECT 1 FROM information_schema.tables m
+                               WHERE m.table_schema = current_schema() AND m.table_name = '_sqlx_migrations')",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| open(e.to_string()))?;
+        if foreign > 0 {
+            return Err(open("it has RevPilot's tables but no migration history: another application's database?".into()));
+        }
+        migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| open(format!("migrations failed: {e}")))?;
+        Ok(PgStore { pool, keys })
+    }
+
+    /// The pool, for the tests and tools of this crate's users.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Re-encrypts every stored token with the current key (after adding a new key at the front of
+    /// the ring). Returns how many connections were re-encrypted.
+    ///
+    /// # Errors
+    /// [`StoreError::Crypto`] when a token cannot be decrypted with any configured key; nothing is
+    /// changed then.
+    pub async fn reencrypt_all(&self) -> StoreResult<usize> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let rows = sqlx::query(
+            "SELECT id, user_id, access_token_enc, refresh_token_enc, token_key_id FROM stripe_connections
+             WHERE access_token_enc IS NOT NULL AND token_key_id <> $1",
+        )
+        .bind(self.keys.current_id())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend)?;
+        for row in &rows {
+            let (id, user) = (
+                row.try_get::<String, _>(0).map_err(backend)?,
+                row.try_get::<String, _>(1).map_err(backend)?,
+            );
+            let tokens = self.open_tokens(row, &id, &user)?;
+            let (access, refresh, key_id) = self.seal_tokens(&tokens, &id, &user)?;
+            sqlx::query("UPDATE stripe_connections SET access_token_enc = $1, refresh_token_enc = $2, token_key_id = $3 WHERE id = $4")
+                .bind(access)
+                .bind(refresh)
+                .bind(key_id)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(rows.len())
+    }
+
+    fn context(id: &str, user: &str, field: &str) -> String {
+        format!("revpilot/stripe_connections/{id}/{user}/{field}")
+    }
+
+    fn seal_tokens(
+        &self,
+        tokens: &Tokens,
+        id: &str,
+        user: &str,
+    ) -> StoreResult<(String, Option<String>, String)> {
+        let access = self
+            .keys
+            .seal(
+                tokens.access_token.expose_secret(),
+                &Self::context(id, user, "access"),
+            )
+            .map_err(StoreError::Crypto)?;
+        let refresh = tokens
+            .refresh_token
+            .as_ref()
+            .map(|r| {
+                self.keys
+                    .seal(r.expose_secret(), &Self::context(id, user, "refresh"))
+            })
+            .transpose()
+            .map_err(StoreError::Crypto)?;
+        Ok((access.data, refresh.map(|r| r.data), access.key_id))
+    }
+
+    /// Opens the tokens of a row `(id, user_id, access_token_enc, refresh_token_enc, token_key_id)`.
+    fn open_tokens(&self, row: &PgRow, id: &str, user: &str) -> StoreResult<Tokens> {
+        let key_id: String = row.try_get(4).map_err(backend)?;
+        let open = |data: String, field: &str| -> StoreResult<SecretString> {
+            self.keys
+                .open(
+                    &Sealed {
+                        key_id: key_id.clone(),
+                        data,
+                    },
+                    &Self::context(id, user, field),
+                )
+                .map(SecretString::from)
+                .map_err(|e| StoreError::Crypto(format!("{field} token of connection {id}: {e}")))
+        };
+        let access: String = row.try_get(2).map_err(backend)?;
+        let refresh: Option<String> = row.try_get(3).map_err(backend)?;
+        Ok(Tokens {
+            access_token: open(access, "access")?,
+            refresh_token: refresh.map(|r| open(r, "refresh")).transpose()?,
+        })
+    }
+}
+
+const USER_COLUMNS: &str = "user_id, email, subscription_tier, subscription_status, stripe_customer_id, \
+     stripe_subscription_id, subscription_current_period_end, monthly_scenario_limit, \
+     monthly_ai_insights_limit, monthly_transaction_volume_limit, created_at, updated_at";
+
+fn user_row(row: &PgRow) -> StoreResult<UserProfile> {
+    let get_s = |i: usize| row.try_get::<Option<String>, _>(i).map_err(backend);
+    let get_i = |i: usize| row.try_get::<Option<i32>, _>(i).map_err(backend);
+    let tier: String = row.try_get(2).map_err(backend)?;
+    Ok(UserProfile {
+        user_id: UserId(row.try_get(0).map_err(backend)?),
+        email: get_s(1)?,
+        tier: Tier::parse(&tier)
+            .ok_or_else(|| StoreError::Invalid(format!("stored tier {tier:?}")))?,
+        subscription_status: get_s(3)?,
+        stripe_customer_id: get_s(4)?,
+        stripe_subscription_id: get_s(5)?,
+        current_period_end: opt_instant(row.try_get(6).map_err(backend)?)?,
+        limits: Limits {
+            scenarios: u32_limit(get_i(7)?)?,
+            ai_insights: u32_limit(get_i(8)?)?,
+            transaction_volume: row
+                .try_get::<Option<i64>, _>(9)
+                .map_err(backend)?
+                .map(|v| {
+                    u64::try_from(v).map_err(|_| StoreError::Invalid(format!("stored limit {v}")))
+                })
+                .transpose()?,
+        },
+        created_at: instant(row.try_get(10).map_err(backend)?)?,
+        updated_at: instant(row.try_get(11).map_err(backend)?)?,
+    })
+}
+
+impl PgStore {
+    async fn user_where(&self, condition: &str, value: &str) -> StoreResult<Option<UserProfile>> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM user_profiles WHERE {condition}");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(value)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?
+            .as_ref()
+            .map(user_row)
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl UserStore for PgStore {
+    async fn create_user(
+        &self,
+        user: UserId,
+        email: Option<&str>,
+        tier: Tier,
+        limits: Limits,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile> {
+        let sql = format!(
+            "INSERT INTO user_profiles (user_id, email, subscription_tier, monthly_scenario_limit,
+               monthly_ai_insights_limit, monthly_transaction_volume_limit, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING {USER_COLUMNS}"
+        );
+        let volume = limits
+            .transaction_volume
+            .map(|v| {
+                i64::try_from(v).map_err(|_| StoreError::Invalid(format!("limit {v} is too large")))
+            })
+            .transpose()?;
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(user.0)
+            .bind(email)
+            .bind(tier.as_str())
+            .bind(limit_to_db(limits.scenarios)?)
+            .bind(limit_to_db(limits.ai_insights)?)
+            .bind(volume)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| {
+                if is_unique(&e) {
+                    StoreError::Conflict(format!("user {user} or email"))
+                } else {
+                    backend(e)
+                }
+            })?;
+        user_row(&row)
+    }
+
+    async fn user(&self, user: UserId) -> StoreResult<Option<UserProfile>> {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT {USER_COLUMNS} FROM user_profiles WHERE user_id = $1"
+        )))
+        .bind(user.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?
+        .as_ref()
+        .map(user_row)
+        .transpose()
+    }
+
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserProfile>> {
+        self.user_where("lower(email) = lower($1)", email).await
+    }
+
+    async fn user_by_stripe_customer(&self, customer: &str) -> StoreResult<Option<UserProfile>> {
+        self.user_where("stripe_customer_id = $1", customer).await
+    }
+
+    async fn user_by_stripe_subscription(
+        &self,
+        subscription: &str,
+    ) -> StoreResult<Option<UserProfile>> {
+        self.user_where("stripe_subscription_id = $1", subscription)
+            .await
+    }
+
+    async fn set_plan(
+        &self,
+        user: UserId,
+        change: &PlanChange,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile> {
+        let sql = format!(
+            "UPDATE user_profiles SET subscription_tier = $1, subscription_status = $2,
+               stripe_customer_id = COALESCE($3, stripe_customer_id), stripe_subscription_id = $4,
+               subscription_current_period_end = $5, monthly_scenario_limit = $6,
+               monthly_ai_insights_limit = $7, monthly_transaction_volume_limit = $8, updated_at = $9
+             WHERE user_id = $10 RETURNING {USER_COLUMNS}"
+        );
+        let volume = change
+            .limits
+            .transaction_volume
+            .map(|v| {
+                i64::try_from(v).map_err(|_| StoreError::Invalid(format!("limit {v} is too large")))
+            })
+            .transpose()?;
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(change.tier.as_str())
+            .bind(change.subscription_status.as_deref())
+            .bind(change.stripe_customer_id.as_deref())
+            .bind(change.stripe_subscription_id.as_deref())
+            .bind(change.current_period_end)
+            .bind(limit_to_db(change.limits.scenarios)?)
+            .bind(limit_to_db(change.limits.ai_insights)?)
+            .bind(volume)
+            .bind(now)
+            .bind(user.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| {
+                if is_unique(&e) {
+                    StoreError::Conflict("Stripe customer or subscription of another user".into())
+                } else {
+                    backend(e)
+                }
+            })?;
+        row.as_ref()
+            .map(user_row)
+            .transpose()?
+            .ok_or(StoreError::NotFound("user"))
+    }
+}
+
+impl PgStore {
+    async fn add_usage(
+        &self,
+        record: &UsageRecord,
+        period: Period,
+        limit: Option<u64>,
+        status: &str,
+    ) -> StoreResult<Recorded> {
+        let amount = i64::try_from(record.amount)
+            .map_err(|_| StoreError::Invalid("usage amount too large".into()))?;
+        let user = record.user.0;
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        // Serializes this user's usage writes: the sum below cannot go stale before the insert.
+        let known = sqlx::query("SELECT 1 FROM user_profiles WHERE user_id = $1 FOR UPDATE")
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if known.is_none() {
+            return Err(StoreError::NotFound("user"));
+        }
+        let exists =
+            sqlx::query("SELECT 1 FROM usage_events WHERE user_id = $1 AND idempotency_key = $2")
+                .bind(user)
+                .bind(&record.idempotency_key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?;
+        if exists.is_some() {
+            return Ok(Recorded::Duplicate);
+        }
+        if let Some(limit) = limit {
+            let used: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(SUM(amount), 0)::BIGINT FROM usage_events
+                 WHERE user_id = $1 AND event_type = $2 AND created_at >= $3 AND created_at < $4",
+            )
+            .bind(user)
+            .bind(record.meter.as_str())
+            .bind(period.start)
+            .bind(period.end)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let used = u64::try_from(used).unwrap_or(0);
+            if used.saturating_add(record.amount) > limit {
+                return Err(StoreError::LimitExceeded {
+                    meter: record.meter,
+                    limit,
+                    used,
+                });
+            }
+        }
+        sqlx::query(
+            "INSERT INTO usage_events (id, user_id, event_type, stripe_connection_id, amount,
+               idempotency_key, status, metadata, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(Uuid::new_v4())
+        .bind(user)
+        .bind(record.meter.as_str())
+        .bind(record.connection.map(|c| c.0))
+        .bind(amount)
+        .bind(&record.idempotency_key)
+        .bind(status)
+        .bind(&record.metadata)
+        .bind(record.at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_foreign_key(&e) {
+                StoreError::NotFound("user or connection")
+            } else {
+                backend(e)
+            }
+        })?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Recorded::New)
+    }
+}
+
+#[async_trait]
+impl UsageStore for PgStore {
+    async fn record(
+        &self,
+        record: &UsageRecord,
+        period: Period,
+        limit: Option<u64>,
+    ) -> StoreResult<Recorded> {
+        self.add_usage(record, period, limit, "committed").await
+    }
+
+    async fn reserve(
+        &self,
+        record: &UsageRecord,
+        period: Period,
+        limit: Option<u64>,
+    ) -> StoreResult<Recorded> {
+        self.add_usage(record, period, limit, "reserved").await
+    }
+
+    async fn commit(&self, user: UserId, idempotency_key: &str) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE usage_events SET status = 'committed'
+             WHERE user_id = $1 AND idempotency_key = $2 AND status = 'reserved'",
+        )
+        .bind(user.0)
+        .bind(idempotency_key)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("usage reservation"));
+        }
+        Ok(())
+    }
+
+    async fn release(&self, user: UserId, idempotency_key: &str) -> StoreResult<()> {
+        let done = sqlx::query("DELETE FROM usage_events WHERE user_id = $1 AND idempotency_key = $2 AND status = 'reserved'")
+            .bind(user.0)
+            .bind(idempotency_key)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("usage reservation"));
+        }
+        Ok(())
+    }
+
+    async fn used(&self, user: UserId, meter: Meter, period: Period) -> StoreResult<u64> {
+        let used: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(amount), 0)::BIGINT FROM usage_events WHERE user_id = $1 AND event_type = $2
+               AND status = 'committed' AND created_at >= $3 AND created_at < $4",
+        )
+        .bind(user.0)
+        .bind(meter.as_str())
+        .bind(period.start)
+        .bind(period.end)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(u64::try_from(used).unwrap_or(0))
+    }
+}
+
+#[async_trait]
+impl WebhookInbox for PgStore {
+    async fn insert(&self, event: &InboxEvent) -> StoreResult<Inserted> {
+        let done = sqlx::query(
+            "INSERT INTO webhook_events (event_id, event_type, created, livemode, payload, received_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&event.event_id)
+        .bind(&event.event_type)
+        .bind(event.created)
+        .bind(event.livemode)
+        .bind(&event.payload)
+        .bind(event.received_at)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(if done.rows_affected() == 1 {
+            Inserted::New
+        } else {
+            Inserted::Duplicate
+        })
+    }
+
+    async fn pending(&self, limit: usize, max_attempts: u32) -> StoreResult<Vec<PendingEvent>> {
+        let rows = sqlx::query(
+            "SELECT event_id, event_type, created, livemode, payload, received_at, attempts, last_error
+             FROM webhook_events WHERE processed_at IS NULL AND attempts < $1
+             ORDER BY created, event_id LIMIT $2",
+        )
+        .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                Ok(PendingEvent {
+                    event: InboxEvent {
+                        event_id: r.try_get(0).map_err(backend)?,
+                        event_type: r.try_get(1).map_err(backend)?,
+                        created: instant(r.try_get(2).map_err(backend)?)?,
+                        livemode: r.try_get(3).map_err(backend)?,
+                        payload: r.try_get(4).map_err(backend)?,
+                        received_at: instant(r.try_get(5).map_err(backend)?)?,
+                    },
+                    attempts: u32::try_from(r.try_get::<i32, _>(6).map_err(backend)?)
+                        .unwrap_or(u32::MAX),
+                    last_error: r.try_get(7).map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_processed(&self, event_id: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE webhook_events SET processed_at = $1 WHERE event_id = $2 AND processed_at IS NULL")
+            .bind(now)
+            .bind(event_id)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("webhook event"));
+        }
+        Ok(())
+    }
+
+    async fn mark_failed(&self, event_id: &str, error: &str) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE webhook_events SET attempts = attempts + 1, last_error = $1
+             WHERE event_id = $2 AND processed_at IS NULL",
+        )
+        .bind(error)
+        .bind(event_id)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("webhook event"));
+        }
+        Ok(())
+    }
+}
+
+fn cache_table(kind: ObjectKind) -> &'static str {
+    match kind {
+        ObjectKind::Customer => "customers_cache",
+        ObjectKind::Subscription => "subscriptions_cache",
+        ObjectKind::Invoice => "invoices_cache",
+        ObjectKind::Charge => "charges_cache",
+        ObjectKind::Price => "prices_cache",
+        ObjectKind::Product => "products_cache",
+        ObjectKind::Coupon => "coupons_cache",
+    }
+}
+
+/// Rows per statement of a bulk write (4 parameters each, well under SQLite's limit).
+const BATCH: usize = 500;
+
+#[async_trait]
+impl ObjectCache for PgStore {
+    async fn upsert_objects(
+        &self,
+        connection: ConnectionId,
+        objects: &[CachedObject],
+    ) -> StoreResult<UpsertStats> {
+        let conn = connection.0;
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let known = sqlx::query("SELECT 1 FROM stripe_connections WHERE id = $1")
+            .bind(conn)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if known.is_none() {
+            return Err(StoreError::NotFound("connection"));
+        }
+        let mut stats = UpsertStats::default();
+        for kind in ObjectKind::ALL {
+            let table = cache_table(kind);
+            let of_kind: Vec<&CachedObject> = objects.iter().filter(|o| o.kind == kind).collect();
+            for chunk in of_kind.chunks(BATCH) {
+                // What is stored now, to decide each object here: no write for unchanged data.
+                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+                    "SELECT stripe_id, version, data FROM {table} WHERE stripe_connection_id = "
+                ));
+                qb.push_bind(conn).push(" AND stripe_id IN (");
+                let mut ids = qb.separated(", ");
+                for o in chunk {
+                    ids.push_bind(&o.stripe_id);
+                }
+                ids.push_unseparated(")");
+                let stored: HashMap<String, (DateTime<Utc>, String)> = qb
+                    .build()
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(backend)?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?))))
+                    .collect::<Result<_, sqlx::Error>>()
+                    .map_err(backend)?;
+                let mut latest: HashMap<&str, (DateTime<Utc>, &str)> = HashMap::new();
+                let mut write: Vec<&CachedObject> = Vec::new();
+                for o in chunk {
+                    let version = o.version;
+                    let current = latest
+                        .get(o.stripe_id.as_str())
+                        .copied()
+                        .or_else(|| stored.get(&o.stripe_id).map(|(v, d)| (*v, d.as_str())));
+                    match current {
+                        None => stats.inserted += 1,
+                        Some((v, d)) if version > v && d != o.data => stats.updated += 1,
+                        Some(_) => {
+                            stats.skipped += 1;
+                            continue;
+                        }
+                    }
+                    latest.insert(&o.stripe_id, (version, &o.data));
+                    write.push(o);
+                }
+                // Within one chunk an id may be written twice; keep the last (newest) write.
+                let mut last: HashMap<&str, &CachedObject> = HashMap::new();
+                for o in &write {
+                    last.insert(&o.stripe_id, o);
+                }
+                if last.is_empty() {
+                    continue;
+                }
+                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+                    "INSERT INTO {table} (stripe_connection_id, stripe_id, version, data) "
+                ));
+                qb.push_values(last.values(), |mut b, o| {
+                    b.push_bind(conn)
+                        .push_bind(&o.stripe_id)
+                        .push_bind(o.version)
+                        .push_bind(&o.data);
+                });
+                // The guard keeps a concurrent older write from winning.
+                qb.push(format!(
+                    " ON CONFLICT (stripe_connection_id, stripe_id) DO UPDATE SET version = excluded.version, \
+                     data = excluded.data WHERE {table}.version < excluded.version"
+                ));
+                qb.build().execute(&mut *tx).await.map_err(backend)?;
+            }
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(stats)
+    }
+
+    async fn objects(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+    ) -> StoreResult<Vec<CachedObject>> {
+        let sql = format!(
+            "SELECT o.stripe_id, o.version, o.data FROM {} o
+             JOIN stripe_connections c ON c.id = o.stripe_connection_id
+             WHERE o.stripe_connection_id = $1 AND c.user_id = $2 ORDER BY o.stripe_id",
+            cache_table(kind)
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(connection.0)
+            .bind(user.0)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                Ok(CachedObject {
+                    kind,
+                    stripe_id: r.try_get(0).map_err(backend)?,
+                    version: instant(r.try_get(1).map_err(backend)?)?,
+                    data: r.try_get(2).map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+}
+
+const SNAPSHOT_COLUMNS: &str = "snapshot_date, period_start, mrr_start, mrr, arr, total_revenue, customers_start, \
+     total_customers, active_subscriptions, churned_customers, arpu, ltv, customer_churn_rate, \
+     revenue_churn_rate, net_revenue_churn_rate, new_mrr, expansion_mrr, contraction_mrr, churned_mrr, \
+     reactivation_mrr, fx_mrr, quick_ratio, nrr, grr";
+
+fn snapshot_row(r: &PgRow) -> StoreResult<SeriesRow> {
+    let d = |i: usize| r.try_get::<Decimal, _>(i).map_err(backend);
+    let o = |i: usize| r.try_get::<Option<Decimal>, _>(i).map_err(backend);
+    let n = |i: usize| -> StoreResult<u64> {
+        let v: i64 = r.try_get(i).map_err(backend)?;
+        u64::try_from(v).map_err(|_| StoreError::Invalid(format!("stored count {v}")))
+    };
+    Ok(SeriesRow {
+        date: r.try_get(0).map_err(backend)?,
+        period_start: r.try_get(1).map_err(backend)?,
+        mrr_start: d(2)?,
+        mrr: d(3)?,
+        arr: d(4)?,
+        total_revenue: d(5)?,
+        customers_start: n(6)?,
+        total_customers: n(7)?,
+        active_subscriptions: n(8)?,
+        churned_customers: n(9)?,
+        arpu: o(10)?,
+        ltv: o(11)?,
+        customer_churn_rate: o(12)?,
+        revenue_churn_rate: o(13)?,
+        net_revenue_churn_rate: o(14)?,
+        new_mrr: d(15)?,
+        expansion_mrr: d(16)?,
+        contraction_mrr: d(17)?,
+        churned_mrr: d(18)?,
+        reactivation_mrr: d(19)?,
+        fx_mrr: d(20)?,
+        quick_ratio: o(21)?,
+        nrr: o(22)?,
+        grr: o(23)?,
+    })
+}
+
+fn count(v: u64) -> StoreResult<i64> {
+    i64::try_from(v).map_err(|_| StoreError::Invalid(format!("count {v} is too large")))
+}
+
+#[async_trait]
+impl SnapshotStore for PgStore {
+    async fn upsert_snapshots(
+        &self,
+        connection: ConnectionId,
+        rows: &[SeriesRow],
+    ) -> StoreResult<usize> {
+        let conn = connection.0;
+        let now = Utc::now();
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let known = sqlx::query("SELECT 1 FROM stripe_connections WHERE id = $1")
+            .bind(conn)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if known.is_none() {
+            return Err(StoreError::NotFound("connection"));
+        }
+        let d = |v: Decimal| v;
+        let od = |v: Option<Decimal>| v;
+        for r in rows {
+            let sql = format!(
+                "INSERT INTO metrics_snapshots (id, stripe_connection_id, created_at, {SNAPSHOT_COLUMNS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                         $19, $20, $21, $22, $23, $24, $25, $26, $27)
+                 ON CONFLICT (stripe_connection_id, snapshot_date) DO UPDATE SET
+                   period_start = excluded.period_start, mrr_start = excluded.mrr_start, mrr = excluded.mrr,
+                   arr = excluded.arr, total_revenue = excluded.total_revenue,
+                   customers_start = excluded.customers_start, total_customers = excluded.total_customers,
+                   active_subscriptions = excluded.active_subscriptions,
+                   churned_customers = excluded.churned_customers, arpu = excluded.arpu, ltv = excluded.ltv,
+                   customer_churn_rate = excluded.customer_churn_rate,
+                   revenue_churn_rate = excluded.revenue_churn_rate,
+                   net_revenue_churn_rate = excluded.net_revenue_churn_rate, new_mrr = excluded.new_mrr,
+                   expansion_mrr = excluded.expansion_mrr, contraction_mrr = excluded.contraction_mrr,
+                   churned_mrr = excluded.churned_mrr, reactivation_mrr = excluded.reactivation_mrr,
+                   fx_mrr = excluded.fx_mrr, quick_ratio = excluded.quick_ratio, nrr = excluded.nrr,
+                   grr = excluded.grr, created_at = excluded.created_at"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(Uuid::new_v4())
+                .bind(conn)
+                .bind(now)
+                .bind(r.date)
+                .bind(r.period_start)
+                .bind(d(r.mrr_start))
+                .bind(d(r.mrr))
+                .bind(d(r.arr))
+                .bind(d(r.total_revenue))
+                .bind(count(r.customers_start)?)
+                .bind(count(r.total_customers)?)
+                .bind(count(r.active_subscriptions)?)
+                .bind(count(r.churned_customers)?)
+                .bind(od(r.arpu))
+                .bind(od(r.ltv))
+                .bind(od(r.customer_churn_rate))
+                .bind(od(r.revenue_churn_rate))
+                .bind(od(r.net_revenue_churn_rate))
+                .bind(d(r.new_mrr))
+                .bind(d(r.expansion_mrr))
+                .bind(d(r.contraction_mrr))
+                .bind(d(r.churned_mrr))
+                .bind(d(r.reactivation_mrr))
+                .bind(d(r.fx_mrr))
+                .bind(od(r.quick_ratio))
+                .bind(od(r.nrr))
+                .bind(od(r.grr))
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(rows.len())
+    }
+
+    async fn snapshots(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<SeriesRow>> {
+        let sql = format!(
+            "SELECT {} FROM metrics_snapshots s JOIN stripe_connections c ON c.id = s.stripe_connection_id
+             WHERE s.stripe_connection_id = $1 AND c.user_id = $2 AND s.snapshot_date BETWEEN $3 AND $4
+             ORDER BY s.snapshot_date",
+            SNAPSHOT_COLUMNS
+                .split(", ")
+                .map(|c| format!("s.{}", c.trim()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(connection.0)
+            .bind(user.0)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(snapshot_row).collect()
+    }
+}
+
+const CONNECTION_COLUMNS: &str = "id, user_id, stripe_account_id, business_name, currency, is_active, last_synced_at, created_at, updated_at";
+
+fn connection_row(r: &PgRow) -> StoreResult<Connection> {
+    Ok(Connection {
+        id: ConnectionId(r.try_get(0).map_err(backend)?),
+        user: UserId(r.try_get(1).map_err(backend)?),
+        stripe_account_id: r.try_get(2).map_err(backend)?,
+        business_name: r.try_get(3).map_err(backend)?,
+        currency: r.try_get(4).map_err(backend)?,
+        is_active: r.try_get(5).map_err(backend)?,
+        last_synced_at: opt_instant(r.try_get(6).map_err(backend)?)?,
+        created_at: instant(r.try_get(7).map_err(backend)?)?,
+        updated_at: instant(r.try_get(8).map_err(backend)?)?,
+    })
+}
+
+#[async_trait]
+impl ConnectionStore for PgStore {
+    async fn save_connection(
+        &self,
+        new: NewConnection,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Connection> {
+        let user = new.user.0;
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let existing: Option<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT id, user_id FROM stripe_connections WHERE stripe_account_id = $1 FOR UPDATE",
+        )
+        .bind(&new.stripe_account_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let id = match existing {
+            Some((_, owner)) if owner != user => {
+                return Err(StoreError::Conflict(format!(
+                    "Stripe account {}",
+                    new.stripe_account_id
+                )));
+            }
+            Some((id, _)) => id,
+            None => Uuid::new_v4(),
+        };
+        let (access, refresh, key_id) =
+            self.seal_tokens(&new.tokens, &id.to_string(), &user.to_string())?;
+        let sql = format!(
+            "INSERT INTO stripe_connections (id, user_id, stripe_account_id, access_token_enc, refresh_token_enc,
+               token_key_id, business_name, currency, is_active, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, TRUE, $9, $9)
+             ON CONFLICT (id) DO UPDATE SET access_token_enc = excluded.access_token_enc,
+               refresh_token_enc = excluded.refresh_token_enc, token_key_id = excluded.token_key_id,
+               business_name = excluded.business_name, currency = excluded.currency, is_active = TRUE,
+               updated_at = excluded.updated_at
+             RETURNING {CONNECTION_COLUMNS}"
+        );
+        let account = new.stripe_account_id.clone();
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(user)
+            .bind(&new.stripe_account_id)
+            .bind(access)
+            .bind(refresh)
+            .bind(key_id)
+            .bind(new.business_name.as_deref())
+            .bind(new.currency.as_deref())
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_foreign_key(&e) {
+                    StoreError::NotFound("user")
+                } else if is_unique(&e) {
+                    // Another user connected the same new account at the same moment.
+                    StoreError::Conflict(format!("Stripe account {account}"))
+                } else {
+                    backend(e)
+                }
+            })?;
+        let connection = connection_row(&row)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(connection)
+    }
+
+    async fn connection(&self, user: UserId, id: ConnectionId) -> StoreResult<Option<Connection>> {
+        let sql = format!(
+            "SELECT {CONNECTION_COLUMNS} FROM stripe_connections WHERE id = $1 AND user_id = $2"
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(id.0)
+            .bind(user.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?
+            .as_ref()
+            .map(connection_row)
+            .transpose()
+    }
+
+    async fn connections(&self, user: UserId) -> StoreResult<Vec<Connection>> {
+        let sql = format!(
+            "SELECT {CONNECTION_COLUMNS} FROM stripe_connections WHERE user_id = $1 ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(user.0)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(connection_row).collect()
+    }
+
+    async fn active_connections(&self) -> StoreResult<Vec<Connection>> {
+        let sql = format!(
+            "SELECT {CONNECTION_COLUMNS} FROM stripe_connections WHERE is_active ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(connection_row).collect()
+    }
+
+    async fn tokens(&self, user: UserId, id: ConnectionId) -> StoreResult<Option<Tokens>> {
+        let row = sqlx::query(
+            "SELECT id, user_id, access_token_enc, refresh_token_enc, token_key_id FROM stripe_connections
+             WHERE id = $1 AND user_id = $2 AND is_active AND access_token_enc IS NOT NULL",
+        )
+        .bind(id.0)
+        .bind(user.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        let (id, user) = (id.0.to_string(), user.0.to_string());
+        row.map(|r| self.open_tokens(&r, &id, &user)).transpose()
+    }
+
+    async fn deactivate(
+        &self,
+        stripe_account_id: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Connection>> {
+        let sql = format!(
+            "UPDATE stripe_connections SET is_active = FALSE, access_token_enc = NULL, refresh_token_enc = NULL,
+               token_key_id = NULL, updated_at = $1
+             WHERE stripe_account_id = $2 RETURNING {CONNECTION_COLUMNS}"
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .bind(stripe_account_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?
+            .as_ref()
+            .map(connection_row)
+            .transpose()
+    }
+
+    async fn set_last_synced(&self, id: ConnectionId, at: DateTime<Utc>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE stripe_connections SET last_synced_at = $1 WHERE id = $2")
+            .bind(at)
+            .bind(id.0)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("connection"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl OAuthStateStore for PgStore {
+    async fn put_state(
+        &self,
+        state: &str,
+        user: UserId,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO oauth_states (state, user_id, expires_at) VALUES ($1, $2, $3)")
+            .bind(state)
+            .bind(user.0)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| {
+                if is_unique(&e) {
+                    StoreError::Conflict("OAuth state".into())
+                } else if is_foreign_key(&e) {
+                    StoreError::NotFound("user")
+                } else {
+                    backend(e)
+                }
+            })?;
+        Ok(())
+    }
+
+    async fn take_state(&self, state: &str, now: DateTime<Utc>) -> StoreResult<Option<UserId>> {
+        // Deleting is the single use: of concurrent takes, one deletes the row, the others find
+        // nothing.
+        let row: Option<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+            "DELETE FROM oauth_states WHERE state = $1 RETURNING user_id, expires_at",
+        )
+        .bind(state)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        match row {
+            Some((user, expires)) if now < expires => Ok(Some(UserId(user))),
+            _ => Ok(None),
+        }
+    }
+}
