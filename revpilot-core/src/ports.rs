@@ -596,3 +596,187 @@ pub trait OAuthStateStore: Send + Sync {
     /// sure it can never be taken again (even concurrently).
     async fn take_state(&self, state: &str, now: DateTime<Utc>) -> StoreResult<Option<UserId>>;
 }
+
+/// A sync run's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncStatus {
+    /// In progress.
+    Running,
+    /// Finished with everything fetched.
+    Succeeded,
+    /// Stopped by an error (see `error`).
+    Failed,
+    /// Stopped by a hard usage limit until the next period or an upgrade.
+    Paused,
+}
+
+impl SyncStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncStatus::Running => "running",
+            SyncStatus::Succeeded => "succeeded",
+            SyncStatus::Failed => "failed",
+            SyncStatus::Paused => "paused",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<SyncStatus> {
+        [
+            SyncStatus::Running,
+            SyncStatus::Succeeded,
+            SyncStatus::Failed,
+            SyncStatus::Paused,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+}
+
+/// How a sync run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RunOutcome {
+    /// Objects fetched per stream (`customer`, `subscription`, ..., `event`).
+    pub objects: std::collections::BTreeMap<String, u64>,
+    /// Requests sent.
+    pub requests: u64,
+    /// Of which retries.
+    pub retries: u64,
+    /// Why it failed or paused.
+    pub error: Option<String>,
+}
+
+/// A recorded sync run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRun {
+    /// Run id.
+    pub id: Uuid,
+    /// The connection synced.
+    pub connection: ConnectionId,
+    /// Started.
+    pub started_at: DateTime<Utc>,
+    /// Finished, unless running.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Status.
+    pub status: SyncStatus,
+    /// Counts and error.
+    pub outcome: RunOutcome,
+}
+
+/// Sync cursors (one per connection and stream, persisted after every page) and run records.
+#[async_trait]
+pub trait SyncStateStore: Send + Sync {
+    /// The stream's cursor, `None` before its first page.
+    async fn cursor(&self, connection: ConnectionId, stream: &str) -> StoreResult<Option<String>>;
+
+    /// Saves the stream's cursor.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown connection.
+    async fn set_cursor(
+        &self,
+        connection: ConnectionId,
+        stream: &str,
+        cursor: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// Forgets every cursor of the connection (a full backfill follows).
+    async fn clear_cursors(&self, connection: ConnectionId) -> StoreResult<()>;
+
+    /// Records the start of a run and returns its id.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown connection.
+    async fn start_run(&self, connection: ConnectionId, now: DateTime<Utc>) -> StoreResult<Uuid>;
+
+    /// Records how a running run ended.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when no running run has this id; [`StoreError::Invalid`] for
+    /// `Running` as a final status.
+    async fn finish_run(
+        &self,
+        run: Uuid,
+        status: SyncStatus,
+        outcome: &RunOutcome,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// The user's connection's latest run; `None` for another user's connection.
+    async fn last_run(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+    ) -> StoreResult<Option<SyncRun>>;
+}
+
+/// The user's own subscription (to the embedding company's plans), as last applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSubscription {
+    /// Stripe subscription id.
+    pub stripe_subscription_id: String,
+    /// Stripe customer id.
+    pub stripe_customer_id: Option<String>,
+    /// Tier it maps to.
+    pub tier: Tier,
+    /// Stripe status.
+    pub status: Option<String>,
+    /// The price that decided the tier.
+    pub price_id: Option<String>,
+    /// End of the current period.
+    pub current_period_end: Option<DateTime<Utc>>,
+}
+
+/// A billing event as recorded for a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionEvent {
+    /// Stripe's event id, when it came from a webhook.
+    pub stripe_event_id: Option<String>,
+    /// Event type (`customer.subscription.updated`, ...).
+    pub event_type: String,
+    /// Tier after the event.
+    pub tier: Tier,
+    /// Status after the event.
+    pub status: Option<String>,
+    /// What the operator should know (an unknown price mapped to starter, ...).
+    pub note: Option<String>,
+    /// Stripe's `created` of the event: the order events are applied in.
+    pub created: DateTime<Utc>,
+}
+
+/// Whether a plan event changed anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Profile, subscription and event log updated together.
+    Applied,
+    /// A newer event was already applied for this user; nothing changed.
+    Stale,
+}
+
+/// The billing state of users: their subscription and the events applied to it.
+#[async_trait]
+pub trait BillingStore: Send + Sync {
+    /// In one transaction: unless an event newer than `event.created` was already applied for
+    /// `user`, applies `change` to the profile, upserts the user's subscription, and appends
+    /// `event` to the log.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown user.
+    async fn apply_plan_event(
+        &self,
+        user: UserId,
+        change: &PlanChange,
+        subscription: &UserSubscription,
+        event: &SubscriptionEvent,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Applied>;
+
+    /// The user's subscription as last applied.
+    async fn user_subscription(&self, user: UserId) -> StoreResult<Option<UserSubscription>>;
+
+    /// The user's applied events, in order of `created`.
+    async fn subscription_events(&self, user: UserId) -> StoreResult<Vec<SubscriptionEvent>>;
+}

@@ -52,6 +52,11 @@ fn migrator() -> Migrator {
             "usage by connection",
             include_str!("../migrations/postgres/0002_usage_by_connection.sql"),
         ),
+        m(
+            3,
+            "usage counters",
+            include_str!("../migrations/postgres/0003_usage_counters.sql"),
+        ),
     ])
 }
 
@@ -464,8 +469,9 @@ impl PgStore {
         let amount = i64::try_from(record.amount)
             .map_err(|_| StoreError::Invalid("usage amount too large".into()))?;
         let user = record.user.0;
+        let (start, end) = (period.start, period.end);
         let mut tx = self.pool.begin().await.map_err(backend)?;
-        // Serializes this user's usage writes: the sum below cannot go stale before the insert.
+        // Serializes this user's usage writes: the counter read below cannot go stale.
         let known = sqlx::query("SELECT 1 FROM user_profiles WHERE user_id = $1 FOR UPDATE")
             .bind(user)
             .fetch_optional(&mut *tx)
@@ -474,41 +480,12 @@ impl PgStore {
         if known.is_none() {
             return Err(StoreError::NotFound("user"));
         }
-        let exists =
-            sqlx::query("SELECT 1 FROM usage_events WHERE user_id = $1 AND idempotency_key = $2")
-                .bind(user)
-                .bind(&record.idempotency_key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(backend)?;
-        if exists.is_some() {
-            return Ok(Recorded::Duplicate);
-        }
-        if let Some(limit) = limit {
-            let used: i64 = sqlx::query_scalar(
-                "SELECT COALESCE(SUM(amount), 0)::BIGINT FROM usage_events
-                 WHERE user_id = $1 AND event_type = $2 AND created_at >= $3 AND created_at < $4",
-            )
-            .bind(user)
-            .bind(record.meter.as_str())
-            .bind(period.start)
-            .bind(period.end)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(backend)?;
-            let used = u64::try_from(used).unwrap_or(0);
-            if used.saturating_add(record.amount) > limit {
-                return Err(StoreError::LimitExceeded {
-                    meter: record.meter,
-                    limit,
-                    used,
-                });
-            }
-        }
-        sqlx::query(
+        // The unique (user, key) decides duplicates; a refused record rolls back with the tx.
+        let inserted = sqlx::query(
             "INSERT INTO usage_events (id, user_id, event_type, stripe_connection_id, amount,
-               idempotency_key, status, metadata, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+               idempotency_key, status, metadata, created_at, period_start, period_end)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (user_id, idempotency_key) DO NOTHING",
         )
         .bind(Uuid::new_v4())
         .bind(user)
@@ -519,6 +496,8 @@ impl PgStore {
         .bind(status)
         .bind(&record.metadata)
         .bind(record.at)
+        .bind(start)
+        .bind(end)
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -528,6 +507,44 @@ impl PgStore {
                 backend(e)
             }
         })?;
+        if inserted.rows_affected() == 0 {
+            return Ok(Recorded::Duplicate);
+        }
+        if let Some(limit) = limit {
+            let used: Option<i64> = sqlx::query_scalar(
+                "SELECT used FROM usage_counters
+                 WHERE user_id = $1 AND event_type = $2 AND period_start = $3 AND period_end = $4",
+            )
+            .bind(user)
+            .bind(record.meter.as_str())
+            .bind(start)
+            .bind(end)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let used = used.and_then(|u| u64::try_from(u).ok()).unwrap_or(0);
+            if used.saturating_add(record.amount) > limit {
+                return Err(StoreError::LimitExceeded {
+                    meter: record.meter,
+                    limit,
+                    used,
+                });
+            }
+        }
+        sqlx::query(
+            "INSERT INTO usage_counters (user_id, event_type, period_start, period_end, used)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (user_id, event_type, period_start, period_end)
+             DO UPDATE SET used = usage_counters.used + excluded.used",
+        )
+        .bind(user)
+        .bind(record.meter.as_str())
+        .bind(start)
+        .bind(end)
+        .bind(amount)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
         Ok(Recorded::New)
     }
@@ -570,15 +587,32 @@ impl UsageStore for PgStore {
     }
 
     async fn release(&self, user: UserId, idempotency_key: &str) -> StoreResult<()> {
-        let done = sqlx::query("DELETE FROM usage_events WHERE user_id = $1 AND idempotency_key = $2 AND status = 'reserved'")
-            .bind(user.0)
-            .bind(idempotency_key)
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?;
-        if done.rows_affected() == 0 {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let gone: Option<(String, i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+            "DELETE FROM usage_events WHERE user_id = $1 AND idempotency_key = $2 AND status = 'reserved'
+             RETURNING event_type, amount, period_start, period_end",
+        )
+        .bind(user.0)
+        .bind(idempotency_key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some((event_type, amount, start, end)) = gone else {
             return Err(StoreError::NotFound("usage reservation"));
-        }
+        };
+        sqlx::query(
+            "UPDATE usage_counters SET used = used - $1
+             WHERE user_id = $2 AND event_type = $3 AND period_start = $4 AND period_end = $5",
+        )
+        .bind(amount)
+        .bind(user.0)
+        .bind(event_type)
+        .bind(start)
+        .bind(end)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
         Ok(())
     }
 

@@ -53,6 +53,11 @@ fn migrator() -> Migrator {
             "usage by connection",
             include_str!("../migrations/sqlite/0002_usage_by_connection.sql"),
         ),
+        m(
+            3,
+            "usage counters",
+            include_str!("../migrations/sqlite/0003_usage_counters.sql"),
+        ),
     ])
 }
 
@@ -447,46 +452,18 @@ impl SqliteStore {
         let amount = i64::try_from(record.amount)
             .map_err(|_| StoreError::Invalid("usage amount too large".into()))?;
         let user = record.user.0.to_string();
+        let (start, end) = (micros(period.start), micros(period.end));
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(backend)?;
-        let exists =
-            sqlx::query("SELECT 1 FROM usage_events WHERE user_id = $1 AND idempotency_key = $2")
-                .bind(&user)
-                .bind(&record.idempotency_key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(backend)?;
-        if exists.is_some() {
-            return Ok(Recorded::Duplicate);
-        }
-        if let Some(limit) = limit {
-            let used: i64 = sqlx::query_scalar(
-                "SELECT COALESCE(SUM(amount), 0) FROM usage_events
-                 WHERE user_id = $1 AND event_type = $2 AND created_at >= $3 AND created_at < $4",
-            )
-            .bind(&user)
-            .bind(record.meter.as_str())
-            .bind(micros(period.start))
-            .bind(micros(period.end))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(backend)?;
-            let used = u64::try_from(used).unwrap_or(0);
-            if used.saturating_add(record.amount) > limit {
-                return Err(StoreError::LimitExceeded {
-                    meter: record.meter,
-                    limit,
-                    used,
-                });
-            }
-        }
-        sqlx::query(
+        // The unique (user, key) decides duplicates; a refused record rolls back with the tx.
+        let inserted = sqlx::query(
             "INSERT INTO usage_events (id, user_id, event_type, stripe_connection_id, amount,
-               idempotency_key, status, metadata, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+               idempotency_key, status, metadata, created_at, period_start, period_end)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (user_id, idempotency_key) DO NOTHING",
         )
         .bind(Uuid::new_v4().to_string())
         .bind(&user)
@@ -497,6 +474,8 @@ impl SqliteStore {
         .bind(status)
         .bind(record.metadata.to_string())
         .bind(micros(record.at))
+        .bind(start)
+        .bind(end)
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -506,6 +485,44 @@ impl SqliteStore {
                 backend(e)
             }
         })?;
+        if inserted.rows_affected() == 0 {
+            return Ok(Recorded::Duplicate);
+        }
+        if let Some(limit) = limit {
+            let used: Option<i64> = sqlx::query_scalar(
+                "SELECT used FROM usage_counters
+                 WHERE user_id = $1 AND event_type = $2 AND period_start = $3 AND period_end = $4",
+            )
+            .bind(&user)
+            .bind(record.meter.as_str())
+            .bind(start)
+            .bind(end)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let used = used.and_then(|u| u64::try_from(u).ok()).unwrap_or(0);
+            if used.saturating_add(record.amount) > limit {
+                return Err(StoreError::LimitExceeded {
+                    meter: record.meter,
+                    limit,
+                    used,
+                });
+            }
+        }
+        sqlx::query(
+            "INSERT INTO usage_counters (user_id, event_type, period_start, period_end, used)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (user_id, event_type, period_start, period_end)
+             DO UPDATE SET used = usage_counters.used + excluded.used",
+        )
+        .bind(&user)
+        .bind(record.meter.as_str())
+        .bind(start)
+        .bind(end)
+        .bind(amount)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
         Ok(Recorded::New)
     }
@@ -548,15 +565,36 @@ impl UsageStore for SqliteStore {
     }
 
     async fn release(&self, user: UserId, idempotency_key: &str) -> StoreResult<()> {
-        let done = sqlx::query("DELETE FROM usage_events WHERE user_id = $1 AND idempotency_key = $2 AND status = 'reserved'")
-            .bind(user.0.to_string())
-            .bind(idempotency_key)
-            .execute(&self.pool)
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(backend)?;
-        if done.rows_affected() == 0 {
+        let gone: Option<(String, i64, i64, i64)> = sqlx::query_as(
+            "DELETE FROM usage_events WHERE user_id = $1 AND idempotency_key = $2 AND status = 'reserved'
+             RETURNING event_type, amount, period_start, period_end",
+        )
+        .bind(user.0.to_string())
+        .bind(idempotency_key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some((event_type, amount, start, end)) = gone else {
             return Err(StoreError::NotFound("usage reservation"));
-        }
+        };
+        sqlx::query(
+            "UPDATE usage_counters SET used = used - $1
+             WHERE user_id = $2 AND event_type = $3 AND period_start = $4 AND period_end = $5",
+        )
+        .bind(amount)
+        .bind(user.0.to_string())
+        .bind(event_type)
+        .bind(start)
+        .bind(end)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
         Ok(())
     }
 

@@ -261,6 +261,26 @@ async fn a_database_of_an_older_version_migrates_forward() {
         .run(&pool)
         .await
         .unwrap();
+    // Usage recorded by the old version: 4 insights on 2024-03-10.
+    let user = Uuid::new_v4();
+    let at = Utc
+        .with_ymd_and_hms(2024, 3, 10, 12, 0, 0)
+        .unwrap()
+        .timestamp_micros();
+    sqlx::query("INSERT INTO user_profiles (user_id, created_at, updated_at) VALUES ($1, 0, 0)")
+        .bind(user.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO usage_events (id, user_id, event_type, amount, idempotency_key, status, created_at)
+         VALUES ('e1', $1, 'ai_insight', 4, 'old-key', 'committed', $2)",
+    )
+    .bind(user.to_string())
+    .bind(at)
+    .execute(&pool)
+    .await
+    .unwrap();
     pool.close().await;
 
     let store = SqliteStore::connect(path.to_str().unwrap(), keys())
@@ -271,7 +291,40 @@ async fn a_database_of_an_older_version_migrates_forward() {
             .fetch_all(store.pool())
             .await
             .unwrap();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
+    // The old usage is counted: with a limit of 5 in March, one more fits and a second does not.
+    use revpilot_core::ports::{Meter, Period, Recorded, UsageRecord, UsageStore};
+    let march = Period {
+        start: Utc.with_ymd_and_hms(2024, 3, 1, 0, 0, 0).unwrap(),
+        end: Utc.with_ymd_and_hms(2024, 4, 1, 0, 0, 0).unwrap(),
+    };
+    let record = |key: &str| UsageRecord {
+        user: UserId(user),
+        meter: Meter::AiInsight,
+        connection: None,
+        amount: 1,
+        idempotency_key: key.into(),
+        metadata: serde_json::json!({}),
+        at: Utc.with_ymd_and_hms(2024, 3, 20, 0, 0, 0).unwrap(),
+    };
+    assert_eq!(
+        store
+            .record(&record("new-1"), march, Some(5))
+            .await
+            .unwrap(),
+        Recorded::New
+    );
+    assert!(matches!(
+        store.record(&record("new-2"), march, Some(5)).await,
+        Err(StoreError::LimitExceeded { used: 5, .. })
+    ));
+    assert_eq!(
+        store
+            .record(&record("old-key"), march, Some(5))
+            .await
+            .unwrap(),
+        Recorded::Duplicate
+    );
     let index: Option<String> =
         sqlx::query_scalar("SELECT name FROM sqlite_master WHERE name = 'usage_events_connection'")
             .fetch_optional(store.pool())
