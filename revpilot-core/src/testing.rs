@@ -16,6 +16,10 @@ use uuid::Uuid;
 
 use crate::metrics::SeriesRow;
 use crate::ports::{
+    Applied, BillingStore, RunOutcome, SubscriptionEvent, SyncRun, SyncStateStore, SyncStatus,
+    UserSubscription,
+};
+use crate::ports::{
     CachedObject, Connection, ConnectionId, ConnectionStore, InboxEvent, Inserted, Limits, Meter,
     NewConnection, OAuthStateStore, ObjectCache, ObjectKind, PendingEvent, Period, PlanChange,
     Recorded, SnapshotStore, StoreError, StoreResult, Tier, Tokens, UpsertStats, UsageRecord,
@@ -44,6 +48,10 @@ struct State {
     snapshots: BTreeMap<(ConnectionId, NaiveDate), SeriesRow>,
     connections: BTreeMap<ConnectionId, StoredConnection>,
     states: HashMap<String, (UserId, DateTime<Utc>)>,
+    cursors: BTreeMap<(ConnectionId, String), String>,
+    runs: BTreeMap<Uuid, SyncRun>,
+    subscriptions: BTreeMap<UserId, (UserSubscription, DateTime<Utc>)>,
+    events: Vec<(UserId, SubscriptionEvent)>,
 }
 
 /// Every port, in memory.
@@ -201,8 +209,21 @@ impl UserStore for MemoryStore {
         change: &PlanChange,
         now: DateTime<Utc>,
     ) -> StoreResult<UserProfile> {
-        let mut s = self.lock()?;
-        let p = s.users.get_mut(&user).ok_or(StoreError::NotFound("user"))?;
+        self.lock()?.set_plan(user, change, now)
+    }
+}
+
+impl State {
+    fn set_plan(
+        &mut self,
+        user: UserId,
+        change: &PlanChange,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile> {
+        let p = self
+            .users
+            .get_mut(&user)
+            .ok_or(StoreError::NotFound("user"))?;
         p.tier = change.tier;
         p.subscription_status
             .clone_from(&change.subscription_status);
@@ -551,5 +572,145 @@ impl OAuthStateStore for MemoryStore {
             .remove(state)
             .filter(|(_, expires)| now < *expires)
             .map(|(user, _)| user))
+    }
+}
+
+#[async_trait]
+impl SyncStateStore for MemoryStore {
+    async fn cursor(&self, connection: ConnectionId, stream: &str) -> StoreResult<Option<String>> {
+        Ok(self
+            .lock()?
+            .cursors
+            .get(&(connection, stream.to_owned()))
+            .cloned())
+    }
+
+    async fn set_cursor(
+        &self,
+        connection: ConnectionId,
+        stream: &str,
+        cursor: &str,
+        _now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        if !s.connections.contains_key(&connection) {
+            return Err(StoreError::NotFound("connection"));
+        }
+        s.cursors
+            .insert((connection, stream.to_owned()), cursor.to_owned());
+        Ok(())
+    }
+
+    async fn clear_cursors(&self, connection: ConnectionId) -> StoreResult<()> {
+        self.lock()?.cursors.retain(|(c, _), _| *c != connection);
+        Ok(())
+    }
+
+    async fn start_run(&self, connection: ConnectionId, now: DateTime<Utc>) -> StoreResult<Uuid> {
+        let mut s = self.lock()?;
+        if !s.connections.contains_key(&connection) {
+            return Err(StoreError::NotFound("connection"));
+        }
+        let id = Uuid::new_v4();
+        s.runs.insert(
+            id,
+            SyncRun {
+                id,
+                connection,
+                started_at: now,
+                finished_at: None,
+                status: SyncStatus::Running,
+                outcome: RunOutcome::default(),
+            },
+        );
+        Ok(id)
+    }
+
+    async fn finish_run(
+        &self,
+        run: Uuid,
+        status: SyncStatus,
+        outcome: &RunOutcome,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        if status == SyncStatus::Running {
+            return Err(StoreError::Invalid(
+                "a finished run cannot be running".into(),
+            ));
+        }
+        let mut s = self.lock()?;
+        match s.runs.get_mut(&run) {
+            Some(r) if r.status == SyncStatus::Running => {
+                r.status = status;
+                r.finished_at = Some(now);
+                r.outcome = outcome.clone();
+                Ok(())
+            }
+            _ => Err(StoreError::NotFound("running sync run")),
+        }
+    }
+
+    async fn last_run(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+    ) -> StoreResult<Option<SyncRun>> {
+        let s = self.lock()?;
+        if !s.owns(user, connection) {
+            return Ok(None);
+        }
+        Ok(s.runs
+            .values()
+            .filter(|r| r.connection == connection)
+            .max_by_key(|r| (r.started_at, r.id))
+            .cloned())
+    }
+}
+
+#[async_trait]
+impl BillingStore for MemoryStore {
+    async fn apply_plan_event(
+        &self,
+        user: UserId,
+        change: &PlanChange,
+        subscription: &UserSubscription,
+        event: &SubscriptionEvent,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Applied> {
+        let mut s = self.lock()?;
+        if !s.users.contains_key(&user) {
+            return Err(StoreError::NotFound("user"));
+        }
+        if s.subscriptions
+            .get(&user)
+            .is_some_and(|(_, last)| *last > event.created)
+        {
+            return Ok(Applied::Stale);
+        }
+        s.set_plan(user, change, now)?;
+        s.subscriptions
+            .insert(user, (subscription.clone(), event.created));
+        s.events.push((user, event.clone()));
+        Ok(Applied::Applied)
+    }
+
+    async fn user_subscription(&self, user: UserId) -> StoreResult<Option<UserSubscription>> {
+        Ok(self
+            .lock()?
+            .subscriptions
+            .get(&user)
+            .map(|(sub, _)| sub.clone()))
+    }
+
+    async fn subscription_events(&self, user: UserId) -> StoreResult<Vec<SubscriptionEvent>> {
+        let s = self.lock()?;
+        let mut out: Vec<SubscriptionEvent> = s
+            .events
+            .iter()
+            .filter(|(u, _)| *u == user)
+            .map(|(_, e)| e.clone())
+            .collect();
+        out.sort_by_key(|e| e.created);
+        Ok(out)
     }
 }

@@ -13,6 +13,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use revpilot_core::metrics::SeriesRow;
 use revpilot_core::ports::{
+    Applied, BillingStore, RunOutcome, SubscriptionEvent, SyncRun, SyncStateStore, SyncStatus,
+    UserSubscription,
+};
+use revpilot_core::ports::{
     CachedObject, Connection, ConnectionId, ConnectionStore, InboxEvent, Inserted, Limits, Meter,
     NewConnection, OAuthStateStore, ObjectCache, ObjectKind, PendingEvent, Period, PlanChange,
     Recorded, SnapshotStore, StoreError, StoreResult, Tier, Tokens, UpsertStats, UsageRecord,
@@ -400,45 +404,58 @@ impl UserStore for SqliteStore {
         change: &PlanChange,
         now: DateTime<Utc>,
     ) -> StoreResult<UserProfile> {
-        let sql = format!(
-            "UPDATE user_profiles SET subscription_tier = $1, subscription_status = $2,
-               stripe_customer_id = COALESCE($3, stripe_customer_id), stripe_subscription_id = $4,
-               subscription_current_period_end = $5, monthly_scenario_limit = $6,
-               monthly_ai_insights_limit = $7, monthly_transaction_volume_limit = $8, updated_at = $9
-             WHERE user_id = $10 RETURNING {USER_COLUMNS}"
-        );
-        let volume = change
-            .limits
-            .transaction_volume
-            .map(|v| {
-                i64::try_from(v).map_err(|_| StoreError::Invalid(format!("limit {v} is too large")))
-            })
-            .transpose()?;
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(change.tier.as_str())
-            .bind(change.subscription_status.as_deref())
-            .bind(change.stripe_customer_id.as_deref())
-            .bind(change.stripe_subscription_id.as_deref())
-            .bind(change.current_period_end.map(micros))
-            .bind(limit_to_db(change.limits.scenarios))
-            .bind(limit_to_db(change.limits.ai_insights))
-            .bind(volume)
-            .bind(micros(now))
-            .bind(user.0.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| {
-                if is_unique(&e) {
-                    StoreError::Conflict("Stripe customer or subscription of another user".into())
-                } else {
-                    backend(e)
-                }
-            })?;
-        row.as_ref()
-            .map(user_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound("user"))
+        update_plan(&self.pool, user, change, now).await
     }
+}
+
+/// The plan UPDATE of [`UserStore::set_plan`], on any connection or transaction.
+async fn update_plan<'e, E>(
+    ex: E,
+    user: UserId,
+    change: &PlanChange,
+    now: DateTime<Utc>,
+) -> StoreResult<UserProfile>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let sql = format!(
+        "UPDATE user_profiles SET subscription_tier = $1, subscription_status = $2,
+           stripe_customer_id = COALESCE($3, stripe_customer_id), stripe_subscription_id = $4,
+           subscription_current_period_end = $5, monthly_scenario_limit = $6,
+           monthly_ai_insights_limit = $7, monthly_transaction_volume_limit = $8, updated_at = $9
+         WHERE user_id = $10 RETURNING {USER_COLUMNS}"
+    );
+    let volume = change
+        .limits
+        .transaction_volume
+        .map(|v| {
+            i64::try_from(v).map_err(|_| StoreError::Invalid(format!("limit {v} is too large")))
+        })
+        .transpose()?;
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(change.tier.as_str())
+        .bind(change.subscription_status.as_deref())
+        .bind(change.stripe_customer_id.as_deref())
+        .bind(change.stripe_subscription_id.as_deref())
+        .bind(change.current_period_end.map(micros))
+        .bind(limit_to_db(change.limits.scenarios))
+        .bind(limit_to_db(change.limits.ai_insights))
+        .bind(volume)
+        .bind(micros(now))
+        .bind(user.0.to_string())
+        .fetch_optional(ex)
+        .await
+        .map_err(|e| {
+            if is_unique(&e) {
+                StoreError::Conflict("Stripe customer or subscription of another user".into())
+            } else {
+                backend(e)
+            }
+        })?;
+    row.as_ref()
+        .map(user_row)
+        .transpose()?
+        .ok_or(StoreError::NotFound("user"))
 }
 
 impl SqliteStore {
@@ -1199,5 +1216,263 @@ impl OAuthStateStore for SqliteStore {
             Some((user, expires)) if micros(now) < expires => Ok(Some(UserId(uuid(&user)?))),
             _ => Ok(None),
         }
+    }
+}
+
+#[async_trait]
+impl SyncStateStore for SqliteStore {
+    async fn cursor(&self, connection: ConnectionId, stream: &str) -> StoreResult<Option<String>> {
+        sqlx::query_scalar(
+            "SELECT cursor FROM sync_cursors WHERE stripe_connection_id = $1 AND object_kind = $2",
+        )
+        .bind(connection.0.to_string())
+        .bind(stream)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)
+    }
+
+    async fn set_cursor(
+        &self,
+        connection: ConnectionId,
+        stream: &str,
+        cursor: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO sync_cursors (stripe_connection_id, object_kind, cursor, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (stripe_connection_id, object_kind) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
+        )
+        .bind(connection.0.to_string())
+        .bind(stream)
+        .bind(cursor)
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| if is_foreign_key(&e) { StoreError::NotFound("connection") } else { backend(e) })?;
+        Ok(())
+    }
+
+    async fn clear_cursors(&self, connection: ConnectionId) -> StoreResult<()> {
+        sqlx::query("DELETE FROM sync_cursors WHERE stripe_connection_id = $1")
+            .bind(connection.0.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn start_run(&self, connection: ConnectionId, now: DateTime<Utc>) -> StoreResult<Uuid> {
+        let id = Uuid::new_v4();
+        sqlx::query("INSERT INTO sync_runs (id, stripe_connection_id, started_at, status) VALUES ($1, $2, $3, 'running')")
+            .bind(id.to_string())
+            .bind(connection.0.to_string())
+            .bind(micros(now))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| if is_foreign_key(&e) { StoreError::NotFound("connection") } else { backend(e) })?;
+        Ok(id)
+    }
+
+    async fn finish_run(
+        &self,
+        run: Uuid,
+        status: SyncStatus,
+        outcome: &RunOutcome,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        if status == SyncStatus::Running {
+            return Err(StoreError::Invalid(
+                "a finished run cannot be running".into(),
+            ));
+        }
+        let count = |v: u64| {
+            i64::try_from(v).map_err(|_| StoreError::Invalid(format!("count {v} is too large")))
+        };
+        let objects = serde_json::to_value(&outcome.objects)
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let done = sqlx::query(
+            "UPDATE sync_runs SET finished_at = $1, status = $2, objects = $3, requests = $4, retries = $5, error = $6
+             WHERE id = $7 AND status = 'running'",
+        )
+        .bind(micros(now))
+        .bind(status.as_str())
+        .bind(objects.to_string())
+        .bind(count(outcome.requests)?)
+        .bind(count(outcome.retries)?)
+        .bind(outcome.error.as_deref())
+        .bind(run.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("running sync run"));
+        }
+        Ok(())
+    }
+
+    async fn last_run(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+    ) -> StoreResult<Option<SyncRun>> {
+        let row = sqlx::query(
+            "SELECT r.id, r.started_at, r.finished_at, r.status, r.objects, r.requests, r.retries, r.error
+             FROM sync_runs r JOIN stripe_connections c ON c.id = r.stripe_connection_id
+             WHERE r.stripe_connection_id = $1 AND c.user_id = $2
+             ORDER BY r.started_at DESC, r.id DESC LIMIT 1",
+        )
+        .bind(connection.0.to_string())
+        .bind(user.0.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        let Some(r) = row else { return Ok(None) };
+        let status: String = r.try_get(3).map_err(backend)?;
+        let objects: String = r.try_get(4).map_err(backend)?;
+        let count = |i: usize| -> StoreResult<u64> {
+            let v: i64 = r.try_get(i).map_err(backend)?;
+            u64::try_from(v).map_err(|_| StoreError::Invalid(format!("stored count {v}")))
+        };
+        Ok(Some(SyncRun {
+            id: uuid(&r.try_get::<String, _>(0).map_err(backend)?)?,
+            connection,
+            started_at: instant(r.try_get(1).map_err(backend)?)?,
+            finished_at: opt_instant(r.try_get(2).map_err(backend)?)?,
+            status: SyncStatus::parse(&status)
+                .ok_or_else(|| StoreError::Invalid(format!("stored status {status:?}")))?,
+            outcome: RunOutcome {
+                objects: serde_json::from_str(&objects)
+                    .map_err(|e| StoreError::Invalid(format!("stored run objects: {e}")))?,
+                requests: count(5)?,
+                retries: count(6)?,
+                error: r.try_get(7).map_err(backend)?,
+            },
+        }))
+    }
+}
+
+#[async_trait]
+impl BillingStore for SqliteStore {
+    async fn apply_plan_event(
+        &self,
+        user: UserId,
+        change: &PlanChange,
+        subscription: &UserSubscription,
+        event: &SubscriptionEvent,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Applied> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
+        // Locks the user (and finds out whether there is one): one user's events apply in turn.
+        let known = sqlx::query("SELECT 1 FROM user_profiles WHERE user_id = $1")
+            .bind(user.0.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if known.is_none() {
+            return Err(StoreError::NotFound("user"));
+        }
+        let last: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(last_event_created) FROM user_subscriptions WHERE user_id = $1",
+        )
+        .bind(user.0.to_string())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if last.is_some_and(|l| l > micros(event.created)) {
+            return Ok(Applied::Stale);
+        }
+        update_plan(&mut *tx, user, change, now).await?;
+        sqlx::query(
+            "INSERT INTO user_subscriptions (user_id, stripe_subscription_id, stripe_customer_id, tier, status, price_id,
+               current_period_end, last_event_created, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+             ON CONFLICT (stripe_subscription_id) DO UPDATE SET stripe_customer_id = excluded.stripe_customer_id,
+               tier = excluded.tier, status = excluded.status, price_id = excluded.price_id,
+               current_period_end = excluded.current_period_end, last_event_created = excluded.last_event_created,
+               updated_at = excluded.updated_at
+             WHERE user_subscriptions.user_id = excluded.user_id",
+        )
+        .bind(user.0.to_string())
+        .bind(&subscription.stripe_subscription_id)
+        .bind(subscription.stripe_customer_id.as_deref())
+        .bind(subscription.tier.as_str())
+        .bind(subscription.status.as_deref())
+        .bind(subscription.price_id.as_deref())
+        .bind(subscription.current_period_end.map(micros))
+        .bind(micros(event.created))
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        sqlx::query(
+            "INSERT INTO subscription_events (id, user_id, stripe_event_id, event_type, tier, status, note, created, recorded_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(user.0.to_string())
+        .bind(event.stripe_event_id.as_deref())
+        .bind(&event.event_type)
+        .bind(event.tier.as_str())
+        .bind(event.status.as_deref())
+        .bind(event.note.as_deref())
+        .bind(micros(event.created))
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Applied::Applied)
+    }
+
+    async fn user_subscription(&self, user: UserId) -> StoreResult<Option<UserSubscription>> {
+        let row = sqlx::query(
+            "SELECT stripe_subscription_id, stripe_customer_id, tier, status, price_id, current_period_end
+             FROM user_subscriptions WHERE user_id = $1 ORDER BY last_event_created DESC, updated_at DESC LIMIT 1",
+        )
+        .bind(user.0.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        let Some(r) = row else { return Ok(None) };
+        let tier: String = r.try_get(2).map_err(backend)?;
+        Ok(Some(UserSubscription {
+            stripe_subscription_id: r.try_get(0).map_err(backend)?,
+            stripe_customer_id: r.try_get(1).map_err(backend)?,
+            tier: Tier::parse(&tier)
+                .ok_or_else(|| StoreError::Invalid(format!("stored tier {tier:?}")))?,
+            status: r.try_get(3).map_err(backend)?,
+            price_id: r.try_get(4).map_err(backend)?,
+            current_period_end: opt_instant(r.try_get(5).map_err(backend)?)?,
+        }))
+    }
+
+    async fn subscription_events(&self, user: UserId) -> StoreResult<Vec<SubscriptionEvent>> {
+        let rows = sqlx::query(
+            "SELECT stripe_event_id, event_type, tier, status, note, created FROM subscription_events
+             WHERE user_id = $1 ORDER BY created, recorded_at",
+        )
+        .bind(user.0.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                let tier: String = r.try_get(2).map_err(backend)?;
+                Ok(SubscriptionEvent {
+                    stripe_event_id: r.try_get(0).map_err(backend)?,
+                    event_type: r.try_get(1).map_err(backend)?,
+                    tier: Tier::parse(&tier)
+                        .ok_or_else(|| StoreError::Invalid(format!("stored tier {tier:?}")))?,
+                    status: r.try_get(3).map_err(backend)?,
+                    note: r.try_get(4).map_err(backend)?,
+                    created: instant(r.try_get(5).map_err(backend)?)?,
+                })
+            })
+            .collect()
     }
 }

@@ -12,6 +12,10 @@ use uuid::Uuid;
 
 use crate::metrics::SeriesRow;
 use crate::ports::{
+    Applied, BillingStore, RunOutcome, SubscriptionEvent, SyncStateStore, SyncStatus,
+    UserSubscription,
+};
+use crate::ports::{
     CachedObject, ConnectionId, ConnectionStore, InboxEvent, Inserted, Limits, Meter,
     NewConnection, OAuthStateStore, ObjectCache, ObjectKind, Period, PlanChange, Recorded,
     SnapshotStore, StoreError, Tier, Tokens, UpsertStats, UsageRecord, UsageStore, UserId,
@@ -777,6 +781,269 @@ pub async fn oauth_states<S: UserStore + OAuthStateStore + ?Sized>(store: &S) {
     );
 }
 
+/// Cursors per connection and stream; runs recorded and read back by their owner.
+pub async fn sync_state<S: UserStore + ConnectionStore + SyncStateStore + ?Sized>(store: &S) {
+    let owner = new_user(store, "sync@example.com").await;
+    let stranger = new_user(store, "sync-stranger@example.com").await;
+    let conn = new_connection(store, owner, "acct_sync").await;
+    assert_eq!(store.cursor(conn, "customer").await.expect("cursor"), None);
+    store
+        .set_cursor(conn, "customer", "cus_100", t(11, 0))
+        .await
+        .expect("set");
+    store
+        .set_cursor(conn, "customer", "cus_200", t(11, 1))
+        .await
+        .expect("set");
+    store
+        .set_cursor(conn, "event", "evt_9", t(11, 1))
+        .await
+        .expect("set");
+    assert_eq!(
+        store
+            .cursor(conn, "customer")
+            .await
+            .expect("cursor")
+            .as_deref(),
+        Some("cus_200")
+    );
+    assert_eq!(
+        store
+            .cursor(conn, "event")
+            .await
+            .expect("cursor")
+            .as_deref(),
+        Some("evt_9")
+    );
+    store.clear_cursors(conn).await.expect("clear");
+    assert_eq!(store.cursor(conn, "event").await.expect("cursor"), None);
+    let unknown = ConnectionId(Uuid::new_v4());
+    assert!(matches!(
+        store.set_cursor(unknown, "customer", "x", t(11, 0)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.start_run(unknown, t(11, 0)).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let first = store.start_run(conn, t(12, 0)).await.expect("start");
+    let outcome = RunOutcome {
+        objects: [
+            ("customer".to_owned(), 250u64),
+            ("subscription".to_owned(), 301),
+        ]
+        .into_iter()
+        .collect(),
+        requests: 9,
+        retries: 2,
+        error: None,
+    };
+    store
+        .finish_run(first, SyncStatus::Succeeded, &outcome, t(12, 1))
+        .await
+        .expect("finish");
+    assert!(
+        matches!(
+            store
+                .finish_run(first, SyncStatus::Failed, &outcome, t(12, 2))
+                .await,
+            Err(StoreError::NotFound(_))
+        ),
+        "a run finishes once"
+    );
+    let second = store.start_run(conn, t(13, 0)).await.expect("start");
+    assert!(matches!(
+        store
+            .finish_run(second, SyncStatus::Running, &outcome, t(13, 1))
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    let last = store
+        .last_run(owner, conn)
+        .await
+        .expect("last")
+        .expect("a run");
+    assert_eq!(
+        (last.id, last.status, last.finished_at),
+        (second, SyncStatus::Running, None)
+    );
+    let failed = RunOutcome {
+        error: Some("429 storm".into()),
+        ..RunOutcome::default()
+    };
+    store
+        .finish_run(second, SyncStatus::Failed, &failed, t(13, 2))
+        .await
+        .expect("finish");
+    let last = store
+        .last_run(owner, conn)
+        .await
+        .expect("last")
+        .expect("a run");
+    assert_eq!(
+        (last.status, last.outcome.error.as_deref(), last.finished_at),
+        (SyncStatus::Failed, Some("429 storm"), Some(t(13, 2)))
+    );
+    assert!(
+        store
+            .last_run(stranger, conn)
+            .await
+            .expect("last")
+            .is_none(),
+        "another user's runs read as absent"
+    );
+    let _ = outcome;
+}
+
+fn plan_event(
+    tier: Tier,
+    status: &str,
+    created: DateTime<Utc>,
+    id: &str,
+) -> (PlanChange, UserSubscription, SubscriptionEvent) {
+    let limits = match tier {
+        Tier::Starter => starter(),
+        _ => Limits {
+            scenarios: Some(3),
+            ai_insights: Some(50),
+            transaction_volume: Some(100_000),
+        },
+    };
+    (
+        PlanChange {
+            tier,
+            subscription_status: Some(status.to_owned()),
+            stripe_customer_id: Some("cus_billing".into()),
+            stripe_subscription_id: (status != "canceled").then(|| "sub_billing".to_owned()),
+            current_period_end: Some(t(31, 0)),
+            limits,
+        },
+        UserSubscription {
+            stripe_subscription_id: "sub_billing".into(),
+            stripe_customer_id: Some("cus_billing".into()),
+            tier,
+            status: Some(status.to_owned()),
+            price_id: Some(format!("price_{}", tier.as_str())),
+            current_period_end: Some(t(31, 0)),
+        },
+        SubscriptionEvent {
+            stripe_event_id: Some(id.to_owned()),
+            event_type: "customer.subscription.updated".into(),
+            tier,
+            status: Some(status.to_owned()),
+            note: None,
+            created,
+        },
+    )
+}
+
+/// Plan events apply profile, subscription and log together; an older event never overwrites.
+pub async fn billing<S: UserStore + BillingStore + ?Sized>(store: &S) {
+    let user = new_user(store, "billing@example.com").await;
+    let (c, sub, e) = plan_event(Tier::Professional, "active", t(14, 2), "evt_b2");
+    assert_eq!(
+        store
+            .apply_plan_event(user, &c, &sub, &e, t(14, 3))
+            .await
+            .expect("apply"),
+        Applied::Applied
+    );
+    let p = store.user(user).await.expect("read").expect("user");
+    assert_eq!(
+        (p.tier, p.limits.ai_insights),
+        (Tier::Professional, Some(50))
+    );
+    assert_eq!(
+        store.user_subscription(user).await.expect("read"),
+        Some(sub.clone())
+    );
+
+    let (c_old, sub_old, e_old) = plan_event(Tier::Starter, "canceled", t(14, 1), "evt_b1");
+    assert_eq!(
+        store
+            .apply_plan_event(user, &c_old, &sub_old, &e_old, t(14, 4))
+            .await
+            .expect("apply"),
+        Applied::Stale
+    );
+    assert_eq!(
+        store.user(user).await.expect("read").map(|p| p.tier),
+        Some(Tier::Professional),
+        "stale changes nothing"
+    );
+    assert_eq!(
+        store.subscription_events(user).await.expect("read").len(),
+        1
+    );
+
+    let (c_new, sub_new, e_new) = plan_event(Tier::Starter, "canceled", t(14, 5), "evt_b3");
+    assert_eq!(
+        store
+            .apply_plan_event(user, &c_new, &sub_new, &e_new, t(14, 6))
+            .await
+            .expect("apply"),
+        Applied::Applied
+    );
+    let events = store.subscription_events(user).await.expect("read");
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e.stripe_event_id.clone().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        ["evt_b2", "evt_b3"]
+    );
+    let p = store.user(user).await.expect("read").expect("user");
+    assert_eq!(
+        (p.tier, p.stripe_customer_id.as_deref()),
+        (Tier::Starter, Some("cus_billing"))
+    );
+    let nobody = store
+        .apply_plan_event(UserId(Uuid::new_v4()), &c, &sub, &e, t(14, 7))
+        .await;
+    assert!(matches!(nobody, Err(StoreError::NotFound(_))));
+
+    // Ten events delivered at once, out of order: the newest wins, whatever the interleaving.
+    let racer = new_user(store, "billing-race@example.com").await;
+    let tiers = [
+        Tier::Professional,
+        Tier::Business,
+        Tier::Enterprise,
+        Tier::Starter,
+    ];
+    let events: Vec<_> = (0..10u32)
+        .map(|i| {
+            let created = t(15, 0) + Duration::minutes(i64::from((i * 7) % 10));
+            let (mut c, mut s, e) = plan_event(
+                tiers[(i % 4) as usize],
+                "active",
+                created,
+                &format!("evt_r{i}"),
+            );
+            c.stripe_customer_id = None;
+            s.stripe_customer_id = None;
+            s.stripe_subscription_id = "sub_race".into();
+            c.stripe_subscription_id = Some("sub_race".into());
+            (c, s, e)
+        })
+        .collect();
+    let results = join_all(
+        events
+            .iter()
+            .map(|(c, s, e)| store.apply_plan_event(racer, c, s, e, t(15, 1))),
+    )
+    .await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let newest = events
+        .iter()
+        .max_by_key(|(_, _, e)| e.created)
+        .map(|(c, _, _)| c.tier);
+    assert_eq!(
+        store.user(racer).await.expect("read").map(|p| p.tier),
+        newest
+    );
+}
+
 /// Runs every test of the suite, each on a store from `fresh`.
 pub async fn run_all<S, F, Fut>(fresh: F)
 where
@@ -786,7 +1053,9 @@ where
         + ObjectCache
         + SnapshotStore
         + ConnectionStore
-        + OAuthStateStore,
+        + OAuthStateStore
+        + SyncStateStore
+        + BillingStore,
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = S>,
 {
@@ -799,4 +1068,6 @@ where
     snapshots(&fresh().await).await;
     connections(&fresh().await).await;
     oauth_states(&fresh().await).await;
+    sync_state(&fresh().await).await;
+    billing(&fresh().await).await;
 }

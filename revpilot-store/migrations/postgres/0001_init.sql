@@ -198,8 +198,8 @@ CREATE TABLE sync_runs (
     finished_at          TIMESTAMPTZ,
     status               TEXT NOT NULL CHECK (status IN ('running', 'succeeded', 'failed', 'paused')),
     objects              JSONB NOT NULL DEFAULT '{}',
-    requests             INTEGER NOT NULL DEFAULT 0,
-    retries              INTEGER NOT NULL DEFAULT 0,
+    requests             BIGINT NOT NULL DEFAULT 0,
+    retries              BIGINT NOT NULL DEFAULT 0,
     error                TEXT
 );
 CREATE INDEX sync_runs_connection ON sync_runs (stripe_connection_id, started_at);
