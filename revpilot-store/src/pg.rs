@@ -770,24 +770,23 @@ impl ObjectCache for PgStore {
             let of_kind: Vec<&CachedObject> = objects.iter().filter(|o| o.kind == kind).collect();
             for chunk in of_kind.chunks(BATCH) {
                 // What is stored now, to decide each object here: no write for unchanged data.
-                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-                    "SELECT stripe_id, version, data FROM {table} WHERE stripe_connection_id = "
-                ));
-                qb.push_bind(conn).push(" AND stripe_id IN (");
-                let mut ids = qb.separated(", ");
-                for o in chunk {
-                    ids.push_bind(&o.stripe_id);
-                }
-                ids.push_unseparated(")");
-                let stored: HashMap<String, (DateTime<Utc>, String)> = qb
-                    .build()
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(backend)?
-                    .iter()
-                    .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?))))
-                    .collect::<Result<_, sqlx::Error>>()
-                    .map_err(backend)?;
+                // One array parameter: a list of hundreds of parameters can get a generic plan
+                // that scans the whole table (each call then costs more as the cache grows).
+                let ids: Vec<&str> = chunk.iter().map(|o| o.stripe_id.as_str()).collect();
+                let select = format!(
+                    "SELECT stripe_id, version, data FROM {table} WHERE stripe_connection_id = $1 AND stripe_id = ANY($2)"
+                );
+                let stored: HashMap<String, (DateTime<Utc>, String)> =
+                    sqlx::query(AssertSqlSafe(select))
+                        .bind(conn)
+                        .bind(&ids)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(backend)?
+                        .iter()
+                        .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?))))
+                        .collect::<Result<_, sqlx::Error>>()
+                        .map_err(backend)?;
                 let mut latest: HashMap<&str, (DateTime<Utc>, &str)> = HashMap::new();
                 let mut write: Vec<&CachedObject> = Vec::new();
                 for o in chunk {

@@ -563,6 +563,39 @@ pub async fn object_cache<S: UserStore + ConnectionStore + ObjectCache + ?Sized>
             .len(),
         1
     );
+
+    // Ten versions of one object upserted at once, in shuffled order: the newest survives.
+    let versions: Vec<CachedObject> = (0..10u32)
+        .map(|i| {
+            let minute = i64::from((i * 3) % 10);
+            object(
+                ObjectKind::Invoice,
+                "in_race",
+                t(11, 0) + Duration::minutes(minute),
+                &format!(r#"{{"v":{minute}}}"#),
+            )
+        })
+        .collect();
+    let results = join_all(
+        versions
+            .iter()
+            .map(|o| store.upsert_objects(conn, std::slice::from_ref(o))),
+    )
+    .await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let stored = store
+        .objects(owner, conn, ObjectKind::Invoice)
+        .await
+        .expect("read");
+    assert_eq!(
+        stored,
+        vec![object(
+            ObjectKind::Invoice,
+            "in_race",
+            t(11, 0) + Duration::minutes(9),
+            r#"{"v":9}"#
+        )]
+    );
 }
 
 /// A series row for `date` with `mrr`, every other money column derived from it.
