@@ -245,6 +245,23 @@ impl PgStore {
         Ok(rows.len())
     }
 
+    /// A write transaction on a connection's data, after checking the connection exists.
+    async fn write_for_connection(
+        &self,
+        connection: ConnectionId,
+    ) -> StoreResult<sqlx::Transaction<'static, Postgres>> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let known = sqlx::query("SELECT 1 FROM stripe_connections WHERE id = $1")
+            .bind(connection.0)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if known.is_none() {
+            return Err(StoreError::NotFound("connection"));
+        }
+        Ok(tx)
+    }
+
     fn context(id: &str, user: &str, field: &str) -> String {
         format!("revpilot/stripe_connections/{id}/{user}/{field}")
     }
@@ -755,15 +772,7 @@ impl ObjectCache for PgStore {
         objects: &[CachedObject],
     ) -> StoreResult<UpsertStats> {
         let conn = connection.0;
-        let mut tx = self.pool.begin().await.map_err(backend)?;
-        let known = sqlx::query("SELECT 1 FROM stripe_connections WHERE id = $1")
-            .bind(conn)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if known.is_none() {
-            return Err(StoreError::NotFound("connection"));
-        }
+        let mut tx = self.write_for_connection(connection).await?;
         let mut stats = UpsertStats::default();
         for kind in ObjectKind::ALL {
             let table = cache_table(kind);
@@ -919,15 +928,7 @@ impl SnapshotStore for PgStore {
     ) -> StoreResult<usize> {
         let conn = connection.0;
         let now = Utc::now();
-        let mut tx = self.pool.begin().await.map_err(backend)?;
-        let known = sqlx::query("SELECT 1 FROM stripe_connections WHERE id = $1")
-            .bind(conn)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if known.is_none() {
-            return Err(StoreError::NotFound("connection"));
-        }
+        let mut tx = self.write_for_connection(connection).await?;
         let d = |v: Decimal| v;
         let od = |v: Option<Decimal>| v;
         for r in rows {

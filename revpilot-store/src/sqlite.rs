@@ -239,6 +239,27 @@ impl SqliteStore {
         Ok(rows.len())
     }
 
+    /// A write transaction on a connection's data, after checking the connection exists.
+    async fn write_for_connection(
+        &self,
+        connection: ConnectionId,
+    ) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
+        let known = sqlx::query("SELECT 1 FROM stripe_connections WHERE id = $1")
+            .bind(connection.0.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if known.is_none() {
+            return Err(StoreError::NotFound("connection"));
+        }
+        Ok(tx)
+    }
+
     fn context(id: &str, user: &str, field: &str) -> String {
         format!("revpilot/stripe_connections/{id}/{user}/{field}")
     }
@@ -737,19 +758,7 @@ impl ObjectCache for SqliteStore {
         objects: &[CachedObject],
     ) -> StoreResult<UpsertStats> {
         let conn = connection.0.to_string();
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(backend)?;
-        let known = sqlx::query("SELECT 1 FROM stripe_connections WHERE id = $1")
-            .bind(&conn)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if known.is_none() {
-            return Err(StoreError::NotFound("connection"));
-        }
+        let mut tx = self.write_for_connection(connection).await?;
         let mut stats = UpsertStats::default();
         for kind in ObjectKind::ALL {
             let table = cache_table(kind);
@@ -909,19 +918,7 @@ impl SnapshotStore for SqliteStore {
     ) -> StoreResult<usize> {
         let conn = connection.0.to_string();
         let now = micros(Utc::now());
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(backend)?;
-        let known = sqlx::query("SELECT 1 FROM stripe_connections WHERE id = $1")
-            .bind(&conn)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if known.is_none() {
-            return Err(StoreError::NotFound("connection"));
-        }
+        let mut tx = self.write_for_connection(connection).await?;
         let d = |v: Decimal| v.to_string();
         let od = |v: Option<Decimal>| v.map(|x| x.to_string());
         for r in rows {
