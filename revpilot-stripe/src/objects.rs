@@ -1,0 +1,623 @@
+//! RevPilot's own tolerant types for the Stripe objects it reads.
+//!
+//! async-stripe's generated types are pinned to one API version and reject both `localstripe`'s
+//! objects and webhooks rendered in other versions. These read only the fields RevPilot needs,
+//! default what Stripe may omit, and accept today's shapes (periods on subscription items, an
+//! invoice's subscription under `parent.subscription_details`, a discount's coupon under
+//! `source`) as well as the older ones (periods and `plan` on the subscription, top-level
+//! `invoice.subscription`, `discount.coupon`). Expandable fields read as an id whether Stripe sent
+//! the id or the expanded object.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+/// A Stripe list (`{"object": "list", "data": [...], "has_more": ...}`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct List<T> {
+    /// The items of this page.
+    #[serde(default = "Vec::new")]
+    pub data: Vec<T>,
+    /// More items exist beyond this page (nested lists stop at 10 without it).
+    #[serde(default)]
+    pub has_more: bool,
+}
+
+impl<T> Default for List<T> {
+    fn default() -> Self {
+        List {
+            data: Vec::new(),
+            has_more: false,
+        }
+    }
+}
+
+/// An expandable field: the id, whether Stripe sent it or the expanded object; `None` for null.
+fn expandable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) => Ok(Some(id)),
+        Some(Value::Object(o)) => match o.get("id") {
+            Some(Value::String(id)) => Ok(Some(id.clone())),
+            _ => Err(serde::de::Error::custom(
+                "expanded object without a string `id`",
+            )),
+        },
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "expected an id or an expanded object, found {other}"
+        ))),
+    }
+}
+
+/// Metadata: Stripe sends strings; anything else is kept as its JSON text.
+fn metadata<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let map = Option::<BTreeMap<String, Value>>::deserialize(d)?.unwrap_or_default();
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect())
+}
+
+/// A JSON number read exactly as a `Decimal` (percent_off is a float in JSON: `25.5`).
+fn exact_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .to_string()
+            .parse::<Decimal>()
+            .or_else(|_| Decimal::from_scientific(&n.to_string()))
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("number {n}: {e}"))),
+        Some(Value::String(s)) => s
+            .parse::<Decimal>()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("decimal {s:?}: {e}"))),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "expected a number, found {other}"
+        ))),
+    }
+}
+
+/// A postal address (only the country is used, for segmentation).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Address {
+    /// ISO 3166 country code.
+    #[serde(default)]
+    pub country: Option<String>,
+}
+
+/// A Stripe customer.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Customer {
+    /// `cus_...`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: i64,
+    /// Email.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// Name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Default currency, once the customer has been charged.
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// Address.
+    #[serde(default)]
+    pub address: Option<Address>,
+    /// Metadata.
+    #[serde(default, deserialize_with = "metadata")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A price's recurrence.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Recurring {
+    /// `day`, `week`, `month` or `year`.
+    pub interval: String,
+    /// Intervals per period.
+    #[serde(default = "one")]
+    pub interval_count: u32,
+    /// `licensed` or `metered`.
+    #[serde(default = "licensed")]
+    pub usage_type: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn licensed() -> String {
+    "licensed".to_owned()
+}
+
+/// One tier of a tiered price.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Tier {
+    /// Upper bound, `null` for the last tier (older API versions write `"inf"`).
+    #[serde(default, deserialize_with = "up_to")]
+    pub up_to: Option<u64>,
+    /// Per-unit amount, minor units.
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub unit_amount: Option<Decimal>,
+    /// Per-unit amount with decimals, as text.
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub unit_amount_decimal: Option<Decimal>,
+    /// Flat amount, minor units.
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub flat_amount: Option<Decimal>,
+}
+
+fn up_to<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s == "inf" => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("tier bound {n} is not a count"))),
+        Some(other) => Err(serde::de::Error::custom(format!("tier bound {other}"))),
+    }
+}
+
+/// A price (today) or a plan (older API versions): the fields both share.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Price {
+    /// `price_...` or `plan_...`.
+    pub id: String,
+    /// Currency.
+    pub currency: String,
+    /// Amount per unit, minor units (prices).
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub unit_amount: Option<Decimal>,
+    /// Amount per unit with decimals (prices).
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub unit_amount_decimal: Option<Decimal>,
+    /// Amount per unit (plans).
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub amount: Option<Decimal>,
+    /// Amount with decimals (plans).
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub amount_decimal: Option<Decimal>,
+    /// `per_unit` or `tiered`.
+    #[serde(default)]
+    pub billing_scheme: Option<String>,
+    /// `volume` or `graduated`.
+    #[serde(default)]
+    pub tiers_mode: Option<String>,
+    /// Tiers, when expanded.
+    #[serde(default)]
+    pub tiers: Option<Vec<Tier>>,
+    /// Recurrence (prices); `None` for one-off prices.
+    #[serde(default)]
+    pub recurring: Option<Recurring>,
+    /// Interval (plans).
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// Interval count (plans).
+    #[serde(default)]
+    pub interval_count: Option<u32>,
+    /// Usage type (plans).
+    #[serde(default)]
+    pub usage_type: Option<String>,
+    /// The product's id.
+    #[serde(default, deserialize_with = "expandable")]
+    pub product: Option<String>,
+}
+
+/// A subscription item.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SubscriptionItem {
+    /// `si_...`.
+    pub id: String,
+    /// The price (today).
+    #[serde(default)]
+    pub price: Option<Price>,
+    /// The plan (older API versions).
+    #[serde(default)]
+    pub plan: Option<Price>,
+    /// Quantity (absent for metered prices).
+    #[serde(default)]
+    pub quantity: Option<u64>,
+    /// Current period start (today's API keeps periods on items).
+    #[serde(default)]
+    pub current_period_start: Option<i64>,
+    /// Current period end.
+    #[serde(default)]
+    pub current_period_end: Option<i64>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created: Option<i64>,
+}
+
+impl SubscriptionItem {
+    /// The price, from either shape.
+    pub fn price(&self) -> Option<&Price> {
+        self.price.as_ref().or(self.plan.as_ref())
+    }
+}
+
+/// A coupon.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Coupon {
+    /// Coupon id.
+    pub id: String,
+    /// Amount off per period, minor units of `currency`.
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub amount_off: Option<Decimal>,
+    /// Percent off (0-100).
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub percent_off: Option<Decimal>,
+    /// Currency of `amount_off`.
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// `forever`, `once` or `repeating`.
+    pub duration: String,
+    /// Months, for `repeating`.
+    #[serde(default)]
+    pub duration_in_months: Option<u32>,
+}
+
+/// Where a discount's coupon is (today's shape).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct DiscountSource {
+    /// The coupon, when expanded.
+    #[serde(default)]
+    pub coupon: Option<CouponRef>,
+}
+
+/// A coupon reference: an id or the expanded coupon.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum CouponRef {
+    /// The expanded coupon.
+    Coupon(Coupon),
+    /// Just its id.
+    Id(String),
+}
+
+/// A discount: a coupon applied from `start` to `end`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Discount {
+    /// `di_...`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The coupon (older shape).
+    #[serde(default)]
+    pub coupon: Option<CouponRef>,
+    /// Where the coupon is (today's shape).
+    #[serde(default)]
+    pub source: Option<DiscountSource>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub start: Option<i64>,
+    /// Unix seconds, for coupons that end.
+    #[serde(default)]
+    pub end: Option<i64>,
+}
+
+impl Discount {
+    /// The coupon from either shape.
+    pub fn coupon(&self) -> Option<&CouponRef> {
+        self.coupon
+            .as_ref()
+            .or_else(|| self.source.as_ref().and_then(|s| s.coupon.as_ref()))
+    }
+}
+
+/// A subscription's discounts list entry: an id (not expanded) or the discount.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum DiscountRef {
+    /// The discount.
+    Discount(Box<Discount>),
+    /// Its id only (expand `discounts` to read it).
+    Id(String),
+}
+
+/// Paused collection.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PauseCollection {
+    /// `keep_as_draft`, `mark_uncollectible` or `void`.
+    pub behavior: String,
+    /// When collection resumes.
+    #[serde(default)]
+    pub resumes_at: Option<i64>,
+}
+
+/// A subscription.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Subscription {
+    /// `sub_...`.
+    pub id: String,
+    /// The customer's id.
+    #[serde(deserialize_with = "expandable")]
+    pub customer: Option<String>,
+    /// Currency.
+    pub currency: String,
+    /// Status.
+    pub status: String,
+    /// Unix seconds.
+    pub created: i64,
+    /// When it started.
+    #[serde(default)]
+    pub start_date: Option<i64>,
+    /// Trial start.
+    #[serde(default)]
+    pub trial_start: Option<i64>,
+    /// Trial end.
+    #[serde(default)]
+    pub trial_end: Option<i64>,
+    /// Scheduled cancellation.
+    #[serde(default)]
+    pub cancel_at: Option<i64>,
+    /// Cancels when the period ends.
+    #[serde(default)]
+    pub cancel_at_period_end: bool,
+    /// When the cancellation was requested.
+    #[serde(default)]
+    pub canceled_at: Option<i64>,
+    /// When it ended.
+    #[serde(default)]
+    pub ended_at: Option<i64>,
+    /// Paused collection, if any.
+    #[serde(default)]
+    pub pause_collection: Option<PauseCollection>,
+    /// The items (first page).
+    #[serde(default)]
+    pub items: List<SubscriptionItem>,
+    /// Discounts (today).
+    #[serde(default)]
+    pub discounts: Vec<DiscountRef>,
+    /// The discount (older API versions).
+    #[serde(default)]
+    pub discount: Option<Discount>,
+    /// Current period start (older API versions keep it here).
+    #[serde(default)]
+    pub current_period_start: Option<i64>,
+    /// Current period end (older API versions).
+    #[serde(default)]
+    pub current_period_end: Option<i64>,
+    /// Metadata.
+    #[serde(default, deserialize_with = "metadata")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Subscription {
+    /// The current period end, from the subscription (older shape) or its items (today).
+    pub fn current_period_end(&self) -> Option<i64> {
+        self.current_period_end.or_else(|| {
+            self.items
+                .data
+                .iter()
+                .filter_map(|i| i.current_period_end)
+                .max()
+        })
+    }
+}
+
+/// A period `[start, end]` in unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct LinePeriod {
+    /// Start.
+    pub start: i64,
+    /// End.
+    pub end: i64,
+}
+
+/// An invoice line.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct InvoiceLine {
+    /// `il_...`.
+    pub id: String,
+    /// Amount, minor units (before discounts).
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub amount: Option<Decimal>,
+    /// Currency.
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// The period it bills.
+    #[serde(default)]
+    pub period: Option<LinePeriod>,
+    /// Quantity.
+    #[serde(default)]
+    pub quantity: Option<u64>,
+    /// Proration (older API versions).
+    #[serde(default)]
+    pub proration: Option<bool>,
+    /// The price (older API versions).
+    #[serde(default)]
+    pub price: Option<Price>,
+    /// The plan (older still).
+    #[serde(default)]
+    pub plan: Option<Price>,
+    /// Today's parent block (`subscription_item_details` with `proration`, ...), kept raw.
+    #[serde(default)]
+    pub parent: Option<Value>,
+    /// Today's pricing block (`price_details.price`), kept raw.
+    #[serde(default)]
+    pub pricing: Option<Value>,
+}
+
+impl InvoiceLine {
+    /// Whether the line is a proration, from either shape.
+    pub fn is_proration(&self) -> bool {
+        self.proration.unwrap_or(false)
+            || self
+                .parent
+                .as_ref()
+                .and_then(|p| p.pointer("/subscription_item_details/proration"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+    }
+
+    /// The price id, from either shape.
+    pub fn price_id(&self) -> Option<&str> {
+        self.price
+            .as_ref()
+            .or(self.plan.as_ref())
+            .map(|p| p.id.as_str())
+            .or_else(|| {
+                self.pricing
+                    .as_ref()?
+                    .pointer("/price_details/price")?
+                    .as_str()
+            })
+    }
+}
+
+/// An invoice.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Invoice {
+    /// `in_...`.
+    pub id: String,
+    /// The customer's id.
+    #[serde(default, deserialize_with = "expandable")]
+    pub customer: Option<String>,
+    /// The subscription (older API versions).
+    #[serde(default, deserialize_with = "expandable")]
+    pub subscription: Option<String>,
+    /// Today's parent block.
+    #[serde(default)]
+    pub parent: Option<Value>,
+    /// Status.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// Currency.
+    pub currency: String,
+    /// Unix seconds.
+    pub created: i64,
+    /// Lines (first page: follow `has_more` for the rest).
+    #[serde(default)]
+    pub lines: List<InvoiceLine>,
+}
+
+impl Invoice {
+    /// The subscription this invoice bills, from either shape.
+    pub fn subscription_id(&self) -> Option<&str> {
+        self.subscription.as_deref().or_else(|| {
+            self.parent
+                .as_ref()?
+                .pointer("/subscription_details/subscription")?
+                .as_str()
+        })
+    }
+}
+
+/// A refund.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Refund {
+    /// `re_...`.
+    pub id: String,
+    /// Amount, minor units.
+    #[serde(deserialize_with = "required_decimal")]
+    pub amount: Decimal,
+    /// Unix seconds.
+    pub created: i64,
+    /// Status (`succeeded`, `pending`, `failed`, ...).
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+fn required_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+    exact_decimal(d)?.ok_or_else(|| serde::de::Error::custom("amount is null"))
+}
+
+/// A charge.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Charge {
+    /// `ch_...`.
+    pub id: String,
+    /// Amount, minor units.
+    #[serde(deserialize_with = "required_decimal")]
+    pub amount: Decimal,
+    /// Amount captured.
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub amount_captured: Option<Decimal>,
+    /// Currency.
+    pub currency: String,
+    /// Unix seconds.
+    pub created: i64,
+    /// The customer's id.
+    #[serde(default, deserialize_with = "expandable")]
+    pub customer: Option<String>,
+    /// `succeeded`, `pending` or `failed`.
+    pub status: String,
+    /// Refunds (first page).
+    #[serde(default)]
+    pub refunds: Option<List<Refund>>,
+}
+
+/// The `data` of an event.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EventData {
+    /// The object as of the event, rendered in the endpoint's API version.
+    pub object: Value,
+    /// What changed, for `*.updated` events.
+    #[serde(default)]
+    pub previous_attributes: Option<Value>,
+}
+
+/// An event (from the Events API or a webhook).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Event {
+    /// `evt_...`.
+    pub id: String,
+    /// Type (`customer.subscription.updated`, ...).
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Unix seconds.
+    pub created: i64,
+    /// Live or test mode.
+    #[serde(default)]
+    pub livemode: bool,
+    /// The API version it was rendered in.
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// The connected account, for Connect events.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// Payload.
+    pub data: EventData,
+}
+
+/// Why an object cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {id}: {problem}")]
+pub struct ParseError {
+    /// Which kind of object was expected.
+    pub kind: &'static str,
+    /// Its id when the JSON has one, else `(no id)`.
+    pub id: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// Reads one Stripe object of type `T` from JSON bytes, naming the object in any error.
+///
+/// # Errors
+/// [`ParseError`] with the object's id (when it has one) and serde's message.
+pub fn parse<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    json: &[u8],
+) -> Result<T, ParseError> {
+    serde_json::from_slice(json).map_err(|e| {
+        let id = serde_json::from_slice::<Value>(json)
+            .ok()
+            .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| "(no id)".to_owned());
+        ParseError {
+            kind,
+            id,
+            problem: e.to_string(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;
