@@ -622,6 +622,19 @@ impl SyncStatus {
         }
     }
 
+    /// Checks that a run can end with this status.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for [`SyncStatus::Running`], which is not how a run ends.
+    pub fn ensure_final(self) -> StoreResult<()> {
+        if self == SyncStatus::Running {
+            return Err(StoreError::Invalid(
+                "a finished run cannot be running".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses a stored name.
     pub fn parse(s: &str) -> Option<SyncStatus> {
         [

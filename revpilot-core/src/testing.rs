@@ -633,11 +633,7 @@ impl SyncStateStore for MemoryStore {
         outcome: &RunOutcome,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        if status == SyncStatus::Running {
-            return Err(StoreError::Invalid(
-                "a finished run cannot be running".into(),
-            ));
-        }
+        status.ensure_final()?;
         let mut s = self.lock()?;
         match s.runs.get_mut(&run) {
             Some(r) if r.status == SyncStatus::Running => {

@@ -1289,11 +1289,7 @@ impl SyncStateStore for PgStore {
         outcome: &RunOutcome,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        if status == SyncStatus::Running {
-            return Err(StoreError::Invalid(
-                "a finished run cannot be running".into(),
-            ));
-        }
+        status.ensure_final()?;
         let count = |v: u64| {
             i64::try_from(v).map_err(|_| StoreError::Invalid(format!("count {v} is too large")))
         };

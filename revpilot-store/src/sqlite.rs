@@ -1278,11 +1278,7 @@ impl SyncStateStore for SqliteStore {
         outcome: &RunOutcome,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        if status == SyncStatus::Running {
-            return Err(StoreError::Invalid(
-                "a finished run cannot be running".into(),
-            ));
-        }
+        status.ensure_final()?;
         let count = |v: u64| {
             i64::try_from(v).map_err(|_| StoreError::Invalid(format!("count {v} is too large")))
         };

@@ -926,7 +926,6 @@ pub async fn sync_state<S: UserStore + ConnectionStore + SyncStateStore + ?Sized
             .is_none(),
         "another user's runs read as absent"
     );
-    let _ = outcome;
 }
 
 fn plan_event(
