@@ -1,7 +1,11 @@
-//! Stripe adapter for RevPilot: Connect OAuth, complete and resumable sync, history rebuild and
-//! billing webhooks (issue #4 and #5).
+//! Stripe adapter for RevPilot: tolerant object types, the export file, the history rebuild,
+//! Connect OAuth and a complete, resumable sync (issue #4), billing webhooks (issue #5).
 //!
-//! So far: [`objects`], RevPilot's own tolerant types for the Stripe objects it reads, which
-//! accept today's API shapes and the older ones.
+//! - [`objects`]: RevPilot's own tolerant types for the Stripe objects it reads, which accept
+//!   today's API shapes and the older ones.
+//! - [`export`]: an account's objects in one JSON file, read in parallel without a JSON tree.
+//! - [`rebuild`]: Stripe objects -> the core's account timeline (pure).
 
+pub mod export;
 pub mod objects;
+pub mod rebuild;

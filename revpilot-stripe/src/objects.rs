@@ -495,6 +495,12 @@ pub struct Invoice {
     /// Lines (first page: follow `has_more` for the rest).
     #[serde(default)]
     pub lines: List<InvoiceLine>,
+    /// Discounts applied to the invoice (ids unless expanded).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub discounts: Vec<DiscountRef>,
+    /// The discount (older API versions).
+    #[serde(default)]
+    pub discount: Option<Discount>,
 }
 
 impl Invoice {
@@ -524,6 +530,11 @@ pub struct Refund {
     pub status: Option<String>,
 }
 
+/// A list Stripe may send as `null`.
+fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
 fn required_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
     exact_decimal(d)?.ok_or_else(|| serde::de::Error::custom("amount is null"))
 }
@@ -548,6 +559,9 @@ pub struct Charge {
     pub customer: Option<String>,
     /// `succeeded`, `pending` or `failed`.
     pub status: String,
+    /// Amount refunded in all, minor units.
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub amount_refunded: Option<Decimal>,
     /// Refunds (first page).
     #[serde(default)]
     pub refunds: Option<List<Refund>>,

@@ -1,0 +1,184 @@
+//! The export file: one JSON object whose keys (`customers`, `subscriptions`, `invoices`,
+//! `charges`, `prices`, `coupons`, `events`) each hold a list of Stripe API objects exactly as
+//! Stripe's list endpoints return them. A missing key is an empty list; other keys are ignored.
+//!
+//! Reading never builds a JSON tree of the whole file: the top level is split into borrowed raw
+//! slices, and each object is parsed into its tolerant type on its own, on every core, so an
+//! error names the object's kind and id.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::objects::{
+    self, Charge, Coupon, Customer, Event, Invoice, ParseError, Price, Subscription,
+};
+
+/// Every object of one account, as read from an export file or fetched by a sync.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Export {
+    /// Customers.
+    pub customers: Vec<Customer>,
+    /// Subscriptions of every status.
+    pub subscriptions: Vec<Subscription>,
+    /// Invoices with all their lines.
+    pub invoices: Vec<Invoice>,
+    /// Charges with their refunds.
+    pub charges: Vec<Charge>,
+    /// Prices and plans.
+    pub prices: Vec<Price>,
+    /// Coupons.
+    pub coupons: Vec<Coupon>,
+    /// Events (Stripe keeps the last 30 days).
+    pub events: Vec<Event>,
+}
+
+/// Why an export cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExportError {
+    /// The file is not a JSON object of lists.
+    #[error("not an export (a JSON object of lists): {0}")]
+    Shape(String),
+    /// One object cannot be read.
+    #[error(transparent)]
+    Object(#[from] ParseError),
+}
+
+#[derive(Deserialize)]
+struct Raw<'a> {
+    #[serde(borrow, default)]
+    customers: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    subscriptions: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    invoices: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    charges: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    prices: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    coupons: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    events: Vec<&'a RawValue>,
+}
+
+/// Parses `raws` into `T`s on up to `threads` threads, keeping their order; the first error (in
+/// input order) wins.
+fn parse_all<T: serde::de::DeserializeOwned + Send>(
+    kind: &'static str,
+    raws: &[&RawValue],
+    threads: usize,
+) -> Result<Vec<T>, ParseError> {
+    let one = |r: &&RawValue| objects::parse::<T>(kind, r.get().as_bytes());
+    if threads <= 1 || raws.len() < 1024 {
+        return raws.iter().map(one).collect();
+    }
+    let chunk = raws.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = raws
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(one).collect::<Result<Vec<T>, _>>()))
+            .collect();
+        let mut out = Vec::with_capacity(raws.len());
+        for handle in handles {
+            match handle.join() {
+                Ok(part) => out.extend(part?),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(out)
+    })
+}
+
+impl Export {
+    /// Reads an export from its JSON bytes.
+    ///
+    /// # Errors
+    /// [`ExportError::Shape`] when the bytes are not a JSON object of lists,
+    /// [`ExportError::Object`] naming the first object (kind and id) that cannot be read.
+    pub fn from_json(json: &[u8]) -> Result<Self, ExportError> {
+        let raw: Raw<'_> =
+            serde_json::from_slice(json).map_err(|e| ExportError::Shape(e.to_string()))?;
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        Ok(Export {
+            customers: parse_all("customer", &raw.customers, threads)?,
+            subscriptions: parse_all("subscription", &raw.subscriptions, threads)?,
+            invoices: parse_all("invoice", &raw.invoices, threads)?,
+            charges: parse_all("charge", &raw.charges, threads)?,
+            prices: parse_all("price", &raw.prices, threads)?,
+            coupons: parse_all("coupon", &raw.coupons, threads)?,
+            events: parse_all("event", &raw.events, threads)?,
+        })
+    }
+}
+
+/// An export as raw Stripe JSON objects, the shape `revpilot export` writes: each object exactly
+/// as Stripe sent it, nothing dropped.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RawExport {
+    /// Customers.
+    #[serde(default)]
+    pub customers: Vec<Box<RawValue>>,
+    /// Subscriptions.
+    #[serde(default)]
+    pub subscriptions: Vec<Box<RawValue>>,
+    /// Invoices, each with all its lines.
+    #[serde(default)]
+    pub invoices: Vec<Box<RawValue>>,
+    /// Charges.
+    #[serde(default)]
+    pub charges: Vec<Box<RawValue>>,
+    /// Prices.
+    #[serde(default)]
+    pub prices: Vec<Box<RawValue>>,
+    /// Coupons.
+    #[serde(default)]
+    pub coupons: Vec<Box<RawValue>>,
+    /// Events.
+    #[serde(default)]
+    pub events: Vec<Box<RawValue>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_keys_are_empty_and_unknown_keys_ignored() {
+        let e = Export::from_json(br#"{"customers": [{"id": "cus_1", "created": 1}], "x": 1}"#)
+            .unwrap();
+        assert_eq!(e.customers.len(), 1);
+        assert!(e.subscriptions.is_empty() && e.events.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_object() {
+        let err =
+            Export::from_json(br#"{"charges": [{"id": "ch_9", "currency": "usd"}]}"#).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("charge ch_9"), "{text}");
+        let err = Export::from_json(b"[1, 2]").unwrap_err();
+        assert!(matches!(err, ExportError::Shape(_)), "{err}");
+    }
+
+    #[test]
+    fn parallel_parse_keeps_order_and_reports_the_first_error() {
+        let mut json = String::from(r#"{"customers": ["#);
+        for i in 0..3000 {
+            if i > 0 {
+                json.push(',');
+            }
+            json.push_str(&format!(r#"{{"id": "cus_{i}", "created": {i}}}"#));
+        }
+        json.push_str("]}");
+        let e = Export::from_json(json.as_bytes()).unwrap();
+        assert!(
+            e.customers
+                .iter()
+                .enumerate()
+                .all(|(i, c)| c.id == format!("cus_{i}"))
+        );
+        let bad = json.replace(r#""created": 2500}"#, r#""created": "x"}"#);
+        let err = Export::from_json(bad.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("cus_2500"), "{err}");
+    }
+}
