@@ -6,6 +6,7 @@
 //! - [`export`]: an account's objects in one JSON file, read in parallel without a JSON tree.
 //! - [`rebuild`]: Stripe objects -> the core's account timeline (pure).
 
+pub mod client;
 pub mod export;
 pub mod objects;
 pub mod rebuild;
