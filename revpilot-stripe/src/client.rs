@@ -67,7 +67,8 @@ impl ClientConfig {
     /// # Errors
     /// [`ApiError::Config`] when it is not an http(s) URL.
     pub fn with_api_base(mut self, base: &str) -> Result<Self, ApiError> {
-        let url = Url::parse(base).map_err(|e| ApiError::Config(format!("api base {base:?}: {e}")))?;
+        let url =
+            Url::parse(base).map_err(|e| ApiError::Config(format!("api base {base:?}: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(ApiError::Config(format!("api base {base:?}: not http(s)")));
         }
@@ -190,10 +191,10 @@ pub(crate) fn error_message(body: &[u8]) -> String {
         #[serde(default)]
         error_description: Option<String>,
     }
-    if let Ok(b) = serde_json::from_slice::<Body>(body) {
-        if let Some(m) = b.error.message.or(b.error.error_description) {
-            return m;
-        }
+    if let Ok(b) = serde_json::from_slice::<Body>(body)
+        && let Some(m) = b.error.message.or(b.error.error_description)
+    {
+        return m;
     }
     let text = String::from_utf8_lossy(body);
     text.chars().take(200).collect()
@@ -236,7 +237,8 @@ impl Client {
     /// # Errors
     /// See [`ApiError`].
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Vec<u8>, ApiError> {
-        self.send(reqwest::Method::GET, path, query, &[], None).await
+        self.send(reqwest::Method::GET, path, query, &[], None)
+            .await
     }
 
     /// `POST path` with a form body and an idempotency key (reused on every retry).
@@ -249,8 +251,14 @@ impl Client {
         form: &[(&str, String)],
         idempotency_key: &str,
     ) -> Result<Vec<u8>, ApiError> {
-        self.send(reqwest::Method::POST, path, &[], form, Some(idempotency_key))
-            .await
+        self.send(
+            reqwest::Method::POST,
+            path,
+            &[],
+            form,
+            Some(idempotency_key),
+        )
+        .await
     }
 
     /// One page of a list endpoint (`limit=100`), after `starting_after` when given.
@@ -284,7 +292,10 @@ impl Client {
         idempotency_key: Option<&str>,
     ) -> Result<Vec<u8>, ApiError> {
         let cfg = &self.inner.config;
-        let url = cfg.api_base.join(path).map_err(|e| ApiError::Config(format!("{path}: {e}")))?;
+        let url = cfg
+            .api_base
+            .join(path)
+            .map_err(|e| ApiError::Config(format!("{path}: {e}")))?;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(cfg.min_delay)
             .with_max_delay(cfg.max_delay)
@@ -296,8 +307,15 @@ impl Client {
             attempts.fetch_add(1, Ordering::Relaxed);
             self.inner.limiter.until_ready().await;
             self.inner.requests.fetch_add(1, Ordering::Relaxed);
-            self.attempt(method.clone(), url.clone(), path, query, form, idempotency_key)
-                .await
+            self.attempt(
+                method.clone(),
+                url.clone(),
+                path,
+                query,
+                form,
+                idempotency_key,
+            )
+            .await
         };
         once.retry(backoff)
             .sleep(tokio::time::sleep)
@@ -368,8 +386,7 @@ impl Client {
         }
         let message = error_message(&body);
         let code = status.as_u16();
-        let retry = should_retry
-            .unwrap_or(code == 409 || code == 429 || status.is_server_error());
+        let retry = should_retry.unwrap_or(code == 409 || code == 429 || status.is_server_error());
         let error = if code == 401 {
             ApiError::Unauthorized { message }
         } else if retry {

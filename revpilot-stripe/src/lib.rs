@@ -8,5 +8,8 @@
 
 pub mod client;
 pub mod export;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod objects;
 pub mod rebuild;
+pub mod sync;

@@ -19,18 +19,23 @@ fn config(base: &str) -> ClientConfig {
 }
 
 fn ok_list() -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_string(r#"{"object":"list","data":[{"id":"cus_1"}],"has_more":false}"#)
+    ResponseTemplate::new(200)
+        .set_body_string(r#"{"object":"list","data":[{"id":"cus_1"}],"has_more":false}"#)
 }
 
 fn stripe_error(status: u16) -> ResponseTemplate {
-    ResponseTemplate::new(status)
-        .set_body_string(format!(r#"{{"error":{{"message":"status {status}","type":"api_error"}}}}"#))
+    ResponseTemplate::new(status).set_body_string(format!(
+        r#"{{"error":{{"message":"status {status}","type":"api_error"}}}}"#
+    ))
 }
 
 async fn server_with(first: ResponseTemplate, times: u64) -> MockServer {
     let server = MockServer::start().await;
     if times == 0 {
-        Mock::given(path("/v1/customers")).respond_with(ok_list()).mount(&server).await;
+        Mock::given(path("/v1/customers"))
+            .respond_with(ok_list())
+            .mount(&server)
+            .await;
         return server;
     }
     Mock::given(path("/v1/customers"))
@@ -39,7 +44,11 @@ async fn server_with(first: ResponseTemplate, times: u64) -> MockServer {
         .with_priority(1)
         .mount(&server)
         .await;
-    Mock::given(path("/v1/customers")).respond_with(ok_list()).with_priority(2).mount(&server).await;
+    Mock::given(path("/v1/customers"))
+        .respond_with(ok_list())
+        .with_priority(2)
+        .mount(&server)
+        .await;
     server
 }
 
@@ -54,7 +63,14 @@ async fn a_429_storm_is_retried_until_it_passes() {
 
 #[tokio::test]
 async fn retryable_statuses_are_retried_and_others_are_not() {
-    for (status, retried) in [(409, true), (500, true), (503, true), (400, false), (404, false), (402, false)] {
+    for (status, retried) in [
+        (409, true),
+        (500, true),
+        (503, true),
+        (400, false),
+        (404, false),
+        (402, false),
+    ] {
         let server = server_with(stripe_error(status), 1).await;
         let client = Client::new(config(&server.uri())).unwrap();
         let got = client.get("/v1/customers", &[]).await;
@@ -65,13 +81,24 @@ async fn retryable_statuses_are_retried_and_others_are_not() {
 
 #[tokio::test]
 async fn stripe_should_retry_overrides_the_status() {
-    let server = server_with(stripe_error(500).insert_header("Stripe-Should-Retry", "false"), 1).await;
+    let server = server_with(
+        stripe_error(500).insert_header("Stripe-Should-Retry", "false"),
+        1,
+    )
+    .await;
     let client = Client::new(config(&server.uri())).unwrap();
     let err = client.get("/v1/customers", &[]).await.unwrap_err();
-    assert!(matches!(err, ApiError::Rejected { status: 500, .. }), "{err}");
+    assert!(
+        matches!(err, ApiError::Rejected { status: 500, .. }),
+        "{err}"
+    );
     assert_eq!(client.counters(), (1, 0));
 
-    let server = server_with(stripe_error(400).insert_header("Stripe-Should-Retry", "true"), 1).await;
+    let server = server_with(
+        stripe_error(400).insert_header("Stripe-Should-Retry", "true"),
+        1,
+    )
+    .await;
     let client = Client::new(config(&server.uri())).unwrap();
     client.get("/v1/customers", &[]).await.unwrap();
     assert_eq!(client.counters(), (2, 1));
@@ -80,7 +107,10 @@ async fn stripe_should_retry_overrides_the_status() {
 #[tokio::test]
 async fn attempts_are_bounded() {
     let server = MockServer::start().await;
-    Mock::given(path("/v1/customers")).respond_with(stripe_error(503)).mount(&server).await;
+    Mock::given(path("/v1/customers"))
+        .respond_with(stripe_error(503))
+        .mount(&server)
+        .await;
     let mut cfg = config(&server.uri());
     cfg.max_attempts = 4;
     let client = Client::new(cfg).unwrap();
@@ -101,15 +131,39 @@ async fn a_revoked_token_is_unauthorized_at_once() {
 #[tokio::test]
 async fn a_post_keeps_its_idempotency_key_across_retries() {
     let server = MockServer::start().await;
-    Mock::given(method("POST")).respond_with(stripe_error(500)).up_to_n_times(2).with_priority(1).mount(&server).await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_string("{}")).with_priority(2).mount(&server).await;
+    Mock::given(method("POST"))
+        .respond_with(stripe_error(500))
+        .up_to_n_times(2)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("{}"))
+        .with_priority(2)
+        .mount(&server)
+        .await;
     let client = Client::new(config(&server.uri())).unwrap();
     let key = idempotency_key();
-    client.post("/v1/checkout/sessions", &[("mode", "subscription".into())], &key).await.unwrap();
+    client
+        .post(
+            "/v1/checkout/sessions",
+            &[("mode", "subscription".into())],
+            &key,
+        )
+        .await
+        .unwrap();
     let seen: Vec<Request> = server.received_requests().await.unwrap();
     assert_eq!(seen.len(), 3);
-    assert!(seen.iter().all(|r| r.headers.get("Idempotency-Key").and_then(|v| v.to_str().ok()) == Some(key.as_str())));
-    assert!(seen.iter().all(|r| r.headers.get("Authorization").and_then(|v| v.to_str().ok()) == Some("Bearer sk_test_x")));
+    assert!(seen.iter().all(|r| {
+        r.headers
+            .get("Idempotency-Key")
+            .and_then(|v| v.to_str().ok())
+            == Some(key.as_str())
+    }));
+    assert!(seen.iter().all(
+        |r| r.headers.get("Authorization").and_then(|v| v.to_str().ok())
+            == Some("Bearer sk_test_x")
+    ));
 }
 
 #[tokio::test]
@@ -117,7 +171,11 @@ async fn the_connected_account_header_is_sent() {
     let server = server_with(ok_list(), 1).await;
     let mut cfg = config(&server.uri());
     cfg.account = Some("acct_123".into());
-    Client::new(cfg).unwrap().get("/v1/customers", &[]).await.unwrap();
+    Client::new(cfg)
+        .unwrap()
+        .get("/v1/customers", &[])
+        .await
+        .unwrap();
     let seen = server.received_requests().await.unwrap();
     assert_eq!(seen[0].headers.get("Stripe-Account").unwrap(), "acct_123");
 }
@@ -130,18 +188,25 @@ async fn dropping_server(drops: usize) -> String {
     tokio::spawn(async move {
         let mut n = 0;
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             n += 1;
             let mut buf = [0u8; 4096];
             let _ = sock.read(&mut buf).await;
             if n <= drops {
                 // Half an answer, then the connection goes.
-                let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 500\r\n\r\n{\"data\":[").await;
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 500\r\n\r\n{\"data\":[")
+                    .await;
                 drop(sock);
                 continue;
             }
             let body = r#"{"object":"list","data":[],"has_more":false}"#;
-            let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
             let _ = sock.write_all(resp.as_bytes()).await;
         }
     });
@@ -168,5 +233,9 @@ async fn the_token_bucket_spaces_requests() {
         client.get("/v1/customers", &[]).await.unwrap();
     }
     // A burst of 10, then 15 more at 10/s: at least 1.4 s whatever the machine's speed.
-    assert!(start.elapsed() >= Duration::from_millis(1400), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        start.elapsed()
+    );
 }

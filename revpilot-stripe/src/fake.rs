@@ -1,0 +1,231 @@
+//! A Stripe-shaped fake server the tests and benchmarks own (feature `fake`).
+//!
+//! It serves what localstripe cannot do on demand: lists of any size in Stripe's order (newest
+//! first) with `limit`/`starting_after`, invoice lines and refunds beyond the embedded ten, the
+//! Events API, a server-side rate limit (429 past R requests in any one-second window) and
+//! injected faults at chosen requests.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+/// A fault to answer a request with: an HTTP status, optionally with `Stripe-Should-Retry`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// The status.
+    pub status: u16,
+    /// The `Stripe-Should-Retry` header, if any.
+    pub should_retry: Option<bool>,
+}
+
+type FaultFn = Box<dyn FnMut(u64, &str) -> Option<Fault> + Send>;
+
+/// The fake's data and behaviour, shared with the running server.
+pub struct FakeState {
+    /// Lists by path (`/v1/customers`, ...), newest first as Stripe lists them.
+    lists: Mutex<BTreeMap<String, Vec<Value>>>,
+    rate: Option<u32>,
+    window: Mutex<(Instant, u32)>,
+    requests: AtomicU64,
+    limited: AtomicU64,
+    faults: Mutex<Option<FaultFn>>,
+}
+
+/// A running fake Stripe.
+pub struct FakeStripe {
+    server: MockServer,
+    state: Arc<FakeState>,
+}
+
+struct Responder(Arc<FakeState>);
+
+impl Respond for Responder {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        self.0.respond(req)
+    }
+}
+
+fn error(status: u16, message: &str) -> ResponseTemplate {
+    ResponseTemplate::new(status)
+        .set_body_json(json!({"error": {"message": message, "type": "api_error"}}))
+}
+
+impl FakeState {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let path = req.url.path().to_owned();
+        if let Some(rate) = self.rate {
+            let mut w = self
+                .window
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if w.0.elapsed() >= Duration::from_secs(1) {
+                *w = (Instant::now(), 0);
+            }
+            if w.1 >= rate {
+                self.limited.fetch_add(1, Ordering::SeqCst);
+                return error(429, "Too many requests");
+            }
+            w.1 += 1;
+        }
+        if let Some(f) = self
+            .faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+            .and_then(|f| f(n, &path))
+        {
+            let mut r = error(f.status, "injected fault");
+            if let Some(retry) = f.should_retry {
+                r = r.insert_header("Stripe-Should-Retry", if retry { "true" } else { "false" });
+            }
+            return r;
+        }
+        let query: BTreeMap<String, String> = req.url.query_pairs().into_owned().collect();
+        let lists = self
+            .lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (items, filter): (Option<&Vec<Value>>, Option<(&str, &String)>) = if let Some(inv) =
+            path.strip_prefix("/v1/invoices/")
+                .and_then(|p| p.strip_suffix("/lines"))
+        {
+            (lists.get(&format!("lines:{inv}")), None)
+        } else if path == "/v1/refunds" {
+            (
+                lists.get("/v1/refunds"),
+                query.get("charge").map(|c| ("charge", c)),
+            )
+        } else {
+            (lists.get(&path), None)
+        };
+        let Some(items) = items else {
+            return error(404, &format!("Unrecognized request URL (GET: {path})"));
+        };
+        let limit = query
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .unwrap_or(10)
+            .clamp(1, 100);
+        let filtered: Vec<&Value> = items
+            .iter()
+            .filter(|v| filter.is_none_or(|(k, want)| v[k].as_str() == Some(want.as_str())))
+            .collect();
+        let start = match query.get("starting_after") {
+            Some(after) => match filtered
+                .iter()
+                .position(|v| v["id"].as_str() == Some(after))
+            {
+                Some(i) => i + 1,
+                None => return error(400, &format!("No such object: '{after}'")),
+            },
+            None => 0,
+        };
+        let page: Vec<&Value> = filtered.iter().skip(start).take(limit).copied().collect();
+        let has_more = start + page.len() < filtered.len();
+        ResponseTemplate::new(200).set_body_json(
+            json!({"object": "list", "url": path, "has_more": has_more, "data": page}),
+        )
+    }
+}
+
+impl FakeStripe {
+    /// Starts a fake with no data; `rate` limits requests per one-second window.
+    pub async fn start(rate: Option<u32>) -> Self {
+        let server = MockServer::start().await;
+        let state = Arc::new(FakeState {
+            lists: Mutex::new(BTreeMap::new()),
+            rate,
+            window: Mutex::new((Instant::now(), 0)),
+            requests: AtomicU64::new(0),
+            limited: AtomicU64::new(0),
+            faults: Mutex::new(None),
+        });
+        Mock::given(wiremock::matchers::any())
+            .respond_with(Responder(state.clone()))
+            .mount(&server)
+            .await;
+        FakeStripe { server, state }
+    }
+
+    /// The base URL to point a client at.
+    pub fn uri(&self) -> String {
+        self.server.uri()
+    }
+
+    /// Requests received, and how many of them the rate limit refused.
+    pub fn requests(&self) -> (u64, u64) {
+        (
+            self.state.requests.load(Ordering::SeqCst),
+            self.state.limited.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Sets the objects of a list path (`/v1/customers`), oldest first; served newest first.
+    /// An invoice whose `lines.data` holds more than ten lines is served with the first ten
+    /// embedded and `has_more`, the rest from `/v1/invoices/{id}/lines`; the same for a
+    /// charge's refunds (from `/v1/refunds?charge=`).
+    pub fn set(&self, path: &str, mut objects: Vec<Value>) {
+        let mut lists = self
+            .state
+            .lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for o in &mut objects {
+            for (field, key) in [("lines", "lines"), ("refunds", "refunds")] {
+                let Some(all) = o.get(field).and_then(|l| l["data"].as_array()).cloned() else {
+                    continue;
+                };
+                let id = o["id"].as_str().unwrap_or_default().to_owned();
+                if key == "lines" {
+                    lists.insert(format!("lines:{id}"), all.clone());
+                } else {
+                    lists
+                        .entry("/v1/refunds".to_owned())
+                        .or_default()
+                        .extend(all.iter().cloned());
+                }
+                o[field]["data"] = Value::Array(all.iter().take(10).cloned().collect());
+                o[field]["has_more"] = Value::Bool(all.len() > 10);
+            }
+        }
+        objects.reverse();
+        lists.insert(path.to_owned(), objects);
+    }
+
+    /// Adds objects to the front of a list (newer than all), as Stripe shows new objects.
+    pub fn push(&self, path: &str, objects: Vec<Value>) {
+        let mut lists = self
+            .state
+            .lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = lists.entry(path.to_owned()).or_default();
+        for o in objects {
+            list.insert(0, o);
+        }
+    }
+
+    /// Answers requests with faults: `f(request_number, path)` (numbers from 1 over the fake's
+    /// life) returns the fault for that request, or `None` to serve it.
+    pub fn faults(&self, f: impl FnMut(u64, &str) -> Option<Fault> + Send + 'static) {
+        *self
+            .state
+            .faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(f));
+    }
+
+    /// Stops injecting faults.
+    pub fn clear_faults(&self) {
+        *self
+            .state
+            .faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+}

@@ -1,0 +1,589 @@
+//! The sync engine: one connection's Stripe account into the object cache, completely and
+//! resumably.
+//!
+//! A first run backfills every stream (prices, products, coupons, customers, subscriptions of all
+//! statuses, invoices with every line, charges with every refund) with `limit=100` pages. After
+//! each page it writes the objects, records one `transaction_volume` unit per charge (keyed by the
+//! charge id) and only then saves the stream's cursor: a run killed anywhere and started again
+//! re-reads at most one page, which the cache and the usage store take as no change. Before the
+//! backfill it notes the newest event; later runs read the Events API from that cursor (a cursor
+//! older than Stripe's 30 days of events starts a new backfill).
+//!
+//! Every run is recorded (start, end, objects per stream, requests, retries, error). A 401 means
+//! the account revoked access: the connection is deactivated (tokens erased) and the run fails.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use revpilot_core::ports::{
+    CachedObject, ConnectionId, ConnectionStore, Meter, ObjectCache, ObjectKind, Period,
+    RunOutcome, StoreError, SyncStateStore, SyncStatus, UsageRecord, UsageStore, UserId,
+};
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::client::{ApiError, Client};
+
+/// Stripe keeps events this long.
+pub const EVENT_RETENTION: TimeDelta = TimeDelta::days(30);
+
+/// The storage a sync writes to.
+#[derive(Clone)]
+pub struct SyncPorts {
+    /// Objects.
+    pub cache: Arc<dyn ObjectCache>,
+    /// Cursors and run records.
+    pub state: Arc<dyn SyncStateStore>,
+    /// Usage (transaction volume).
+    pub usage: Arc<dyn UsageStore>,
+    /// Connections (deactivated on a 401).
+    pub connections: Arc<dyn ConnectionStore>,
+}
+
+/// Which connection to sync, and where its usage counts.
+#[derive(Debug, Clone)]
+pub struct SyncJob {
+    /// The owner.
+    pub user: UserId,
+    /// The connection.
+    pub connection: ConnectionId,
+    /// Its `acct_...` (for deactivation on a 401).
+    pub stripe_account_id: String,
+    /// The user's current usage period and `transaction_volume` limit, if usage is metered.
+    pub usage: Option<(Period, Option<u64>)>,
+}
+
+/// Progress, reported through the callback as the sync goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// A page of a stream was stored.
+    Page {
+        /// The stream (`customer`, ..., `event`).
+        stream: &'static str,
+        /// Objects of the stream stored so far in this run.
+        total: u64,
+    },
+    /// A stream is complete.
+    StreamDone {
+        /// The stream.
+        stream: &'static str,
+        /// Objects stored in this run.
+        total: u64,
+    },
+}
+
+/// Why a sync stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Stripe failed (after retries, where retrying made sense).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// Storage failed.
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    /// Stripe sent an object RevPilot cannot store.
+    #[error("{stream}: {problem}")]
+    Invalid {
+        /// The stream.
+        stream: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// One backfill stream.
+struct Stream {
+    name: &'static str,
+    kind: ObjectKind,
+    path: &'static str,
+    /// Older API shape served where `path` 404s (localstripe has plans, not prices).
+    fallback: Option<&'static str>,
+    params: &'static [(&'static str, &'static str)],
+}
+
+const STREAMS: [Stream; 7] = [
+    Stream {
+        name: "price",
+        kind: ObjectKind::Price,
+        path: "/v1/prices",
+        fallback: Some("/v1/plans"),
+        params: &[("expand[]", "data.tiers")],
+    },
+    Stream {
+        name: "product",
+        kind: ObjectKind::Product,
+        path: "/v1/products",
+        fallback: None,
+        params: &[],
+    },
+    Stream {
+        name: "coupon",
+        kind: ObjectKind::Coupon,
+        path: "/v1/coupons",
+        fallback: None,
+        params: &[],
+    },
+    Stream {
+        name: "customer",
+        kind: ObjectKind::Customer,
+        path: "/v1/customers",
+        fallback: None,
+        params: &[],
+    },
+    Stream {
+        name: "subscription",
+        kind: ObjectKind::Subscription,
+        path: "/v1/subscriptions",
+        fallback: None,
+        params: &[("status", "all")],
+    },
+    Stream {
+        name: "invoice",
+        kind: ObjectKind::Invoice,
+        path: "/v1/invoices",
+        fallback: None,
+        params: &[],
+    },
+    Stream {
+        name: "charge",
+        kind: ObjectKind::Charge,
+        path: "/v1/charges",
+        fallback: None,
+        params: &[],
+    },
+];
+
+const DONE: &str = "done";
+const BACKFILL: &str = "backfill";
+const EVENTS: &str = "event";
+const ANCHOR: &str = "event_anchor";
+/// Events created this close to a run's start may not be listed yet; the cursor stays this far
+/// behind (re-reading an event changes nothing).
+const CURSOR_SLACK_SECS: i64 = 300;
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct EventHead {
+    id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    created: i64,
+    data: EventData,
+}
+
+#[derive(Deserialize)]
+struct EventData {
+    object: Box<RawValue>,
+}
+
+/// Reads one connection's Stripe account into the ports.
+pub struct Syncer {
+    client: Client,
+    ports: SyncPorts,
+}
+
+impl Syncer {
+    /// A syncer talking to Stripe through `client` (keyed for the connected account).
+    pub fn new(client: Client, ports: SyncPorts) -> Self {
+        Syncer { client, ports }
+    }
+
+    /// Runs one sync of `job` and records it. Returns how it ended; the run record says the same.
+    ///
+    /// # Errors
+    /// Only when the run cannot even be recorded; a failed sync is an `Ok` outcome with
+    /// [`SyncStatus::Failed`] and its error.
+    pub async fn run(
+        &self,
+        job: &SyncJob,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Result<(SyncStatus, RunOutcome), StoreError> {
+        let run = self
+            .ports
+            .state
+            .start_run(job.connection, Utc::now())
+            .await?;
+        let (requests0, retries0) = self.client.counters();
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        let result = self.sync(job, &mut counts, progress).await;
+        let (requests, retries) = self.client.counters();
+        let mut outcome = RunOutcome {
+            objects: counts,
+            requests: requests - requests0,
+            retries: retries - retries0,
+            error: None,
+        };
+        let status = match result {
+            Ok(()) => SyncStatus::Succeeded,
+            Err(SyncError::Store(StoreError::LimitExceeded { .. })) => {
+                outcome.error = Some("transaction_volume limit reached; sync paused until the next period or an upgrade".into());
+                SyncStatus::Paused
+            }
+            Err(SyncError::Api(ApiError::Unauthorized { message })) => {
+                self.ports
+                    .connections
+                    .deactivate(&job.stripe_account_id, Utc::now())
+                    .await?;
+                outcome.error = Some(format!(
+                    "Stripe refused the connection's token ({message}); the connection is now inactive and must be reconnected"
+                ));
+                SyncStatus::Failed
+            }
+            Err(e) => {
+                outcome.error = Some(e.to_string());
+                SyncStatus::Failed
+            }
+        };
+        if status == SyncStatus::Succeeded {
+            self.ports
+                .connections
+                .set_last_synced(job.connection, Utc::now())
+                .await?;
+        }
+        self.ports
+            .state
+            .finish_run(run, status, &outcome, Utc::now())
+            .await?;
+        Ok((status, outcome))
+    }
+
+    async fn sync(
+        &self,
+        job: &SyncJob,
+        counts: &mut BTreeMap<String, u64>,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Result<(), SyncError> {
+        let state = &self.ports.state;
+        if state.cursor(job.connection, BACKFILL).await?.as_deref() == Some(DONE) {
+            let cursor = state.cursor(job.connection, EVENTS).await?;
+            let fresh = cursor
+                .as_deref()
+                .and_then(parse_event_cursor)
+                .is_some_and(|(_, created)| created > (Utc::now() - EVENT_RETENTION).timestamp());
+            if fresh {
+                return self.events(job, counts, progress).await;
+            }
+            tracing::info!(connection = %job.connection.0, "event cursor older than 30 days: backfilling again");
+            state.clear_cursors(job.connection).await?;
+        }
+        self.backfill(job, counts, progress).await
+    }
+
+    async fn backfill(
+        &self,
+        job: &SyncJob,
+        counts: &mut BTreeMap<String, u64>,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Result<(), SyncError> {
+        let state = &self.ports.state;
+        let conn = job.connection;
+        // Where the events stream starts once the backfill is complete.
+        if state.cursor(conn, ANCHOR).await?.is_none() {
+            let floor = Utc::now().timestamp() - CURSOR_SLACK_SECS;
+            let page = self.client.list_page("/v1/events", &[], None).await?;
+            let anchor = match page.data.first() {
+                Some(raw) => {
+                    let head: EventHead = parse_raw("event", raw)?;
+                    format!("{}@{}", head.id, head.created.max(floor))
+                }
+                None => format!("@{floor}"),
+            };
+            state.set_cursor(conn, ANCHOR, &anchor, Utc::now()).await?;
+        }
+        for stream in &STREAMS {
+            let key = format!("{BACKFILL}:{}", stream.name);
+            let mut cursor = state.cursor(conn, &key).await?;
+            let mut total = 0u64;
+            let mut path = stream.path;
+            while cursor.as_deref() != Some(DONE) {
+                let params: Vec<(&str, String)> = stream
+                    .params
+                    .iter()
+                    .map(|(k, v)| (*k, (*v).to_owned()))
+                    .collect();
+                let page = match self
+                    .client
+                    .list_page(path, &params, cursor.as_deref())
+                    .await
+                {
+                    Err(e)
+                        if e.is_not_found() && stream.fallback.is_some() && path == stream.path =>
+                    {
+                        path = stream.fallback.unwrap_or(stream.path);
+                        continue;
+                    }
+                    other => other?,
+                };
+                let now = Utc::now();
+                let mut objects = Vec::with_capacity(page.data.len());
+                let mut last_id = None;
+                for raw in &page.data {
+                    let data = self.complete(stream.kind, raw).await?;
+                    let id: IdOnly = parse_raw(stream.name, raw)?;
+                    last_id = Some(id.id.clone());
+                    objects.push(CachedObject {
+                        kind: stream.kind,
+                        stripe_id: id.id,
+                        version: now,
+                        data,
+                    });
+                }
+                self.store(job, &objects).await?;
+                total += objects.len() as u64;
+                *counts.entry(stream.name.to_owned()).or_default() += objects.len() as u64;
+                let next = match (page.has_more, last_id) {
+                    (true, Some(id)) => id,
+                    _ => DONE.to_owned(),
+                };
+                state.set_cursor(conn, &key, &next, Utc::now()).await?;
+                cursor = Some(next);
+                progress(&Progress::Page {
+                    stream: stream.name,
+                    total,
+                });
+            }
+            progress(&Progress::StreamDone {
+                stream: stream.name,
+                total,
+            });
+        }
+        let anchor = state.cursor(conn, ANCHOR).await?.unwrap_or_default();
+        state.set_cursor(conn, EVENTS, &anchor, Utc::now()).await?;
+        state.set_cursor(conn, BACKFILL, DONE, Utc::now()).await?;
+        Ok(())
+    }
+
+    /// Events since the cursor, applied oldest first; the cursor moves after each page applied.
+    async fn events(
+        &self,
+        job: &SyncJob,
+        counts: &mut BTreeMap<String, u64>,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Result<(), SyncError> {
+        let state = &self.ports.state;
+        let floor = Utc::now().timestamp() - CURSOR_SLACK_SECS;
+        let cursor = state
+            .cursor(job.connection, EVENTS)
+            .await?
+            .unwrap_or_default();
+        let (seen_id, since) = parse_event_cursor(&cursor).unwrap_or(("", 0));
+        // Stripe lists newest first; gather back to the cursor, then apply in time order. (A
+        // server listing oldest first is read to its end; the version check keeps it correct.)
+        let mut fresh: Vec<(EventHead, Box<RawValue>)> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_page("/v1/events", &[], after.as_deref())
+                .await?;
+            let mut all_older = !page.data.is_empty();
+            for raw in &page.data {
+                let head: EventHead = parse_raw("event", raw)?;
+                after = Some(head.id.clone());
+                if head.created < since || head.id == seen_id {
+                    continue;
+                }
+                all_older = false;
+                fresh.push((head, raw.clone()));
+            }
+            let descending = page
+                .data
+                .windows(2)
+                .all(|w| created_of(&w[0]) >= created_of(&w[1]));
+            if !page.has_more || (all_older && descending) {
+                break;
+            }
+        }
+        fresh.sort_by(|a, b| (a.0.created, &a.0.id).cmp(&(b.0.created, &b.0.id)));
+        let mut total = 0u64;
+        for (head, _) in &fresh {
+            if head.event_type == "account.application.deauthorized" {
+                return Err(ApiError::Unauthorized {
+                    message: "account.application.deauthorized".into(),
+                }
+                .into());
+            }
+            let Some(kind) = kind_of(&head.data.object) else {
+                continue;
+            };
+            let version = DateTime::from_timestamp(head.created, 0).unwrap_or_else(Utc::now);
+            let data = self.complete(kind, &head.data.object).await?;
+            let id: IdOnly = parse_raw("event object", &head.data.object)?;
+            self.store(
+                job,
+                &[CachedObject {
+                    kind,
+                    stripe_id: id.id,
+                    version,
+                    data,
+                }],
+            )
+            .await?;
+            total += 1;
+            state
+                .set_cursor(
+                    job.connection,
+                    EVENTS,
+                    &format!("{}@{}", head.id, head.created),
+                    Utc::now(),
+                )
+                .await?;
+        }
+        // Every event up to now was listed: a quiet account's cursor stays fresh.
+        let (last_id, last_created) = fresh.last().map_or((seen_id.to_owned(), since), |(h, _)| {
+            (h.id.clone(), h.created)
+        });
+        state
+            .set_cursor(
+                job.connection,
+                EVENTS,
+                &format!("{last_id}@{}", last_created.max(floor)),
+                Utc::now(),
+            )
+            .await?;
+        *counts.entry(EVENTS.to_owned()).or_default() += total;
+        progress(&Progress::StreamDone {
+            stream: "event",
+            total,
+        });
+        Ok(())
+    }
+
+    /// Stores a page and records usage for its charges, in that order.
+    async fn store(&self, job: &SyncJob, objects: &[CachedObject]) -> Result<(), SyncError> {
+        if objects.is_empty() {
+            return Ok(());
+        }
+        self.ports
+            .cache
+            .upsert_objects(job.connection, objects)
+            .await?;
+        let Some((period, limit)) = job.usage else {
+            return Ok(());
+        };
+        for o in objects.iter().filter(|o| o.kind == ObjectKind::Charge) {
+            let record = UsageRecord {
+                user: job.user,
+                meter: Meter::TransactionVolume,
+                connection: Some(job.connection),
+                amount: 1,
+                idempotency_key: o.stripe_id.clone(),
+                metadata: Value::Null,
+                at: Utc::now(),
+            };
+            self.ports.usage.record(&record, period, limit).await?;
+        }
+        Ok(())
+    }
+
+    /// An object with its nested lists complete: an invoice's lines and a charge's refunds beyond
+    /// the embedded page are fetched and spliced in.
+    async fn complete(&self, kind: ObjectKind, raw: &RawValue) -> Result<String, SyncError> {
+        let (field, path, filter) = match kind {
+            ObjectKind::Invoice => ("lines", "lines", None),
+            ObjectKind::Charge => ("refunds", "/v1/refunds", Some("charge")),
+            _ => return Ok(raw.get().to_owned()),
+        };
+        #[derive(Deserialize)]
+        struct Nested {
+            id: String,
+            #[serde(default)]
+            lines: Option<crate::objects::List<IgnoredAny>>,
+            #[serde(default)]
+            refunds: Option<crate::objects::List<IgnoredAny>>,
+        }
+        #[derive(Deserialize)]
+        struct IgnoredAny {}
+        let head: Nested = parse_raw(kind.as_str(), raw)?;
+        let more = match kind {
+            ObjectKind::Invoice => head.lines.is_some_and(|l| l.has_more),
+            _ => head.refunds.is_some_and(|l| l.has_more),
+        };
+        if !more {
+            return Ok(raw.get().to_owned());
+        }
+        let mut value: Value = serde_json::from_str(raw.get()).map_err(|e| SyncError::Invalid {
+            stream: kind.as_str(),
+            problem: e.to_string(),
+        })?;
+        let list_path = if path == "lines" {
+            format!("/v1/invoices/{}/lines", head.id)
+        } else {
+            path.to_owned()
+        };
+        let params: Vec<(&str, String)> =
+            filter.map(|f| (f, head.id.clone())).into_iter().collect();
+        let mut items: Vec<Value> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_page(&list_path, &params, after.as_deref())
+                .await?;
+            for r in &page.data {
+                let id: IdOnly = parse_raw(field, r)?;
+                after = Some(id.id);
+                items.push(
+                    serde_json::from_str(r.get()).map_err(|e| SyncError::Invalid {
+                        stream: kind.as_str(),
+                        problem: e.to_string(),
+                    })?,
+                );
+            }
+            if !page.has_more || page.data.is_empty() {
+                break;
+            }
+        }
+        value[field]["data"] = Value::Array(items);
+        value[field]["has_more"] = Value::Bool(false);
+        Ok(value.to_string())
+    }
+}
+
+fn created_of(raw: &RawValue) -> i64 {
+    #[derive(Deserialize)]
+    struct C {
+        #[serde(default)]
+        created: i64,
+    }
+    serde_json::from_str::<C>(raw.get())
+        .map(|c| c.created)
+        .unwrap_or(0)
+}
+
+fn kind_of(raw: &RawValue) -> Option<ObjectKind> {
+    #[derive(Deserialize)]
+    struct O {
+        #[serde(default)]
+        object: String,
+    }
+    let o: O = serde_json::from_str(raw.get()).ok()?;
+    match o.object.as_str() {
+        "plan" => Some(ObjectKind::Price),
+        other => ObjectKind::parse(other),
+    }
+}
+
+fn parse_event_cursor(cursor: &str) -> Option<(&str, i64)> {
+    let (id, created) = cursor.rsplit_once('@')?;
+    Some((id, created.parse().ok()?))
+}
+
+fn parse_raw<'a, T: Deserialize<'a>>(
+    stream: &'static str,
+    raw: &'a RawValue,
+) -> Result<T, SyncError> {
+    serde_json::from_str(raw.get()).map_err(|e| SyncError::Invalid {
+        stream,
+        problem: format!("{e} in {}", raw.get().chars().take(120).collect::<String>()),
+    })
+}
+
+#[cfg(test)]
+mod tests;
