@@ -7,6 +7,7 @@
 //! - [`rebuild`]: Stripe objects -> the core's account timeline (pure).
 
 pub mod client;
+pub mod connect;
 pub mod export;
 #[cfg(feature = "fake")]
 pub mod fake;
