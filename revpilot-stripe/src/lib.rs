@@ -14,3 +14,5 @@ pub mod fake;
 pub mod objects;
 pub mod rebuild;
 pub mod sync;
+#[cfg(feature = "synth")]
+pub mod synth;

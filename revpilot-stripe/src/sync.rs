@@ -25,6 +25,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::client::{ApiError, Client};
+use crate::export::RawExport;
 
 /// Stripe keeps events this long.
 pub const EVENT_RETENTION: TimeDelta = TimeDelta::days(30);
@@ -482,68 +483,161 @@ impl Syncer {
         Ok(())
     }
 
-    /// An object with its nested lists complete: an invoice's lines and a charge's refunds beyond
-    /// the embedded page are fetched and spliced in.
     async fn complete(&self, kind: ObjectKind, raw: &RawValue) -> Result<String, SyncError> {
-        let (field, path, filter) = match kind {
-            ObjectKind::Invoice => ("lines", "lines", None),
-            ObjectKind::Charge => ("refunds", "/v1/refunds", Some("charge")),
-            _ => return Ok(raw.get().to_owned()),
-        };
-        #[derive(Deserialize)]
-        struct Nested {
-            id: String,
-            #[serde(default)]
-            lines: Option<crate::objects::List<IgnoredAny>>,
-            #[serde(default)]
-            refunds: Option<crate::objects::List<IgnoredAny>>,
+        complete(&self.client, kind, raw).await
+    }
+}
+
+/// An object with its nested lists complete: an invoice's lines and a charge's refunds beyond the
+/// embedded page are fetched and spliced in.
+async fn complete(client: &Client, kind: ObjectKind, raw: &RawValue) -> Result<String, SyncError> {
+    let (field, path, filter) = match kind {
+        ObjectKind::Invoice => ("lines", "lines", None),
+        ObjectKind::Charge => ("refunds", "/v1/refunds", Some("charge")),
+        _ => return Ok(raw.get().to_owned()),
+    };
+    #[derive(Deserialize)]
+    struct Nested {
+        id: String,
+        #[serde(default)]
+        lines: Option<crate::objects::List<IgnoredAny>>,
+        #[serde(default)]
+        refunds: Option<crate::objects::List<IgnoredAny>>,
+    }
+    #[derive(Deserialize)]
+    struct IgnoredAny {}
+    let head: Nested = parse_raw(kind.as_str(), raw)?;
+    let more = match kind {
+        ObjectKind::Invoice => head.lines.is_some_and(|l| l.has_more),
+        _ => head.refunds.is_some_and(|l| l.has_more),
+    };
+    if !more {
+        return Ok(raw.get().to_owned());
+    }
+    let mut value: Value = serde_json::from_str(raw.get()).map_err(|e| SyncError::Invalid {
+        stream: kind.as_str(),
+        problem: e.to_string(),
+    })?;
+    let list_path = if path == "lines" {
+        format!("/v1/invoices/{}/lines", head.id)
+    } else {
+        path.to_owned()
+    };
+    let params: Vec<(&str, String)> = filter.map(|f| (f, head.id.clone())).into_iter().collect();
+    let mut items: Vec<Value> = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = client
+            .list_page(&list_path, &params, after.as_deref())
+            .await?;
+        for r in &page.data {
+            let id: IdOnly = parse_raw(field, r)?;
+            after = Some(id.id);
+            items.push(
+                serde_json::from_str(r.get()).map_err(|e| SyncError::Invalid {
+                    stream: kind.as_str(),
+                    problem: e.to_string(),
+                })?,
+            );
         }
-        #[derive(Deserialize)]
-        struct IgnoredAny {}
-        let head: Nested = parse_raw(kind.as_str(), raw)?;
-        let more = match kind {
-            ObjectKind::Invoice => head.lines.is_some_and(|l| l.has_more),
-            _ => head.refunds.is_some_and(|l| l.has_more),
-        };
-        if !more {
-            return Ok(raw.get().to_owned());
+        if !page.has_more || page.data.is_empty() {
+            break;
         }
-        let mut value: Value = serde_json::from_str(raw.get()).map_err(|e| SyncError::Invalid {
-            stream: kind.as_str(),
-            problem: e.to_string(),
-        })?;
-        let list_path = if path == "lines" {
-            format!("/v1/invoices/{}/lines", head.id)
-        } else {
-            path.to_owned()
-        };
-        let params: Vec<(&str, String)> =
-            filter.map(|f| (f, head.id.clone())).into_iter().collect();
-        let mut items: Vec<Value> = Vec::new();
+    }
+    value[field]["data"] = Value::Array(items);
+    value[field]["has_more"] = Value::Bool(false);
+    Ok(value.to_string())
+}
+
+/// Every object of the account behind `client`, as `revpilot export` writes it: each list
+/// complete (nested lines and refunds included), discounts expanded where the server can.
+///
+/// # Errors
+/// [`SyncError::Api`] when Stripe fails after retries; [`SyncError::Invalid`] for an object
+/// without an id.
+pub async fn export_account(
+    client: &Client,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<RawExport, SyncError> {
+    let mut out = RawExport::default();
+    for stream in STREAMS.iter().filter(|s| s.kind != ObjectKind::Product) {
+        let mut params: Vec<(&str, String)> = stream
+            .params
+            .iter()
+            .map(|(k, v)| (*k, (*v).to_owned()))
+            .collect();
+        if matches!(stream.kind, ObjectKind::Subscription | ObjectKind::Invoice) {
+            params.push(("expand[]", "data.discounts".to_owned()));
+        }
+        let mut path = stream.path;
         let mut after: Option<String> = None;
+        let mut items: Vec<Box<RawValue>> = Vec::new();
         loop {
-            let page = self
-                .client
-                .list_page(&list_path, &params, after.as_deref())
-                .await?;
-            for r in &page.data {
-                let id: IdOnly = parse_raw(field, r)?;
+            let page = match client.list_page(path, &params, after.as_deref()).await {
+                Err(e) if e.is_not_found() && stream.fallback.is_some() && path == stream.path => {
+                    path = stream.fallback.unwrap_or(stream.path);
+                    continue;
+                }
+                // A server that cannot expand discounts (localstripe) lists them as ids.
+                Err(ApiError::Rejected { status: 400, .. })
+                    if params.len() > stream.params.len() && after.is_none() =>
+                {
+                    params.truncate(stream.params.len());
+                    continue;
+                }
+                other => other?,
+            };
+            for raw in &page.data {
+                let id: IdOnly = parse_raw(stream.name, raw)?;
                 after = Some(id.id);
-                items.push(
-                    serde_json::from_str(r.get()).map_err(|e| SyncError::Invalid {
-                        stream: kind.as_str(),
-                        problem: e.to_string(),
-                    })?,
-                );
+                let data = complete(client, stream.kind, raw).await?;
+                items.push(RawValue::from_string(data).map_err(|e| SyncError::Invalid {
+                    stream: stream.name,
+                    problem: e.to_string(),
+                })?);
             }
+            progress(&Progress::Page {
+                stream: stream.name,
+                total: items.len() as u64,
+            });
             if !page.has_more || page.data.is_empty() {
                 break;
             }
         }
-        value[field]["data"] = Value::Array(items);
-        value[field]["has_more"] = Value::Bool(false);
-        Ok(value.to_string())
+        progress(&Progress::StreamDone {
+            stream: stream.name,
+            total: items.len() as u64,
+        });
+        match stream.kind {
+            ObjectKind::Price => out.prices = items,
+            ObjectKind::Coupon => out.coupons = items,
+            ObjectKind::Customer => out.customers = items,
+            ObjectKind::Subscription => out.subscriptions = items,
+            ObjectKind::Invoice => out.invoices = items,
+            ObjectKind::Charge => out.charges = items,
+            ObjectKind::Product => {}
+        }
     }
+    let mut after: Option<String> = None;
+    loop {
+        let page = client
+            .list_page("/v1/events", &[], after.as_deref())
+            .await?;
+        let more = page.has_more && !page.data.is_empty();
+        for raw in page.data {
+            let id: IdOnly = parse_raw("event", &raw)?;
+            after = Some(id.id);
+            out.events.push(raw);
+        }
+        if !more {
+            break;
+        }
+    }
+    progress(&Progress::StreamDone {
+        stream: "event",
+        total: out.events.len() as u64,
+    });
+    Ok(out)
 }
 
 fn created_of(raw: &RawValue) -> i64 {
