@@ -261,6 +261,15 @@ impl Client {
         .await
     }
 
+    /// `DELETE path` (cancel a subscription, delete an object), returning the body.
+    ///
+    /// # Errors
+    /// See [`ApiError`].
+    pub async fn delete(&self, path: &str) -> Result<Vec<u8>, ApiError> {
+        self.send(reqwest::Method::DELETE, path, &[], &[], None)
+            .await
+    }
+
     /// One page of a list endpoint (`limit=100`), after `starting_after` when given.
     ///
     /// # Errors

@@ -338,8 +338,10 @@ pub struct Subscription {
     /// The customer's id.
     #[serde(deserialize_with = "expandable")]
     pub customer: Option<String>,
-    /// Currency.
-    pub currency: String,
+    /// Currency (older API versions and localstripe leave it to the plan: see
+    /// [`Subscription::currency`]).
+    #[serde(default, rename = "currency")]
+    pub own_currency: Option<String>,
     /// Status.
     pub status: String,
     /// Unix seconds.
@@ -389,6 +391,16 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The currency: the subscription's own, else its first item's price's.
+    pub fn currency(&self) -> Option<&str> {
+        self.own_currency.as_deref().or_else(|| {
+            self.items
+                .data
+                .iter()
+                .find_map(|i| i.price().map(|p| p.currency.as_str()))
+        })
+    }
+
     /// The current period end, from the subscription (older shape) or its items (today).
     pub fn current_period_end(&self) -> Option<i64> {
         self.current_period_end.or_else(|| {

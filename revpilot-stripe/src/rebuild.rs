@@ -334,7 +334,14 @@ fn rebuild_subscription(
     events: &[(&objects::Event, objects::Subscription)],
     cx: &mut Ctx<'_>,
 ) -> Option<model::Subscription> {
-    let currency = match Currency::parse(&sub.currency) {
+    let Some(code) = sub.currency() else {
+        cx.issue(
+            &sub.id,
+            "no currency on the subscription or its prices; subscription left out",
+        );
+        return None;
+    };
+    let currency = match Currency::parse(code) {
         Ok(c) => c,
         Err(e) => {
             cx.issue(&sub.id, format!("{e}; subscription left out"));

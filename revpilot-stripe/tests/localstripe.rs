@@ -1,0 +1,289 @@
+//! The sync and the export against localstripe, a stateful fake Stripe (PyPI), started by this
+//! harness on a free loopback port from the virtualenv `scripts/test` creates.
+//!
+//! localstripe has plans but no `/v1/prices` (the sync falls back to `/v1/plans`), cannot expand
+//! discounts (the export falls back to ids), keeps no trials and sends no
+//! `customer.subscription.updated`; those parts are covered by the fixture tests of the rebuild
+//! and by the fake server the unit tests own.
+#![allow(clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use revpilot_core::metrics::Engine;
+use revpilot_core::ports::SyncStatus;
+use revpilot_core::ports::{
+    ConnectionStore, Limits, Meter, NewConnection, ObjectCache, ObjectKind, Period, Tier, Tokens,
+    UsageStore, UserId, UserStore,
+};
+use revpilot_core::testing::MemoryStore;
+use revpilot_core::{Currency, Rules};
+use revpilot_stripe::client::{Client, ClientConfig, idempotency_key};
+use revpilot_stripe::export::Export;
+use revpilot_stripe::rebuild::rebuild;
+use revpilot_stripe::sync::{SyncJob, SyncPorts, Syncer, export_account};
+use secrecy::SecretString;
+use serde_json::Value;
+
+struct LocalStripe {
+    child: Child,
+    base: String,
+}
+
+impl Drop for LocalStripe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Option<LocalStripe> {
+    let Ok(venv) = std::env::var("REVPILOT_TEST_VENV") else {
+        eprintln!(
+            "skipped: REVPILOT_TEST_VENV is not set (scripts/test creates the virtualenv and sets it)"
+        );
+        return None;
+    };
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(format!("{venv}/bin/localstripe"))
+        .args(["--port", &port.to_string(), "--from-scratch"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("localstripe is in the virtualenv");
+    let ls = LocalStripe {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "localstripe did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some(ls)
+}
+
+fn client(base: &str) -> Client {
+    let mut cfg = ClientConfig::new(SecretString::from("sk_test_localstripe"))
+        .with_api_base(base)
+        .unwrap();
+    cfg.requests_per_second = std::num::NonZeroU32::new(500).unwrap();
+    Client::new(cfg).unwrap()
+}
+
+async fn post(c: &Client, path: &str, form: &[(&str, &str)]) -> Value {
+    let form: Vec<(&str, String)> = form.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+    let body = c
+        .post(path, &form, &idempotency_key())
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test]
+async fn localstripe_account_syncs_completely_and_rebuilds() {
+    let Some(ls) = start() else { return };
+    let c = client(&ls.base);
+    let product = post(&c, "/v1/products", &[("name", "Pro"), ("type", "service")]).await;
+    let prod = product["id"].as_str().unwrap();
+    post(
+        &c,
+        "/v1/plans",
+        &[
+            ("id", "plan_monthly"),
+            ("amount", "2900"),
+            ("currency", "usd"),
+            ("interval", "month"),
+            ("product", prod),
+        ],
+    )
+    .await;
+    post(
+        &c,
+        "/v1/plans",
+        &[
+            ("id", "plan_annual"),
+            ("amount", "24000"),
+            ("currency", "usd"),
+            ("interval", "year"),
+            ("product", prod),
+        ],
+    )
+    .await;
+    // 230 customers (3 pages); 120 of them subscribe (2 pages), some with seats, some cancel.
+    let mut expected_cents_x12: i64 = 0;
+    for i in 0..230 {
+        let cus = post(
+            &c,
+            "/v1/customers",
+            &[("email", &format!("c{i}@example.com"))],
+        )
+        .await;
+        let id = cus["id"].as_str().unwrap().to_owned();
+        if i >= 120 {
+            continue;
+        }
+        post(
+            &c,
+            &format!("/v1/customers/{id}/sources"),
+            &[
+                ("source[object]", "card"),
+                ("source[number]", "4242424242424242"),
+                ("source[exp_month]", "12"),
+                ("source[exp_year]", "2030"),
+                ("source[cvc]", "123"),
+            ],
+        )
+        .await;
+        let (plan, qty) = if i % 4 == 0 {
+            ("plan_annual", "1")
+        } else {
+            ("plan_monthly", if i % 3 == 0 { "3" } else { "1" })
+        };
+        let sub = post(
+            &c,
+            "/v1/subscriptions",
+            &[
+                ("customer", &id),
+                ("items[0][plan]", plan),
+                ("items[0][quantity]", qty),
+            ],
+        )
+        .await;
+        let sub_id = sub["id"].as_str().unwrap().to_owned();
+        let q: i64 = qty.parse().unwrap();
+        if i % 10 == 5 {
+            // Canceled now: no MRR.
+            c.delete(&format!("/v1/subscriptions/{sub_id}"))
+                .await
+                .unwrap();
+        } else if i % 10 == 7 {
+            // Cancels at period end: still paying.
+            post(
+                &c,
+                &format!("/v1/subscriptions/{sub_id}"),
+                &[("cancel_at_period_end", "true")],
+            )
+            .await;
+            expected_cents_x12 += if plan == "plan_annual" {
+                24000
+            } else {
+                2900 * 12 * q
+            };
+        } else {
+            expected_cents_x12 += if plan == "plan_annual" {
+                24000
+            } else {
+                2900 * 12 * q
+            };
+        }
+    }
+
+    let store = Arc::new(MemoryStore::new());
+    let user = UserId(uuid::Uuid::new_v4());
+    let now = Utc::now();
+    store
+        .create_user(user, None, Tier::Starter, Limits::default(), now)
+        .await
+        .unwrap();
+    let conn = store
+        .save_connection(
+            NewConnection {
+                user,
+                stripe_account_id: "acct_ls".into(),
+                business_name: None,
+                currency: None,
+                tokens: Tokens {
+                    access_token: SecretString::from("sk_test_localstripe"),
+                    refresh_token: None,
+                },
+            },
+            now,
+        )
+        .await
+        .unwrap()
+        .id;
+    let period = Period {
+        start: now - chrono::TimeDelta::days(1),
+        end: now + chrono::TimeDelta::days(30),
+    };
+    let ports = SyncPorts {
+        cache: store.clone(),
+        state: store.clone(),
+        usage: store.clone(),
+        connections: store.clone(),
+    };
+    let job = SyncJob {
+        user,
+        connection: conn,
+        stripe_account_id: "acct_ls".into(),
+        usage: Some((period, None)),
+    };
+    let syncer = Syncer::new(client(&ls.base), ports);
+    let (status, outcome) = syncer.run(&job, &|_| {}).await.unwrap();
+    assert_eq!(status, SyncStatus::Succeeded, "{outcome:?}");
+    let count = |k: ObjectKind| {
+        let store = store.clone();
+        async move { store.objects(user, conn, k).await.unwrap() }
+    };
+    let customers = count(ObjectKind::Customer).await;
+    assert_eq!(customers.len(), 230);
+    let mut ids: Vec<&str> = customers.iter().map(|o| o.stripe_id.as_str()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 230, "each customer exactly once");
+    assert_eq!(
+        count(ObjectKind::Subscription).await.len(),
+        120,
+        "every status, canceled included"
+    );
+    assert_eq!(
+        count(ObjectKind::Price).await.len(),
+        2,
+        "plans, where /v1/prices is missing"
+    );
+    let charges = count(ObjectKind::Charge).await.len();
+    assert!(charges >= 120, "{charges} charges");
+    assert_eq!(outcome.objects["customer"], 230);
+    assert_eq!(
+        store
+            .used(user, Meter::TransactionVolume, period)
+            .await
+            .unwrap(),
+        charges as u64
+    );
+
+    // Again: events only, nothing counted twice.
+    let (status, _) = syncer.run(&job, &|_| {}).await.unwrap();
+    assert_eq!(status, SyncStatus::Succeeded);
+    assert_eq!(count(ObjectKind::Customer).await.len(), 230);
+    assert_eq!(
+        store
+            .used(user, Meter::TransactionVolume, period)
+            .await
+            .unwrap(),
+        charges as u64
+    );
+
+    // The export of the same account rebuilds to the MRR the subscriptions say.
+    let raw = export_account(&client(&ls.base), &|_| {}).await.unwrap();
+    let export = Export::from_json(serde_json::to_string(&raw).unwrap().as_bytes()).unwrap();
+    assert_eq!(export.customers.len(), 230);
+    let rebuilt = rebuild(&export);
+    let mrr = Engine::new(&rebuilt.account, Rules::default(), Currency::USD)
+        .mrr_at(Utc::now() + chrono::TimeDelta::minutes(1))
+        .unwrap()
+        .total;
+    assert_eq!(
+        Currency::USD.round(mrr * rust_decimal::Decimal::from(1200)),
+        rust_decimal::Decimal::from(expected_cents_x12),
+        "issues: {:?}",
+        rebuilt.issues
+    );
+}
