@@ -32,7 +32,7 @@ pub struct ClientConfig {
     pub api_key: SecretString,
     /// `Stripe-Account` header: act on this connected account.
     pub account: Option<String>,
-    /// Token bucket rate (and burst), requests per second.
+    /// Token bucket rate, requests per second (bursts up to a tenth of it).
     pub requests_per_second: NonZeroU32,
     /// Attempts per request, the first included.
     pub max_attempts: u32,
@@ -155,6 +155,7 @@ struct Inner {
     limiter: DefaultDirectRateLimiter,
     requests: AtomicU64,
     retries: AtomicU64,
+    backing_off: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Client {
@@ -207,7 +208,11 @@ impl Client {
     /// [`ApiError::Config`] when the HTTP client cannot be built.
     pub fn new(config: ClientConfig) -> Result<Self, ApiError> {
         let http = http_client(config.timeout)?;
-        let quota = Quota::per_second(config.requests_per_second);
+        // Bursts of a tenth of a second's budget at most: a server-side bucket of a second's
+        // capacity (Stripe's) never sees more than the rate.
+        let burst =
+            NonZeroU32::new(config.requests_per_second.get() / 10).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_second(config.requests_per_second).allow_burst(burst);
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
@@ -215,6 +220,7 @@ impl Client {
                 config,
                 requests: AtomicU64::new(0),
                 retries: AtomicU64::new(0),
+                backing_off: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
@@ -225,6 +231,11 @@ impl Client {
             self.inner.requests.load(Ordering::Relaxed),
             self.inner.retries.load(Ordering::Relaxed),
         )
+    }
+
+    /// Requests now waiting out a backoff before their next attempt.
+    pub fn backing_off(&self) -> usize {
+        self.inner.backing_off.load(Ordering::Relaxed)
     }
 
     /// The connected account this client acts on.
@@ -313,7 +324,9 @@ impl Client {
             .with_max_times(cfg.max_attempts.saturating_sub(1) as usize);
         let attempts = std::sync::atomic::AtomicU32::new(0);
         let once = || async {
-            attempts.fetch_add(1, Ordering::Relaxed);
+            if attempts.fetch_add(1, Ordering::Relaxed) > 0 {
+                self.inner.backing_off.fetch_sub(1, Ordering::Relaxed);
+            }
             self.inner.limiter.until_ready().await;
             self.inner.requests.fetch_add(1, Ordering::Relaxed);
             self.attempt(
@@ -331,6 +344,7 @@ impl Client {
             .when(|a: &Attempt| a.retry)
             .notify(|a: &Attempt, delay| {
                 self.inner.retries.fetch_add(1, Ordering::Relaxed);
+                self.inner.backing_off.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(path, ?delay, error = %a.error, "retrying");
             })
             .await

@@ -1,14 +1,14 @@
 //! A Stripe-shaped fake server the tests and benchmarks own (feature `fake`).
 //!
 //! It serves what localstripe cannot do on demand: lists of any size in Stripe's order (newest
-//! first) with `limit`/`starting_after`, invoice lines and refunds beyond the embedded ten, the
+//! first) with `limit`/`starting_after` and `created[gte]`/`created[lt]`, invoice lines and refunds beyond the embedded ten, the
 //! Events API, a server-side rate limit (429 past R requests in any one-second window) and
 //! injected faults at chosen requests.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{Value, json};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -29,7 +29,8 @@ pub struct FakeState {
     /// Lists by path (`/v1/customers`, ...), newest first as Stripe lists them.
     lists: Mutex<BTreeMap<String, Vec<Value>>>,
     rate: Option<u32>,
-    window: Mutex<(Instant, u32)>,
+    /// The rate limit's bucket: last refill and tokens.
+    window: Mutex<(Instant, f64)>,
     requests: AtomicU64,
     limited: AtomicU64,
     faults: Mutex<Option<FaultFn>>,
@@ -59,25 +60,32 @@ impl FakeState {
         let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
         let path = req.url.path().to_owned();
         if let Some(rate) = self.rate {
+            // A token bucket of one second's capacity, refilled at `rate` per second (Stripe's
+            // limiter is a bucket too).
             let mut w = self
                 .window
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if w.0.elapsed() >= Duration::from_secs(1) {
-                *w = (Instant::now(), 0);
-            }
-            if w.1 >= rate {
+            let refill = w.0.elapsed().as_secs_f64() * f64::from(rate);
+            w.0 = Instant::now();
+            w.1 = (w.1 + refill).min(f64::from(rate));
+            if w.1 < 1.0 {
                 self.limited.fetch_add(1, Ordering::SeqCst);
                 return error(429, "Too many requests");
             }
-            w.1 += 1;
+            w.1 -= 1.0;
         }
         if let Some(f) = self
             .faults
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_mut()
-            .and_then(|f| f(n, &path))
+            .and_then(|f| {
+                f(
+                    n,
+                    &format!("{path}?{}", req.url.query().unwrap_or_default()),
+                )
+            })
         {
             let mut r = error(f.status, "injected fault");
             if let Some(retry) = f.should_retry {
@@ -90,6 +98,9 @@ impl FakeState {
             .lists
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(object) = lists.get(&format!("object:{path}")).and_then(|v| v.first()) {
+            return ResponseTemplate::new(200).set_body_json(object);
+        }
         let (items, filter): (Option<&Vec<Value>>, Option<(&str, &String)>) = if let Some(inv) =
             path.strip_prefix("/v1/invoices/")
                 .and_then(|p| p.strip_suffix("/lines"))
@@ -111,22 +122,26 @@ impl FakeState {
             .and_then(|l| l.parse::<usize>().ok())
             .unwrap_or(10)
             .clamp(1, 100);
-        let filtered: Vec<&Value> = items
-            .iter()
-            .filter(|v| filter.is_none_or(|(k, want)| v[k].as_str() == Some(want.as_str())))
-            .collect();
+        let bound = |k: &str| query.get(k).and_then(|v| v.parse::<i64>().ok());
+        let (gte, lt) = (bound("created[gte]"), bound("created[lt]"));
+        // The page starts after `starting_after`'s place in the list (Stripe accepts an object
+        // outside the filter).
         let start = match query.get("starting_after") {
-            Some(after) => match filtered
-                .iter()
-                .position(|v| v["id"].as_str() == Some(after))
-            {
-                Some(i) => i + 1,
+            Some(after) => match items.iter().position(|v| v["id"].as_str() == Some(after)) {
+                Some(at) => at + 1,
                 None => return error(400, &format!("No such object: '{after}'")),
             },
             None => 0,
         };
-        let page: Vec<&Value> = filtered.iter().skip(start).take(limit).copied().collect();
-        let has_more = start + page.len() < filtered.len();
+        let mut matching = items[start..]
+            .iter()
+            .filter(|v| filter.is_none_or(|(k, want)| v[k].as_str() == Some(want.as_str())))
+            .filter(|v| {
+                let created = v["created"].as_i64().unwrap_or(0);
+                gte.is_none_or(|g| created >= g) && lt.is_none_or(|l| created < l)
+            });
+        let page: Vec<&Value> = matching.by_ref().take(limit).collect();
+        let has_more = matching.next().is_some();
         ResponseTemplate::new(200).set_body_json(
             json!({"object": "list", "url": path, "has_more": has_more, "data": page}),
         )
@@ -140,7 +155,7 @@ impl FakeStripe {
         let state = Arc::new(FakeState {
             lists: Mutex::new(BTreeMap::new()),
             rate,
-            window: Mutex::new((Instant::now(), 0)),
+            window: Mutex::new((Instant::now(), f64::from(rate.unwrap_or(0)))),
             requests: AtomicU64::new(0),
             limited: AtomicU64::new(0),
             faults: Mutex::new(None),
@@ -197,6 +212,15 @@ impl FakeStripe {
         lists.insert(path.to_owned(), objects);
     }
 
+    /// Serves `object` at `path` (`/v1/account`).
+    pub fn set_object(&self, path: &str, object: Value) {
+        self.state
+            .lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(format!("object:{path}"), vec![object]);
+    }
+
     /// Adds objects to the front of a list (newer than all), as Stripe shows new objects.
     pub fn push(&self, path: &str, objects: Vec<Value>) {
         let mut lists = self
@@ -210,8 +234,8 @@ impl FakeStripe {
         }
     }
 
-    /// Answers requests with faults: `f(request_number, path)` (numbers from 1 over the fake's
-    /// life) returns the fault for that request, or `None` to serve it.
+    /// Answers requests with faults: `f(request_number, path_and_query)` (numbers from 1 over the
+    /// fake's life) returns the fault for that request, or `None` to serve it.
     pub fn faults(&self, f: impl FnMut(u64, &str) -> Option<Fault> + Send + 'static) {
         *self
             .state

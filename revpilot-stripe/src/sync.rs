@@ -27,6 +27,9 @@ use serde_json::value::RawValue;
 use crate::client::{ApiError, Client};
 use crate::export::RawExport;
 
+mod plan;
+use plan::{Plan, Take};
+
 /// Stripe keeps events this long.
 pub const EVENT_RETENTION: TimeDelta = TimeDelta::days(30);
 
@@ -170,6 +173,27 @@ struct IdOnly {
 }
 
 #[derive(Deserialize)]
+struct Head {
+    id: String,
+    #[serde(default)]
+    created: i64,
+}
+
+/// Lanes per stream in a backfill.
+const LANES: usize = 4;
+/// Below this many pages in flight (not backing off) across the streams, idle lanes split.
+const MIN_IN_FLIGHT: usize = 1;
+
+/// Counts a page in flight until dropped (errors and cancellation included).
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[derive(Deserialize)]
 struct EventHead {
     id: String,
     #[serde(rename = "type")]
@@ -297,67 +321,206 @@ impl Syncer {
             };
             state.set_cursor(conn, ANCHOR, &anchor, Utc::now()).await?;
         }
-        for stream in &STREAMS {
-            let key = format!("{BACKFILL}:{}", stream.name);
-            let mut cursor = state.cursor(conn, &key).await?;
-            let mut total = 0u64;
-            let mut path = stream.path;
-            while cursor.as_deref() != Some(DONE) {
-                let params: Vec<(&str, String)> = stream
-                    .params
-                    .iter()
-                    .map(|(k, v)| (*k, (*v).to_owned()))
-                    .collect();
-                let page = match self
-                    .client
-                    .list_page(path, &params, cursor.as_deref())
-                    .await
-                {
-                    Err(e)
-                        if e.is_not_found() && stream.fallback.is_some() && path == stream.path =>
-                    {
-                        path = stream.fallback.unwrap_or(stream.path);
-                        continue;
-                    }
-                    other => other?,
-                };
-                let now = Utc::now();
-                let mut objects = Vec::with_capacity(page.data.len());
-                let mut last_id = None;
-                for raw in &page.data {
-                    let data = self.complete(stream.kind, raw).await?;
-                    let id: IdOnly = parse_raw(stream.name, raw)?;
-                    last_id = Some(id.id.clone());
-                    objects.push(CachedObject {
-                        kind: stream.kind,
-                        stripe_id: id.id,
-                        version: now,
-                        data,
-                    });
-                }
-                self.store(job, &objects).await?;
-                total += objects.len() as u64;
-                *counts.entry(stream.name.to_owned()).or_default() += objects.len() as u64;
-                let next = match (page.has_more, last_id) {
-                    (true, Some(id)) => id,
-                    _ => DONE.to_owned(),
-                };
-                state.set_cursor(conn, &key, &next, Utc::now()).await?;
-                cursor = Some(next);
-                progress(&Progress::Page {
-                    stream: stream.name,
-                    total,
-                });
+        // The streams run side by side on the connection's one token bucket: while one waits
+        // out a backoff, the others use the budget.
+        // The account's creation bounds its objects' (where the server tells it).
+        let floor = match self.client.get("/v1/account", &[]).await {
+            Ok(body) => serde_json::from_slice::<Head>(&body)
+                .ok()
+                .map(|h| h.created)
+                .filter(|c| *c > 0),
+            Err(ApiError::Unauthorized { message }) => {
+                return Err(ApiError::Unauthorized { message }.into());
             }
-            progress(&Progress::StreamDone {
-                stream: stream.name,
-                total,
-            });
+            Err(_) => None,
+        };
+        let tally = std::sync::Mutex::new(BTreeMap::<String, u64>::new());
+        let active = std::sync::atomic::AtomicUsize::new(0);
+        let result = futures::future::try_join_all(
+            STREAMS
+                .iter()
+                .map(|stream| self.backfill_stream(job, stream, &tally, &active, floor, progress)),
+        )
+        .await;
+        for (k, v) in tally
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            *counts.entry(k).or_default() += v;
         }
+        result?;
         let anchor = state.cursor(conn, ANCHOR).await?.unwrap_or_default();
         state.set_cursor(conn, EVENTS, &anchor, Utc::now()).await?;
         state.set_cursor(conn, BACKFILL, DONE, Utc::now()).await?;
         Ok(())
+    }
+
+    /// One stream's backfill: [`LANES`] lanes page the stream's plan side by side; each page is
+    /// stored (objects, then usage) before the plan that records it is saved as the cursor.
+    async fn backfill_stream(
+        &self,
+        job: &SyncJob,
+        stream: &Stream,
+        tally: &std::sync::Mutex<BTreeMap<String, u64>>,
+        active: &std::sync::atomic::AtomicUsize,
+        floor: Option<i64>,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Result<(), SyncError> {
+        let state = &self.ports.state;
+        let key = format!("{BACKFILL}:{}", stream.name);
+        let cursor = state.cursor(job.connection, &key).await?;
+        let plan =
+            std::sync::Mutex::new(Plan::load(cursor.as_deref(), Utc::now().timestamp(), floor));
+        // Saves happen in the order the plan changed, never an older plan over a newer one.
+        let saved = tokio::sync::Mutex::new(0u64);
+        let version = std::sync::atomic::AtomicU64::new(0);
+        let total = std::sync::atomic::AtomicU64::new(0);
+        let lanes = (0..LANES).map(|_| {
+            self.lane(
+                job, stream, &key, &plan, &saved, &version, &total, tally, active, progress,
+            )
+        });
+        futures::future::try_join_all(lanes).await?;
+        let total = total.load(std::sync::atomic::Ordering::Relaxed);
+        progress(&Progress::StreamDone {
+            stream: stream.name,
+            total,
+        });
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn lane(
+        &self,
+        job: &SyncJob,
+        stream: &Stream,
+        key: &str,
+        plan: &std::sync::Mutex<Plan>,
+        saved: &tokio::sync::Mutex<u64>,
+        version: &std::sync::atomic::AtomicU64,
+        total: &std::sync::atomic::AtomicU64,
+        tally: &std::sync::Mutex<BTreeMap<String, u64>>,
+        active: &std::sync::atomic::AtomicUsize,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Result<(), SyncError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let lock = || {
+            plan.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        loop {
+            let (i, seg, plain, path) = {
+                let mut p = lock();
+                // Ranges are split only when too few pages are in flight (not waiting out a
+                // backoff) across all streams:
+                // every split costs a partial page and, at first, a probe of an empty range.
+                let ready = active
+                    .load(SeqCst)
+                    .saturating_sub(self.client.backing_off());
+                match p.take(ready < MIN_IN_FLIGHT) {
+                    Take::Finished => return Ok(()),
+                    Take::Wait => None,
+                    Take::Work(i) => {
+                        let path = p.path.clone().unwrap_or_else(|| stream.path.to_owned());
+                        Some((i, p.segments[i].clone(), p.plain, path))
+                    }
+                }
+            }
+            .map_or(
+                (usize::MAX, None, false, String::new()),
+                |(i, s, plain, path)| (i, Some(s), plain, path),
+            );
+            let Some(seg) = seg else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            };
+            active.fetch_add(1, SeqCst);
+            let _in_flight = InFlight(active);
+            let mut params: Vec<(&str, String)> = stream
+                .params
+                .iter()
+                .map(|(k, v)| (*k, (*v).to_owned()))
+                .collect();
+            if !plain {
+                params.push(("created[gte]", seg.lo.to_string()));
+                params.push(("created[lt]", seg.hi.to_string()));
+            }
+            let page = match self
+                .client
+                .list_page(&path, &params, seg.after.as_deref())
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    let mut p = lock();
+                    p.release(i);
+                    let first = p.segments.len() == 1 && seg.after.is_none();
+                    if e.is_not_found()
+                        && first
+                        && p.path.is_none()
+                        && let Some(fallback) = stream.fallback
+                    {
+                        p.path = Some(fallback.to_owned());
+                        continue;
+                    }
+                    // A server that refuses `created` filters (localstripe): one plain lane.
+                    if matches!(&e, ApiError::Rejected { status: 400, message, .. } if message.contains("created"))
+                        && first
+                        && !p.plain
+                    {
+                        p.plain = true;
+                        continue;
+                    }
+                    return Err(e.into());
+                }
+            };
+            let now = Utc::now();
+            let mut objects = Vec::with_capacity(page.data.len());
+            let mut last = None;
+            for raw in &page.data {
+                let data = self.complete(stream.kind, raw).await?;
+                let head: Head = parse_raw(stream.name, raw)?;
+                last = Some((head.id.clone(), head.created));
+                objects.push(CachedObject {
+                    kind: stream.kind,
+                    stripe_id: head.id,
+                    version: now,
+                    data,
+                });
+            }
+            let stored = match self.store(job, &objects).await {
+                Ok(n) => n,
+                Err(e) => {
+                    lock().release(i);
+                    return Err(e);
+                }
+            };
+            *tally
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(stream.name.to_owned())
+                .or_default() += stored;
+            let (snapshot, v) = {
+                let mut p = lock();
+                p.page_done(i, last, page.has_more);
+                (p.save(), version.fetch_add(1, SeqCst) + 1)
+            };
+            {
+                let mut last_saved = saved.lock().await;
+                if v > *last_saved {
+                    self.ports
+                        .state
+                        .set_cursor(job.connection, key, &snapshot, Utc::now())
+                        .await?;
+                    *last_saved = v;
+                }
+            }
+            let t = total.fetch_add(stored, SeqCst) + stored;
+            progress(&Progress::Page {
+                stream: stream.name,
+                total: t,
+            });
+        }
     }
 
     /// Events since the cursor, applied oldest first; the cursor moves after each page applied.
@@ -456,17 +619,20 @@ impl Syncer {
         Ok(())
     }
 
-    /// Stores a page and records usage for its charges, in that order.
-    async fn store(&self, job: &SyncJob, objects: &[CachedObject]) -> Result<(), SyncError> {
+    /// Stores a page and records usage for its charges, in that order. Returns how many objects
+    /// were new or changed.
+    async fn store(&self, job: &SyncJob, objects: &[CachedObject]) -> Result<u64, SyncError> {
         if objects.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        self.ports
+        let stats = self
+            .ports
             .cache
             .upsert_objects(job.connection, objects)
             .await?;
+        let stored = (stats.inserted + stats.updated) as u64;
         let Some((period, limit)) = job.usage else {
-            return Ok(());
+            return Ok(stored);
         };
         for o in objects.iter().filter(|o| o.kind == ObjectKind::Charge) {
             let record = UsageRecord {
@@ -480,7 +646,7 @@ impl Syncer {
             };
             self.ports.usage.record(&record, period, limit).await?;
         }
-        Ok(())
+        Ok(stored)
     }
 
     async fn complete(&self, kind: ObjectKind, raw: &RawValue) -> Result<String, SyncError> {

