@@ -6,6 +6,8 @@
 //! - [`export`]: an account's objects in one JSON file, read in parallel without a JSON tree.
 //! - [`rebuild`]: Stripe objects -> the core's account timeline (pure).
 
+#![recursion_limit = "256"]
+
 pub mod client;
 pub mod connect;
 pub mod export;

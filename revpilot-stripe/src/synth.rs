@@ -182,7 +182,18 @@ impl SynthExport {
                     &json!({"id": format!("ch_{n:07}_{inv_n:03}"), "object": "charge",
                     "amount": amount, "amount_captured": amount, "amount_refunded": 0, "captured": true,
                     "created": period_start.timestamp() + 60, "currency": "usd", "customer": cus_id,
-                    "paid": true, "status": "succeeded",
+                    "paid": true, "status": "succeeded", "balance_transaction": format!("txn_{n:07}_{inv_n:03}"),
+                    "billing_details": {"address": {"city": null, "country": "US", "line1": null, "line2": null, "postal_code": "12345", "state": null},
+                                        "email": null, "name": "Customer Name", "phone": null},
+                    "calculated_statement_descriptor": "ACME SAAS", "description": "Subscription update", "disputed": false,
+                    "livemode": false, "metadata": {}, "outcome": {"network_status": "approved_by_network", "reason": null,
+                        "risk_level": "normal", "risk_score": 32, "seller_message": "Payment complete.", "type": "authorized"},
+                    "payment_intent": format!("pi_{n:07}_{inv_n:03}"), "payment_method": format!("pm_{n:07}"),
+                    "payment_method_details": {"card": {"brand": "visa", "checks": {"address_line1_check": null,
+                        "address_postal_code_check": "pass", "cvc_check": "pass"}, "country": "US", "exp_month": 12,
+                        "exp_year": 2030, "fingerprint": "Xt5EWLLDS7FJjR1c", "funding": "credit", "last4": "4242",
+                        "network": "visa"}, "type": "card"},
+                    "receipt_url": format!("https://pay.stripe.com/receipts/invoices/test_{n:07}_{inv_n:03}"),
                     "refunds": {"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"}}),
                 )?;
                 inv_n += 1;
@@ -251,7 +262,8 @@ fn invoice(
     amount: i64,
 ) -> Value {
     let id = format!("in_{}_{n:03}", &sub[4..]);
-    json!({"id": id, "object": "invoice", "customer": cus, "currency": "usd",
+    let number = format!("{}-{n:04}", &sub[4..]);
+    let mut inv = json!({"id": id, "object": "invoice", "customer": cus, "currency": "usd",
            "created": from.timestamp(), "status": "paid", "billing_reason": if n == 0 { "subscription_create" } else { "subscription_cycle" },
            "amount_due": amount, "amount_paid": amount, "total": amount, "discounts": [],
            "parent": {"type": "subscription_details", "quote_details": null,
@@ -264,7 +276,32 @@ fn invoice(
                               "proration_details": {"credited_items": null}, "subscription": sub,
                               "subscription_item": format!("si_{}", &sub[4..])}},
                "pricing": {"type": "price_details", "price_details": {"price": p.id, "product": format!("prod_{}", p.id)},
-                           "unit_amount_decimal": p.amount.to_string()}}]}})
+                           "unit_amount_decimal": p.amount.to_string()}}]}});
+    // The rest of an invoice as Stripe sends it: read past, never used.
+    let extra = json!({"account_country": "US", "account_name": "Acme SaaS Inc.", "account_tax_ids": null,
+        "amount_remaining": 0, "amount_shipping": 0, "application": null, "attempt_count": 1, "attempted": true,
+        "auto_advance": false, "automatic_tax": {"enabled": false, "liability": null, "status": null},
+        "collection_method": "charge_automatically", "custom_fields": null,
+        "customer_address": {"city": "Springfield", "country": "US", "line1": "1 Main St", "line2": null, "postal_code": "12345", "state": "CA"},
+        "customer_email": format!("{cus}@example.com"), "customer_name": "Customer Name", "customer_phone": null,
+        "customer_shipping": null, "customer_tax_exempt": "none", "customer_tax_ids": [], "default_payment_method": null,
+        "default_source": null, "default_tax_rates": [], "description": null, "due_date": null,
+        "effective_at": from.timestamp(), "ending_balance": 0, "footer": null, "from_invoice": null,
+        "hosted_invoice_url": format!("https://invoice.stripe.com/i/acct_1Nv0FGQ9RKHgCVdK/test_{number}"),
+        "invoice_pdf": format!("https://pay.stripe.com/invoice/acct_1Nv0FGQ9RKHgCVdK/test_{number}/pdf"),
+        "issuer": {"type": "self"}, "last_finalization_error": null, "latest_revision": null, "livemode": false,
+        "metadata": {}, "next_payment_attempt": null, "number": number, "on_behalf_of": null,
+        "payment_settings": {"default_mandate": null, "payment_method_options": null, "payment_method_types": null},
+        "period_end": from.timestamp(), "period_start": from.timestamp(), "post_payment_credit_notes_amount": 0,
+        "pre_payment_credit_notes_amount": 0, "receipt_number": null, "shipping_cost": null, "shipping_details": null,
+        "starting_balance": 0, "statement_descriptor": null,
+        "status_transitions": {"finalized_at": from.timestamp(), "marked_uncollectible_at": null, "paid_at": from.timestamp() + 60, "voided_at": null},
+        "subtotal": amount, "subtotal_excluding_tax": amount, "test_clock": null, "total_discount_amounts": [],
+        "total_excluding_tax": amount, "total_taxes": [], "webhooks_delivered_at": from.timestamp()});
+    if let (Some(o), Value::Object(extra)) = (inv.as_object_mut(), extra) {
+        o.extend(extra);
+    }
+    inv
 }
 
 #[cfg(test)]

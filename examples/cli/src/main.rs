@@ -175,7 +175,16 @@ fn run(cli: Cli) -> Result<()> {
             fx,
             format,
         } => {
+            // REVPILOT_TIMINGS=1 prints where the time goes (to standard error).
+            let timings = std::env::var_os("REVPILOT_TIMINGS").is_some();
+            let clock = std::time::Instant::now();
+            let lap = |what: &str| {
+                if timings {
+                    eprintln!("{what}: {:.3} s", clock.elapsed().as_secs_f64());
+                }
+            };
             let export = read_export(&input)?;
+            lap("read and parsed");
             let currency = parse_currency(&currency)?;
             let profile = parse_profile(&profile)?;
             let fx_table = match &fx {
@@ -186,7 +195,9 @@ fn run(cli: Cli) -> Result<()> {
                 None => None,
             };
             let rebuilt = rebuild(&export);
+            lap("history rebuilt");
             drop(export);
+            lap("export freed");
             let engine = Engine::new(&rebuilt.account, profile.rules(), currency);
             let engine = match &fx_table {
                 Some(t) => engine.with_fx(t),
@@ -199,9 +210,11 @@ fn run(cli: Cli) -> Result<()> {
             let series = engine
                 .series(&SeriesRequest::new(from, to, granularity))
                 .map_err(|e| Failure::Input(e.to_string()))?;
+            lap("series computed");
             let ledger = engine
                 .movements(from, to)
                 .map_err(|e| Failure::Input(e.to_string()))?;
+            lap("movements computed");
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             report::write(&mut out, format, profile, &series, &ledger, &rebuilt.issues)
                 .and_then(|()| out.flush())
