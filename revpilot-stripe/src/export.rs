@@ -96,6 +96,13 @@ impl Export {
     /// [`ExportError::Shape`] when the bytes are not a JSON object of lists,
     /// [`ExportError::Object`] naming the first object (kind and id) that cannot be read.
     pub fn from_json(json: &[u8]) -> Result<Self, ExportError> {
+        // serde would read a JSON array as the struct's fields in order.
+        if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ExportError::Shape(
+                "expected a JSON object with keys such as \"customers\" and \"subscriptions\""
+                    .into(),
+            ));
+        }
         let raw: Raw<'_> =
             serde_json::from_slice(json).map_err(|e| ExportError::Shape(e.to_string()))?;
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
