@@ -1,8 +1,10 @@
-//! Sync throughput under a rate limit: a full backfill of 100,000 objects from a fake Stripe that
-//! refuses (429) every request past R in any one-second window and also injects 429s and 5xx, with
-//! the client's token bucket set to R. The ceiling is R x 100 objects/s (full pages of 100).
+//! Sync throughput under a rate limit: a full backfill of 100,000 objects from a fake Stripe whose
+//! token bucket refuses (429) requests past R per second and which also fails one request in 100
+//! (or 30) with a 429, a 503 or a 500 marked retryable, with the client's token bucket set to R.
+//! The ceiling is R x 100 objects/s (full pages of 100).
 //!
-//! `cargo run --release -p revpilot-benches --bin sync_backfill [-- R]` (R defaults to 200).
+//! `cargo run --release -p revpilot-benches --bin sync_backfill [-- R]` (R defaults to 100,
+//! Stripe's live-mode limit for reads).
 //! Prints, per run: objects, seconds, objects/s, the ratio to the ceiling, requests, retries,
 //! and whether the run succeeded; then the same backfill without injected faults as the in-run
 //! baseline.
@@ -141,7 +143,7 @@ async fn main() {
     let rate: u32 = std::env::args()
         .nth(1)
         .and_then(|r| r.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(100);
     let ceiling = f64::from(rate) * 100.0;
     println!("rate limit R = {rate} requests/s; ceiling R x 100 = {ceiling} objects/s");
     println!(
