@@ -54,6 +54,43 @@ struct State {
     events: Vec<(UserId, SubscriptionEvent)>,
 }
 
+impl MemoryStore {
+    /// A store holding one user (starter tier, no limits) with a connection of
+    /// `stripe_account_id`, the setup of most sync tests and benchmarks.
+    ///
+    /// # Panics
+    /// Never for a fresh store; it is a test helper.
+    pub async fn with_connection(
+        stripe_account_id: &str,
+        now: DateTime<Utc>,
+    ) -> (Self, UserId, ConnectionId) {
+        let store = MemoryStore::new();
+        let user = UserId(Uuid::new_v4());
+        let created = store
+            .create_user(user, None, Tier::Starter, Limits::default(), now)
+            .await;
+        let connection = store
+            .save_connection(
+                NewConnection {
+                    user,
+                    stripe_account_id: stripe_account_id.to_owned(),
+                    business_name: None,
+                    currency: None,
+                    tokens: Tokens {
+                        access_token: SecretString::from("sk_test_token"),
+                        refresh_token: None,
+                    },
+                },
+                now,
+            )
+            .await;
+        match (created, connection) {
+            (Ok(_), Ok(c)) => (store, user, c.id),
+            (a, b) => unreachable!("a fresh store takes a user and a connection: {a:?} {b:?}"),
+        }
+    }
+}
+
 /// Every port, in memory.
 #[derive(Default)]
 pub struct MemoryStore {

@@ -334,13 +334,26 @@ impl Syncer {
             }
             Err(_) => None,
         };
+        // Whether the server filters lists by `created` (localstripe refuses it): without, each
+        // stream is one plain lane.
+        let filters = match self
+            .client
+            .get(
+                "/v1/customers",
+                &[("limit", "1".to_owned()), ("created[gte]", "0".to_owned())],
+            )
+            .await
+        {
+            Ok(_) => true,
+            Err(ApiError::Rejected { status: 400, .. }) => false,
+            Err(e) => return Err(e.into()),
+        };
+        let floor = floor.filter(|_| filters);
         let tally = std::sync::Mutex::new(BTreeMap::<String, u64>::new());
         let active = std::sync::atomic::AtomicUsize::new(0);
-        let result = futures::future::try_join_all(
-            STREAMS
-                .iter()
-                .map(|stream| self.backfill_stream(job, stream, &tally, &active, floor, progress)),
-        )
+        let result = futures::future::try_join_all(STREAMS.iter().map(|stream| {
+            self.backfill_stream(job, stream, &tally, &active, floor, filters, progress)
+        }))
         .await;
         for (k, v) in tally
             .into_inner()
@@ -364,13 +377,15 @@ impl Syncer {
         tally: &std::sync::Mutex<BTreeMap<String, u64>>,
         active: &std::sync::atomic::AtomicUsize,
         floor: Option<i64>,
+        filters: bool,
         progress: &(dyn Fn(&Progress) + Send + Sync),
     ) -> Result<(), SyncError> {
         let state = &self.ports.state;
         let key = format!("{BACKFILL}:{}", stream.name);
         let cursor = state.cursor(job.connection, &key).await?;
-        let plan =
-            std::sync::Mutex::new(Plan::load(cursor.as_deref(), Utc::now().timestamp(), floor));
+        let mut plan = Plan::load(cursor.as_deref(), Utc::now().timestamp(), floor);
+        plan.plain |= !filters;
+        let plan = std::sync::Mutex::new(plan);
         // Saves happen in the order the plan changed, never an older plan over a newer one.
         let saved = tokio::sync::Mutex::new(0u64);
         let version = std::sync::atomic::AtomicU64::new(0);
@@ -461,14 +476,6 @@ impl Syncer {
                         && let Some(fallback) = stream.fallback
                     {
                         p.path = Some(fallback.to_owned());
-                        continue;
-                    }
-                    // A server that refuses `created` filters (localstripe): one plain lane.
-                    if matches!(&e, ApiError::Rejected { status: 400, message, .. } if message.contains("created"))
-                        && first
-                        && !p.plain
-                    {
-                        p.plain = true;
                         continue;
                     }
                     return Err(e.into());

@@ -15,10 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use revpilot_core::metrics::Engine;
 use revpilot_core::ports::SyncStatus;
-use revpilot_core::ports::{
-    ConnectionStore, Limits, Meter, NewConnection, ObjectCache, ObjectKind, Period, Tier, Tokens,
-    UsageStore, UserId, UserStore,
-};
+use revpilot_core::ports::{Meter, ObjectCache, ObjectKind, Period, UsageStore};
 use revpilot_core::testing::MemoryStore;
 use revpilot_core::{Currency, Rules};
 use revpilot_stripe::client::{Client, ClientConfig, idempotency_key};
@@ -186,30 +183,9 @@ async fn localstripe_account_syncs_completely_and_rebuilds() {
         }
     }
 
-    let store = Arc::new(MemoryStore::new());
-    let user = UserId(uuid::Uuid::new_v4());
     let now = Utc::now();
-    store
-        .create_user(user, None, Tier::Starter, Limits::default(), now)
-        .await
-        .unwrap();
-    let conn = store
-        .save_connection(
-            NewConnection {
-                user,
-                stripe_account_id: "acct_ls".into(),
-                business_name: None,
-                currency: None,
-                tokens: Tokens {
-                    access_token: SecretString::from("sk_test_localstripe"),
-                    refresh_token: None,
-                },
-            },
-            now,
-        )
-        .await
-        .unwrap()
-        .id;
+    let (store, user, conn) = MemoryStore::with_connection("acct_ls", now).await;
+    let store = Arc::new(store);
     let period = Period {
         start: now - chrono::TimeDelta::days(1),
         end: now + chrono::TimeDelta::days(30),

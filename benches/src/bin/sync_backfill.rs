@@ -15,9 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use revpilot_core::ports::{
-    ConnectionStore, Limits, NewConnection, Period, SyncStatus, Tier, Tokens, UserId, UserStore,
-};
+use revpilot_core::ports::{Period, SyncStatus};
 use revpilot_core::testing::MemoryStore;
 use revpilot_stripe::client::{Client, ClientConfig};
 use revpilot_stripe::fake::{FakeStripe, Fault};
@@ -76,30 +74,9 @@ async fn run(rate: u32, faults: Option<u64>) -> (f64, u64, SyncStatus, u64, u64,
             })
         });
     }
-    let store = Arc::new(MemoryStore::new());
-    let user = UserId(uuid::Uuid::new_v4());
     let now = Utc::now();
-    store
-        .create_user(user, None, Tier::Enterprise, Limits::default(), now)
-        .await
-        .unwrap();
-    let conn = store
-        .save_connection(
-            NewConnection {
-                user,
-                stripe_account_id: "acct_bench".into(),
-                business_name: None,
-                currency: None,
-                tokens: Tokens {
-                    access_token: SecretString::from("sk"),
-                    refresh_token: None,
-                },
-            },
-            now,
-        )
-        .await
-        .unwrap()
-        .id;
+    let (store, user, conn) = MemoryStore::with_connection("acct_bench", now).await;
+    let store = Arc::new(store);
     let mut cfg = ClientConfig::new(SecretString::from("sk"))
         .with_api_base(&fake.uri())
         .unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use revpilot_core::ports::{Limits, NewConnection, StoreResult, SyncRun, Tier, Tokens, UserStore};
+use revpilot_core::ports::{StoreResult, SyncRun};
 use revpilot_core::testing::MemoryStore;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -91,30 +91,9 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let store = Arc::new(MemoryStore::new());
-    let user = UserId(Uuid::new_v4());
     let now = Utc::now();
-    store
-        .create_user(user, None, Tier::Starter, Limits::default(), now)
-        .await
-        .unwrap();
-    let conn = store
-        .save_connection(
-            NewConnection {
-                user,
-                stripe_account_id: "acct_1".into(),
-                business_name: None,
-                currency: None,
-                tokens: Tokens {
-                    access_token: SecretString::from("sk_acct"),
-                    refresh_token: None,
-                },
-            },
-            now,
-        )
-        .await
-        .unwrap()
-        .id;
+    let (store, user, conn) = MemoryStore::with_connection("acct_1", now).await;
+    let store = Arc::new(store);
     let period = Period {
         start: now - TimeDelta::days(1),
         end: now + TimeDelta::days(30),
@@ -253,11 +232,12 @@ async fn a_sync_stopped_at_any_request_resumes_to_the_same_data_without_double_c
     for stop_at in 1..=requests {
         let fake = account(None).await;
         let e = env().await;
-        // The n-th list request fails (reading the account's details is optional and skipped).
+        // The n-th list request fails (reading the account's details and probing for `created`
+        // filters are not list requests).
         let lists = Arc::new(AtomicU64::new(0));
         let seen = lists.clone();
         fake.faults(move |_, url| {
-            if url.starts_with("/v1/account") {
+            if url.starts_with("/v1/account") || url.contains("?limit=1&") {
                 return None;
             }
             (seen.fetch_add(1, Ordering::SeqCst) + 1 == stop_at).then_some(Fault {
