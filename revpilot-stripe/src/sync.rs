@@ -179,6 +179,34 @@ struct Head {
     created: i64,
 }
 
+/// What the streams of one backfill share.
+struct Run<'a> {
+    job: &'a SyncJob,
+    /// Objects stored per stream.
+    tally: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// Pages in flight across the streams.
+    active: std::sync::atomic::AtomicUsize,
+    /// The account's creation, where known.
+    floor: Option<i64>,
+    /// The server filters lists by `created`.
+    filters: bool,
+    progress: &'a (dyn Fn(&Progress) + Send + Sync),
+}
+
+/// What the lanes of one stream share.
+struct StreamRun<'a> {
+    stream: &'a Stream,
+    /// The stream's cursor key.
+    key: String,
+    plan: std::sync::Mutex<Plan>,
+    /// The version of the plan last saved: saves happen in the order the plan changed, never an
+    /// older plan over a newer one.
+    saved: tokio::sync::Mutex<u64>,
+    version: std::sync::atomic::AtomicU64,
+    /// Objects stored by this stream in this run.
+    total: std::sync::atomic::AtomicU64,
+}
+
 /// Lanes per stream in a backfill.
 const LANES: usize = 4;
 /// Below this many pages in flight (not backing off) across the streams, idle lanes split.
@@ -348,14 +376,19 @@ impl Syncer {
             Err(ApiError::Rejected { status: 400, .. }) => false,
             Err(e) => return Err(e.into()),
         };
-        let floor = floor.filter(|_| filters);
-        let tally = std::sync::Mutex::new(BTreeMap::<String, u64>::new());
-        let active = std::sync::atomic::AtomicUsize::new(0);
-        let result = futures::future::try_join_all(STREAMS.iter().map(|stream| {
-            self.backfill_stream(job, stream, &tally, &active, floor, filters, progress)
-        }))
-        .await;
-        for (k, v) in tally
+        let run = Run {
+            job,
+            tally: std::sync::Mutex::new(BTreeMap::new()),
+            active: std::sync::atomic::AtomicUsize::new(0),
+            floor: floor.filter(|_| filters),
+            filters,
+            progress,
+        };
+        let result =
+            futures::future::try_join_all(STREAMS.iter().map(|s| self.backfill_stream(&run, s)))
+                .await;
+        for (k, v) in run
+            .tally
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
         {
@@ -370,55 +403,35 @@ impl Syncer {
 
     /// One stream's backfill: [`LANES`] lanes page the stream's plan side by side; each page is
     /// stored (objects, then usage) before the plan that records it is saved as the cursor.
-    async fn backfill_stream(
-        &self,
-        job: &SyncJob,
-        stream: &Stream,
-        tally: &std::sync::Mutex<BTreeMap<String, u64>>,
-        active: &std::sync::atomic::AtomicUsize,
-        floor: Option<i64>,
-        filters: bool,
-        progress: &(dyn Fn(&Progress) + Send + Sync),
-    ) -> Result<(), SyncError> {
-        let state = &self.ports.state;
+    async fn backfill_stream(&self, run: &Run<'_>, stream: &Stream) -> Result<(), SyncError> {
         let key = format!("{BACKFILL}:{}", stream.name);
-        let cursor = state.cursor(job.connection, &key).await?;
-        let mut plan = Plan::load(cursor.as_deref(), Utc::now().timestamp(), floor);
-        plan.plain |= !filters;
-        let plan = std::sync::Mutex::new(plan);
-        // Saves happen in the order the plan changed, never an older plan over a newer one.
-        let saved = tokio::sync::Mutex::new(0u64);
-        let version = std::sync::atomic::AtomicU64::new(0);
-        let total = std::sync::atomic::AtomicU64::new(0);
-        let lanes = (0..LANES).map(|_| {
-            self.lane(
-                job, stream, &key, &plan, &saved, &version, &total, tally, active, progress,
-            )
-        });
-        futures::future::try_join_all(lanes).await?;
-        let total = total.load(std::sync::atomic::Ordering::Relaxed);
-        progress(&Progress::StreamDone {
+        let cursor = self.ports.state.cursor(run.job.connection, &key).await?;
+        let mut plan = Plan::load(cursor.as_deref(), Utc::now().timestamp(), run.floor);
+        plan.plain |= !run.filters;
+        let s = StreamRun {
+            stream,
+            key,
+            plan: std::sync::Mutex::new(plan),
+            saved: tokio::sync::Mutex::new(0),
+            version: std::sync::atomic::AtomicU64::new(0),
+            total: std::sync::atomic::AtomicU64::new(0),
+        };
+        futures::future::try_join_all((0..LANES).map(|_| self.lane(run, &s))).await?;
+        let total = s.total.load(std::sync::atomic::Ordering::Relaxed);
+        (run.progress)(&Progress::StreamDone {
             stream: stream.name,
             total,
         });
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn lane(
-        &self,
-        job: &SyncJob,
-        stream: &Stream,
-        key: &str,
-        plan: &std::sync::Mutex<Plan>,
-        saved: &tokio::sync::Mutex<u64>,
-        version: &std::sync::atomic::AtomicU64,
-        total: &std::sync::atomic::AtomicU64,
-        tally: &std::sync::Mutex<BTreeMap<String, u64>>,
-        active: &std::sync::atomic::AtomicUsize,
-        progress: &(dyn Fn(&Progress) + Send + Sync),
-    ) -> Result<(), SyncError> {
+    /// One lane: takes a segment of the stream's plan, reads its next page, stores it, saves the
+    /// plan; until the plan is finished.
+    async fn lane(&self, run: &Run<'_>, s: &StreamRun<'_>) -> Result<(), SyncError> {
         use std::sync::atomic::Ordering::SeqCst;
+        let (job, stream, key, progress) = (run.job, s.stream, s.key.as_str(), run.progress);
+        let (plan, saved, version, total) = (&s.plan, &s.saved, &s.version, &s.total);
+        let (tally, active) = (&run.tally, &run.active);
         let lock = || {
             plan.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
