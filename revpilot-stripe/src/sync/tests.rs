@@ -592,3 +592,34 @@ async fn localstripe_style_plans_are_read_where_prices_404() {
     assert_eq!(prices.len(), 1);
     assert_eq!(prices[0].stripe_id, "plan_x");
 }
+
+#[tokio::test]
+async fn a_deauthorization_event_deactivates_the_connection() {
+    let fake = account(None).await;
+    let e = env().await;
+    let syncer = Syncer::new(client(&fake.uri(), 1000), ports(&e.store));
+    assert_eq!(
+        syncer.run(&job(&e, None), &quiet()).await.unwrap().0,
+        SyncStatus::Succeeded
+    );
+    fake.push(
+        "/v1/events",
+        vec![
+            json!({"id": "evt_bye", "type": "account.application.deauthorized",
+                     "created": Utc::now().timestamp() + 5,
+                     "data": {"object": {"id": "ca_platform", "object": "application"}}}),
+        ],
+    );
+    let (status, outcome) = syncer.run(&job(&e, None), &quiet()).await.unwrap();
+    assert_eq!(status, SyncStatus::Failed);
+    assert!(outcome.error.unwrap().contains("inactive"));
+    assert!(
+        !e.store
+            .connection(e.user, e.conn)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_active
+    );
+    assert!(e.store.tokens(e.user, e.conn).await.unwrap().is_none());
+}
