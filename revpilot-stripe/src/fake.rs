@@ -172,6 +172,17 @@ impl FakeStripe {
         self.server.uri()
     }
 
+    /// Every request received so far, as `path?query`.
+    pub async fn received(&self) -> Vec<String> {
+        self.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|r| format!("{}?{}", r.url.path(), r.url.query().unwrap_or_default()))
+            .collect()
+    }
+
     /// Requests received, and how many of them the rate limit refused.
     pub fn requests(&self) -> (u64, u64) {
         (

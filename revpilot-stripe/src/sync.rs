@@ -9,6 +9,11 @@
 //! backfill it notes the newest event; later runs read the Events API from that cursor (a cursor
 //! older than Stripe's 30 days of events starts a new backfill).
 //!
+//! Streams run side by side on the connection's token bucket, and within a stream lanes page
+//! disjoint `created` ranges (see `plan`). Two `limit=1` probes ask first whether the server
+//! filters by `created` and expands discounts in lists; where it does not (localstripe), a stream
+//! is one plain lane and discounts stay ids (the rebuild reports them).
+//!
 //! Every run is recorded (start, end, objects per stream, requests, retries, error). A 401 means
 //! the account revoked access: the connection is deactivated (tokens erased) and the run fails.
 
@@ -190,6 +195,8 @@ struct Run<'a> {
     floor: Option<i64>,
     /// The server filters lists by `created`.
     filters: bool,
+    /// The server expands subscriptions' and invoices' discounts in lists.
+    expand: bool,
     progress: &'a (dyn Fn(&Progress) + Send + Sync),
 }
 
@@ -376,12 +383,30 @@ impl Syncer {
             Err(ApiError::Rejected { status: 400, .. }) => false,
             Err(e) => return Err(e.into()),
         };
+        // Whether it expands discounts in lists (localstripe refuses): the rebuild needs the
+        // discount objects, not their ids.
+        let expand = match self
+            .client
+            .get(
+                "/v1/subscriptions",
+                &[
+                    ("limit", "1".to_owned()),
+                    ("expand[]", "data.discounts".to_owned()),
+                ],
+            )
+            .await
+        {
+            Ok(_) => true,
+            Err(ApiError::Rejected { status: 400, .. }) => false,
+            Err(e) => return Err(e.into()),
+        };
         let run = Run {
             job,
             tally: std::sync::Mutex::new(BTreeMap::new()),
             active: std::sync::atomic::AtomicUsize::new(0),
             floor: floor.filter(|_| filters),
             filters,
+            expand,
             progress,
         };
         let result =
@@ -472,6 +497,9 @@ impl Syncer {
             if !plain {
                 params.push(("created[gte]", seg.lo.to_string()));
                 params.push(("created[lt]", seg.hi.to_string()));
+            }
+            if run.expand && matches!(stream.kind, ObjectKind::Subscription | ObjectKind::Invoice) {
+                params.push(("expand[]", "data.discounts".to_owned()));
             }
             let page = match self
                 .client

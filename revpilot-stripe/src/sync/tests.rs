@@ -174,6 +174,15 @@ async fn a_backfill_stores_every_object_once_with_complete_nested_lists() {
             ("subscription".into(), 120)
         ]
     );
+    // Discounts come expanded where the server can (the rebuild needs the objects).
+    let urls = fake.received().await;
+    for list in ["/v1/subscriptions?", "/v1/invoices?"] {
+        assert!(
+            urls.iter()
+                .any(|u| u.starts_with(list) && u.contains("expand%5B%5D=data.discounts")),
+            "{urls:?}"
+        );
+    }
     let snap = snapshot(&e).await;
     assert_eq!(
         snap.iter().filter(|o| o.0 == ObjectKind::Customer).count(),
