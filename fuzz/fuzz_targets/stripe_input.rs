@@ -20,4 +20,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = parse::<Price>("price", data);
     let _ = parse::<Coupon>("coupon", data);
     let _ = parse::<Event>("event", data);
+    let _ = revpilot_stripe::webhook::SignatureHeader::parse(&String::from_utf8_lossy(data));
 });

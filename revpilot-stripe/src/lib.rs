@@ -5,6 +5,8 @@
 //!   today's API shapes and the older ones.
 //! - [`export`]: an account's objects in one JSON file, read in parallel without a JSON tree.
 //! - [`rebuild`]: Stripe objects -> the core's account timeline (pure).
+//! - [`client`], [`connect`], [`sync`]: HTTP with Stripe's retry rules, Connect OAuth, the sync.
+//! - [`webhook`]: `Stripe-Signature` verification (any `v1`, any secret, constant time).
 
 #![recursion_limit = "256"]
 
@@ -18,3 +20,4 @@ pub mod rebuild;
 pub mod sync;
 #[cfg(feature = "synth")]
 pub mod synth;
+pub mod webhook;

@@ -27,6 +27,7 @@ fn saved_fuzz_inputs_do_not_panic() {
         let _ = parse::<Price>("price", &data);
         let _ = parse::<Coupon>("coupon", &data);
         let _ = parse::<Event>("event", &data);
+        let _ = revpilot_stripe::webhook::SignatureHeader::parse(&String::from_utf8_lossy(&data));
         seen += 1;
     }
     assert!(
