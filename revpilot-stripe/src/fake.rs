@@ -1,9 +1,13 @@
 //! A Stripe-shaped fake server the tests and benchmarks own (feature `fake`).
 //!
-//! It serves what localstripe cannot do on demand: lists of any size in Stripe's order (newest
-//! first) with `limit`/`starting_after` and `created[gte]`/`created[lt]`, invoice lines and refunds beyond the embedded ten, the
-//! Events API, a server-side rate limit (429 past R requests in any one-second window) and
-//! injected faults at chosen requests.
+//! It serves what localstripe cannot do on demand:
+//! - lists of any size in Stripe's order (newest first), with `limit`, `starting_after`,
+//!   `created[gte]` and `created[lt]`;
+//! - invoice lines and refunds beyond the embedded ten;
+//! - the Events API;
+//! - a server-side rate limit: 429 when its bucket of R requests, refilled at R per second, is
+//!   empty;
+//! - injected faults at chosen requests.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +34,7 @@ pub struct FakeState {
     lists: Mutex<BTreeMap<String, Vec<Value>>>,
     rate: Option<u32>,
     /// The rate limit's bucket: last refill and tokens.
-    window: Mutex<(Instant, f64)>,
+    bucket: Mutex<(Instant, f64)>,
     requests: AtomicU64,
     limited: AtomicU64,
     faults: Mutex<Option<FaultFn>>,
@@ -63,7 +67,7 @@ impl FakeState {
             // A token bucket of one second's capacity, refilled at `rate` per second (Stripe's
             // limiter is a bucket too).
             let mut w = self
-                .window
+                .bucket
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let refill = w.0.elapsed().as_secs_f64() * f64::from(rate);
@@ -149,13 +153,13 @@ impl FakeState {
 }
 
 impl FakeStripe {
-    /// Starts a fake with no data; `rate` limits requests per one-second window.
+    /// Starts a fake with no data; `rate` is its token bucket (capacity and refill per second).
     pub async fn start(rate: Option<u32>) -> Self {
         let server = MockServer::start().await;
         let state = Arc::new(FakeState {
             lists: Mutex::new(BTreeMap::new()),
             rate,
-            window: Mutex::new((Instant::now(), f64::from(rate.unwrap_or(0)))),
+            bucket: Mutex::new((Instant::now(), f64::from(rate.unwrap_or(0)))),
             requests: AtomicU64::new(0),
             limited: AtomicU64::new(0),
             faults: Mutex::new(None),

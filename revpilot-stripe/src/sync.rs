@@ -5,7 +5,8 @@
 //! statuses, invoices with every line, charges with every refund) with `limit=100` pages. After
 //! each page it writes the objects, records one `transaction_volume` unit per charge (keyed by the
 //! charge id) and only then saves the stream's cursor: a run killed anywhere and started again
-//! re-reads at most one page, which the cache and the usage store take as no change. Before the
+//! re-reads at most the pages that were in flight, which the cache and the usage store take as no
+//! change. Before the
 //! backfill it notes the newest event; later runs read the Events API from that cursor (a cursor
 //! older than Stripe's 30 days of events starts a new backfill).
 //!
@@ -49,6 +50,22 @@ pub struct SyncPorts {
     pub usage: Arc<dyn UsageStore>,
     /// Connections (deactivated on a 401).
     pub connections: Arc<dyn ConnectionStore>,
+}
+
+impl SyncPorts {
+    /// Every port from one store that implements them all (the SQLite, PostgreSQL and in-memory
+    /// stores do).
+    pub fn from_store<S>(store: Arc<S>) -> Self
+    where
+        S: ObjectCache + SyncStateStore + UsageStore + ConnectionStore + 'static,
+    {
+        SyncPorts {
+            cache: store.clone(),
+            state: store.clone(),
+            usage: store.clone(),
+            connections: store,
+        }
+    }
 }
 
 /// Which connection to sync, and where its usage counts.
@@ -172,11 +189,7 @@ const ANCHOR: &str = "event_anchor";
 /// behind (re-reading an event changes nothing).
 const CURSOR_SLACK_SECS: i64 = 300;
 
-#[derive(Deserialize)]
-struct IdOnly {
-    id: String,
-}
-
+/// An object's id and (when it has one) `created`.
 #[derive(Deserialize)]
 struct Head {
     id: String,
@@ -626,7 +639,7 @@ impl Syncer {
             };
             let version = DateTime::from_timestamp(head.created, 0).unwrap_or_else(Utc::now);
             let data = self.complete(kind, &head.data.object).await?;
-            let id: IdOnly = parse_raw("event object", &head.data.object)?;
+            let id: Head = parse_raw("event object", &head.data.object)?;
             self.store(
                 job,
                 &[CachedObject {
@@ -745,7 +758,7 @@ async fn complete(client: &Client, kind: ObjectKind, raw: &RawValue) -> Result<S
             .list_page(&list_path, &params, after.as_deref())
             .await?;
         for r in &page.data {
-            let id: IdOnly = parse_raw(field, r)?;
+            let id: Head = parse_raw(field, r)?;
             after = Some(id.id);
             items.push(
                 serde_json::from_str(r.get()).map_err(|e| SyncError::Invalid {
@@ -802,7 +815,7 @@ pub async fn export_account(
                 other => other?,
             };
             for raw in &page.data {
-                let id: IdOnly = parse_raw(stream.name, raw)?;
+                let id: Head = parse_raw(stream.name, raw)?;
                 after = Some(id.id);
                 let data = complete(client, stream.kind, raw).await?;
                 items.push(RawValue::from_string(data).map_err(|e| SyncError::Invalid {
@@ -839,7 +852,7 @@ pub async fn export_account(
             .await?;
         let more = page.has_more && !page.data.is_empty();
         for raw in page.data {
-            let id: IdOnly = parse_raw("event", &raw)?;
+            let id: Head = parse_raw("event", &raw)?;
             after = Some(id.id);
             out.events.push(raw);
         }

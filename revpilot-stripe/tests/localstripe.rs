@@ -190,12 +190,7 @@ async fn localstripe_account_syncs_completely_and_rebuilds() {
         start: now - chrono::TimeDelta::days(1),
         end: now + chrono::TimeDelta::days(30),
     };
-    let ports = SyncPorts {
-        cache: store.clone(),
-        state: store.clone(),
-        usage: store.clone(),
-        connections: store.clone(),
-    };
+    let ports = SyncPorts::from_store(store.clone());
     let job = SyncJob {
         user,
         connection: conn,

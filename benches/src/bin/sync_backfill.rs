@@ -81,12 +81,7 @@ async fn run(rate: u32, faults: Option<u64>) -> (f64, u64, SyncStatus, u64, u64,
         .with_api_base(&fake.uri())
         .unwrap();
     cfg.requests_per_second = NonZeroU32::new(rate).unwrap();
-    let ports = SyncPorts {
-        cache: store.clone(),
-        state: store.clone(),
-        usage: store.clone(),
-        connections: store.clone(),
-    };
+    let ports = SyncPorts::from_store(store.clone());
     let period = Period {
         start: now - chrono::TimeDelta::days(1),
         end: now + chrono::TimeDelta::days(30),
@@ -138,7 +133,7 @@ async fn main() {
         ("baseline (no faults)", None),
     ];
     for (label, faults) in runs {
-        // Let the server's window and the client's bucket start fresh.
+        // Let the server's and the client's buckets start full.
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let (secs, objects, status, requests, retries, refused) = run(rate, faults).await;
         let per_sec = objects as f64 / secs;

@@ -400,12 +400,7 @@ fn sync(api_key: String, api_base: &str, db: &str, rate: u32) -> Result<()> {
             )
             .await
             .map_err(store_err)?;
-        let ports = SyncPorts {
-            cache: store.clone(),
-            state: store.clone(),
-            usage: store.clone(),
-            connections: store.clone(),
-        };
+        let ports = SyncPorts::from_store(store.clone());
         let job = SyncJob {
             user: CLI_USER,
             connection: connection.id,

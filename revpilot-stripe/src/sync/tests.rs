@@ -117,13 +117,16 @@ fn client(uri: &str, rate: u32) -> Client {
     Client::new(cfg).unwrap()
 }
 
+/// The transaction volume recorded in the env's period.
+async fn used(e: &Env) -> u64 {
+    e.store
+        .used(e.user, Meter::TransactionVolume, e.period)
+        .await
+        .unwrap()
+}
+
 fn ports(store: &Arc<MemoryStore>) -> SyncPorts {
-    SyncPorts {
-        cache: store.clone(),
-        state: store.clone(),
-        usage: store.clone(),
-        connections: store.clone(),
-    }
+    SyncPorts::from_store(store.clone())
 }
 
 fn job(e: &Env, limit: Option<u64>) -> SyncJob {
@@ -199,13 +202,7 @@ async fn a_backfill_stores_every_object_once_with_complete_nested_lists() {
     let ch: crate::objects::Charge =
         serde_json::from_str(&snap.iter().find(|o| o.1 == "ch_many").unwrap().2).unwrap();
     assert_eq!(ch.refunds.unwrap().data.len(), 13);
-    assert_eq!(
-        e.store
-            .used(e.user, Meter::TransactionVolume, e.period)
-            .await
-            .unwrap(),
-        105
-    );
+    assert_eq!(used(&e).await, 105);
     assert!(pages.lock().unwrap().contains(&Progress::StreamDone {
         stream: "customer",
         total: 250
@@ -291,14 +288,7 @@ async fn a_sync_stopped_at_any_request_resumes_to_the_same_data_without_double_c
                 .collect::<Vec<_>>(),
             want.iter().map(|o| (&o.0, &o.1)).collect::<Vec<_>>()
         );
-        assert_eq!(
-            e.store
-                .used(e.user, Meter::TransactionVolume, e.period)
-                .await
-                .unwrap(),
-            105,
-            "stopped at request {stop_at}"
-        );
+        assert_eq!(used(&e).await, 105, "stopped at request {stop_at}");
     }
     assert!(
         stopped * 10 >= requests * 8,
@@ -380,14 +370,7 @@ async fn a_crash_between_writing_a_page_and_saving_its_cursor_loses_and_doubles_
             250 + 2 + 1 + 120 + 3 + 105,
             "crash at {crash_at}"
         );
-        assert_eq!(
-            e.store
-                .used(e.user, Meter::TransactionVolume, e.period)
-                .await
-                .unwrap(),
-            105,
-            "crash at {crash_at}"
-        );
+        assert_eq!(used(&e).await, 105, "crash at {crash_at}");
     }
 }
 
@@ -512,23 +495,11 @@ async fn events_after_the_backfill_are_applied_and_new_charges_counted_once() {
     )
     .unwrap();
     assert_eq!(big.lines.data.len(), 12);
-    assert_eq!(
-        e.store
-            .used(e.user, Meter::TransactionVolume, e.period)
-            .await
-            .unwrap(),
-        106
-    );
+    assert_eq!(used(&e).await, 106);
     // Again: nothing new, nothing counted twice.
     let (_, outcome) = syncer.run(&job(&e, None), &quiet()).await.unwrap();
     assert_eq!(outcome.objects.get("event"), Some(&0));
-    assert_eq!(
-        e.store
-            .used(e.user, Meter::TransactionVolume, e.period)
-            .await
-            .unwrap(),
-        106
-    );
+    assert_eq!(used(&e).await, 106);
 }
 
 #[tokio::test]
@@ -548,13 +519,7 @@ async fn a_cursor_older_than_thirty_days_backfills_again() {
         outcome.objects.contains_key("customer") && !outcome.objects.contains_key("event"),
         "a full backfill ran: {outcome:?}"
     );
-    assert_eq!(
-        e.store
-            .used(e.user, Meter::TransactionVolume, e.period)
-            .await
-            .unwrap(),
-        105
-    );
+    assert_eq!(used(&e).await, 105);
 }
 
 #[tokio::test]
@@ -567,13 +532,7 @@ async fn the_usage_limit_pauses_the_sync() {
         .unwrap();
     assert_eq!(status, SyncStatus::Paused);
     assert!(outcome.error.unwrap().contains("limit"));
-    assert!(
-        e.store
-            .used(e.user, Meter::TransactionVolume, e.period)
-            .await
-            .unwrap()
-            <= 50
-    );
+    assert!(used(&e).await <= 50);
 }
 
 #[tokio::test]
