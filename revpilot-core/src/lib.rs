@@ -26,6 +26,7 @@
 //! ```
 
 pub mod anomaly;
+pub mod billing;
 pub mod fx;
 pub mod metrics;
 pub mod model;

@@ -139,6 +139,8 @@ pub struct UserProfile {
     pub stripe_customer_id: Option<String>,
     /// The user's Stripe subscription.
     pub stripe_subscription_id: Option<String>,
+    /// Start of the current billing period, when subscribed.
+    pub current_period_start: Option<DateTime<Utc>>,
     /// End of the current billing period, when subscribed.
     pub current_period_end: Option<DateTime<Utc>>,
     /// The tier's limits.
@@ -160,6 +162,8 @@ pub struct PlanChange {
     pub stripe_customer_id: Option<String>,
     /// Stripe subscription id.
     pub stripe_subscription_id: Option<String>,
+    /// Period start.
+    pub current_period_start: Option<DateTime<Utc>>,
     /// Period end.
     pub current_period_end: Option<DateTime<Utc>>,
     /// The new tier's limits.
@@ -206,6 +210,19 @@ pub trait UserStore: Send + Sync {
         &self,
         user: UserId,
         change: &PlanChange,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile>;
+
+    /// Sets the user's Stripe customer unless one is set already, and returns the profile: its
+    /// `stripe_customer_id` is the one to use (the existing one when two requests raced).
+    ///
+    /// # Errors
+    /// MUST return [`StoreError::NotFound`] for an unknown user and [`StoreError::Conflict`] when
+    /// the customer belongs to another user.
+    async fn set_stripe_customer(
+        &self,
+        user: UserId,
+        customer: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<UserProfile>;
 }
@@ -767,13 +784,16 @@ pub enum Applied {
     Applied,
     /// A newer event was already applied for this user; nothing changed.
     Stale,
+    /// This Stripe event was already applied; nothing changed.
+    Duplicate,
 }
 
 /// The billing state of users: their subscription and the events applied to it.
 #[async_trait]
 pub trait BillingStore: Send + Sync {
     /// In one transaction: unless an event newer than `event.created` was already applied for
-    /// `user`, applies `change` to the profile, upserts the user's subscription, and appends
+    /// `user` ([`Applied::Stale`]) or this `stripe_event_id` was applied before
+    /// ([`Applied::Duplicate`]), applies `change` to the profile, upserts the user's subscription, and appends
     /// `event` to the log.
     ///
     /// # Errors

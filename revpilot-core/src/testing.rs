@@ -193,6 +193,7 @@ impl UserStore for MemoryStore {
             subscription_status: None,
             stripe_customer_id: None,
             stripe_subscription_id: None,
+            current_period_start: None,
             current_period_end: None,
             limits,
             created_at: now,
@@ -248,6 +249,27 @@ impl UserStore for MemoryStore {
     ) -> StoreResult<UserProfile> {
         self.lock()?.set_plan(user, change, now)
     }
+
+    async fn set_stripe_customer(
+        &self,
+        user: UserId,
+        customer: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile> {
+        let mut s = self.lock()?;
+        if s.users
+            .values()
+            .any(|p| p.user_id != user && p.stripe_customer_id.as_deref() == Some(customer))
+        {
+            return Err(StoreError::Conflict(format!("Stripe customer {customer}")));
+        }
+        let p = s.users.get_mut(&user).ok_or(StoreError::NotFound("user"))?;
+        if p.stripe_customer_id.is_none() {
+            p.stripe_customer_id = Some(customer.to_owned());
+            p.updated_at = now;
+        }
+        Ok(p.clone())
+    }
 }
 
 impl State {
@@ -269,6 +291,7 @@ impl State {
         }
         p.stripe_subscription_id
             .clone_from(&change.stripe_subscription_id);
+        p.current_period_start = change.current_period_start;
         p.current_period_end = change.current_period_end;
         p.limits = change.limits;
         p.updated_at = now;
@@ -719,6 +742,13 @@ impl BillingStore for MemoryStore {
             .is_some_and(|(_, last)| *last > event.created)
         {
             return Ok(Applied::Stale);
+        }
+        if let Some(id) = &event.stripe_event_id
+            && s.events
+                .iter()
+                .any(|(_, e)| e.stripe_event_id.as_ref() == Some(id))
+        {
+            return Ok(Applied::Duplicate);
         }
         s.set_plan(user, change, now)?;
         s.subscriptions

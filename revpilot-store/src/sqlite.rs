@@ -62,6 +62,11 @@ fn migrator() -> Migrator {
             "usage counters",
             include_str!("../migrations/sqlite/0003_usage_counters.sql"),
         ),
+        m(
+            4,
+            "billing",
+            include_str!("../migrations/sqlite/0004_billing.sql"),
+        ),
     ])
 }
 
@@ -315,7 +320,8 @@ impl SqliteStore {
 
 const USER_COLUMNS: &str = "user_id, email, subscription_tier, subscription_status, stripe_customer_id, \
      stripe_subscription_id, subscription_current_period_end, monthly_scenario_limit, \
-     monthly_ai_insights_limit, monthly_transaction_volume_limit, created_at, updated_at";
+     monthly_ai_insights_limit, monthly_transaction_volume_limit, created_at, updated_at, \
+     subscription_current_period_start";
 
 fn user_row(row: &SqliteRow) -> StoreResult<UserProfile> {
     let get_s = |i: usize| row.try_get::<Option<String>, _>(i).map_err(backend);
@@ -329,6 +335,7 @@ fn user_row(row: &SqliteRow) -> StoreResult<UserProfile> {
         subscription_status: get_s(3)?,
         stripe_customer_id: get_s(4)?,
         stripe_subscription_id: get_s(5)?,
+        current_period_start: opt_instant(get_i(12)?)?,
         current_period_end: opt_instant(get_i(6)?)?,
         limits: Limits {
             scenarios: u32_limit(get_i(7)?)?,
@@ -427,6 +434,36 @@ impl UserStore for SqliteStore {
     ) -> StoreResult<UserProfile> {
         update_plan(&self.pool, user, change, now).await
     }
+
+    async fn set_stripe_customer(
+        &self,
+        user: UserId,
+        customer: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile> {
+        let sql = format!(
+            "UPDATE user_profiles SET stripe_customer_id = COALESCE(stripe_customer_id, $1),
+               updated_at = CASE WHEN stripe_customer_id IS NULL THEN $2 ELSE updated_at END
+             WHERE user_id = $3 RETURNING {USER_COLUMNS}"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(customer)
+            .bind(micros(now))
+            .bind(user.0.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| {
+                if is_unique(&e) {
+                    StoreError::Conflict(format!("Stripe customer {customer}"))
+                } else {
+                    backend(e)
+                }
+            })?;
+        row.as_ref()
+            .map(user_row)
+            .transpose()?
+            .ok_or(StoreError::NotFound("user"))
+    }
 }
 
 /// The plan UPDATE of [`UserStore::set_plan`], on any connection or transaction.
@@ -443,7 +480,8 @@ where
         "UPDATE user_profiles SET subscription_tier = $1, subscription_status = $2,
            stripe_customer_id = COALESCE($3, stripe_customer_id), stripe_subscription_id = $4,
            subscription_current_period_end = $5, monthly_scenario_limit = $6,
-           monthly_ai_insights_limit = $7, monthly_transaction_volume_limit = $8, updated_at = $9
+           monthly_ai_insights_limit = $7, monthly_transaction_volume_limit = $8, updated_at = $9,
+           subscription_current_period_start = $11
          WHERE user_id = $10 RETURNING {USER_COLUMNS}"
     );
     let volume = change
@@ -464,6 +502,7 @@ where
         .bind(volume)
         .bind(micros(now))
         .bind(user.0.to_string())
+        .bind(change.current_period_start.map(micros))
         .fetch_optional(ex)
         .await
         .map_err(|e| {
@@ -1378,6 +1417,16 @@ impl BillingStore for SqliteStore {
         .map_err(backend)?;
         if last.is_some_and(|l| l > micros(event.created)) {
             return Ok(Applied::Stale);
+        }
+        if let Some(id) = &event.stripe_event_id {
+            let seen = sqlx::query("SELECT 1 FROM subscription_events WHERE stripe_event_id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if seen.is_some() {
+                return Ok(Applied::Duplicate);
+            }
         }
         update_plan(&mut *tx, user, change, now).await?;
         sqlx::query(

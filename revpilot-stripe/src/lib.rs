@@ -10,6 +10,7 @@
 
 #![recursion_limit = "256"]
 
+pub mod billing;
 pub mod client;
 pub mod connect;
 pub mod export;

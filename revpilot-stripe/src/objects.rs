@@ -35,7 +35,7 @@ impl<T> Default for List<T> {
 }
 
 /// An expandable field: the id, whether Stripe sent it or the expanded object; `None` for null.
-fn expandable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+pub(crate) fn expandable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     match Option::<Value>::deserialize(d)? {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(id)) => Ok(Some(id)),
@@ -52,7 +52,9 @@ fn expandable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Erro
 }
 
 /// Metadata: Stripe sends strings; anything else is kept as its JSON text.
-fn metadata<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+pub(crate) fn metadata<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
     let map = Option::<BTreeMap<String, Value>>::deserialize(d)?.unwrap_or_default();
     Ok(map
         .into_iter()

@@ -87,6 +87,20 @@ impl SignatureHeader {
     }
 }
 
+/// A `Stripe-Signature` header for `payload` signed with `secret` at `timestamp` (unix
+/// seconds), as Stripe makes it: for tests, fakes and load generators.
+pub fn signature_header(payload: &[u8], secret: &str, timestamp: i64) -> String {
+    let hex = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).map_or_else(
+        |_| String::new(),
+        |mut mac| {
+            mac.update(format!("{timestamp}.").as_bytes());
+            mac.update(payload);
+            hex::encode(mac.finalize().into_bytes())
+        },
+    );
+    format!("t={timestamp},v1={hex}")
+}
+
 /// Checks a webhook's `Stripe-Signature` header against the raw `payload` and the endpoint
 /// `secrets` (more than one while rotating), at `now` (unix seconds; injectable for tests).
 ///

@@ -158,6 +158,7 @@ pub async fn users<S: UserStore + ?Sized>(store: &S) {
         subscription_status: Some("active".into()),
         stripe_customer_id: Some("cus_1".into()),
         stripe_subscription_id: Some("sub_1".into()),
+        current_period_start: Some(t(1, 0)),
         current_period_end: Some(t(31, 0)),
         limits: unlimited,
     };
@@ -168,6 +169,10 @@ pub async fn users<S: UserStore + ?Sized>(store: &S) {
     assert_eq!(
         (p.tier, p.limits, p.updated_at),
         (Tier::Enterprise, unlimited, t(3, 0))
+    );
+    assert_eq!(
+        (p.current_period_start, p.current_period_end),
+        (Some(t(1, 0)), Some(t(31, 0)))
     );
     assert_eq!(
         store
@@ -191,6 +196,7 @@ pub async fn users<S: UserStore + ?Sized>(store: &S) {
         subscription_status: Some("canceled".into()),
         stripe_customer_id: None,
         stripe_subscription_id: None,
+        current_period_start: None,
         current_period_end: None,
         limits: starter(),
     };
@@ -204,6 +210,31 @@ pub async fn users<S: UserStore + ?Sized>(store: &S) {
         (Tier::Starter, None)
     );
     let missing = store.set_plan(UserId(Uuid::new_v4()), &down, t(4, 0)).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))));
+
+    // The Stripe customer is set once: a second (racing) request gets the first one's id.
+    let other = new_user(store, "other-customer@example.com").await;
+    let p = store
+        .set_stripe_customer(other, "cus_2", t(5, 0))
+        .await
+        .expect("set customer");
+    assert_eq!(p.stripe_customer_id.as_deref(), Some("cus_2"));
+    let p = store
+        .set_stripe_customer(other, "cus_3", t(5, 1))
+        .await
+        .expect("set customer");
+    assert_eq!(
+        p.stripe_customer_id.as_deref(),
+        Some("cus_2"),
+        "first one kept"
+    );
+    let taken = store
+        .set_stripe_customer(new_user(store, "third@example.com").await, "cus_2", t(5, 2))
+        .await;
+    assert!(matches!(taken, Err(StoreError::Conflict(_))), "{taken:?}");
+    let missing = store
+        .set_stripe_customer(UserId(Uuid::new_v4()), "cus_9", t(5, 3))
+        .await;
     assert!(matches!(missing, Err(StoreError::NotFound(_))));
 }
 
@@ -948,6 +979,7 @@ fn plan_event(
             subscription_status: Some(status.to_owned()),
             stripe_customer_id: Some("cus_billing".into()),
             stripe_subscription_id: (status != "canceled").then(|| "sub_billing".to_owned()),
+            current_period_start: Some(t(1, 0)),
             current_period_end: Some(t(31, 0)),
             limits,
         },
@@ -1029,6 +1061,19 @@ pub async fn billing<S: UserStore + BillingStore + ?Sized>(store: &S) {
     assert_eq!(
         (p.tier, p.stripe_customer_id.as_deref()),
         (Tier::Starter, Some("cus_billing"))
+    );
+    // The same Stripe event applied again (a second worker, a retry after a crash between
+    // apply and mark): nothing changes.
+    assert_eq!(
+        store
+            .apply_plan_event(user, &c_new, &sub_new, &e_new, t(14, 8))
+            .await
+            .expect("apply"),
+        Applied::Duplicate
+    );
+    assert_eq!(
+        store.subscription_events(user).await.expect("read").len(),
+        2
     );
     let nobody = store
         .apply_plan_event(UserId(Uuid::new_v4()), &c, &sub, &e, t(14, 7))
