@@ -302,12 +302,19 @@ where
                         }
                         _ => stats.unchanged += 1,
                     }
-                    self.store.mark_processed(id, now).await?;
+                    // Another processor may have marked it first: it is processed either way.
+                    match self.store.mark_processed(id, now).await {
+                        Ok(()) | Err(StoreError::NotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(event = %id, error = %e, "billing event failed; will retry");
                     stats.failed += 1;
-                    self.store.mark_failed(id, &e.to_string()).await?;
+                    match self.store.mark_failed(id, &e.to_string()).await {
+                        Ok(()) | Err(StoreError::NotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }
@@ -350,12 +357,32 @@ where
             "customer.subscription.deleted" => {
                 let sub: Subscription =
                     serde_json::from_value(object).map_err(read("subscription"))?;
-                let Some(user) = self.store.user_by_stripe_subscription(&sub.id).await? else {
+                // By the subscription; else by the customer, when the user has no current
+                // subscription (an earlier event ended it). A user who moved to another
+                // subscription keeps it.
+                let user = match self.store.user_by_stripe_subscription(&sub.id).await? {
+                    Some(u) => Some(u),
+                    None => match sub.customer.as_deref() {
+                        Some(c) => self.store.user_by_stripe_customer(c).await?,
+                        None => None,
+                    },
+                };
+                let Some(user) = user else {
                     return Ok(Outcome::NoUser(format!(
-                        "no user has subscription {} (now)",
+                        "no user has subscription {} or its customer",
                         sub.id
                     )));
                 };
+                if let Some(current) = user
+                    .stripe_subscription_id
+                    .as_deref()
+                    .filter(|c| *c != sub.id)
+                {
+                    return Ok(Outcome::Ignored(format!(
+                        "{} is not the user's current subscription ({current})",
+                        sub.id
+                    )));
+                }
                 self.downgrade(&event, &user, &sub, now).await
             }
             "invoice.paid" | "invoice.payment_failed" => {

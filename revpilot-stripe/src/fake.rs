@@ -268,3 +268,85 @@ impl FakeStripe {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 }
+
+/// A localstripe server (PyPI: a stateful fake Stripe) from the virtualenv `scripts/test`
+/// creates (`REVPILOT_TEST_VENV`), on a free loopback port, from scratch; killed on drop.
+#[derive(Debug)]
+pub struct LocalStripe {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl LocalStripe {
+    /// Starts localstripe and waits until it listens; `None` (after printing that the test is
+    /// skipped) when `REVPILOT_TEST_VENV` is not set.
+    ///
+    /// # Panics
+    /// When the virtualenv has no localstripe or it does not start within a minute: a test
+    /// harness failure, not an input.
+    #[allow(clippy::unwrap_used, clippy::panic)]
+    pub fn start() -> Option<LocalStripe> {
+        use std::process::{Command, Stdio};
+        use std::time::Duration;
+        let Ok(venv) = std::env::var("REVPILOT_TEST_VENV") else {
+            eprintln!(
+                "skipped: REVPILOT_TEST_VENV is not set (scripts/test creates the virtualenv and sets it)"
+            );
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let child = Command::new(format!("{venv}/bin/localstripe"))
+            .args(["--port", &port.to_string(), "--from-scratch"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("localstripe from {venv}: {e}"));
+        let ls = LocalStripe {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "localstripe did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(ls)
+    }
+}
+
+impl Drop for LocalStripe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `Stripe-Signature` header made by the official `stripe` Python SDK of the virtualenv at
+/// `venv` (`stripe.WebhookSignature.generate_signature_header`), for `payload` signed with
+/// `secret` at `timestamp`.
+///
+/// # Panics
+/// When the SDK cannot be run: a test harness failure.
+#[allow(clippy::unwrap_used)]
+pub fn sdk_signature_header(venv: &str, payload: &str, secret: &str, timestamp: i64) -> String {
+    let out = std::process::Command::new(format!("{venv}/bin/python"))
+        .args([
+            "-c",
+            "import sys, stripe; print(stripe.WebhookSignature.generate_signature_header(sys.argv[1], sys.argv[2], timestamp=int(sys.argv[3])))",
+            payload,
+            secret,
+            &timestamp.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}

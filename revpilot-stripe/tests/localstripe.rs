@@ -7,10 +7,7 @@
 //! and by the fake server the unit tests own.
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use revpilot_core::metrics::Engine;
@@ -20,52 +17,11 @@ use revpilot_core::testing::MemoryStore;
 use revpilot_core::{Currency, Rules};
 use revpilot_stripe::client::{Client, ClientConfig, idempotency_key};
 use revpilot_stripe::export::Export;
+use revpilot_stripe::fake::LocalStripe;
 use revpilot_stripe::rebuild::rebuild;
 use revpilot_stripe::sync::{SyncJob, SyncPorts, Syncer, export_account};
 use secrecy::SecretString;
 use serde_json::Value;
-
-struct LocalStripe {
-    child: Child,
-    base: String,
-}
-
-impl Drop for LocalStripe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Option<LocalStripe> {
-    let Ok(venv) = std::env::var("REVPILOT_TEST_VENV") else {
-        eprintln!(
-            "skipped: REVPILOT_TEST_VENV is not set (scripts/test creates the virtualenv and sets it)"
-        );
-        return None;
-    };
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(format!("{venv}/bin/localstripe"))
-        .args(["--port", &port.to_string(), "--from-scratch"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("localstripe is in the virtualenv");
-    let ls = LocalStripe {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "localstripe did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Some(ls)
-}
 
 fn client(base: &str) -> Client {
     let mut cfg = ClientConfig::new(SecretString::from("sk_test_localstripe"))
@@ -86,7 +42,9 @@ async fn post(c: &Client, path: &str, form: &[(&str, &str)]) -> Value {
 
 #[tokio::test]
 async fn localstripe_account_syncs_completely_and_rebuilds() {
-    let Some(ls) = start() else { return };
+    let Some(ls) = LocalStripe::start() else {
+        return;
+    };
     let c = client(&ls.base);
     let product = post(&c, "/v1/products", &[("name", "Pro"), ("type", "service")]).await;
     let prod = product["id"].as_str().unwrap();
@@ -257,4 +215,112 @@ async fn localstripe_account_syncs_completely_and_rebuilds() {
         "issues: {:?}",
         rebuilt.issues
     );
+}
+
+/// Checkout's customer and the overage invoice items against localstripe, which has customers
+/// and invoice items (and no Checkout Sessions: that part is the wiremock test's).
+#[tokio::test]
+async fn localstripe_takes_the_checkout_customer_and_the_overage_items_once() {
+    use revpilot_core::billing::Catalog;
+    use revpilot_core::ports::{PlanChange, Recorded, Tier, UsageRecord, UserId, UserStore};
+    use revpilot_stripe::billing::{CheckoutError, create_checkout, invoice_overage};
+
+    let Some(ls) = LocalStripe::start() else {
+        return;
+    };
+    let c = client(&ls.base);
+    let store = MemoryStore::default();
+    let now = Utc::now();
+    let user = UserId(uuid::Uuid::new_v4());
+    let catalog = Catalog::default()
+        .with_price_ids_from(|name| {
+            (name == "STRIPE_PROFESSIONAL_PRICE_ID").then(|| "price_pro".to_owned())
+        })
+        .unwrap();
+    store
+        .create_user(
+            user,
+            Some("ada@example.com"),
+            Tier::Starter,
+            catalog.plan(Tier::Starter).limits,
+            now,
+        )
+        .await
+        .unwrap();
+
+    // The customer is created (with the user's email and id); the session endpoint is missing.
+    let app = url::Url::parse("http://127.0.0.1:3000").unwrap();
+    let err = create_checkout(&c, &store, &catalog, user, Tier::Professional, &app, now)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CheckoutError::Stripe(e) if e.is_not_found()),
+        "{err}"
+    );
+    let profile = store.user(user).await.unwrap().unwrap();
+    let customer = profile.stripe_customer_id.clone().unwrap();
+    let got: Value = serde_json::from_slice(
+        &c.get(&format!("/v1/customers/{customer}"), &[])
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(got["email"], "ada@example.com");
+    assert_eq!(got["metadata"]["user_id"], user.to_string());
+
+    // A professional period with 3 insights and 2,500 transactions over the plan.
+    let period = Period {
+        start: now - chrono::TimeDelta::days(30),
+        end: now,
+    };
+    store
+        .set_plan(
+            user,
+            &PlanChange {
+                tier: Tier::Professional,
+                subscription_status: Some("active".into()),
+                stripe_customer_id: None,
+                stripe_subscription_id: Some("sub_x".into()),
+                current_period_start: Some(period.start),
+                current_period_end: Some(period.end),
+                limits: catalog.plan(Tier::Professional).limits,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    for (meter, amount) in [(Meter::AiInsight, 53), (Meter::TransactionVolume, 102_500)] {
+        let r = UsageRecord {
+            user,
+            meter,
+            connection: None,
+            amount,
+            idempotency_key: meter.as_str().into(),
+            metadata: serde_json::json!({}),
+            at: period.start,
+        };
+        assert_eq!(store.record(&r, period, None).await.unwrap(), Recorded::New);
+    }
+    let first = invoice_overage(&c, &store, &catalog, user, period)
+        .await
+        .unwrap();
+    assert_eq!((first.amount, first.created.len()), (300 + 30, 2));
+    let again = invoice_overage(&c, &store, &catalog, user, period)
+        .await
+        .unwrap();
+    assert!(again.created.is_empty(), "{again:?}");
+    let items: Value = serde_json::from_slice(
+        &c.get("/v1/invoiceitems", &[("customer", customer.clone())])
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let mut amounts: Vec<i64> = items["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["amount"].as_i64().unwrap())
+        .collect();
+    amounts.sort_unstable();
+    assert_eq!(amounts, [30, 300], "billed once, to the cent");
 }

@@ -3,29 +3,12 @@
 //! the future or signed with another secret is refused.
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
-
+use revpilot_stripe::fake::sdk_signature_header;
 use revpilot_stripe::webhook::{SignatureError, TOLERANCE_SECS, verify};
 use secrecy::SecretString;
 
-/// `stripe.WebhookSignature.generate_signature_header(payload, secret, timestamp=t)`.
 fn sdk_header(venv: &str, payload: &str, secret: &str, t: i64) -> String {
-    let out = Command::new(format!("{venv}/bin/python"))
-        .args([
-            "-c",
-            "import sys, stripe; print(stripe.WebhookSignature.generate_signature_header(sys.argv[1], sys.argv[2], timestamp=int(sys.argv[3])))",
-            payload,
-            secret,
-            &t.to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    sdk_signature_header(venv, payload, secret, t)
 }
 
 #[test]

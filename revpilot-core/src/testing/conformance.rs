@@ -1121,6 +1121,51 @@ pub async fn billing<S: UserStore + BillingStore + ?Sized>(store: &S) {
     );
 }
 
+/// 50 insight requests at once against a hard limit of 10 (a starter tier including 10): exactly
+/// 10 are reserved, 40 refused with an upgrade error; committing 10 and releasing none leaves
+/// 10 used.
+pub async fn insight_limit_holds_under_concurrency<S: UserStore + UsageStore + ?Sized>(store: &S) {
+    use crate::billing::{Catalog, CatalogBuilder, UsageError, commit_insight, reserve_insight};
+    let mut plan = Catalog::default().plan(Tier::Starter).clone();
+    plan.limits.ai_insights = Some(10);
+    let catalog = CatalogBuilder::from_catalog(&Catalog::default())
+        .tier(plan.clone())
+        .build()
+        .expect("valid catalog");
+    let user = UserId(Uuid::new_v4());
+    store
+        .create_user(user, None, Tier::Starter, plan.limits, t(1, 0))
+        .await
+        .expect("create user");
+    let ids: Vec<String> = (0..50).map(|i| format!("insight-{i}")).collect();
+    let results = join_all(
+        ids.iter()
+            .map(|id| reserve_insight(store, &catalog, user, id, None, t(9, 0))),
+    )
+    .await;
+    let ok: Vec<&String> = ids
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| matches!(r, Ok(Recorded::New)))
+        .map(|(id, _)| id)
+        .collect();
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Err(UsageError::UpgradeRequired { limit: 10, .. })))
+        .count();
+    assert_eq!((ok.len(), refused), (10, 40), "{results:?}");
+    for id in ok {
+        commit_insight(store, user, id).await.expect("commit");
+    }
+    assert_eq!(
+        store
+            .used(user, Meter::AiInsight, march())
+            .await
+            .expect("used"),
+        10
+    );
+}
+
 /// Runs every test of the suite, each on a store from `fresh`.
 pub async fn run_all<S, F, Fut>(fresh: F)
 where
@@ -1139,6 +1184,7 @@ where
     users(&fresh().await).await;
     usage_is_idempotent_under_concurrency(&fresh().await).await;
     usage_limit_holds_under_concurrency(&fresh().await).await;
+    insight_limit_holds_under_concurrency(&fresh().await).await;
     usage_reservations(&fresh().await).await;
     webhook_inbox(&fresh().await).await;
     object_cache(&fresh().await).await;

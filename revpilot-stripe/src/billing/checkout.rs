@@ -167,7 +167,8 @@ struct PendingItem {
 /// Adds the user's overage in the ended `period` to their next Stripe invoice, as one invoice
 /// item per meter with overage. Each request carries the key [`overage_key`]`:{meter}`, so a
 /// rerun within Stripe's 24 hours of idempotency replays; the key is also in the item's
-/// metadata, and a rerun after that finds the pending item and does not bill it again.
+/// metadata, and a rerun after that finds the item (pending or invoiced) and does not bill it
+/// again.
 ///
 /// # Errors
 /// [`CheckoutError`]: unknown user, overage without a customer, Stripe or the store.
@@ -263,7 +264,7 @@ pub async fn invoice_overage<S: UserStore + UsageStore + ?Sized>(
     Ok(out)
 }
 
-/// The overage keys of the customer's pending invoice items that start with `key`.
+/// The overage keys of the customer's invoice items that start with `key`.
 async fn existing_keys(
     client: &Client,
     customer: &str,
@@ -272,9 +273,10 @@ async fn existing_keys(
     let mut keys = Vec::new();
     let mut after: Option<String> = None;
     loop {
+        // All of the customer's items, not only pending ones: an item already on an invoice
+        // was billed too.
         let mut query = vec![
             ("customer", customer.to_owned()),
-            ("pending", "true".to_owned()),
             ("limit", "100".to_owned()),
         ];
         if let Some(a) = &after {

@@ -863,7 +863,6 @@ async fn overage_is_invoiced_once_per_period() {
     Mock::given(method("GET"))
         .and(path("/v1/invoiceitems"))
         .and(query_param("customer", "cus_1"))
-        .and(query_param("pending", "true"))
         .respond_with(move |_: &Request| {
             ResponseTemplate::new(200).set_body_json(
                 json!({"object": "list", "data": list.lock().unwrap().clone(), "has_more": false}),

@@ -1,0 +1,178 @@
+//! The RevPilot example server, as a library: [`app`] builds the router over an [`AppState`], so
+//! tests drive it without a socket and `main.rs` only reads configuration and serves it.
+//!
+//! Issue #5 brings the Stripe billing webhook (`POST /api/webhooks/stripe-billing`) and the
+//! in-process worker that applies stored billing events; issue #7 adds the rest of the API, the
+//! worker's job queue and the dashboard.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use revpilot_core::ports::{BillingStore, ConnectionStore, UsageStore, UserStore, WebhookInbox};
+use revpilot_stripe::billing::{Processor, Receipt, WebhookConfig, receive};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+/// Every port the server uses, as one object: `Arc<dyn Store>` holds a SQLite or PostgreSQL store.
+pub trait Store:
+    UserStore + UsageStore + WebhookInbox + BillingStore + ConnectionStore + Send + Sync + 'static
+{
+}
+
+impl<T> Store for T where
+    T: UserStore
+        + UsageStore
+        + WebhookInbox
+        + BillingStore
+        + ConnectionStore
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The clock handlers read (injectable for tests).
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The database.
+    pub store: Arc<dyn Store>,
+    /// The billing webhook endpoint's secrets and mode; `None` refuses every billing webhook.
+    pub billing_webhook: Option<WebhookConfig>,
+    /// Woken when an event is stored, so the billing worker applies it at once.
+    pub billing_wake: Arc<Notify>,
+    /// Now.
+    pub clock: Clock,
+}
+
+impl AppState {
+    /// State over `store` with the system clock.
+    pub fn new(store: Arc<dyn Store>, billing_webhook: Option<WebhookConfig>) -> Self {
+        AppState {
+            store,
+            billing_webhook,
+            billing_wake: Arc::new(Notify::new()),
+            clock: Arc::new(Utc::now),
+        }
+    }
+}
+
+/// The largest request body accepted (Stripe events are far smaller).
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// The router.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/webhooks/stripe-billing", post(stripe_billing))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// A JSON error `{error: {code, message}}`. The message is ours, never a database's, Stripe's
+/// or a model's text.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({ "error": { "code": code, "message": message.into() } })),
+    )
+        .into_response()
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({ "status": "ok" })).into_response()
+}
+
+/// `POST /api/webhooks/stripe-billing`: verify, store in the inbox, answer; apply after.
+async fn stripe_billing(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(config) = &state.billing_webhook else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "webhook_not_configured",
+            "no webhook secret is configured (STRIPE_WEBHOOK_SECRET)",
+        );
+    };
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    match receive(
+        state.store.as_ref(),
+        config,
+        &body,
+        signature,
+        (state.clock)(),
+    )
+    .await
+    {
+        Ok(Receipt::Stored(id)) => {
+            state.billing_wake.notify_one();
+            axum::Json(json!({ "received": true, "event": id })).into_response()
+        }
+        Ok(Receipt::Duplicate(id)) => {
+            axum::Json(json!({ "received": true, "event": id, "duplicate": true })).into_response()
+        }
+        Ok(Receipt::Ignored { event_id, reason }) => {
+            axum::Json(json!({ "received": true, "event": event_id, "ignored": reason }))
+                .into_response()
+        }
+        Err(e) if e.is_client_error() => {
+            error(StatusCode::BAD_REQUEST, "invalid_webhook", e.to_string())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "billing webhook not stored");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the event could not be stored; Stripe will deliver it again",
+            )
+        }
+    }
+}
+
+/// Applies stored billing events: at once when woken, and every `interval` for retries.
+/// Each round processes until nothing is pending (events that keep failing stop after
+/// `max_attempts` and stay in the inbox for an operator).
+pub fn spawn_billing_worker(
+    processor: Arc<Processor<dyn Store>>,
+    wake: Arc<Notify>,
+    clock: Clock,
+    interval: Duration,
+) -> JoinHandle<()> {
+    const BATCH: usize = 100;
+    const MAX_ATTEMPTS: u32 = 10;
+    tokio::spawn(async move {
+        loop {
+            loop {
+                match processor
+                    .process_pending(BATCH, MAX_ATTEMPTS, clock())
+                    .await
+                {
+                    Ok(stats) if stats.applied + stats.unchanged == BATCH => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "billing inbox unreadable");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    })
+}

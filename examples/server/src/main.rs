@@ -1,0 +1,151 @@
+//! `revpilot-server`: reads the configuration, opens the store, serves [`revpilot_server::app`]
+//! and runs the billing worker in-process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use revpilot_core::billing::Catalog;
+use revpilot_server::{AppState, Store, app, spawn_billing_worker};
+use revpilot_store::{KeyRing, PgStore, SqliteStore};
+use revpilot_stripe::billing::{Processor, WebhookConfig};
+use revpilot_stripe::client::{Client, ClientConfig};
+use secrecy::SecretString;
+
+/// The RevPilot example server.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "REVPILOT_BIND", default_value = "127.0.0.1:3000")]
+    bind: SocketAddr,
+    /// `sqlite://FILE` (the embedded default) or `postgres://...`.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://revpilot.db")]
+    database_url: String,
+    /// Encryption keys for stored Stripe tokens: `id:base64key[,id:base64key]`.
+    #[arg(long, env = "REVPILOT_ENCRYPTION_KEY", hide_env_values = true)]
+    encryption_key: Option<String>,
+    /// The billing webhook's signing secrets (`whsec_...`, comma-separated while rotating).
+    #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<String>,
+    /// The Stripe secret key of the company's own account (`sk_live_...` runs in live mode).
+    #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true)]
+    stripe_secret_key: Option<String>,
+    /// Stripe's API base (a fake in tests).
+    #[arg(long, env = "STRIPE_API_BASE")]
+    stripe_api_base: Option<String>,
+    /// A TOML tier catalog replacing the default tiers (see docs/billing.md).
+    #[arg(long, env = "REVPILOT_CATALOG")]
+    catalog: Option<PathBuf>,
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("revpilot-server: {message}");
+    ExitCode::from(2)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+
+    let catalog = match &args.catalog {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Catalog::from_toml(&text),
+            Err(e) => return fail(format!("REVPILOT_CATALOG {}: {e}", path.display())),
+        },
+        None => Ok(Catalog::default()),
+    }
+    .and_then(|c| c.with_price_ids_from(|name| std::env::var(name).ok()));
+    let catalog = match catalog {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let Some(key_spec) = args.encryption_key.as_deref() else {
+        return fail("REVPILOT_ENCRYPTION_KEY is required (id:base64 of 32 random bytes)");
+    };
+    let keys = match KeyRing::parse(key_spec) {
+        Ok(k) => k,
+        Err(e) => return fail(format!("REVPILOT_ENCRYPTION_KEY: {e}")),
+    };
+    let store: Arc<dyn Store> = if args.database_url.starts_with("postgres") {
+        match PgStore::connect(&args.database_url, keys).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => return fail(e),
+        }
+    } else {
+        match SqliteStore::connect(&args.database_url, keys).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => return fail(e),
+        }
+    };
+
+    let webhook = match args
+        .webhook_secret
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+    {
+        None => {
+            tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: billing webhooks are refused");
+            None
+        }
+        Some(secrets) => {
+            let Some(key) = args.stripe_secret_key.as_deref().filter(|k| !k.is_empty()) else {
+                return fail(
+                    "STRIPE_SECRET_KEY is required with STRIPE_WEBHOOK_SECRET (billing events fetch subscriptions)",
+                );
+            };
+            let mut config = ClientConfig::new(SecretString::from(key.to_owned()));
+            if let Some(base) = &args.stripe_api_base {
+                config = match config.with_api_base(base) {
+                    Ok(c) => c,
+                    Err(e) => return fail(format!("STRIPE_API_BASE: {e}")),
+                };
+            }
+            let client = match Client::new(config) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            let live = key.starts_with("sk_live_") || key.starts_with("rk_live_");
+            let mut webhook = WebhookConfig::new(SecretString::from(String::new()), live);
+            webhook.secrets = secrets
+                .split(',')
+                .map(|s| SecretString::from(s.trim().to_owned()))
+                .collect();
+            Some((webhook, client))
+        }
+    };
+    let state = AppState::new(store.clone(), webhook.as_ref().map(|(w, _)| w.clone()));
+    if let Some((_, client)) = webhook {
+        let processor = Arc::new(Processor::new(store, catalog, Arc::new(client)));
+        spawn_billing_worker(
+            processor,
+            state.billing_wake.clone(),
+            state.clock.clone(),
+            Duration::from_secs(5),
+        );
+    }
+
+    let listener = match tokio::net::TcpListener::bind(args.bind).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", args.bind)),
+    };
+    tracing::info!("listening on http://{}", args.bind);
+    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    match serve.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("revpilot-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
