@@ -29,49 +29,25 @@ use revpilot_core::ports::{
 };
 use secrecy::SecretString;
 use serde::Deserialize;
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::client::{ApiError, Client};
-use crate::objects::{Invoice, Subscription};
+use crate::objects::{Event, Invoice, Subscription};
 use crate::webhook::{SignatureError, TOLERANCE_SECS, verify};
-
-/// A Stripe event envelope, in RevPilot's own tolerant shape: only what processing needs, and
-/// unknown fields ignored.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Event {
-    /// `evt_...`.
-    pub id: String,
-    /// `customer.subscription.updated`, ...
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// Unix seconds.
-    pub created: i64,
-    /// Live or test mode.
-    pub livemode: bool,
-    /// The object.
-    pub data: EventData,
-}
-
-/// An event's `data`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct EventData {
-    /// The object the event is about, as sent.
-    pub object: Value,
-}
 
 /// An event body that cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the webhook body is not a Stripe event: {0}")]
 pub struct EventError(pub String);
 
-/// Parses a webhook body into an [`Event`].
+/// Parses a webhook body into RevPilot's own tolerant [`Event`] (only what processing needs;
+/// unknown fields ignored, since the endpoint's API version may differ from this library's).
 ///
 /// # Errors
 /// [`EventError`] naming what is missing or malformed.
 pub fn parse_event(payload: &[u8]) -> Result<Event, EventError> {
     let event: Event = serde_json::from_slice(payload).map_err(|e| EventError(e.to_string()))?;
-    if event.id.is_empty() || event.kind.is_empty() {
+    if event.id.is_empty() || event.event_type.is_empty() {
         return Err(EventError("empty id or type".into()));
     }
     if !event.data.object.is_object() {
@@ -182,7 +158,7 @@ pub async fn receive<I: WebhookInbox + ?Sized>(
     let stored = InboxEvent {
         created: DateTime::<Utc>::from_timestamp(event.created, 0).unwrap_or(now),
         event_id: event.id.clone(),
-        event_type: event.kind,
+        event_type: event.event_type,
         livemode: event.livemode,
         payload,
         received_at: now,
@@ -337,7 +313,7 @@ where
             let id = event_id.clone();
             move |e: serde_json::Error| EventError(format!("event {id}: {what}: {e}"))
         };
-        match event.kind.as_str() {
+        match event.event_type.as_str() {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
                 let session: CheckoutObject =
                     serde_json::from_value(object).map_err(read("checkout session"))?;
@@ -403,7 +379,8 @@ where
                     )));
                 };
                 let sub = self.stripe.subscription(&sub_id).await?;
-                let status = (event.kind == "invoice.payment_failed" && sub.status == "active")
+                let status = (event.event_type == "invoice.payment_failed"
+                    && sub.status == "active")
                     .then(|| "past_due".to_owned());
                 self.apply_subscription(&event, &user, sub, status, now)
                     .await
@@ -418,7 +395,7 @@ where
         session: CheckoutObject,
         now: DateTime<Utc>,
     ) -> Result<Outcome, ProcessError> {
-        if event.kind == "checkout.session.completed"
+        if event.event_type == "checkout.session.completed"
             && !matches!(
                 session.payment_status.as_deref(),
                 Some("paid" | "no_payment_required")
@@ -480,7 +457,9 @@ where
         match self.last_applied(user.user_id).await? {
             Some(last) if last > created => return Ok(Outcome::Stale),
             // Two events of the same second: their order is unknown, so Stripe decides.
-            Some(last) if last == created && event.kind.starts_with("customer.subscription.") => {
+            Some(last)
+                if last == created && event.event_type.starts_with("customer.subscription.") =>
+            {
                 sub = self.stripe.subscription(&sub.id).await?;
             }
             _ => {}
@@ -584,7 +563,7 @@ where
     ) -> Result<Outcome, ProcessError> {
         let record = SubscriptionEvent {
             stripe_event_id: Some(event.id.clone()),
-            event_type: event.kind.clone(),
+            event_type: event.event_type.clone(),
             tier: change.tier,
             status: change.subscription_status.clone(),
             note,

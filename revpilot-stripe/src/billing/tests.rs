@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::TimeZone;
 use revpilot_core::ports::{Limits, Meter, Period, Recorded, UsageRecord, UsageStore};
 use revpilot_core::testing::MemoryStore;
-use serde_json::json;
+use serde_json::{Value, json};
 use wiremock::matchers::{body_string_contains, method, path, query_param};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
