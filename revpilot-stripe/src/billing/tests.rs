@@ -149,6 +149,18 @@ impl World {
         self.store.subscription_events(user).await.unwrap()
     }
 
+    /// Stripe has `sub_1` of `cus_1` on `price`; a checkout of it completes with `payment`.
+    async fn checkout(&self, user: Option<UserId>, email: &str, price: &str, payment: &str) {
+        self.stripe_has(sub("sub_1", "cus_1", price, "active"));
+        self.deliver(&event(
+            "evt_c1",
+            "checkout.session.completed",
+            1_773_600_000,
+            checkout_completed("cs_1", user, email, payment),
+        ))
+        .await;
+    }
+
     fn stripe_has(&self, sub: Value) {
         let id = sub["id"].as_str().unwrap().to_owned();
         self.stripe.subs.lock().unwrap().insert(id, sub);
@@ -269,14 +281,8 @@ async fn receive_stores_verified_events_once_and_writes_nothing_for_bad_requests
 async fn a_paid_checkout_upgrades_the_user_with_the_subscriptions_price() {
     let w = world();
     let user = w.user("ada@example.com").await;
-    w.stripe_has(sub("sub_1", "cus_1", "price_pro", "active"));
-    w.deliver(&event(
-        "evt_c1",
-        "checkout.session.completed",
-        1_773_600_000,
-        checkout_completed("cs_1", Some(user), "ada@example.com", "paid"),
-    ))
-    .await;
+    w.checkout(Some(user), "ada@example.com", "price_pro", "paid")
+        .await;
     assert_eq!(
         w.run().await,
         ProcessStats {
@@ -317,14 +323,8 @@ async fn a_paid_checkout_upgrades_the_user_with_the_subscriptions_price() {
 async fn an_unpaid_checkout_waits_for_the_async_payment() {
     let w = world();
     let user = w.user("ada@example.com").await;
-    w.stripe_has(sub("sub_1", "cus_1", "price_biz", "active"));
-    w.deliver(&event(
-        "evt_c1",
-        "checkout.session.completed",
-        1_773_600_000,
-        checkout_completed("cs_1", Some(user), "ada@example.com", "unpaid"),
-    ))
-    .await;
+    w.checkout(Some(user), "ada@example.com", "price_biz", "unpaid")
+        .await;
     w.run().await;
     assert_eq!(w.profile(user).await.tier, Tier::Starter);
     assert!(w.events(user).await.is_empty());
@@ -343,14 +343,8 @@ async fn an_unpaid_checkout_waits_for_the_async_payment() {
 async fn a_checkout_without_reference_finds_the_user_by_email() {
     let w = world();
     let user = w.user("Grace@Example.com").await;
-    w.stripe_has(sub("sub_1", "cus_1", "price_ent", "active"));
-    w.deliver(&event(
-        "evt_c1",
-        "checkout.session.completed",
-        1_773_600_000,
-        checkout_completed("cs_1", None, "grace@example.com", "paid"),
-    ))
-    .await;
+    w.checkout(None, "grace@example.com", "price_ent", "paid")
+        .await;
     w.run().await;
     let p = w.profile(user).await;
     assert_eq!(p.tier, Tier::Enterprise);
@@ -361,14 +355,8 @@ async fn a_checkout_without_reference_finds_the_user_by_email() {
 async fn an_unknown_price_is_starter_and_the_event_says_so() {
     let w = world();
     let user = w.user("ada@example.com").await;
-    w.stripe_has(sub("sub_1", "cus_1", "price_mystery", "active"));
-    w.deliver(&event(
-        "evt_c1",
-        "checkout.session.completed",
-        1_773_600_000,
-        checkout_completed("cs_1", Some(user), "ada@example.com", "paid"),
-    ))
-    .await;
+    w.checkout(Some(user), "ada@example.com", "price_mystery", "paid")
+        .await;
     w.run().await;
     assert_eq!(w.profile(user).await.tier, Tier::Starter);
     let note = w.events(user).await[0].note.clone().unwrap();
@@ -377,14 +365,8 @@ async fn an_unknown_price_is_starter_and_the_event_says_so() {
 
 async fn subscribed(w: &World) -> UserId {
     let user = w.user("ada@example.com").await;
-    w.stripe_has(sub("sub_1", "cus_1", "price_pro", "active"));
-    w.deliver(&event(
-        "evt_c1",
-        "checkout.session.completed",
-        1_773_600_000,
-        checkout_completed("cs_1", Some(user), "ada@example.com", "paid"),
-    ))
-    .await;
+    w.checkout(Some(user), "ada@example.com", "price_pro", "paid")
+        .await;
     w.run().await;
     user
 }
