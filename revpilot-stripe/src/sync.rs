@@ -77,7 +77,8 @@ pub struct SyncJob {
     pub connection: ConnectionId,
     /// Its `acct_...` (for deactivation on a 401).
     pub stripe_account_id: String,
-    /// The user's current usage period and `transaction_volume` limit, if usage is metered.
+    /// The user's current usage period and `transaction_volume` limit, if usage is metered:
+    /// `revpilot_core::billing::metering(catalog, profile, Meter::TransactionVolume, now)`.
     pub usage: Option<(Period, Option<u64>)>,
 }
 

@@ -22,7 +22,7 @@ pub use catalog::{
     Catalog, CatalogBuilder, CatalogError, OverageRates, PriceTier, TIERS, TierPlan, price_env_var,
 };
 pub use usage::{
-    CurrentUsage, MeterUsage, UsageError, commit_insight, current_usage, recording_limit,
+    CurrentUsage, MeterUsage, UsageError, commit_insight, current_usage, metering, recording_limit,
     release_insight, reserve_insight, usage_period,
 };
 

@@ -408,6 +408,17 @@ fn only_hard_limited_tiers_refuse() {
         recording_limit(&c, &profile(Tier::Starter), Meter::TransactionVolume),
         Some(10_000)
     );
+    let now = at(2024, 3, 20);
+    assert_eq!(
+        metering(&c, &profile(Tier::Starter), Meter::TransactionVolume, now),
+        (
+            Period {
+                start: at(2024, 3, 1),
+                end: at(2024, 4, 1)
+            },
+            Some(10_000)
+        )
+    );
     for tier in [Tier::Professional, Tier::Business, Tier::Enterprise] {
         assert_eq!(
             recording_limit(&c, &profile(tier), Meter::AiInsight),

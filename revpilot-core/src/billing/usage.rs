@@ -115,6 +115,20 @@ pub fn recording_limit(catalog: &Catalog, profile: &UserProfile, meter: Meter) -
     }
 }
 
+/// The period and enforced limit to record `meter` with for `profile` at `now`: what a sync job
+/// passes for `transaction_volume` ([`usage_period`] and [`recording_limit`] together).
+pub fn metering(
+    catalog: &Catalog,
+    profile: &UserProfile,
+    meter: Meter,
+    now: DateTime<Utc>,
+) -> (Period, Option<u64>) {
+    (
+        usage_period(profile, now),
+        recording_limit(catalog, profile, meter),
+    )
+}
+
 /// One meter of [`CurrentUsage`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeterUsage {
