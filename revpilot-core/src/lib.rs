@@ -28,6 +28,7 @@
 pub mod anomaly;
 pub mod billing;
 pub mod fx;
+pub mod insights;
 pub mod metrics;
 pub mod model;
 pub mod money;
