@@ -235,6 +235,8 @@ pub enum Meter {
     AiInsight,
     /// One per synced charge.
     TransactionVolume,
+    /// One per what-if scenario run (always hard-limited: scenarios have no overage).
+    Scenario,
 }
 
 impl Meter {
@@ -243,12 +245,13 @@ impl Meter {
         match self {
             Meter::AiInsight => "ai_insight",
             Meter::TransactionVolume => "transaction_volume",
+            Meter::Scenario => "scenario",
         }
     }
 
     /// Parses a stored name.
     pub fn parse(s: &str) -> Option<Meter> {
-        [Meter::AiInsight, Meter::TransactionVolume]
+        [Meter::AiInsight, Meter::TransactionVolume, Meter::Scenario]
             .into_iter()
             .find(|m| m.as_str() == s)
     }
@@ -812,4 +815,51 @@ pub trait BillingStore: Send + Sync {
 
     /// The user's applied events, in order of `created`.
     async fn subscription_events(&self, user: UserId) -> StoreResult<Vec<SubscriptionEvent>>;
+}
+
+/// A stored insight: the narrative and the computed figures it cites, so a dashboard can show
+/// why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InsightRecord {
+    /// Id.
+    pub id: Uuid,
+    /// The generation it came from (one request makes one insight per kind).
+    pub generation: Uuid,
+    /// Whose.
+    pub user: UserId,
+    /// The connection analysed.
+    pub connection: Option<ConnectionId>,
+    /// Its kind.
+    pub kind: crate::insights::InsightKind,
+    /// Title.
+    pub title: String,
+    /// The narrative.
+    pub summary: String,
+    /// The figures it cites, with their values when generated.
+    pub figures: Vec<crate::insights::Figure>,
+    /// Which provider wrote it (`local`, or the model's name).
+    pub provider: String,
+    /// Why the local narrative stood in, when it did.
+    pub note: Option<String>,
+    /// Generated.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Generated insights.
+#[async_trait]
+pub trait InsightStore: Send + Sync {
+    /// Stores the records (one generation) in one transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown user or connection.
+    async fn save_insights(&self, records: &[InsightRecord]) -> StoreResult<()>;
+
+    /// The user's newest records (of `connection` when given), newest first, at most `limit`;
+    /// empty for another user's connection.
+    async fn insights(
+        &self,
+        user: UserId,
+        connection: Option<ConnectionId>,
+        limit: usize,
+    ) -> StoreResult<Vec<InsightRecord>>;
 }

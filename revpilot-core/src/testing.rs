@@ -52,6 +52,7 @@ struct State {
     runs: BTreeMap<Uuid, SyncRun>,
     subscriptions: BTreeMap<UserId, (UserSubscription, DateTime<Utc>)>,
     events: Vec<(UserId, SubscriptionEvent)>,
+    insights: Vec<crate::ports::InsightRecord>,
 }
 
 impl MemoryStore {
@@ -774,6 +775,43 @@ impl BillingStore for MemoryStore {
             .map(|(_, e)| e.clone())
             .collect();
         out.sort_by_key(|e| e.created);
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl crate::ports::InsightStore for MemoryStore {
+    async fn save_insights(&self, records: &[crate::ports::InsightRecord]) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        for r in records {
+            if !s.users.contains_key(&r.user) {
+                return Err(StoreError::NotFound("user"));
+            }
+            if let Some(c) = r.connection
+                && !s.owns(r.user, c)
+            {
+                return Err(StoreError::NotFound("connection"));
+            }
+        }
+        s.insights.extend(records.iter().cloned());
+        Ok(())
+    }
+
+    async fn insights(
+        &self,
+        user: UserId,
+        connection: Option<ConnectionId>,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::ports::InsightRecord>> {
+        let s = self.lock()?;
+        let mut out: Vec<crate::ports::InsightRecord> = s
+            .insights
+            .iter()
+            .filter(|r| r.user == user && (connection.is_none() || r.connection == connection))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.kind.cmp(&b.kind)));
+        out.truncate(limit);
         Ok(out)
     }
 }

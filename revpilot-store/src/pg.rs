@@ -66,6 +66,11 @@ fn migrator() -> Migrator {
             "billing",
             include_str!("../migrations/postgres/0004_billing.sql"),
         ),
+        m(
+            5,
+            "insights and scenarios",
+            include_str!("../migrations/postgres/0005_insights_and_scenarios.sql"),
+        ),
     ])
 }
 
@@ -1523,5 +1528,104 @@ impl BillingStore for PgStore {
                 })
             })
             .collect()
+    }
+}
+
+fn insight_row(r: &PgRow) -> StoreResult<revpilot_core::ports::InsightRecord> {
+    use revpilot_core::insights::InsightKind;
+    let kind: String = r.try_get(4).map_err(backend)?;
+    let figures: serde_json::Value = r.try_get(7).map_err(backend)?;
+    Ok(revpilot_core::ports::InsightRecord {
+        id: r.try_get(0).map_err(backend)?,
+        generation: r.try_get(1).map_err(backend)?,
+        user: UserId(r.try_get(2).map_err(backend)?),
+        connection: r
+            .try_get::<Option<Uuid>, _>(3)
+            .map_err(backend)?
+            .map(ConnectionId),
+        kind: InsightKind::parse(&kind)
+            .ok_or_else(|| StoreError::Invalid(format!("stored insight kind {kind:?}")))?,
+        title: r.try_get(5).map_err(backend)?,
+        summary: r.try_get(6).map_err(backend)?,
+        figures: serde_json::from_value(figures)
+            .map_err(|e| StoreError::Invalid(format!("stored insight figures: {e}")))?,
+        provider: r.try_get(8).map_err(backend)?,
+        note: r.try_get(9).map_err(backend)?,
+        created_at: r.try_get(10).map_err(backend)?,
+    })
+}
+
+#[async_trait]
+impl revpilot_core::ports::InsightStore for PgStore {
+    async fn save_insights(
+        &self,
+        records: &[revpilot_core::ports::InsightRecord],
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        for r in records {
+            let known = sqlx::query("SELECT 1 FROM user_profiles WHERE user_id = $1")
+                .bind(r.user.0)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if known.is_none() {
+                return Err(StoreError::NotFound("user"));
+            }
+            if let Some(c) = r.connection {
+                let owned =
+                    sqlx::query("SELECT 1 FROM stripe_connections WHERE id = $1 AND user_id = $2")
+                        .bind(c.0)
+                        .bind(r.user.0)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                if owned.is_none() {
+                    return Err(StoreError::NotFound("connection"));
+                }
+            }
+            let figures = serde_json::to_value(&r.figures)
+                .map_err(|e| StoreError::Invalid(format!("insight figures: {e}")))?;
+            sqlx::query(
+                "INSERT INTO insights (id, generation_id, user_id, stripe_connection_id, kind, title,
+                   summary, figures, provider, note, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(r.id)
+            .bind(r.generation)
+            .bind(r.user.0)
+            .bind(r.connection.map(|c| c.0))
+            .bind(r.kind.as_str())
+            .bind(&r.title)
+            .bind(&r.summary)
+            .bind(figures)
+            .bind(&r.provider)
+            .bind(r.note.as_deref())
+            .bind(r.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn insights(
+        &self,
+        user: UserId,
+        connection: Option<ConnectionId>,
+        limit: usize,
+    ) -> StoreResult<Vec<revpilot_core::ports::InsightRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, generation_id, user_id, stripe_connection_id, kind, title, summary, figures,
+               provider, note, created_at
+             FROM insights WHERE user_id = $1 AND ($2::uuid IS NULL OR stripe_connection_id = $2)
+             ORDER BY created_at DESC, kind LIMIT $3",
+        )
+        .bind(user.0)
+        .bind(connection.map(|c| c.0))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter().map(insight_row).collect()
     }
 }

@@ -67,6 +67,11 @@ fn migrator() -> Migrator {
             "billing",
             include_str!("../migrations/sqlite/0004_billing.sql"),
         ),
+        m(
+            5,
+            "insights and scenarios",
+            include_str!("../migrations/sqlite/0005_insights_and_scenarios.sql"),
+        ),
     ])
 }
 
@@ -1516,5 +1521,107 @@ impl BillingStore for SqliteStore {
                 })
             })
             .collect()
+    }
+}
+
+fn insight_row(r: &SqliteRow) -> StoreResult<revpilot_core::ports::InsightRecord> {
+    use revpilot_core::insights::InsightKind;
+    let get_s = |i: usize| r.try_get::<String, _>(i).map_err(backend);
+    let kind = get_s(4)?;
+    let connection: Option<String> = r.try_get(3).map_err(backend)?;
+    Ok(revpilot_core::ports::InsightRecord {
+        id: uuid(&get_s(0)?)?,
+        generation: uuid(&get_s(1)?)?,
+        user: UserId(uuid(&get_s(2)?)?),
+        connection: connection.map(|c| uuid(&c).map(ConnectionId)).transpose()?,
+        kind: InsightKind::parse(&kind)
+            .ok_or_else(|| StoreError::Invalid(format!("stored insight kind {kind:?}")))?,
+        title: get_s(5)?,
+        summary: get_s(6)?,
+        figures: serde_json::from_str(&get_s(7)?)
+            .map_err(|e| StoreError::Invalid(format!("stored insight figures: {e}")))?,
+        provider: get_s(8)?,
+        note: r.try_get(9).map_err(backend)?,
+        created_at: instant(r.try_get(10).map_err(backend)?)?,
+    })
+}
+
+#[async_trait]
+impl revpilot_core::ports::InsightStore for SqliteStore {
+    async fn save_insights(
+        &self,
+        records: &[revpilot_core::ports::InsightRecord],
+    ) -> StoreResult<()> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
+        for r in records {
+            let user = r.user.0.to_string();
+            let known = sqlx::query("SELECT 1 FROM user_profiles WHERE user_id = $1")
+                .bind(&user)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if known.is_none() {
+                return Err(StoreError::NotFound("user"));
+            }
+            if let Some(c) = r.connection {
+                let owned =
+                    sqlx::query("SELECT 1 FROM stripe_connections WHERE id = $1 AND user_id = $2")
+                        .bind(c.0.to_string())
+                        .bind(&user)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                if owned.is_none() {
+                    return Err(StoreError::NotFound("connection"));
+                }
+            }
+            let figures = serde_json::to_string(&r.figures)
+                .map_err(|e| StoreError::Invalid(format!("insight figures: {e}")))?;
+            sqlx::query(
+                "INSERT INTO insights (id, generation_id, user_id, stripe_connection_id, kind, title,
+                   summary, figures, provider, note, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(r.id.to_string())
+            .bind(r.generation.to_string())
+            .bind(&user)
+            .bind(r.connection.map(|c| c.0.to_string()))
+            .bind(r.kind.as_str())
+            .bind(&r.title)
+            .bind(&r.summary)
+            .bind(figures)
+            .bind(&r.provider)
+            .bind(r.note.as_deref())
+            .bind(micros(r.created_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn insights(
+        &self,
+        user: UserId,
+        connection: Option<ConnectionId>,
+        limit: usize,
+    ) -> StoreResult<Vec<revpilot_core::ports::InsightRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, generation_id, user_id, stripe_connection_id, kind, title, summary, figures,
+               provider, note, created_at
+             FROM insights WHERE user_id = $1 AND ($2 IS NULL OR stripe_connection_id = $2)
+             ORDER BY created_at DESC, kind LIMIT $3",
+        )
+        .bind(user.0.to_string())
+        .bind(connection.map(|c| c.0.to_string()))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter().map(insight_row).collect()
     }
 }

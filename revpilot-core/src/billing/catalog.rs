@@ -67,6 +67,7 @@ impl TierPlan {
         match meter {
             Meter::AiInsight => self.limits.ai_insights.map(u64::from),
             Meter::TransactionVolume => self.limits.transaction_volume,
+            Meter::Scenario => self.limits.scenarios.map(u64::from),
         }
     }
 }

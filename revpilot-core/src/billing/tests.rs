@@ -514,3 +514,40 @@ async fn insights_are_reserved_committed_released_and_refused_at_the_hard_limit(
     let nobody = current_usage(&store, &c, UserId(Uuid::new_v4()), now).await;
     assert!(matches!(nobody, Err(UsageError::UnknownUser(_))));
 }
+
+#[tokio::test]
+async fn scenario_runs_count_against_the_monthly_limit_on_every_tier() {
+    let store = MemoryStore::default();
+    let c = Catalog::default();
+    let now = at(2024, 3, 10);
+    for (tier, allowed) in [
+        (Tier::Starter, Some(0u32)),
+        (Tier::Professional, Some(3)),
+        (Tier::Business, None),
+        (Tier::Enterprise, None),
+    ] {
+        let user = UserId(Uuid::new_v4());
+        store
+            .create_user(user, None, tier, c.plan(tier).limits, now)
+            .await
+            .unwrap();
+        let runs = 12;
+        let mut ok = 0;
+        for i in 0..runs {
+            match record_scenario(&store, &c, user, &format!("run_{i}"), None, now).await {
+                Ok(_) => ok += 1,
+                Err(UsageError::UpgradeRequired {
+                    meter: Meter::Scenario,
+                    limit,
+                    ..
+                }) => assert_eq!(Some(limit), allowed.map(u64::from)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(Some(ok), Some(allowed.unwrap_or(runs)), "{tier:?}");
+        // The next month starts again.
+        let april = at(2024, 4, 2);
+        let next = record_scenario(&store, &c, user, "april", None, april).await;
+        assert_eq!(next.is_ok(), allowed != Some(0), "{tier:?}");
+    }
+}

@@ -105,13 +105,19 @@ fn calendar_month(now: DateTime<Utc>) -> Period {
 
 /// The limit the store enforces when recording `meter` for `profile`: the included amount on a
 /// hard-limited tier, `None` (no refusal; overage accrues) on a tier that allows overage.
+///
+/// Scenarios have no overage: their limit is enforced on every tier.
 pub fn recording_limit(catalog: &Catalog, profile: &UserProfile, meter: Meter) -> Option<u64> {
+    if meter == Meter::Scenario {
+        return profile.limits.scenarios.map(u64::from);
+    }
     if catalog.plan(profile.tier).overage {
         return None;
     }
     match meter {
         Meter::AiInsight => profile.limits.ai_insights.map(u64::from),
         Meter::TransactionVolume => profile.limits.transaction_volume,
+        Meter::Scenario => profile.limits.scenarios.map(u64::from),
     }
 }
 
@@ -227,29 +233,84 @@ pub async fn reserve_insight<S: UserStore + UsageStore + ?Sized>(
     connection: Option<ConnectionId>,
     now: DateTime<Utc>,
 ) -> Result<Recorded, UsageError> {
+    meter_one(
+        store,
+        catalog,
+        Meter::AiInsight,
+        user,
+        insight_id,
+        connection,
+        now,
+        true,
+    )
+    .await
+}
+
+/// Records one what-if scenario run, keyed by `run_id`, against the user's monthly scenario
+/// limit (starter 0, professional 3, business and enterprise unlimited by default). Scenarios
+/// have no overage: the limit holds on every tier.
+///
+/// # Errors
+/// [`UsageError::UpgradeRequired`] at the limit (nothing is written);
+/// [`UsageError::UnknownUser`]; the store's error.
+pub async fn record_scenario<S: UserStore + UsageStore + ?Sized>(
+    store: &S,
+    catalog: &Catalog,
+    user: UserId,
+    run_id: &str,
+    connection: Option<ConnectionId>,
+    now: DateTime<Utc>,
+) -> Result<Recorded, UsageError> {
+    meter_one(
+        store,
+        catalog,
+        Meter::Scenario,
+        user,
+        run_id,
+        connection,
+        now,
+        false,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn meter_one<S: UserStore + UsageStore + ?Sized>(
+    store: &S,
+    catalog: &Catalog,
+    meter: Meter,
+    user: UserId,
+    key: &str,
+    connection: Option<ConnectionId>,
+    now: DateTime<Utc>,
+    reserve: bool,
+) -> Result<Recorded, UsageError> {
     let profile = profile(store, user).await?;
     let record = UsageRecord {
         user,
-        meter: Meter::AiInsight,
+        meter,
         connection,
         amount: 1,
-        idempotency_key: insight_id.to_owned(),
+        idempotency_key: key.to_owned(),
         metadata: serde_json::json!({ "tier": profile.tier.as_str() }),
         at: now,
     };
-    let limit = recording_limit(catalog, &profile, Meter::AiInsight);
-    store
-        .reserve(&record, usage_period(&profile, now), limit)
-        .await
-        .map_err(|e| match e {
-            StoreError::LimitExceeded { meter, limit, used } => UsageError::UpgradeRequired {
-                tier: profile.tier,
-                meter,
-                limit,
-                used,
-            },
-            other => UsageError::Store(other),
-        })
+    let limit = recording_limit(catalog, &profile, meter);
+    let period = usage_period(&profile, now);
+    let result = if reserve {
+        store.reserve(&record, period, limit).await
+    } else {
+        store.record(&record, period, limit).await
+    };
+    result.map_err(|e| match e {
+        StoreError::LimitExceeded { meter, limit, used } => UsageError::UpgradeRequired {
+            tier: profile.tier,
+            meter,
+            limit,
+            used,
+        },
+        other => UsageError::Store(other),
+    })
 }
 
 /// Commits the reservation of a generated insight.

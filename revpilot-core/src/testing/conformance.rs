@@ -1166,6 +1166,70 @@ pub async fn insight_limit_holds_under_concurrency<S: UserStore + UsageStore + ?
     );
 }
 
+/// Insight records: stored per generation with their figures, read newest first, per owner.
+pub async fn insights<S: UserStore + ConnectionStore + crate::ports::InsightStore + ?Sized>(
+    store: &S,
+) {
+    use crate::insights::{Figure, InsightKind, Unit};
+    use crate::ports::InsightRecord;
+    let user = new_user(store, "insights@example.com").await;
+    let conn = new_connection(store, user, "acct_insights").await;
+    let record = |kind: InsightKind, at: DateTime<Utc>, generation: Uuid| InsightRecord {
+        id: Uuid::new_v4(),
+        generation,
+        user,
+        connection: Some(conn),
+        kind,
+        title: format!("{} title", kind.as_str()),
+        summary: "MRR is $1,234.50 <b>and</b> \"quoted\"".into(),
+        figures: vec![Figure {
+            id: "mrr".into(),
+            label: "MRR now".into(),
+            value: Decimal::new(123_450, 2),
+            unit: Unit::Money,
+        }],
+        provider: "local".into(),
+        note: Some("the model's answer cited a figure that does not exist".into()),
+        created_at: at,
+    };
+    let (g1, g2) = (Uuid::new_v4(), Uuid::new_v4());
+    let first = vec![
+        record(InsightKind::RevenuePrediction, t(10, 0), g1),
+        record(InsightKind::ChurnRisk, t(10, 0), g1),
+    ];
+    let second = vec![record(InsightKind::HealthScore, t(11, 0), g2)];
+    store.save_insights(&first).await.expect("save");
+    store.save_insights(&second).await.expect("save");
+    let read = store.insights(user, Some(conn), 10).await.expect("read");
+    assert_eq!(read.len(), 3);
+    assert_eq!(read[0], second[0], "newest first, exactly as saved");
+    assert!(read[1..].contains(&first[0]) && read[1..].contains(&first[1]));
+    assert_eq!(store.insights(user, None, 2).await.expect("read").len(), 2);
+    let other = new_user(store, "insights-other@example.com").await;
+    assert!(
+        store
+            .insights(other, Some(conn), 10)
+            .await
+            .expect("read")
+            .is_empty(),
+        "another user's connection reads as empty"
+    );
+    let mut foreign = record(InsightKind::ChurnRisk, t(12, 0), Uuid::new_v4());
+    foreign.user = other;
+    assert!(matches!(
+        store.save_insights(&[foreign]).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store
+            .insights(user, Some(conn), 10)
+            .await
+            .expect("read")
+            .len(),
+        3
+    );
+}
+
 /// Runs every test of the suite, each on a store from `fresh`.
 pub async fn run_all<S, F, Fut>(fresh: F)
 where
@@ -1177,7 +1241,8 @@ where
         + ConnectionStore
         + OAuthStateStore
         + SyncStateStore
-        + BillingStore,
+        + BillingStore
+        + crate::ports::InsightStore,
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = S>,
 {
@@ -1193,4 +1258,5 @@ where
     oauth_states(&fresh().await).await;
     sync_state(&fresh().await).await;
     billing(&fresh().await).await;
+    insights(&fresh().await).await;
 }
