@@ -16,6 +16,7 @@
 //! Methods and the measured forecast error: `docs/insights.md`.
 
 pub mod forecast;
+pub mod narrative;
 pub mod scenario;
 
 use std::collections::{BTreeMap, HashMap};

@@ -224,3 +224,220 @@ const PINNED_BACKTEST: [(u64, u32, &str, &str); 9] = [
     (3, 6, "3.5", "17.2"),
     (3, 12, "2.7", "32.5"),
 ];
+
+mod narrative_tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use uuid::Uuid;
+
+    use super::{
+        Analysis, Currency, Engine, NaiveDate, Rules, SynthConfig, TimeZone, Utc, analyze,
+        small_account,
+    };
+    use crate::billing::{Catalog, UsageError};
+    use crate::insights::narrative::{
+        Facts, GenerateError, Insight, LlmError, LlmProvider, LocalProvider, generate,
+        local_narrative, show, validate,
+    };
+    use crate::ports::{InsightStore, Meter, Tier, UsageStore, UserId, UserStore};
+    use crate::testing::MemoryStore;
+
+    fn synth_analysis() -> Analysis {
+        let config = SynthConfig::new(300, 11);
+        let account = crate::synth::generate(&config);
+        let engine = Engine::new(&account, Rules::default(), Currency::USD);
+        analyze(&engine, &account, config.end()).unwrap()
+    }
+
+    #[test]
+    fn the_local_narrative_is_valid_and_cites_only_computed_figures() {
+        let a = synth_analysis();
+        let facts = a.facts();
+        let insights = local_narrative(&facts);
+        validate(&insights, &facts).unwrap();
+        assert_eq!(insights.len(), 5);
+        let mrr = show(a.figure("mrr").unwrap(), Currency::USD);
+        assert!(
+            insights[0].summary.contains(&mrr),
+            "{}",
+            insights[0].summary
+        );
+        // The small account too (no forecast shortfall, losses everywhere).
+        let account = small_account();
+        let engine = Engine::new(&account, Rules::default(), Currency::USD);
+        let small = analyze(
+            &engine,
+            &account,
+            NaiveDate::from_ymd_opt(2024, 5, 31).unwrap(),
+        )
+        .unwrap()
+        .facts();
+        validate(&local_narrative(&small), &small).unwrap();
+    }
+
+    #[test]
+    fn invalid_answers_are_named() {
+        let facts = synth_analysis().facts();
+        let good = local_narrative(&facts);
+        let mut missing = good.clone();
+        missing.pop();
+        let mut dup = good.clone();
+        dup[1].kind = dup[0].kind;
+        let mut invented = good.clone();
+        invented[2].figure_ids.push("mrr_next_year".into());
+        let mut empty = good.clone();
+        empty[3].title = " ".into();
+        let mut none = good.clone();
+        none[4].figure_ids.clear();
+        for (answer, says) in [
+            (missing, "no health_score insight"),
+            (dup, "two revenue_prediction"),
+            (
+                invented,
+                "\"mrr_next_year\", which is not a computed figure",
+            ),
+            (empty, "title"),
+            (none, "cites no figure"),
+        ] {
+            let err = validate(&answer, &facts).unwrap_err().to_string();
+            assert!(err.contains(says), "{err} / {says}");
+        }
+    }
+
+    /// Answers from a script, one per call; counts calls.
+    struct Scripted {
+        answers: Mutex<Vec<Result<Vec<Insight>, LlmError>>>,
+        calls: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl LlmProvider for Scripted {
+        fn name(&self) -> String {
+            "scripted".into()
+        }
+        async fn narrate(&self, _: &Facts) -> Result<Vec<Insight>, LlmError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.answers.lock().unwrap().remove(0)
+        }
+    }
+
+    async fn user(store: &MemoryStore, tier: Tier) -> UserId {
+        let u = UserId(Uuid::new_v4());
+        let now = Utc.with_ymd_and_hms(2025, 1, 10, 12, 0, 0).unwrap();
+        store
+            .create_user(u, None, tier, Catalog::default().plan(tier).limits, now)
+            .await
+            .unwrap();
+        u
+    }
+
+    #[tokio::test]
+    async fn generate_retries_an_invalid_answer_once_then_falls_back_and_meters_once() {
+        let a = synth_analysis();
+        let facts = a.facts();
+        let good = local_narrative(&facts)
+            .into_iter()
+            .map(|mut i| {
+                i.title = format!("model: {}", i.title);
+                i
+            })
+            .collect::<Vec<_>>();
+        let mut bad = good.clone();
+        bad[0].figure_ids = vec!["invented".into()];
+        let store = MemoryStore::default();
+        let u = user(&store, Tier::Professional).await;
+        let c = Catalog::default();
+        let now = Utc.with_ymd_and_hms(2025, 1, 10, 12, 0, 0).unwrap();
+
+        // Invalid, then valid: the model's answer is used.
+        let p = Scripted {
+            answers: Mutex::new(vec![Ok(bad.clone()), Ok(good.clone())]),
+            calls: AtomicUsize::new(0),
+        };
+        let g = generate(&store, &c, &p, u, None, &a, Uuid::new_v4(), now)
+            .await
+            .unwrap();
+        assert_eq!(p.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(g.fallback, None);
+        assert!(
+            g.records
+                .iter()
+                .all(|r| r.provider == "scripted" && r.title.starts_with("model: "))
+        );
+        // Each record carries the figures it cites, with their values.
+        let first = &g.records[0];
+        assert_eq!(first.figures.len(), good[0].figure_ids.len());
+        assert_eq!(
+            first.figures[0],
+            a.figure(&good[0].figure_ids[0]).unwrap().clone()
+        );
+
+        // Invalid twice: the local narrative, and the response says so.
+        let p = Scripted {
+            answers: Mutex::new(vec![Ok(bad.clone()), Ok(bad.clone())]),
+            calls: AtomicUsize::new(0),
+        };
+        let g = generate(&store, &c, &p, u, None, &a, Uuid::new_v4(), now)
+            .await
+            .unwrap();
+        assert_eq!(p.calls.load(Ordering::SeqCst), 2);
+        assert!(
+            g.fallback
+                .as_deref()
+                .unwrap()
+                .contains("not a computed figure")
+        );
+        assert!(
+            g.records
+                .iter()
+                .all(|r| r.provider == "local" && r.note.is_some())
+        );
+
+        // Unavailable: no second ask, local at once.
+        let p = Scripted {
+            answers: Mutex::new(vec![Err(LlmError::Unavailable(
+                "429 after 3 attempts".into(),
+            ))]),
+            calls: AtomicUsize::new(0),
+        };
+        let g = generate(&store, &c, &p, u, None, &a, Uuid::new_v4(), now)
+            .await
+            .unwrap();
+        assert_eq!(p.calls.load(Ordering::SeqCst), 1);
+        assert!(g.fallback.unwrap().contains("429"));
+
+        // Three generations, three insight units, fifteen records.
+        let period = crate::billing::usage_period(&store.user(u).await.unwrap().unwrap(), now);
+        assert_eq!(store.used(u, Meter::AiInsight, period).await.unwrap(), 3);
+        assert_eq!(store.insights(u, None, 100).await.unwrap().len(), 15);
+    }
+
+    #[tokio::test]
+    async fn the_starter_limit_refuses_before_asking() {
+        let a = synth_analysis();
+        let store = MemoryStore::default();
+        let u = user(&store, Tier::Starter).await;
+        let c = Catalog::default();
+        let now = Utc.with_ymd_and_hms(2025, 1, 10, 12, 0, 0).unwrap();
+        for _ in 0..5 {
+            generate(&store, &c, &LocalProvider, u, None, &a, Uuid::new_v4(), now)
+                .await
+                .unwrap();
+        }
+        let p = Scripted {
+            answers: Mutex::new(vec![]),
+            calls: AtomicUsize::new(0),
+        };
+        let err = generate(&store, &c, &p, u, None, &a, Uuid::new_v4(), now)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            GenerateError::Usage(UsageError::UpgradeRequired { limit: 5, .. })
+        ));
+        assert!(err.to_string().contains("upgrade"), "{err}");
+        assert_eq!(p.calls.load(Ordering::SeqCst), 0, "refused before asking");
+    }
+}
