@@ -160,6 +160,45 @@ pub fn run(
         .collect())
 }
 
+/// Why a metered scenario run was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The scenario is invalid (nothing is counted).
+    #[error(transparent)]
+    Scenario(#[from] ScenarioError),
+    /// The monthly limit (an upgrade is required), an unknown user, or the store.
+    #[error(transparent)]
+    Usage(#[from] crate::billing::UsageError),
+}
+
+/// Runs `scenario` for `user` on the monthly `rows` of their account, counted against their
+/// monthly scenario limit under `run_id`: checked first (an invalid scenario is not counted),
+/// then recorded, then projected from the last row's MRR.
+///
+/// # Errors
+/// [`RunError`].
+#[allow(clippy::too_many_arguments)]
+pub async fn run_metered<S>(
+    store: &S,
+    catalog: &crate::billing::Catalog,
+    user: crate::ports::UserId,
+    connection: Option<crate::ports::ConnectionId>,
+    rows: &[SeriesRow],
+    scenario: &Scenario,
+    run_id: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<Projected>, RunError>
+where
+    S: crate::ports::UserStore + crate::ports::UsageStore + ?Sized,
+{
+    let rates = Rates::from_rows(rows)?;
+    let start = rows.last().map(|r| r.mrr).unwrap_or_default();
+    // Validates before anything is counted.
+    run(start, &rates, scenario)?;
+    crate::billing::record_scenario(store, catalog, user, run_id, connection, now).await?;
+    Ok(run(start, &rates, scenario)?)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -440,4 +440,100 @@ mod narrative_tests {
         assert!(err.to_string().contains("upgrade"), "{err}");
         assert_eq!(p.calls.load(Ordering::SeqCst), 0, "refused before asking");
     }
+
+    #[tokio::test]
+    async fn a_failed_store_releases_the_reservation() {
+        let a = synth_analysis();
+        let store = MemoryStore::default();
+        let u = user(&store, Tier::Starter).await;
+        let c = Catalog::default();
+        let now = Utc.with_ymd_and_hms(2025, 1, 10, 12, 0, 0).unwrap();
+        // A connection that is not the user's: saving fails, nothing is counted.
+        for _ in 0..6 {
+            let err = generate(
+                &store,
+                &c,
+                &LocalProvider,
+                u,
+                Some(crate::ports::ConnectionId(Uuid::new_v4())),
+                &a,
+                Uuid::new_v4(),
+                now,
+            )
+            .await
+            .unwrap_err();
+            assert!(err.to_string().contains("not found"), "{err}");
+        }
+        let period = crate::billing::usage_period(&store.user(u).await.unwrap().unwrap(), now);
+        assert_eq!(store.used(u, Meter::AiInsight, period).await.unwrap(), 0);
+        // All five of the limit are still there.
+        for _ in 0..5 {
+            generate(&store, &c, &LocalProvider, u, None, &a, Uuid::new_v4(), now)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn scenario_runs_are_metered_per_tier_and_invalid_ones_are_not_counted() {
+        use crate::insights::scenario::{RunError, Scenario, run_metered};
+        let config = SynthConfig::new(300, 11);
+        let account = crate::synth::generate(&config);
+        let engine = Engine::new(&account, Rules::default(), Currency::USD);
+        let rows = engine
+            .series(&crate::metrics::SeriesRequest::new(
+                config.end() - chrono::Duration::days(150),
+                config.end(),
+                crate::metrics::Granularity::Month,
+            ))
+            .unwrap()
+            .rows;
+        let store = MemoryStore::default();
+        let c = Catalog::default();
+        let now = Utc.with_ymd_and_hms(2025, 1, 10, 12, 0, 0).unwrap();
+        let raise = Scenario {
+            price_change_pct: "10".parse().unwrap(),
+            ..Scenario::default()
+        };
+        let bad = Scenario {
+            churn_change_points: "500".parse().unwrap(),
+            ..Scenario::default()
+        };
+        let pro = user(&store, Tier::Professional).await;
+        let err = run_metered(&store, &c, pro, None, &rows, &bad, "bad", now)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RunError::Scenario(_)), "{err}");
+        for i in 0..3 {
+            let p = run_metered(&store, &c, pro, None, &rows, &raise, &format!("r{i}"), now)
+                .await
+                .unwrap();
+            assert!(p.iter().all(|x| x.delta > rust_decimal::Decimal::ZERO));
+        }
+        let err = run_metered(&store, &c, pro, None, &rows, &raise, "r3", now)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("upgrade"), "{err}");
+        let starter = user(&store, Tier::Starter).await;
+        assert!(
+            run_metered(&store, &c, starter, None, &rows, &raise, "s0", now)
+                .await
+                .is_err()
+        );
+        let business = user(&store, Tier::Business).await;
+        for i in 0..20 {
+            run_metered(
+                &store,
+                &c,
+                business,
+                None,
+                &rows,
+                &raise,
+                &format!("b{i}"),
+                now,
+            )
+            .await
+            .unwrap();
+        }
+    }
 }
