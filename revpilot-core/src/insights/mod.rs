@@ -9,7 +9,8 @@
 //! - churn risk: customers whose subscription is past due or unpaid, is set to cancel, or
 //!   contracted in the last 30 days, with the MRR at risk (aggregated by reason and by plan);
 //! - growth opportunities and pricing suggestions: per plan (main price), customers, MRR, ARPA
-//!   quartiles, and expansion, contraction and churn rates over the last 90 days;
+//!   quartiles, expansion, contraction and churn rates over the last 90 days, and discount
+//!   leakage (list-price MRR less billed MRR);
 //! - health score 0-100: four documented components of 25 points each;
 //! - [`scenario`]: a price change, a churn change and a new-customer growth change, projected.
 //!
@@ -155,6 +156,8 @@ pub struct PlanStats {
     pub contraction_rate: Option<Decimal>,
     /// Churned MRR over 90 days / MRR 90 days ago, in %.
     pub churn_rate: Option<Decimal>,
+    /// List-price MRR less billed MRR of its customers now: what discounts cost.
+    pub discount_leakage: Decimal,
 }
 
 /// One component of the health score.
@@ -276,6 +279,18 @@ pub fn analyze(
         .map(|c| (c.customer.as_str(), c.mrr))
         .collect();
 
+    // Discount leakage: the same account at list prices, less what it bills.
+    let mut list_account = account.clone();
+    for sub in &mut list_account.subscriptions {
+        sub.discounts.clear();
+    }
+    let list = engine.for_account(&list_account).mrr_at(end)?;
+    let list_of: HashMap<&str, Decimal> = list
+        .customers
+        .iter()
+        .map(|c| (c.customer.as_str(), c.mrr))
+        .collect();
+
     // The last 90 days' movements.
     let d90 = as_of - chrono::Duration::days(90);
     let d30 = as_of - chrono::Duration::days(30);
@@ -356,10 +371,12 @@ pub fn analyze(
             }
         }
     }
-    let mut per_plan: BTreeMap<&str, (Vec<Decimal>, [Decimal; 4])> = BTreeMap::new();
+    let mut per_plan: BTreeMap<&str, (Vec<Decimal>, [Decimal; 4], Decimal)> = BTreeMap::new();
     for (customer, mrr) in &mrr_of {
         if let Some((plan, _)) = plan_of_customer.get(customer) {
-            per_plan.entry(plan).or_default().0.push(*mrr);
+            let e = per_plan.entry(plan).or_default();
+            e.0.push(*mrr);
+            e.2 += list_of.get(customer).copied().unwrap_or(*mrr) - *mrr;
         }
     }
     for m in &ledger.movements {
@@ -383,7 +400,7 @@ pub fn analyze(
     }
     let mut plans: Vec<PlanStats> = per_plan
         .into_iter()
-        .map(|(plan, (mrrs, [exp, con, churn, net]))| {
+        .map(|(plan, (mrrs, [exp, con, churn, net], leak))| {
             let mrr: Decimal = mrrs.iter().copied().sum();
             let before = mrr - net;
             PlanStats {
@@ -394,6 +411,7 @@ pub fn analyze(
                 expansion_rate: ratio(exp, before).map(pct),
                 contraction_rate: ratio(con, before).map(pct),
                 churn_rate: ratio(churn, before).map(pct),
+                discount_leakage: money(leak),
             }
         })
         .collect();
@@ -633,6 +651,33 @@ pub fn analyze(
                 Unit::Percent,
             );
         }
+    }
+    let leak_total = list.total - now.total;
+    fig(
+        K::PricingSuggestions,
+        "discount_leakage_mrr".into(),
+        "MRR given away in discounts now (list price less billed)".into(),
+        money(leak_total),
+        Unit::Money,
+    );
+    if let Some(share) = ratio(leak_total, list.total) {
+        fig(
+            K::PricingSuggestions,
+            "discount_leakage_share".into(),
+            "discounts as a share of list-price MRR".into(),
+            pct(share),
+            Unit::Percent,
+        );
+    }
+    for (i, p) in plans.iter().enumerate() {
+        let n = i + 1;
+        fig(
+            K::PricingSuggestions,
+            format!("plan_{n}_discount_leakage_mrr"),
+            format!("plan {n} ({}): MRR given away in discounts", p.plan),
+            p.discount_leakage,
+            Unit::Money,
+        );
     }
     if let Some(q) = quick {
         fig(

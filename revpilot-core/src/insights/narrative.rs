@@ -267,12 +267,15 @@ pub fn local_narrative(facts: &Facts) -> Vec<Insight> {
             format!(
                 "Plan {n} loses the most: {} of its MRR contracted and {} churned in 90 days. \
                  Its customers pay a median of {} (25th to 75th percentile {} to {}); check \
-                 whether its price or packaging fits them.",
+                 whether its price or packaging fits them. Discounts cost {} of MRR ({} of \
+                 list price).",
                 val(&format!("plan_{n}_contraction_rate_90d")).unwrap_or_else(|| "0 %".into()),
                 val(&format!("plan_{n}_churn_rate_90d")).unwrap_or_else(|| "0 %".into()),
                 val(&format!("plan_{n}_arpa_median")).unwrap_or_default(),
                 val(&format!("plan_{n}_arpa_p25")).unwrap_or_default(),
                 val(&format!("plan_{n}_arpa_p75")).unwrap_or_default(),
+                val("discount_leakage_mrr").unwrap_or_default(),
+                val("discount_leakage_share").unwrap_or_else(|| "0 %".into()),
             ),
             vec![
                 format!("plan_{n}_contraction_rate_90d"),
@@ -280,6 +283,8 @@ pub fn local_narrative(facts: &Facts) -> Vec<Insight> {
                 format!("plan_{n}_arpa_median"),
                 format!("plan_{n}_arpa_p25"),
                 format!("plan_{n}_arpa_p75"),
+                "discount_leakage_mrr".to_owned(),
+                "discount_leakage_share".to_owned(),
             ],
         ),
         None => (

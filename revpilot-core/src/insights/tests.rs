@@ -102,6 +102,40 @@ fn churn_risk_names_its_reasons_and_sums_the_mrr_at_risk() {
 }
 
 #[test]
+fn discount_leakage_is_list_price_less_billed() {
+    let mut account = small_account();
+    assert!(account.subscriptions[1].id == "sub_b");
+    account.subscriptions[1].discounts = vec![
+        serde_json::from_value(serde_json::json!({
+            "coupon": "quarter_off", "off": {"percent": "25"}, "duration": "forever",
+            "start": "2024-01-01T00:00:00Z"
+        }))
+        .unwrap(),
+    ];
+    let engine = Engine::new(&account, Rules::default(), Currency::USD);
+    let a = analyze(
+        &engine,
+        &account,
+        NaiveDate::from_ymd_opt(2024, 5, 31).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(value(&a, "mrr"), d("215"));
+    assert_eq!(value(&a, "discount_leakage_mrr"), d("25"));
+    // 25 of a list-price 240.
+    assert_eq!(value(&a, "discount_leakage_share"), d("10.42"));
+    assert_eq!(
+        value(&a, "plan_1_discount_leakage_mrr"),
+        d("25"),
+        "price_std"
+    );
+    assert_eq!(
+        value(&a, "plan_2_discount_leakage_mrr"),
+        d("0"),
+        "price_lite"
+    );
+}
+
+#[test]
 fn the_health_score_adds_four_components_of_25() {
     let account = small_account();
     let engine = Engine::new(&account, Rules::default(), Currency::USD);

@@ -155,6 +155,20 @@ impl<'a> Engine<'a> {
         self
     }
 
+    /// An engine over another account with these rules, currency and exchange rates (for a
+    /// variant of the same account, such as one without discounts).
+    pub fn for_account<'b>(&self, account: &'b Account) -> Engine<'b>
+    where
+        'a: 'b,
+    {
+        Engine {
+            compiled: Arc::new(Compiled::new(account)),
+            rules: self.rules.clone(),
+            currency: self.currency,
+            fx: self.fx,
+        }
+    }
+
     /// The same compiled account under other rules.
     pub fn with_rules(&self, rules: Rules) -> Self {
         Engine {
