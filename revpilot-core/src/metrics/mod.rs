@@ -163,7 +163,7 @@ impl<'a> Engine<'a> {
     {
         Engine {
             compiled: Arc::new(Compiled::new(account)),
-            rules: self.rules.clone(),
+            rules: self.rules,
             currency: self.currency,
             fx: self.fx,
         }
