@@ -97,6 +97,21 @@ impl OpenAiConfig {
     }
 }
 
+/// The provider the configuration asks for: [`OpenAiProvider`] when `LLM_BASE_URL` is set (with
+/// `LLM_MODEL`, and `LLM_API_KEY` when the server wants one), otherwise the offline
+/// [`revpilot_core::insights::narrative::LocalProvider`], the embedded default.
+///
+/// # Errors
+/// [`ConfigError`] naming the variable at fault.
+pub fn provider_from_env(
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<std::sync::Arc<dyn LlmProvider>, ConfigError> {
+    Ok(match OpenAiConfig::from_env(var)? {
+        Some(config) => std::sync::Arc::new(OpenAiProvider::new(config)?),
+        None => std::sync::Arc::new(revpilot_core::insights::narrative::LocalProvider),
+    })
+}
+
 /// The chat-completions provider.
 #[derive(Debug, Clone)]
 pub struct OpenAiProvider {

@@ -281,6 +281,13 @@ fn configuration_from_the_environment() {
     assert!(c.api_key.is_none());
     let err = OpenAiConfig::from_env(env(&[("LLM_BASE_URL", "http://x/v1")])).unwrap_err();
     assert!(err.to_string().contains("LLM_MODEL"), "{err}");
+    assert_eq!(provider_from_env(env(&[])).unwrap().name(), "local");
+    let chosen = provider_from_env(env(&[
+        ("LLM_BASE_URL", "http://127.0.0.1:8080/v1"),
+        ("LLM_MODEL", "llama"),
+    ]))
+    .unwrap();
+    assert_eq!(chosen.name(), "llama");
     let err = OpenAiConfig::new("ftp://x", "m").unwrap_err();
     assert!(err.to_string().contains("LLM_BASE_URL"), "{err}");
 }
