@@ -118,6 +118,48 @@ impl Export {
     }
 }
 
+impl Export {
+    /// The export of objects a sync cached (`revpilot_core::ports::ObjectCache`), for the
+    /// rebuild: each is parsed by its kind; products, which the rebuild does not read, are
+    /// skipped. The cache keeps no events, so changes without proration are dated by invoices
+    /// only.
+    ///
+    /// # Errors
+    /// [`ExportError::Object`] naming the first object (kind and id) that cannot be read.
+    pub fn from_cached(
+        objects: &[revpilot_core::ports::CachedObject],
+    ) -> Result<Self, ExportError> {
+        use revpilot_core::ports::ObjectKind;
+        let mut by_kind: std::collections::HashMap<ObjectKind, Vec<&RawValue>> =
+            std::collections::HashMap::new();
+        let mut owned: Vec<Box<RawValue>> = Vec::with_capacity(objects.len());
+        for o in objects {
+            let raw = RawValue::from_string(o.data.clone()).map_err(|e| {
+                ExportError::Object(ParseError {
+                    kind: o.kind.as_str(),
+                    id: o.stripe_id.clone(),
+                    problem: e.to_string(),
+                })
+            })?;
+            owned.push(raw);
+        }
+        for (o, raw) in objects.iter().zip(&owned) {
+            by_kind.entry(o.kind).or_default().push(raw);
+        }
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let of = |k: ObjectKind| by_kind.get(&k).map_or(&[][..], Vec::as_slice);
+        Ok(Export {
+            customers: parse_all("customer", of(ObjectKind::Customer), threads)?,
+            subscriptions: parse_all("subscription", of(ObjectKind::Subscription), threads)?,
+            invoices: parse_all("invoice", of(ObjectKind::Invoice), threads)?,
+            charges: parse_all("charge", of(ObjectKind::Charge), threads)?,
+            prices: parse_all("price", of(ObjectKind::Price), threads)?,
+            coupons: parse_all("coupon", of(ObjectKind::Coupon), threads)?,
+            events: Vec::new(),
+        })
+    }
+}
+
 /// An export as raw Stripe JSON objects, the shape `revpilot export` writes: each object exactly
 /// as Stripe sent it, nothing dropped.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -143,6 +185,51 @@ pub struct RawExport {
     /// Events.
     #[serde(default)]
     pub events: Vec<Box<RawValue>>,
+}
+
+impl RawExport {
+    /// The objects as a sync would cache them, each at `version` (to seed a store from an
+    /// export: demos, tests). Events are not cached.
+    ///
+    /// # Errors
+    /// [`ExportError::Object`] for an object without a string `id`.
+    pub fn cached(
+        &self,
+        version: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<revpilot_core::ports::CachedObject>, ExportError> {
+        use revpilot_core::ports::{CachedObject, ObjectKind};
+        #[derive(Deserialize)]
+        struct Id {
+            id: String,
+        }
+        let lists = [
+            (ObjectKind::Customer, &self.customers),
+            (ObjectKind::Subscription, &self.subscriptions),
+            (ObjectKind::Invoice, &self.invoices),
+            (ObjectKind::Charge, &self.charges),
+            (ObjectKind::Price, &self.prices),
+            (ObjectKind::Coupon, &self.coupons),
+        ];
+        let mut out = Vec::new();
+        for (kind, list) in lists {
+            for raw in list {
+                let id: Id = serde_json::from_str(raw.get()).map_err(|e| {
+                    ExportError::Object(ParseError {
+                        kind: kind.as_str(),
+                        id: "(no id)".into(),
+                        problem: e.to_string(),
+                    })
+                })?;
+                out.push(CachedObject {
+                    kind,
+                    stripe_id: id.id,
+                    version,
+                    data: raw.get().to_owned(),
+                });
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

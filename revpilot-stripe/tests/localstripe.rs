@@ -200,6 +200,23 @@ async fn localstripe_account_syncs_completely_and_rebuilds() {
         charges as u64
     );
 
+    // What the sync cached rebuilds to the MRR the subscriptions say.
+    let mut cached = Vec::new();
+    for kind in ObjectKind::ALL {
+        cached.extend(count(kind).await);
+    }
+    let from_cache = rebuild(&Export::from_cached(&cached).unwrap());
+    let mrr = Engine::new(&from_cache.account, Rules::default(), Currency::USD)
+        .mrr_at(Utc::now() + chrono::TimeDelta::minutes(1))
+        .unwrap()
+        .total;
+    assert_eq!(
+        Currency::USD.round(mrr * rust_decimal::Decimal::from(1200)),
+        rust_decimal::Decimal::from(expected_cents_x12),
+        "from the cache; issues: {:?}",
+        from_cache.issues
+    );
+
     // The export of the same account rebuilds to the MRR the subscriptions say.
     let raw = export_account(&client(&ls.base), &|_| {}).await.unwrap();
     let export = Export::from_json(serde_json::to_string(&raw).unwrap().as_bytes()).unwrap();

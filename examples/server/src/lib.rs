@@ -1,9 +1,14 @@
 //! The RevPilot example server, as a library: [`app`] builds the router over an [`AppState`], so
 //! tests drive it without a socket and `main.rs` only reads configuration and serves it.
 //!
-//! Issue #5 brings the Stripe billing webhook (`POST /api/webhooks/stripe-billing`) and the
-//! in-process worker that applies stored billing events; issue #7 adds the rest of the API, the
-//! worker's job queue and the dashboard.
+//! Built so far: the Stripe billing webhook (`POST /api/webhooks/stripe-billing`) and the
+//! in-process worker that applies stored billing events (issue #5); JWT sessions and the JSON API
+//! over the library (`/api/metrics`, `/api/insights`, `/api/scenarios`, `/api/usage/current`,
+//! `/api/create-checkout`). Issue #7 continues with sign-up, Connect, the job queue, the
+//! dashboard and the demo.
+
+pub mod api;
+pub mod auth;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,15 +20,34 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use revpilot_core::ports::{BillingStore, ConnectionStore, UsageStore, UserStore, WebhookInbox};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use revpilot_core::billing::Catalog;
+use revpilot_core::insights::narrative::{LlmProvider, LocalProvider};
+use revpilot_core::ports::{
+    BillingStore, ConnectionStore, InsightStore, ObjectCache, SnapshotStore, SyncStateStore,
+    UsageStore, UserId, UserStore, WebhookInbox,
+};
 use revpilot_stripe::billing::{Processor, Receipt, WebhookConfig, receive};
+use revpilot_stripe::client::Client;
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use url::Url;
 
 /// Every port the server uses, as one object: `Arc<dyn Store>` holds a SQLite or PostgreSQL store.
 pub trait Store:
-    UserStore + UsageStore + WebhookInbox + BillingStore + ConnectionStore + Send + Sync + 'static
+    UserStore
+    + UsageStore
+    + WebhookInbox
+    + BillingStore
+    + ConnectionStore
+    + ObjectCache
+    + SyncStateStore
+    + SnapshotStore
+    + InsightStore
+    + Send
+    + Sync
+    + 'static
 {
 }
 
@@ -33,6 +57,10 @@ impl<T> Store for T where
         + WebhookInbox
         + BillingStore
         + ConnectionStore
+        + ObjectCache
+        + SyncStateStore
+        + SnapshotStore
+        + InsightStore
         + Send
         + Sync
         + 'static
@@ -53,16 +81,39 @@ pub struct AppState {
     pub billing_wake: Arc<Notify>,
     /// Now.
     pub clock: Clock,
+    /// Session tokens; `None` refuses every authenticated route.
+    pub jwt: Option<Arc<auth::Jwt>>,
+    /// The tiers.
+    pub catalog: Arc<Catalog>,
+    /// The insights narrator (the local templates by default).
+    pub llm: Arc<dyn LlmProvider>,
+    /// The company's own Stripe account (checkout); `None` when billing is not configured.
+    pub stripe: Option<Client>,
+    /// Where the app is served (Checkout's return URLs).
+    pub app_url: Url,
+    /// Per-user budget on the expensive routes (insights, scenarios).
+    pub expensive: Arc<DefaultKeyedRateLimiter<UserId>>,
 }
+
+/// Calls per user and minute on the expensive routes.
+pub const EXPENSIVE_PER_MINUTE: u32 = 30;
 
 impl AppState {
     /// State over `store` with the system clock.
     pub fn new(store: Arc<dyn Store>, billing_webhook: Option<WebhookConfig>) -> Self {
+        let per_minute =
+            std::num::NonZeroU32::new(EXPENSIVE_PER_MINUTE).unwrap_or(std::num::NonZeroU32::MIN);
         AppState {
             store,
             billing_webhook,
             billing_wake: Arc::new(Notify::new()),
             clock: Arc::new(Utc::now),
+            jwt: None,
+            catalog: Arc::new(Catalog::default()),
+            llm: Arc::new(LocalProvider),
+            stripe: None,
+            app_url: Url::parse("http://127.0.0.1:3000/").unwrap_or_else(|_| unreachable!()),
+            expensive: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
         }
     }
 }
@@ -75,6 +126,11 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/webhooks/stripe-billing", post(stripe_billing))
+        .route("/api/metrics", get(api::metrics))
+        .route("/api/insights", post(api::insights))
+        .route("/api/scenarios", post(api::scenarios))
+        .route("/api/usage/current", get(api::usage))
+        .route("/api/create-checkout", post(api::checkout))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
@@ -87,6 +143,17 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
         axum::Json(json!({ "error": { "code": code, "message": message.into() } })),
     )
         .into_response()
+}
+
+/// A 500 whose message says nothing of the cause (logged instead): never SQL, Stripe or model
+/// text in a response.
+pub fn internal(e: &dyn std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "internal error");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "something went wrong on the server",
+    )
 }
 
 async fn healthz() -> Response {

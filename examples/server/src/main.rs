@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use revpilot_core::billing::Catalog;
+use revpilot_server::auth::Jwt;
 use revpilot_server::{AppState, Store, app, spawn_billing_worker};
 use revpilot_store::{KeyRing, PgStore, SqliteStore};
 use revpilot_stripe::billing::{Processor, WebhookConfig};
@@ -40,6 +41,15 @@ struct Args {
     /// A TOML tier catalog replacing the default tiers (see docs/billing.md).
     #[arg(long, env = "REVPILOT_CATALOG")]
     catalog: Option<PathBuf>,
+    /// HS256 secret of session tokens (at least 32 bytes; Supabase's JWT secret works).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Required `iss` of session tokens, when set.
+    #[arg(long, env = "JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// The app's public URL (Checkout returns to it); default `http://{bind}/`.
+    #[arg(long, env = "REVPILOT_APP_URL")]
+    app_url: Option<String>,
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -87,6 +97,25 @@ async fn main() -> ExitCode {
         }
     };
 
+    let stripe = match args.stripe_secret_key.as_deref().filter(|k| !k.is_empty()) {
+        None => None,
+        Some(key) => {
+            let mut config = ClientConfig::new(SecretString::from(key.to_owned()));
+            if let Some(base) = &args.stripe_api_base {
+                config = match config.with_api_base(base) {
+                    Ok(c) => c,
+                    Err(e) => return fail(format!("STRIPE_API_BASE: {e}")),
+                };
+            }
+            match Client::new(config) {
+                Ok(c) => Some((
+                    c,
+                    key.starts_with("sk_live_") || key.starts_with("rk_live_"),
+                )),
+                Err(e) => return fail(e),
+            }
+        }
+    };
     let webhook = match args
         .webhook_secret
         .as_deref()
@@ -97,32 +126,52 @@ async fn main() -> ExitCode {
             None
         }
         Some(secrets) => {
-            let Some(key) = args.stripe_secret_key.as_deref().filter(|k| !k.is_empty()) else {
+            let Some((client, live)) = &stripe else {
                 return fail(
                     "STRIPE_SECRET_KEY is required with STRIPE_WEBHOOK_SECRET (billing events fetch subscriptions)",
                 );
             };
-            let mut config = ClientConfig::new(SecretString::from(key.to_owned()));
-            if let Some(base) = &args.stripe_api_base {
-                config = match config.with_api_base(base) {
-                    Ok(c) => c,
-                    Err(e) => return fail(format!("STRIPE_API_BASE: {e}")),
-                };
-            }
-            let client = match Client::new(config) {
-                Ok(c) => c,
-                Err(e) => return fail(e),
-            };
-            let live = key.starts_with("sk_live_") || key.starts_with("rk_live_");
-            let mut webhook = WebhookConfig::new(SecretString::from(String::new()), live);
+            let mut webhook = WebhookConfig::new(SecretString::from(String::new()), *live);
             webhook.secrets = secrets
                 .split(',')
                 .map(|s| SecretString::from(s.trim().to_owned()))
                 .collect();
-            Some((webhook, client))
+            Some((webhook, client.clone()))
         }
     };
-    let state = AppState::new(store.clone(), webhook.as_ref().map(|(w, _)| w.clone()));
+    let jwt = match args.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+        None => {
+            tracing::warn!("JWT_SECRET is not set: every authenticated route answers 401");
+            None
+        }
+        Some(secret) => {
+            match Jwt::new(
+                SecretString::from(secret.to_owned()),
+                args.jwt_issuer.clone(),
+            ) {
+                Ok(j) => Some(Arc::new(j)),
+                Err(e) => return fail(e),
+            }
+        }
+    };
+    let llm = match revpilot_ai::provider_from_env(|n| std::env::var(n).ok()) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let app_url = args
+        .app_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}/", args.bind));
+    let app_url = match url::Url::parse(&app_url) {
+        Ok(u) => u,
+        Err(e) => return fail(format!("REVPILOT_APP_URL {app_url:?}: {e}")),
+    };
+    let mut state = AppState::new(store.clone(), webhook.as_ref().map(|(w, _)| w.clone()));
+    state.jwt = jwt;
+    state.catalog = Arc::new(catalog.clone());
+    state.llm = llm;
+    state.stripe = stripe.map(|(c, _)| c);
+    state.app_url = app_url;
     if let Some((_, client)) = webhook {
         let processor = Arc::new(Processor::new(store, catalog, Arc::new(client)));
         spawn_billing_worker(

@@ -1,0 +1,387 @@
+//! The JSON API over the library: metrics, insights, scenarios, usage, checkout. Every route
+//! takes an [`AuthUser`]; every route with a `connectionId` answers 404 for another user's
+//! connection exactly as for one that does not exist.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{Duration, NaiveDate};
+use revpilot_core::billing::{UsageError, current_usage};
+use revpilot_core::insights::analyze;
+use revpilot_core::insights::narrative::{GenerateError, generate};
+use revpilot_core::insights::scenario::{RunError, Scenario, run_metered};
+use revpilot_core::metrics::{Engine, Granularity, SeriesRequest};
+use revpilot_core::model::Account;
+use revpilot_core::ports::{Connection, ConnectionId, ObjectKind, Tier, UserId};
+use revpilot_core::{Currency, Rules};
+use revpilot_stripe::billing::{CheckoutError, create_checkout};
+use revpilot_stripe::export::Export;
+use revpilot_stripe::rebuild::rebuild;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::auth::AuthUser;
+use crate::{AppState, error, internal};
+
+/// The longest range `/api/metrics` serves, days.
+pub const MAX_RANGE_DAYS: i64 = 3_660;
+
+fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such connection")
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+/// A JSON error for a body that cannot be read, keeping the rejection's status (413 for a body
+/// over the limit, 415 without a JSON content type, 400 or 422 otherwise).
+fn body_error(e: &JsonRejection) -> Response {
+    let status = e.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "payload_too_large"
+    } else {
+        "invalid_request"
+    };
+    error(status, code, format!("body: {}", e.body_text()))
+}
+
+/// Refuses a call past the user's per-minute budget on an expensive route.
+pub(crate) fn rate_limited(state: &AppState, user: UserId) -> Option<Response> {
+    state.expensive.check_key(&user).is_err().then(|| {
+        error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests on this route; try again in a minute",
+        )
+    })
+}
+
+/// The user's connection, or 404.
+async fn owned(state: &AppState, user: UserId, id: &str) -> Result<Connection, Response> {
+    let Ok(uuid) = Uuid::parse_str(id) else {
+        return Err(not_found());
+    };
+    match state.store.connection(user, ConnectionId(uuid)).await {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => Err(not_found()),
+        Err(e) => Err(internal(&e)),
+    }
+}
+
+/// The connection's account, rebuilt from what the sync cached, and its reporting currency.
+pub(crate) async fn account(
+    state: &AppState,
+    user: UserId,
+    connection: &Connection,
+) -> Result<(Account, Currency), Response> {
+    let mut cached = Vec::new();
+    for kind in ObjectKind::ALL {
+        cached.extend(
+            state
+                .store
+                .objects(user, connection.id, kind)
+                .await
+                .map_err(|e| internal(&e))?,
+        );
+    }
+    let export = Export::from_cached(&cached).map_err(|e| {
+        tracing::error!(connection = %connection.id, error = %e, "cached object unreadable");
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unreadable_data",
+            "a synced Stripe object cannot be read; sync the connection again",
+        )
+    })?;
+    let rebuilt = rebuild(&export);
+    let currency = connection
+        .currency
+        .as_deref()
+        .and_then(|c| Currency::parse(c).ok())
+        .unwrap_or(Currency::USD);
+    Ok((rebuilt.account, currency))
+}
+
+fn today(state: &AppState) -> NaiveDate {
+    (state.clock)().date_naive()
+}
+
+/// `GET /api/metrics` query.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsQuery {
+    /// The connection.
+    pub connection_id: String,
+    /// First day (default: 89 days before `to`).
+    pub from: Option<NaiveDate>,
+    /// Last day (default: today).
+    pub to: Option<NaiveDate>,
+    /// `day` (default) or `month`.
+    pub granularity: Option<String>,
+}
+
+/// `GET /api/metrics?connectionId=...&from=&to=&granularity=day|month`.
+pub(crate) async fn metrics(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    query: Result<Query<MetricsQuery>, QueryRejection>,
+) -> Response {
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return bad_request(format!("query: {}", e.body_text())),
+    };
+    let connection = match owned(&state, user, &q.connection_id).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let to = q.to.unwrap_or_else(|| today(&state));
+    let from = q.from.unwrap_or(to - Duration::days(89));
+    if from > to || (to - from).num_days() > MAX_RANGE_DAYS {
+        return bad_request(format!(
+            "from must not be after to, and the range at most {MAX_RANGE_DAYS} days"
+        ));
+    }
+    let granularity = match q.granularity.as_deref() {
+        None | Some("day") => Granularity::Day,
+        Some("month") => Granularity::Month,
+        Some(other) => {
+            return bad_request(format!("granularity {other:?}: expected day or month"));
+        }
+    };
+    let (account, currency) = match account(&state, user, &connection).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let engine = Engine::new(&account, Rules::default(), currency);
+    match engine.series(&SeriesRequest::new(from, to, granularity)) {
+        Ok(report) => Json(json!({
+            "connectionId": connection.id,
+            "currency": currency,
+            "from": from,
+            "to": to,
+            "granularity": if granularity == Granularity::Day { "day" } else { "month" },
+            "lastSyncedAt": connection.last_synced_at,
+            "rows": report.rows,
+            "anomalies": report.anomalies.len(),
+        }))
+        .into_response(),
+        Err(e) => bad_request(e.to_string()),
+    }
+}
+
+fn usage_error(e: &UsageError) -> Response {
+    match e {
+        UsageError::UpgradeRequired { .. } => error(
+            StatusCode::PAYMENT_REQUIRED,
+            "upgrade_required",
+            e.to_string(),
+        ),
+        UsageError::UnknownUser(_) => error(StatusCode::NOT_FOUND, "not_found", "no such user"),
+        other => internal(other),
+    }
+}
+
+/// `POST /api/insights` query.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InsightsQuery {
+    /// The connection.
+    pub connection_id: String,
+}
+
+/// `POST /api/insights?connectionId=...`: generates, stores and returns one set of insights.
+pub(crate) async fn insights(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    query: Result<Query<InsightsQuery>, QueryRejection>,
+) -> Response {
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return bad_request(format!("query: {}", e.body_text())),
+    };
+    if let Some(r) = rate_limited(&state, user) {
+        return r;
+    }
+    let connection = match owned(&state, user, &q.connection_id).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let (account, currency) = match account(&state, user, &connection).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let engine = Engine::new(&account, Rules::default(), currency);
+    let analysis = match analyze(&engine, &account, today(&state)) {
+        Ok(a) => a,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    match generate(
+        state.store.as_ref(),
+        &state.catalog,
+        state.llm.as_ref(),
+        user,
+        Some(connection.id),
+        &analysis,
+        Uuid::new_v4(),
+        (state.clock)(),
+    )
+    .await
+    {
+        Ok(g) => Json(json!({
+            "generation": g.generation,
+            "fallback": g.fallback,
+            "insights": g.records,
+        }))
+        .into_response(),
+        Err(GenerateError::Usage(e)) => usage_error(&e),
+    }
+}
+
+/// `POST /api/scenarios` body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScenarioBody {
+    /// The connection.
+    pub connection_id: String,
+    /// Price change, %.
+    #[serde(default)]
+    pub price_change_pct: Decimal,
+    /// Churn change, points.
+    #[serde(default)]
+    pub churn_change_points: Decimal,
+    /// New-customer growth change, %.
+    #[serde(default)]
+    pub new_growth_pct: Decimal,
+}
+
+/// `POST /api/scenarios`: one metered what-if run.
+pub(crate) async fn scenarios(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    body: Result<Json<ScenarioBody>, JsonRejection>,
+) -> Response {
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(&e),
+    };
+    if let Some(r) = rate_limited(&state, user) {
+        return r;
+    }
+    let connection = match owned(&state, user, &b.connection_id).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let (account, currency) = match account(&state, user, &connection).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let to = today(&state);
+    let engine = Engine::new(&account, Rules::default(), currency);
+    let rows = match engine.series(&SeriesRequest::new(
+        to - Duration::days(120),
+        to,
+        Granularity::Month,
+    )) {
+        Ok(r) => r.rows,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    let scenario = Scenario {
+        price_change_pct: b.price_change_pct,
+        churn_change_points: b.churn_change_points,
+        new_growth_pct: b.new_growth_pct,
+    };
+    let run_id = Uuid::new_v4().to_string();
+    match run_metered(
+        state.store.as_ref(),
+        &state.catalog,
+        user,
+        Some(connection.id),
+        &rows,
+        &scenario,
+        &run_id,
+        (state.clock)(),
+    )
+    .await
+    {
+        Ok(projection) => Json(json!({
+            "currency": currency,
+            "scenario": scenario,
+            "projection": projection.iter().map(|p| json!({
+                "months": p.months,
+                "baseline": currency.round(p.baseline),
+                "scenario": currency.round(p.scenario),
+                "delta": currency.round(p.delta),
+            })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(RunError::Scenario(e)) => bad_request(e.to_string()),
+        Err(RunError::Usage(e)) => usage_error(&e),
+    }
+}
+
+/// `GET /api/usage/current`.
+pub(crate) async fn usage(State(state): State<AppState>, AuthUser(user): AuthUser) -> Response {
+    match current_usage(state.store.as_ref(), &state.catalog, user, (state.clock)()).await {
+        Ok(u) => Json(u).into_response(),
+        Err(e) => usage_error(&e),
+    }
+}
+
+/// `POST /api/create-checkout` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutBody {
+    /// The tier to buy.
+    pub tier: Tier,
+}
+
+/// `POST /api/create-checkout`: a Checkout Session URL for an upgrade.
+pub(crate) async fn checkout(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    body: Result<Json<CheckoutBody>, JsonRejection>,
+) -> Response {
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(&e),
+    };
+    let Some(stripe) = &state.stripe else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stripe_not_configured",
+            "billing is not configured on this server (STRIPE_SECRET_KEY)",
+        );
+    };
+    match create_checkout(
+        stripe,
+        state.store.as_ref(),
+        &state.catalog,
+        user,
+        b.tier,
+        &state.app_url,
+        (state.clock)(),
+    )
+    .await
+    {
+        Ok(session) => Json(json!({ "id": session.id, "url": session.url })).into_response(),
+        Err(e @ (CheckoutError::FreeTier(_) | CheckoutError::NoPrice(_))) => {
+            bad_request(e.to_string())
+        }
+        Err(CheckoutError::UnknownUser(_)) => {
+            error(StatusCode::NOT_FOUND, "not_found", "no such user")
+        }
+        Err(CheckoutError::Stripe(e)) => {
+            tracing::error!(error = %e, "checkout");
+            error(
+                StatusCode::BAD_GATEWAY,
+                "stripe_error",
+                "Stripe could not create the checkout session; try again",
+            )
+        }
+        Err(e) => internal(&e),
+    }
+}

@@ -1,0 +1,184 @@
+//! Who is calling: a JWT in `Authorization: Bearer ...`, HS256 with a shared secret
+//! (`JWT_SECRET`, which is also how Supabase signs its tokens when configured with its JWT
+//! secret). The algorithm is pinned (`alg: none` and any other algorithm, including the RS256 /
+//! HS256 confusion, are refused), `exp` and `sub` are required, `aud` must be `authenticated`,
+//! and `iss` is checked when configured. The user is `sub`, a UUID; a user seen for the first
+//! time gets a starter profile.
+
+use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::Response;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
+use revpilot_core::ports::{StoreError, Tier, UserId};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::AppState;
+
+/// Clock skew allowed on `exp`, seconds.
+pub const LEEWAY_SECS: i64 = 30;
+
+/// The audience every accepted token carries (Supabase's).
+pub const AUDIENCE: &str = "authenticated";
+
+/// The claims read from a session token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id (UUID).
+    pub sub: String,
+    /// Expiry, unix seconds.
+    pub exp: i64,
+    /// Audience.
+    pub aud: String,
+    /// Issuer, when the deployment sets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Email, when the issuer includes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+}
+
+/// Verifies (and, for built-in sessions and tests, issues) session tokens.
+#[derive(Clone)]
+pub struct Jwt {
+    secret: SecretString,
+    issuer: Option<String>,
+}
+
+impl std::fmt::Debug for Jwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jwt")
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a token was refused (the message is for logs; callers get a plain 401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AuthError(pub String);
+
+impl Jwt {
+    /// HS256 with `secret`; `issuer` checked when given.
+    ///
+    /// # Errors
+    /// [`AuthError`] for a secret shorter than 32 bytes.
+    pub fn new(secret: SecretString, issuer: Option<String>) -> Result<Jwt, AuthError> {
+        if secret.expose_secret().len() < 32 {
+            return Err(AuthError("JWT_SECRET must be at least 32 bytes".to_owned()));
+        }
+        Ok(Jwt { secret, issuer })
+    }
+
+    /// A token for `user` valid until `exp` (unix seconds).
+    ///
+    /// # Errors
+    /// [`AuthError`] when signing fails.
+    pub fn issue(&self, user: UserId, email: Option<&str>, exp: i64) -> Result<String, AuthError> {
+        let claims = Claims {
+            sub: user.to_string(),
+            exp,
+            aud: AUDIENCE.to_owned(),
+            iss: self.issuer.clone(),
+            email: email.map(str::to_owned),
+        };
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(self.secret.expose_secret().as_bytes()),
+        )
+        .map_err(|e| AuthError(e.to_string()))
+    }
+
+    /// The verified claims of `token` at `now` (unix seconds; the server's injectable clock).
+    ///
+    /// # Errors
+    /// [`AuthError`] naming the problem: signature, algorithm, expiry, audience, issuer, subject.
+    pub fn verify(&self, token: &str, now: i64) -> Result<(UserId, Claims), AuthError> {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.algorithms = vec![Algorithm::HS256];
+        v.set_audience(&[AUDIENCE]);
+        v.set_required_spec_claims(&["exp", "sub", "aud"]);
+        // Expiry is checked below against `now`, not the system clock.
+        v.validate_exp = false;
+        if let Some(iss) = &self.issuer {
+            v.set_issuer(&[iss]);
+        }
+        let data = decode::<Claims>(
+            token,
+            &DecodingKey::from_secret(self.secret.expose_secret().as_bytes()),
+            &v,
+        )
+        .map_err(|e| AuthError(e.to_string()))?;
+        if data.claims.exp + LEEWAY_SECS < now {
+            return Err(AuthError("the token has expired".into()));
+        }
+        let user = Uuid::parse_str(&data.claims.sub)
+            .map_err(|_| AuthError("sub is not a user id".into()))?;
+        Ok((UserId(user), data.claims))
+    }
+}
+
+/// The authenticated caller; every API route but the webhooks and health takes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthUser(pub UserId);
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let unauthorized = || {
+            crate::error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid session token is required",
+            )
+        };
+        let Some(jwt) = &state.jwt else {
+            return Err(unauthorized());
+        };
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(unauthorized)?;
+        let (user, claims) = jwt
+            .verify(token.trim(), (state.clock)().timestamp())
+            .map_err(|e| {
+                tracing::debug!(error = %e, "token refused");
+                unauthorized()
+            })?;
+        // First sight of a user: a starter profile.
+        match state.store.user(user).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let limits = state.catalog.plan(Tier::Starter).limits;
+                let now = (state.clock)();
+                let created = match state
+                    .store
+                    .create_user(user, claims.email.as_deref(), Tier::Starter, limits, now)
+                    .await
+                {
+                    // The email belongs to another profile: this one goes without it.
+                    Err(StoreError::Conflict(_)) if claims.email.is_some() => {
+                        state
+                            .store
+                            .create_user(user, None, Tier::Starter, limits, now)
+                            .await
+                    }
+                    other => other,
+                };
+                match created {
+                    // Conflict: a concurrent request created it first.
+                    Ok(_) | Err(StoreError::Conflict(_)) => {}
+                    Err(e) => return Err(crate::internal(&e)),
+                }
+            }
+            Err(e) => return Err(crate::internal(&e)),
+        }
+        Ok(AuthUser(user))
+    }
+}

@@ -1,0 +1,512 @@
+//! The JSON API on SQLite, driven without a socket: sessions, the authorization table, metrics
+//! from what a sync cached, insights and scenarios with their limits, usage, errors.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use chrono::{DateTime, TimeZone, Utc};
+use http_body_util::BodyExt;
+use revpilot_core::billing::Catalog;
+use revpilot_core::metrics::{Engine, Granularity, SeriesRequest};
+use revpilot_core::ports::{
+    ConnectionId, ConnectionStore, NewConnection, ObjectCache, PlanChange, Tier, Tokens, UserId,
+    UserStore,
+};
+use revpilot_core::{Currency, Rules};
+use revpilot_server::auth::Jwt;
+use revpilot_server::{AppState, app};
+use revpilot_store::{KeyRing, SqliteStore};
+use revpilot_stripe::export::{Export, RawExport};
+use revpilot_stripe::rebuild::rebuild;
+use revpilot_stripe::synth::SynthExport;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tower::ServiceExt;
+use uuid::Uuid;
+
+const SECRET: &str = "a-test-jwt-secret-of-at-least-32-bytes!";
+
+fn now() -> DateTime<Utc> {
+    // The synthetic export covers 2023-01 to 2024-03.
+    Utc.with_ymd_and_hms(2024, 2, 20, 12, 0, 0).unwrap()
+}
+
+struct World {
+    _dir: TempDir,
+    store: Arc<SqliteStore>,
+    router: axum::Router,
+    jwt: Jwt,
+    export: Vec<u8>,
+}
+
+async fn world() -> World {
+    let dir = TempDir::new().unwrap();
+    let keys = KeyRing::parse("k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+    let store = Arc::new(
+        SqliteStore::connect(dir.path().join("api.db").to_str().unwrap(), keys)
+            .await
+            .unwrap(),
+    );
+    let jwt = Jwt::new(SecretString::from(SECRET), None).unwrap();
+    let mut state = AppState::new(store.clone(), None);
+    let t = now();
+    state.clock = Arc::new(move || t);
+    state.jwt = Some(Arc::new(jwt.clone()));
+    let mut export = Vec::new();
+    SynthExport {
+        customers: 80,
+        months: 14,
+        seed: 4,
+    }
+    .write(&mut export)
+    .unwrap();
+    World {
+        _dir: dir,
+        store,
+        router: app(state),
+        jwt,
+        export,
+    }
+}
+
+impl World {
+    fn token(&self, user: UserId) -> String {
+        self.jwt
+            .issue(user, None, now().timestamp() + 3_600)
+            .unwrap()
+    }
+
+    /// A user with a connection whose cache holds the synthetic export.
+    async fn connected(&self, account: &str) -> (UserId, ConnectionId) {
+        let user = UserId(Uuid::new_v4());
+        self.store
+            .create_user(
+                user,
+                None,
+                Tier::Starter,
+                Catalog::default().plan(Tier::Starter).limits,
+                now(),
+            )
+            .await
+            .unwrap();
+        let c = self
+            .store
+            .save_connection(
+                NewConnection {
+                    user,
+                    stripe_account_id: account.into(),
+                    business_name: Some("Synth <b>Co</b>".into()),
+                    currency: Some("usd".into()),
+                    tokens: Tokens {
+                        access_token: SecretString::from("sk_test_x"),
+                        refresh_token: None,
+                    },
+                },
+                now(),
+            )
+            .await
+            .unwrap();
+        let raw: RawExport = serde_json::from_slice(&self.export).unwrap();
+        self.store
+            .upsert_objects(c.id, &raw.cached(now()).unwrap())
+            .await
+            .unwrap();
+        (user, c.id)
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Body::from(b.to_string())
+            }
+            None => Body::empty(),
+        };
+        let resp = self
+            .router
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)})),
+        )
+    }
+}
+
+fn forged(claims: Value, secret: &str, alg: &str) -> String {
+    use base64::Engine as _;
+    use hmac::{Hmac, KeyInit, Mac};
+    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let head = b64(json!({"alg": alg, "typ": "JWT"}).to_string().as_bytes());
+    let body = b64(claims.to_string().as_bytes());
+    let signing = format!("{head}.{body}");
+    let sig = if alg == "none" {
+        String::new()
+    } else {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(signing.as_bytes());
+        b64(&mac.finalize().into_bytes())
+    };
+    format!("{signing}.{sig}")
+}
+
+#[tokio::test]
+async fn every_route_refuses_bad_sessions_and_other_users_connections_alike() {
+    let w = world().await;
+    let (alice, alice_conn) = w.connected("acct_alice").await;
+    let (bob, _) = w.connected("acct_bob").await;
+    let good = w.token(alice);
+    let exp = now().timestamp() + 3_600;
+    let claims =
+        |sub: UserId, exp: i64, aud: &str| json!({"sub": sub.to_string(), "exp": exp, "aud": aud});
+    let bad_tokens = [
+        ("no token", None),
+        ("garbage", Some("not.a.token".to_owned())),
+        (
+            "other secret",
+            Some(forged(
+                claims(alice, exp, "authenticated"),
+                "another-secret-of-32-bytes-or-more!!",
+                "HS256",
+            )),
+        ),
+        (
+            "expired",
+            Some(w.jwt.issue(alice, None, now().timestamp() - 3_600).unwrap()),
+        ),
+        (
+            "alg none",
+            Some(forged(claims(alice, exp, "authenticated"), SECRET, "none")),
+        ),
+        (
+            "alg HS512",
+            Some(forged(claims(alice, exp, "authenticated"), SECRET, "HS512")),
+        ),
+        (
+            "wrong audience",
+            Some(forged(claims(alice, exp, "anon"), SECRET, "HS256")),
+        ),
+        (
+            "no sub",
+            Some(forged(
+                json!({"exp": exp, "aud": "authenticated"}),
+                SECRET,
+                "HS256",
+            )),
+        ),
+    ];
+    let c = alice_conn.to_string();
+    let routes: Vec<(&str, String, Option<Value>)> = vec![
+        ("GET", format!("/api/metrics?connectionId={c}"), None),
+        ("POST", format!("/api/insights?connectionId={c}"), None),
+        (
+            "POST",
+            "/api/scenarios".into(),
+            Some(json!({"connectionId": c})),
+        ),
+        ("GET", "/api/usage/current".into(), None),
+        (
+            "POST",
+            "/api/create-checkout".into(),
+            Some(json!({"tier": "professional"})),
+        ),
+    ];
+    for (method, uri, body) in &routes {
+        for (case, token) in &bad_tokens {
+            let (status, json) = w.call(method, uri, token.as_deref(), body.clone()).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {uri}: {case}: {json}"
+            );
+            assert_eq!(json["error"]["code"], "unauthorized");
+        }
+    }
+    // Bob asking for Alice's connection gets exactly what a missing one gets.
+    let bob_token = w.token(bob);
+    let missing = Uuid::new_v4().to_string();
+    for (method, uri, body) in routes.iter().take(3) {
+        let other = w.call(method, uri, Some(&bob_token), body.clone()).await;
+        let swapped_uri = uri.replace(&c, &missing);
+        let swapped_body = body
+            .clone()
+            .map(|b| serde_json::from_str(&b.to_string().replace(&c, &missing)).unwrap());
+        let none = w
+            .call(method, &swapped_uri, Some(&bob_token), swapped_body)
+            .await;
+        assert_eq!(other.0, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(
+            other, none,
+            "{uri}: another user's connection reads like a missing one"
+        );
+        let malformed = w
+            .call(
+                method,
+                &uri.replace(&c, "not-a-uuid"),
+                Some(&bob_token),
+                body.clone().map(|b| {
+                    serde_json::from_str(&b.to_string().replace(&c, "not-a-uuid")).unwrap()
+                }),
+            )
+            .await;
+        assert_eq!(malformed, none);
+    }
+    // Alice herself is served.
+    let (status, _) = w
+        .call(
+            "GET",
+            &format!("/api/metrics?connectionId={c}"),
+            Some(&good),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // A first-seen user gets a starter profile.
+    let newcomer = UserId(Uuid::new_v4());
+    let (status, usage) = w
+        .call("GET", "/api/usage/current", Some(&w.token(newcomer)), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    assert_eq!(usage["tier"], "starter");
+}
+
+#[tokio::test]
+async fn metrics_are_the_engines_numbers_on_the_synced_data() {
+    let w = world().await;
+    let (user, conn) = w.connected("acct_m").await;
+    let token = w.token(user);
+    let (status, body) = w
+        .call(
+            "GET",
+            &format!("/api/metrics?connectionId={conn}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let rows = body["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 90, "90 days by default");
+    assert_eq!(body["to"], "2024-02-20");
+    // The same numbers as the engine on the export file itself.
+    let account = rebuild(&Export::from_json(&w.export).unwrap()).account;
+    let report = Engine::new(&account, Rules::default(), Currency::USD)
+        .series(&SeriesRequest::new(
+            chrono::NaiveDate::from_ymd_opt(2023, 11, 23).unwrap(),
+            chrono::NaiveDate::from_ymd_opt(2024, 2, 20).unwrap(),
+            Granularity::Day,
+        ))
+        .unwrap();
+    assert_eq!(rows.len(), report.rows.len());
+    assert_eq!(
+        serde_json::to_value(&report.rows).unwrap(),
+        body["rows"],
+        "every row, every field"
+    );
+    assert!(report.rows.last().unwrap().mrr > rust_decimal::Decimal::ZERO);
+
+    let (status, monthly) = w
+        .call(
+            "GET",
+            &format!(
+                "/api/metrics?connectionId={conn}&from=2023-01-01&to=2024-01-31&granularity=month"
+            ),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(monthly["rows"].as_array().unwrap().len(), 13);
+    for (query, says) in [
+        ("&granularity=week", "granularity"),
+        (
+            "&from=2024-02-01&to=2024-01-01",
+            "from must not be after to",
+        ),
+        ("&from=yesterday", "query"),
+    ] {
+        let (status, body) = w
+            .call(
+                "GET",
+                &format!("/api/metrics?connectionId={conn}{query}"),
+                Some(&token),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(body["error"]["code"], "invalid_request");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(says),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn insights_and_scenarios_are_generated_metered_and_refused_at_the_limit() {
+    let w = world().await;
+    let (user, conn) = w.connected("acct_i").await;
+    let token = w.token(user);
+    let uri = format!("/api/insights?connectionId={conn}");
+    for i in 0..5 {
+        let (status, body) = w.call("POST", &uri, Some(&token), None).await;
+        assert_eq!(status, StatusCode::OK, "{i}: {body}");
+        let insights = body["insights"].as_array().unwrap();
+        assert_eq!(insights.len(), 5);
+        assert!(
+            insights
+                .iter()
+                .all(|i| !i["figures"].as_array().unwrap().is_empty())
+        );
+        assert_eq!(
+            body["fallback"],
+            Value::Null,
+            "the local narrative is the provider"
+        );
+    }
+    let (_, usage) = w
+        .call("GET", "/api/usage/current", Some(&token), None)
+        .await;
+    assert_eq!(usage["ai_insight"]["used"], 5);
+    assert_eq!(usage["ai_insight"]["remaining"], 0);
+    let (status, body) = w.call("POST", &uri, Some(&token), None).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    assert_eq!(body["error"]["code"], "upgrade_required");
+
+    // Scenarios: none on starter, three on professional.
+    let scenario = json!({"connectionId": conn.to_string(), "priceChangePct": "10"});
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/scenarios",
+            Some(&token),
+            Some(scenario.clone()),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::PAYMENT_REQUIRED, &json!("upgrade_required"))
+    );
+    w.store
+        .set_plan(
+            user,
+            &PlanChange {
+                tier: Tier::Professional,
+                subscription_status: Some("active".into()),
+                stripe_customer_id: None,
+                stripe_subscription_id: None,
+                current_period_start: None,
+                current_period_end: None,
+                limits: Catalog::default().plan(Tier::Professional).limits,
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/scenarios",
+            Some(&token),
+            Some(json!({"connectionId": conn.to_string(), "churnChangePoints": "500"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("churn_change_points")
+    );
+    for _ in 0..3 {
+        let (status, body) = w
+            .call(
+                "POST",
+                "/api/scenarios",
+                Some(&token),
+                Some(scenario.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let p = body["projection"].as_array().unwrap();
+        assert_eq!(p.len(), 3);
+        assert!(
+            p.iter()
+                .all(|x| x["delta"].as_str().unwrap().parse::<f64>().unwrap() > 0.0)
+        );
+    }
+    let (status, _) = w
+        .call("POST", "/api/scenarios", Some(&token), Some(scenario))
+        .await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "the fourth of three");
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/scenarios",
+            Some(&token),
+            Some(json!({"connectionId": conn.to_string(), "surprise": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_request");
+}
+
+#[tokio::test]
+async fn checkout_without_stripe_and_oversized_bodies_get_json_errors() {
+    let w = world().await;
+    let (user, _) = w.connected("acct_c").await;
+    let token = w.token(user);
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/create-checkout",
+            Some(&token),
+            Some(json!({"tier": "business"})),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!("stripe_not_configured")
+        )
+    );
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/create-checkout",
+            Some(&token),
+            Some(json!({"tier": "platinum"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("platinum")
+    );
+    let huge = json!({"connectionId": "x", "pad": "a".repeat(2 * 1024 * 1024)});
+    let (status, body) = w
+        .call("POST", "/api/scenarios", Some(&token), Some(huge))
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large");
+}
