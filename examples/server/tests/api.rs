@@ -43,6 +43,10 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(|_| {}).await
+}
+
+async fn world_with(adjust: impl FnOnce(&mut AppState)) -> World {
     let dir = TempDir::new().unwrap();
     let keys = KeyRing::parse("k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
     let store = Arc::new(
@@ -55,6 +59,7 @@ async fn world() -> World {
     let t = now();
     state.clock = Arc::new(move || t);
     state.jwt = Some(Arc::new(jwt.clone()));
+    adjust(&mut state);
     let mut export = Vec::new();
     SynthExport {
         customers: 80,
@@ -509,4 +514,38 @@ async fn checkout_without_stripe_and_oversized_bodies_get_json_errors() {
         .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert_eq!(body["error"]["code"], "payload_too_large");
+}
+
+#[tokio::test]
+async fn expensive_routes_have_a_per_user_budget() {
+    let w = world_with(|state| {
+        state.expensive = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(
+            std::num::NonZeroU32::new(2).unwrap(),
+        )));
+    })
+    .await;
+    let (alice, conn) = w.connected("acct_rate_a").await;
+    let (bob, bob_conn) = w.connected("acct_rate_b").await;
+    let uri = format!("/api/insights?connectionId={conn}");
+    let token = w.token(alice);
+    for _ in 0..2 {
+        assert_eq!(
+            w.call("POST", &uri, Some(&token), None).await.0,
+            StatusCode::OK
+        );
+    }
+    let (status, body) = w.call("POST", &uri, Some(&token), None).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited");
+    // The refused call was not metered: two insights used.
+    let (_, usage) = w
+        .call("GET", "/api/usage/current", Some(&token), None)
+        .await;
+    assert_eq!(usage["ai_insight"]["used"], 2);
+    // Another user has their own budget.
+    let bob_uri = format!("/api/insights?connectionId={bob_conn}");
+    assert_eq!(
+        w.call("POST", &bob_uri, Some(&w.token(bob)), None).await.0,
+        StatusCode::OK
+    );
 }
