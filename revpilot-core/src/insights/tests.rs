@@ -52,6 +52,17 @@ fn small_account() -> Account {
     .unwrap()
 }
 
+/// The analysis of `account` as of 2024-05-31, the small account's day.
+fn may_31(account: &Account) -> Analysis {
+    let engine = Engine::new(account, Rules::default(), Currency::USD);
+    analyze(
+        &engine,
+        account,
+        NaiveDate::from_ymd_opt(2024, 5, 31).unwrap(),
+    )
+    .unwrap()
+}
+
 fn value(a: &Analysis, id: &str) -> Decimal {
     a.figure(id)
         .unwrap_or_else(|| panic!("no figure {id}"))
@@ -61,13 +72,7 @@ fn value(a: &Analysis, id: &str) -> Decimal {
 #[test]
 fn churn_risk_names_its_reasons_and_sums_the_mrr_at_risk() {
     let account = small_account();
-    let engine = Engine::new(&account, Rules::default(), Currency::USD);
-    let a = analyze(
-        &engine,
-        &account,
-        NaiveDate::from_ymd_opt(2024, 5, 31).unwrap(),
-    )
-    .unwrap();
+    let a = may_31(&account);
     let risk: Vec<(&str, Decimal, Vec<RiskReason>)> = a
         .at_risk
         .iter()
@@ -112,13 +117,7 @@ fn discount_leakage_is_list_price_less_billed() {
         }))
         .unwrap(),
     ];
-    let engine = Engine::new(&account, Rules::default(), Currency::USD);
-    let a = analyze(
-        &engine,
-        &account,
-        NaiveDate::from_ymd_opt(2024, 5, 31).unwrap(),
-    )
-    .unwrap();
+    let a = may_31(&account);
     assert_eq!(value(&a, "mrr"), d("215"));
     assert_eq!(value(&a, "discount_leakage_mrr"), d("25"));
     // 25 of a list-price 240.
@@ -138,13 +137,7 @@ fn discount_leakage_is_list_price_less_billed() {
 #[test]
 fn the_health_score_adds_four_components_of_25() {
     let account = small_account();
-    let engine = Engine::new(&account, Rules::default(), Currency::USD);
-    let a = analyze(
-        &engine,
-        &account,
-        NaiveDate::from_ymd_opt(2024, 5, 31).unwrap(),
-    )
-    .unwrap();
+    let a = may_31(&account);
     let points: Vec<(&str, Option<Decimal>, Decimal)> = a
         .health
         .iter()
