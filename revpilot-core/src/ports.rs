@@ -863,3 +863,29 @@ pub trait InsightStore: Send + Sync {
         limit: usize,
     ) -> StoreResult<Vec<InsightRecord>>;
 }
+
+/// Built-in accounts: a password hash per user (the server hashes; the store never sees a
+/// password).
+#[async_trait]
+pub trait CredentialStore: Send + Sync {
+    /// Creates the profile of a new user with `email` and their password hash, in one
+    /// transaction.
+    ///
+    /// # Errors
+    /// MUST return [`StoreError::Conflict`], writing nothing, when the user exists or the email
+    /// is taken (case-insensitively).
+    #[allow(clippy::too_many_arguments)]
+    async fn create_account(
+        &self,
+        user: UserId,
+        email: &str,
+        password_hash: &str,
+        tier: Tier,
+        limits: Limits,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile>;
+
+    /// The user with this email (case-insensitive) and their password hash; `None` when there is
+    /// no such user or they have no password (a user of an external identity provider).
+    async fn credentials(&self, email: &str) -> StoreResult<Option<(UserId, String)>>;
+}

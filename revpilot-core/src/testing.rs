@@ -53,6 +53,7 @@ struct State {
     subscriptions: BTreeMap<UserId, (UserSubscription, DateTime<Utc>)>,
     events: Vec<(UserId, SubscriptionEvent)>,
     insights: Vec<crate::ports::InsightRecord>,
+    passwords: BTreeMap<UserId, String>,
 }
 
 impl MemoryStore {
@@ -813,5 +814,38 @@ impl crate::ports::InsightStore for MemoryStore {
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.kind.cmp(&b.kind)));
         out.truncate(limit);
         Ok(out)
+    }
+}
+
+#[async_trait]
+impl crate::ports::CredentialStore for MemoryStore {
+    async fn create_account(
+        &self,
+        user: UserId,
+        email: &str,
+        password_hash: &str,
+        tier: Tier,
+        limits: Limits,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile> {
+        let profile = self
+            .create_user(user, Some(email), tier, limits, now)
+            .await?;
+        self.lock()?
+            .passwords
+            .insert(user, password_hash.to_owned());
+        Ok(profile)
+    }
+
+    async fn credentials(&self, email: &str) -> StoreResult<Option<(UserId, String)>> {
+        let s = self.lock()?;
+        Ok(s.users
+            .values()
+            .find(|p| {
+                p.email
+                    .as_deref()
+                    .is_some_and(|e| e.eq_ignore_ascii_case(email))
+            })
+            .and_then(|p| s.passwords.get(&p.user_id).map(|h| (p.user_id, h.clone()))))
     }
 }

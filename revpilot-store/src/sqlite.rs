@@ -72,6 +72,11 @@ fn migrator() -> Migrator {
             "insights and scenarios",
             include_str!("../migrations/sqlite/0005_insights_and_scenarios.sql"),
         ),
+        m(
+            6,
+            "credentials",
+            include_str!("../migrations/sqlite/0006_credentials.sql"),
+        ),
     ])
 }
 
@@ -380,35 +385,7 @@ impl UserStore for SqliteStore {
         limits: Limits,
         now: DateTime<Utc>,
     ) -> StoreResult<UserProfile> {
-        let sql = format!(
-            "INSERT INTO user_profiles (user_id, email, subscription_tier, monthly_scenario_limit,
-               monthly_ai_insights_limit, monthly_transaction_volume_limit, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING {USER_COLUMNS}"
-        );
-        let volume = limits
-            .transaction_volume
-            .map(|v| {
-                i64::try_from(v).map_err(|_| StoreError::Invalid(format!("limit {v} is too large")))
-            })
-            .transpose()?;
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(user.0.to_string())
-            .bind(email)
-            .bind(tier.as_str())
-            .bind(limit_to_db(limits.scenarios))
-            .bind(limit_to_db(limits.ai_insights))
-            .bind(volume)
-            .bind(micros(now))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| {
-                if is_unique(&e) {
-                    StoreError::Conflict(format!("user {user} or email"))
-                } else {
-                    backend(e)
-                }
-            })?;
-        user_row(&row)
+        insert_user(&self.pool, user, email, tier, limits, now).await
     }
 
     async fn user(&self, user: UserId) -> StoreResult<Option<UserProfile>> {
@@ -469,6 +446,49 @@ impl UserStore for SqliteStore {
             .transpose()?
             .ok_or(StoreError::NotFound("user"))
     }
+}
+
+/// The profile INSERT of [`UserStore::create_user`], on any connection or transaction.
+async fn insert_user<'e, E>(
+    ex: E,
+    user: UserId,
+    email: Option<&str>,
+    tier: Tier,
+    limits: Limits,
+    now: DateTime<Utc>,
+) -> StoreResult<UserProfile>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let sql = format!(
+        "INSERT INTO user_profiles (user_id, email, subscription_tier, monthly_scenario_limit,
+           monthly_ai_insights_limit, monthly_transaction_volume_limit, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING {USER_COLUMNS}"
+    );
+    let volume = limits
+        .transaction_volume
+        .map(|v| {
+            i64::try_from(v).map_err(|_| StoreError::Invalid(format!("limit {v} is too large")))
+        })
+        .transpose()?;
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(user.0.to_string())
+        .bind(email)
+        .bind(tier.as_str())
+        .bind(limit_to_db(limits.scenarios))
+        .bind(limit_to_db(limits.ai_insights))
+        .bind(volume)
+        .bind(micros(now))
+        .fetch_one(ex)
+        .await
+        .map_err(|e| {
+            if is_unique(&e) {
+                StoreError::Conflict(format!("user {user} or email"))
+            } else {
+                backend(e)
+            }
+        })?;
+    user_row(&row)
 }
 
 /// The plan UPDATE of [`UserStore::set_plan`], on any connection or transaction.
@@ -1623,5 +1643,52 @@ impl revpilot_core::ports::InsightStore for SqliteStore {
         .await
         .map_err(backend)?;
         rows.iter().map(insight_row).collect()
+    }
+}
+
+#[async_trait]
+impl revpilot_core::ports::CredentialStore for SqliteStore {
+    async fn create_account(
+        &self,
+        user: UserId,
+        email: &str,
+        password_hash: &str,
+        tier: Tier,
+        limits: Limits,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UserProfile> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
+        let profile = insert_user(&mut *tx, user, Some(email), tier, limits, now).await?;
+        sqlx::query(
+            "INSERT INTO user_credentials (user_id, password_hash, created_at) VALUES ($1, $2, $3)",
+        )
+        .bind(user.0.to_string())
+        .bind(password_hash)
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(profile)
+    }
+
+    async fn credentials(&self, email: &str) -> StoreResult<Option<(UserId, String)>> {
+        let row = sqlx::query(
+            "SELECT p.user_id, c.password_hash FROM user_profiles p
+             JOIN user_credentials c ON c.user_id = p.user_id WHERE p.email = $1",
+        )
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        row.map(|r| {
+            let id: String = r.try_get(0).map_err(backend)?;
+            Ok((UserId(uuid(&id)?), r.try_get(1).map_err(backend)?))
+        })
+        .transpose()
     }
 }

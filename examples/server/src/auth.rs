@@ -8,7 +8,7 @@
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
 use revpilot_core::ports::{StoreError, Tier, UserId};
 use secrecy::{ExposeSecret, SecretString};
@@ -180,5 +180,154 @@ impl FromRequestParts<AppState> for AuthUser {
             Err(e) => return Err(crate::internal(&e)),
         }
         Ok(AuthUser(user))
+    }
+}
+
+/// How long a built-in session lasts, seconds.
+pub const SESSION_SECS: i64 = 12 * 3600;
+
+/// `POST /api/auth/signup` and `/api/auth/login` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// Email.
+    pub email: String,
+    /// Password (10 to 1024 characters).
+    pub password: String,
+}
+
+/// A PHC hash of an unguessable password, verified when the email is unknown so that a wrong
+/// email costs what a wrong password does.
+static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    hash_password("an unguessable placeholder password").unwrap_or_default()
+});
+
+fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::PasswordHasher;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn password_matches(password: &str, hash: &str) -> bool {
+    use argon2::password_hash::PasswordVerifier;
+    use argon2::password_hash::phc::PasswordHash;
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+/// The trimmed email, or what is wrong with the credentials.
+fn check(c: &Credentials) -> Result<String, &'static str> {
+    let email = c.email.trim();
+    let at = email.find('@');
+    if email.len() > 254 || at.is_none_or(|i| i == 0 || i + 1 == email.len()) {
+        return Err("email must look like name@domain (at most 254 characters)");
+    }
+    let n = c.password.chars().count();
+    if !(10..=1024).contains(&n) {
+        return Err("the password must have 10 to 1024 characters");
+    }
+    Ok(email.to_owned())
+}
+
+fn session(state: &AppState, jwt: &Jwt, user: UserId, email: &str) -> Response {
+    let exp = (state.clock)().timestamp() + SESSION_SECS;
+    match jwt.issue(user, Some(email), exp) {
+        Ok(token) => axum::Json(serde_json::json!({
+            "token": token,
+            "user": user,
+            "expiresAt": exp,
+        }))
+        .into_response(),
+        Err(e) => crate::internal(&e),
+    }
+}
+
+fn auth_unavailable() -> Response {
+    crate::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "auth_not_configured",
+        "sessions are not configured on this server (JWT_SECRET)",
+    )
+}
+
+/// `POST /api/auth/signup`: a built-in account on the starter tier, and a session.
+pub(crate) async fn signup(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    body: Result<axum::Json<Credentials>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(jwt) = state.jwt.clone() else {
+        return auth_unavailable();
+    };
+    let axum::Json(c) = match body {
+        Ok(b) => b,
+        Err(e) => return crate::error(e.status(), "invalid_request", e.body_text()),
+    };
+    let email = match check(&c) {
+        Ok(e) => e,
+        Err(why) => return crate::error(StatusCode::BAD_REQUEST, "invalid_request", why),
+    };
+    let hash = match tokio::task::spawn_blocking(move || hash_password(&c.password)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return crate::internal(&e),
+        Err(e) => return crate::internal(&e),
+    };
+    let user = UserId(Uuid::new_v4());
+    let limits = state.catalog.plan(Tier::Starter).limits;
+    match state
+        .store
+        .create_account(user, &email, &hash, Tier::Starter, limits, (state.clock)())
+        .await
+    {
+        Ok(_) => {
+            let mut r = session(&state, &jwt, user, &email);
+            *r.status_mut() = StatusCode::CREATED;
+            r
+        }
+        Err(StoreError::Conflict(_)) => crate::error(
+            StatusCode::CONFLICT,
+            "email_taken",
+            "an account with this email exists; log in instead",
+        ),
+        Err(e) => crate::internal(&e),
+    }
+}
+
+/// `POST /api/auth/login`: a session for the right email and password.
+pub(crate) async fn login(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    body: Result<axum::Json<Credentials>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(jwt) = state.jwt.clone() else {
+        return auth_unavailable();
+    };
+    let axum::Json(c) = match body {
+        Ok(b) => b,
+        Err(e) => return crate::error(e.status(), "invalid_request", e.body_text()),
+    };
+    let email = c.email.trim().to_owned();
+    let found = match state.store.credentials(&email).await {
+        Ok(f) => f,
+        Err(e) => return crate::internal(&e),
+    };
+    let (user, hash) = match found {
+        Some((u, h)) => (Some(u), h),
+        None => (None, DUMMY_HASH.clone()),
+    };
+    let password = c.password;
+    let ok = tokio::task::spawn_blocking(move || password_matches(&password, &hash))
+        .await
+        .unwrap_or(false);
+    match (user, ok) {
+        (Some(user), true) => session(&state, &jwt, user, &email),
+        _ => crate::error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "wrong email or password",
+        ),
     }
 }

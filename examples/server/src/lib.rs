@@ -2,10 +2,11 @@
 //! tests drive it without a socket and `main.rs` only reads configuration and serves it.
 //!
 //! Built so far: the Stripe billing webhook (`POST /api/webhooks/stripe-billing`) and the
-//! in-process worker that applies stored billing events (issue #5); JWT sessions and the JSON API
-//! over the library (`/api/metrics`, `/api/insights`, `/api/scenarios`, `/api/usage/current`,
-//! `/api/create-checkout`). Issue #7 continues with sign-up, Connect, the job queue, the
-//! dashboard and the demo.
+//! in-process worker that applies stored billing events (issue #5); built-in accounts and JWT
+//! sessions (`/api/auth/signup`, `/api/auth/login`) and the JSON API over the library
+//! (`/api/metrics`, `/api/insights`, `/api/scenarios`, `/api/usage/current`,
+//! `/api/create-checkout`). Issue #7 continues with Connect, the job queue, the dashboard and
+//! the demo.
 
 pub mod api;
 pub mod auth;
@@ -24,8 +25,8 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use revpilot_core::billing::Catalog;
 use revpilot_core::insights::narrative::{LlmProvider, LocalProvider};
 use revpilot_core::ports::{
-    BillingStore, ConnectionStore, InsightStore, ObjectCache, SnapshotStore, SyncStateStore,
-    UsageStore, UserId, UserStore, WebhookInbox,
+    BillingStore, ConnectionStore, CredentialStore, InsightStore, ObjectCache, SnapshotStore,
+    SyncStateStore, UsageStore, UserId, UserStore, WebhookInbox,
 };
 use revpilot_stripe::billing::{Processor, Receipt, WebhookConfig, receive};
 use revpilot_stripe::client::Client;
@@ -45,6 +46,7 @@ pub trait Store:
     + SyncStateStore
     + SnapshotStore
     + InsightStore
+    + CredentialStore
     + Send
     + Sync
     + 'static
@@ -61,6 +63,7 @@ impl<T> Store for T where
         + SyncStateStore
         + SnapshotStore
         + InsightStore
+        + CredentialStore
         + Send
         + Sync
         + 'static
@@ -126,6 +129,8 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/webhooks/stripe-billing", post(stripe_billing))
+        .route("/api/auth/signup", post(auth::signup))
+        .route("/api/auth/login", post(auth::login))
         .route("/api/metrics", get(api::metrics))
         .route("/api/insights", post(api::insights))
         .route("/api/scenarios", post(api::scenarios))

@@ -549,3 +549,104 @@ async fn expensive_routes_have_a_per_user_budget() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn built_in_accounts_sign_up_log_in_and_get_sessions() {
+    let w = world().await;
+    let creds = |email: &str, password: &str| json!({"email": email, "password": password});
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(creds("ada@example.com", "correct horse battery")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let token = body["token"].as_str().unwrap().to_owned();
+    let (status, usage) = w
+        .call("GET", "/api/usage/current", Some(&token), None)
+        .await;
+    assert_eq!(
+        (status, &usage["tier"]),
+        (StatusCode::OK, &json!("starter"))
+    );
+    assert_eq!(usage["user"], body["user"]);
+
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(creds("ADA@example.com", "another password!")),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::CONFLICT, &json!("email_taken"))
+    );
+
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(creds("Ada@Example.com", "correct horse battery")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = w
+        .call(
+            "GET",
+            "/api/usage/current",
+            Some(body["token"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let wrong = w
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(creds("ada@example.com", "wrong horse battery")),
+        )
+        .await;
+    let unknown = w
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(creds("nobody@example.com", "correct horse battery")),
+        )
+        .await;
+    assert_eq!(wrong.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(wrong, unknown, "a wrong email reads like a wrong password");
+
+    for (email, password, says) in [
+        ("not-an-email", "long enough password", "email"),
+        ("@example.com", "long enough password", "email"),
+        ("bob@example.com", "short", "password"),
+    ] {
+        let (status, body) = w
+            .call(
+                "POST",
+                "/api/auth/signup",
+                None,
+                Some(creds(email, password)),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{email}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(says),
+            "{body}"
+        );
+    }
+    // Nothing is stored in clear.
+    let stored: String = sqlx::query_scalar("SELECT password_hash FROM user_credentials")
+        .fetch_one(w.store.pool())
+        .await
+        .unwrap();
+    assert!(stored.starts_with("$argon2id$") && !stored.contains("horse"));
+}

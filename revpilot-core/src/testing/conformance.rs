@@ -1230,6 +1230,63 @@ pub async fn insights<S: UserStore + ConnectionStore + crate::ports::InsightStor
     );
 }
 
+/// Built-in accounts: profile and hash together, one per email whatever its case.
+pub async fn credentials<S: UserStore + crate::ports::CredentialStore + ?Sized>(store: &S) {
+    let user = UserId(Uuid::new_v4());
+    let p = store
+        .create_account(
+            user,
+            "Ada@Example.com",
+            "$argon2id$v=19$x",
+            Tier::Starter,
+            starter(),
+            t(1, 0),
+        )
+        .await
+        .expect("create account");
+    assert_eq!(
+        (p.tier, p.email.as_deref()),
+        (Tier::Starter, Some("Ada@Example.com"))
+    );
+    assert_eq!(
+        store.credentials("ada@example.COM").await.expect("read"),
+        Some((user, "$argon2id$v=19$x".to_owned()))
+    );
+    let again = store
+        .create_account(
+            UserId(Uuid::new_v4()),
+            "ADA@example.com",
+            "$argon2id$v=19$y",
+            Tier::Starter,
+            starter(),
+            t(1, 1),
+        )
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    assert_eq!(
+        store
+            .credentials("ada@example.com")
+            .await
+            .expect("read")
+            .map(|c| c.1),
+        Some("$argon2id$v=19$x".to_owned()),
+        "the first account's hash, untouched"
+    );
+    assert_eq!(
+        store.credentials("nobody@example.com").await.expect("read"),
+        None
+    );
+    // A profile without a password (an external identity provider's user) has no credentials.
+    new_user(store, "external@example.com").await;
+    assert_eq!(
+        store
+            .credentials("external@example.com")
+            .await
+            .expect("read"),
+        None
+    );
+}
+
 /// Runs every test of the suite, each on a store from `fresh`.
 pub async fn run_all<S, F, Fut>(fresh: F)
 where
@@ -1242,7 +1299,8 @@ where
         + OAuthStateStore
         + SyncStateStore
         + BillingStore
-        + crate::ports::InsightStore,
+        + crate::ports::InsightStore
+        + crate::ports::CredentialStore,
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = S>,
 {
@@ -1259,4 +1317,5 @@ where
     sync_state(&fresh().await).await;
     billing(&fresh().await).await;
     insights(&fresh().await).await;
+    credentials(&fresh().await).await;
 }

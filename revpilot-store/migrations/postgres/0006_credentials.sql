@@ -1,0 +1,7 @@
+-- Built-in accounts (issue #7): an argon2id password hash (PHC string) per user; the email is
+-- the profile's.
+CREATE TABLE user_credentials (
+    user_id       UUID PRIMARY KEY REFERENCES user_profiles (user_id) ON DELETE CASCADE,
+    password_hash TEXT NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL
+);
