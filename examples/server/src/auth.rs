@@ -139,11 +139,13 @@ impl FromRequestParts<AppState> for AuthUser {
         let Some(jwt) = &state.jwt else {
             return Err(unauthorized());
         };
-        let token = parts
+        let bearer = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let token = bearer
+            .or_else(|| session_cookie(&parts.headers))
             .ok_or_else(unauthorized)?;
         let (user, claims) = jwt
             .verify(token.trim(), (state.clock)().timestamp())
@@ -181,6 +183,21 @@ impl FromRequestParts<AppState> for AuthUser {
         }
         Ok(AuthUser(user))
     }
+}
+
+/// The session cookie's name (set by sign-up and log-in, for browsers: the Connect callback and
+/// the dashboard are plain navigations without an `Authorization` header).
+pub const SESSION_COOKIE: &str = "revpilot_session";
+
+fn session_cookie(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == SESSION_COOKIE)
+        .map(|(_, v)| v)
 }
 
 /// How long a built-in session lasts, seconds.
@@ -237,12 +254,20 @@ fn check(c: &Credentials) -> Result<String, &'static str> {
 fn session(state: &AppState, jwt: &Jwt, user: UserId, email: &str) -> Response {
     let exp = (state.clock)().timestamp() + SESSION_SECS;
     match jwt.issue(user, Some(email), exp) {
-        Ok(token) => axum::Json(serde_json::json!({
-            "token": token,
-            "user": user,
-            "expiresAt": exp,
-        }))
-        .into_response(),
+        Ok(token) => {
+            let cookie = format!(
+                "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={SESSION_SECS}"
+            );
+            (
+                [(axum::http::header::SET_COOKIE, cookie)],
+                axum::Json(serde_json::json!({
+                    "token": token,
+                    "user": user,
+                    "expiresAt": exp,
+                })),
+            )
+                .into_response()
+        }
         Err(e) => crate::internal(&e),
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod connect;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,8 +26,8 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use revpilot_core::billing::Catalog;
 use revpilot_core::insights::narrative::{LlmProvider, LocalProvider};
 use revpilot_core::ports::{
-    BillingStore, ConnectionStore, CredentialStore, InsightStore, ObjectCache, SnapshotStore,
-    SyncStateStore, UsageStore, UserId, UserStore, WebhookInbox,
+    BillingStore, ConnectionStore, CredentialStore, InsightStore, OAuthStateStore, ObjectCache,
+    SnapshotStore, SyncStateStore, UsageStore, UserId, UserStore, WebhookInbox,
 };
 use revpilot_stripe::billing::{Processor, Receipt, WebhookConfig, receive};
 use revpilot_stripe::client::Client;
@@ -47,6 +48,7 @@ pub trait Store:
     + SnapshotStore
     + InsightStore
     + CredentialStore
+    + OAuthStateStore
     + Send
     + Sync
     + 'static
@@ -64,6 +66,7 @@ impl<T> Store for T where
         + SnapshotStore
         + InsightStore
         + CredentialStore
+        + OAuthStateStore
         + Send
         + Sync
         + 'static
@@ -96,6 +99,14 @@ pub struct AppState {
     pub app_url: Url,
     /// Per-user budget on the expensive routes (insights, scenarios).
     pub expensive: Arc<DefaultKeyedRateLimiter<UserId>>,
+    /// Connect OAuth; `None` when not configured.
+    pub connect: Option<Arc<revpilot_stripe::connect::Connect>>,
+    /// The Connect webhook's secrets; `None` refuses it.
+    pub connect_webhook_secrets: Option<Vec<secrecy::SecretString>>,
+    /// Stripe's API base for syncing connected accounts.
+    pub stripe_api_base: Url,
+    /// Connections being synced in this process.
+    pub syncing: connect::Syncing,
 }
 
 /// Calls per user and minute on the expensive routes.
@@ -117,6 +128,11 @@ impl AppState {
             stripe: None,
             app_url: Url::parse("http://127.0.0.1:3000/").unwrap_or_else(|_| unreachable!()),
             expensive: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
+            connect: None,
+            connect_webhook_secrets: None,
+            stripe_api_base: Url::parse("https://api.stripe.com/")
+                .unwrap_or_else(|_| unreachable!()),
+            syncing: Arc::default(),
         }
     }
 }
@@ -131,6 +147,9 @@ pub fn app(state: AppState) -> Router {
         .route("/api/webhooks/stripe-billing", post(stripe_billing))
         .route("/api/auth/signup", post(auth::signup))
         .route("/api/auth/login", post(auth::login))
+        .route("/api/stripe/connect", get(connect::start))
+        .route("/api/stripe/connect/callback", get(connect::callback))
+        .route("/api/webhooks/stripe-connect", post(connect::webhook))
         .route("/api/metrics", get(api::metrics))
         .route("/api/insights", post(api::insights))
         .route("/api/scenarios", post(api::scenarios))

@@ -14,6 +14,7 @@ use revpilot_server::{AppState, Store, app, spawn_billing_worker};
 use revpilot_store::{KeyRing, PgStore, SqliteStore};
 use revpilot_stripe::billing::{Processor, WebhookConfig};
 use revpilot_stripe::client::{Client, ClientConfig};
+use revpilot_stripe::connect::{Connect, ConnectConfig};
 use secrecy::SecretString;
 
 /// The RevPilot example server.
@@ -47,9 +48,18 @@ struct Args {
     /// Required `iss` of session tokens, when set.
     #[arg(long, env = "JWT_ISSUER")]
     jwt_issuer: Option<String>,
-    /// The app's public URL (Checkout returns to it); default `http://{bind}/`.
+    /// The app's public URL (Checkout and Connect return to it); default `http://{bind}/`.
     #[arg(long, env = "REVPILOT_APP_URL")]
     app_url: Option<String>,
+    /// The Connect platform's client id (`ca_...`); enables connecting accounts.
+    #[arg(long, env = "STRIPE_CLIENT_ID")]
+    stripe_client_id: Option<String>,
+    /// Where Stripe's OAuth token endpoint is (a fake in tests); default Stripe's.
+    #[arg(long, env = "STRIPE_OAUTH_BASE")]
+    stripe_oauth_base: Option<String>,
+    /// The Connect webhook's signing secrets (comma-separated while rotating).
+    #[arg(long, env = "STRIPE_CONNECT_WEBHOOK_SECRET", hide_env_values = true)]
+    connect_webhook_secret: Option<String>,
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -171,6 +181,42 @@ async fn main() -> ExitCode {
     state.catalog = Arc::new(catalog.clone());
     state.llm = llm;
     state.stripe = stripe.map(|(c, _)| c);
+    if let Some(base) = &args.stripe_api_base {
+        match url::Url::parse(base) {
+            Ok(u) => state.stripe_api_base = u,
+            Err(e) => return fail(format!("STRIPE_API_BASE {base:?}: {e}")),
+        }
+    }
+    if let Some(client_id) = args.stripe_client_id.as_deref().filter(|c| !c.is_empty()) {
+        let Some(key) = args.stripe_secret_key.as_deref().filter(|k| !k.is_empty()) else {
+            return fail("STRIPE_SECRET_KEY is required with STRIPE_CLIENT_ID (Connect)");
+        };
+        let mut config = ConnectConfig::new(client_id, SecretString::from(key.to_owned()));
+        config.api_base = state.stripe_api_base.clone();
+        if let Some(base) = &args.stripe_oauth_base {
+            match url::Url::parse(base) {
+                Ok(u) => config.token_base = u,
+                Err(e) => return fail(format!("STRIPE_OAUTH_BASE {base:?}: {e}")),
+            }
+        }
+        config.redirect_uri = app_url
+            .join("api/stripe/connect/callback")
+            .ok()
+            .map(String::from);
+        match Connect::new(config, store.clone(), store.clone()) {
+            Ok(c) => state.connect = Some(Arc::new(c)),
+            Err(e) => return fail(e),
+        }
+    }
+    state.connect_webhook_secrets = args
+        .connect_webhook_secret
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.split(',')
+                .map(|x| SecretString::from(x.trim().to_owned()))
+                .collect()
+        });
     state.app_url = app_url;
     if let Some((_, client)) = webhook {
         let processor = Arc::new(Processor::new(store, catalog, Arc::new(client)));
