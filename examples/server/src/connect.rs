@@ -218,3 +218,38 @@ pub(crate) async fn webhook(
     }
     axum::Json(serde_json::json!({ "received": true, "event": event.id })).into_response()
 }
+
+/// `POST /api/stripe/sync`, for the cron: `Authorization: Bearer $CRON_SECRET`, compared in
+/// constant time; with no secret configured every call is refused. Starts a sync of every active
+/// connection that is not already syncing.
+pub(crate) async fn cron(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    use subtle::ConstantTimeEq;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let allowed = state.cron_secret.as_ref().is_some_and(|secret| {
+        let secret = secret.expose_secret().as_bytes();
+        !secret.is_empty() && bool::from(secret.ct_eq(given.as_bytes()))
+    });
+    if !allowed {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the cron secret is missing or wrong",
+        );
+    }
+    let connections = match state.store.active_connections().await {
+        Ok(c) => c,
+        Err(e) => return internal(&e),
+    };
+    let (mut started, mut skipped) = (0, 0);
+    for c in connections {
+        match spawn_sync(&state, c.user, c.id, c.stripe_account_id.clone()) {
+            Some(_) => started += 1,
+            None => skipped += 1,
+        }
+    }
+    axum::Json(serde_json::json!({ "started": started, "alreadyRunning": skipped })).into_response()
+}

@@ -107,6 +107,8 @@ pub struct AppState {
     pub stripe_api_base: Url,
     /// Connections being synced in this process.
     pub syncing: connect::Syncing,
+    /// The cron's bearer secret for `POST /api/stripe/sync`; `None` refuses every call.
+    pub cron_secret: Option<secrecy::SecretString>,
 }
 
 /// Calls per user and minute on the expensive routes.
@@ -133,6 +135,7 @@ impl AppState {
             stripe_api_base: Url::parse("https://api.stripe.com/")
                 .unwrap_or_else(|_| unreachable!()),
             syncing: Arc::default(),
+            cron_secret: None,
         }
     }
 }
@@ -150,6 +153,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/stripe/connect", get(connect::start))
         .route("/api/stripe/connect/callback", get(connect::callback))
         .route("/api/webhooks/stripe-connect", post(connect::webhook))
+        .route("/api/stripe/sync", post(connect::cron))
         .route("/api/metrics", get(api::metrics))
         .route("/api/insights", post(api::insights))
         .route("/api/scenarios", post(api::scenarios))

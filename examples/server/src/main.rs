@@ -57,6 +57,9 @@ struct Args {
     /// Where Stripe's OAuth token endpoint is (a fake in tests); default Stripe's.
     #[arg(long, env = "STRIPE_OAUTH_BASE")]
     stripe_oauth_base: Option<String>,
+    /// The cron's bearer secret for `POST /api/stripe/sync` (unset: every call is refused).
+    #[arg(long, env = "CRON_SECRET", hide_env_values = true)]
+    cron_secret: Option<String>,
     /// The Connect webhook's signing secrets (comma-separated while rotating).
     #[arg(long, env = "STRIPE_CONNECT_WEBHOOK_SECRET", hide_env_values = true)]
     connect_webhook_secret: Option<String>,
@@ -217,6 +220,11 @@ async fn main() -> ExitCode {
                 .map(|x| SecretString::from(x.trim().to_owned()))
                 .collect()
         });
+    state.cron_secret = args
+        .cron_secret
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(|s| SecretString::from(s.to_owned()));
     state.app_url = app_url;
     if let Some((_, client)) = webhook {
         let processor = Arc::new(Processor::new(store, catalog, Arc::new(client)));

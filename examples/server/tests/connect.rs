@@ -187,6 +187,47 @@ async fn connect_stores_the_account_syncs_it_at_once_and_deauthorization_ends_it
             .len(),
         3
     );
+    // The cron: refused without the secret (and when none is configured), then syncs every
+    // active connection.
+    let cron = |secret: Option<&str>| {
+        let mut r = Request::post("/api/stripe/sync");
+        if let Some(s) = secret {
+            r = r.header("authorization", format!("Bearer {s}"));
+        }
+        r.body(Body::empty()).unwrap()
+    };
+    assert_eq!(
+        send(&router, cron(Some(""))).await.0,
+        StatusCode::UNAUTHORIZED,
+        "no secret configured"
+    );
+    let mut with_cron = state.clone();
+    with_cron.cron_secret = Some(SecretString::from("cron-secret-1"));
+    let cron_router = app(with_cron);
+    for wrong in [
+        None,
+        Some(""),
+        Some("cron-secret-2"),
+        Some("cron-secret-1x"),
+    ] {
+        assert_eq!(
+            send(&cron_router, cron(wrong)).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{wrong:?}"
+        );
+    }
+    let (status, _, body) = send(&cron_router, cron(Some("cron-secret-1"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["started"].as_u64().unwrap() + body["alreadyRunning"].as_u64().unwrap(),
+        1
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !state.syncing.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the cron's sync did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // One sync at a time per connection.
     state.syncing.lock().unwrap().insert(conn.id);
     assert!(revpilot_server::connect::spawn_sync(&state, user, conn.id, "acct_1".into()).is_none());
