@@ -53,6 +53,22 @@ pub enum Error {
     Keys(#[from] KeyError),
 }
 
+/// The transaction-volume limit as the databases store it (a signed 64-bit integer; `None` is
+/// unlimited).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn volume_to_db(
+    limits: &revpilot_core::ports::Limits,
+) -> revpilot_core::ports::StoreResult<Option<i64>> {
+    limits
+        .transaction_volume
+        .map(|v| {
+            i64::try_from(v).map_err(|_| {
+                revpilot_core::ports::StoreError::Invalid(format!("limit {v} is too large"))
+            })
+        })
+        .transpose()
+}
+
 /// `url` without a password, for error messages.
 pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

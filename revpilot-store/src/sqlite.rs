@@ -465,12 +465,7 @@ where
            monthly_ai_insights_limit, monthly_transaction_volume_limit, created_at, updated_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING {USER_COLUMNS}"
     );
-    let volume = limits
-        .transaction_volume
-        .map(|v| {
-            i64::try_from(v).map_err(|_| StoreError::Invalid(format!("limit {v} is too large")))
-        })
-        .transpose()?;
+    let volume = crate::volume_to_db(&limits)?;
     let row = sqlx::query(AssertSqlSafe(sql))
         .bind(user.0.to_string())
         .bind(email)
@@ -509,13 +504,7 @@ where
            subscription_current_period_start = $11
          WHERE user_id = $10 RETURNING {USER_COLUMNS}"
     );
-    let volume = change
-        .limits
-        .transaction_volume
-        .map(|v| {
-            i64::try_from(v).map_err(|_| StoreError::Invalid(format!("limit {v} is too large")))
-        })
-        .transpose()?;
+    let volume = crate::volume_to_db(&change.limits)?;
     let row = sqlx::query(AssertSqlSafe(sql))
         .bind(change.tier.as_str())
         .bind(change.subscription_status.as_deref())
