@@ -8,15 +8,14 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{Duration, NaiveDate};
+use revpilot_core::Currency;
 use revpilot_core::billing::{UsageError, current_usage};
 use revpilot_core::insights::analyze;
-use revpilot_core::insights::narrative::{GenerateError, generate};
+use revpilot_core::insights::narrative::{GenerateError, Generated, generate};
 use revpilot_core::insights::scenario::{RunError, Scenario, run_metered};
-use revpilot_core::metrics::{Engine, Granularity, SeriesRequest};
-use revpilot_core::model::Account;
+use revpilot_core::metrics::Granularity;
 use revpilot_core::ports::{Connection, ConnectionId, ObjectKind, Tier, UserId};
-use revpilot_core::{Currency, Rules};
-use revpilot_stripe::billing::{CheckoutError, create_checkout};
+use revpilot_stripe::billing::{CheckoutError, CheckoutSession, create_checkout};
 use revpilot_stripe::export::Export;
 use revpilot_stripe::rebuild::rebuild;
 use rust_decimal::Decimal;
@@ -24,6 +23,9 @@ use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
+use std::sync::Arc;
+
+use crate::accounts::Loaded;
 use crate::auth::AuthUser;
 use crate::{AppState, error, internal};
 
@@ -62,7 +64,11 @@ pub(crate) fn rate_limited(state: &AppState, user: UserId) -> Option<Response> {
 }
 
 /// The user's connection, or 404.
-async fn owned(state: &AppState, user: UserId, id: &str) -> Result<Connection, Response> {
+pub(crate) async fn owned(
+    state: &AppState,
+    user: UserId,
+    id: &str,
+) -> Result<Connection, Response> {
     let Ok(uuid) = Uuid::parse_str(id) else {
         return Err(not_found());
     };
@@ -73,12 +79,19 @@ async fn owned(state: &AppState, user: UserId, id: &str) -> Result<Connection, R
     }
 }
 
-/// The connection's account, rebuilt from what the sync cached, and its reporting currency.
+/// The connection's account: this process's copy when it was built at the connection's last
+/// sync, else rebuilt from what the sync cached (see [`crate::accounts`]).
 pub(crate) async fn account(
     state: &AppState,
     user: UserId,
     connection: &Connection,
-) -> Result<(Account, Currency), Response> {
+) -> Result<Arc<Loaded>, Response> {
+    if let Some(loaded) = state
+        .accounts
+        .get(user, connection.id, connection.last_synced_at)
+    {
+        return Ok(loaded);
+    }
     let mut cached = Vec::new();
     for kind in ObjectKind::ALL {
         cached.extend(
@@ -103,10 +116,17 @@ pub(crate) async fn account(
         .as_deref()
         .and_then(|c| Currency::parse(c).ok())
         .unwrap_or(Currency::USD);
-    Ok((rebuilt.account, currency))
+    let loaded = Arc::new(Loaded::new(rebuilt.account, currency, None));
+    state.accounts.put(
+        user,
+        connection.id,
+        connection.last_synced_at,
+        loaded.clone(),
+    );
+    Ok(loaded)
 }
 
-fn today(state: &AppState) -> NaiveDate {
+pub(crate) fn today(state: &AppState) -> NaiveDate {
     (state.clock)().date_naive()
 }
 
@@ -152,12 +172,12 @@ pub(crate) async fn metrics(
             return bad_request(format!("granularity {other:?}: expected day or month"));
         }
     };
-    let (account, currency) = match account(&state, user, &connection).await {
+    let loaded = match account(&state, user, &connection).await {
         Ok(a) => a,
         Err(r) => return r,
     };
-    let engine = Engine::new(&account, Rules::default(), currency);
-    match engine.series(&SeriesRequest::new(from, to, granularity)) {
+    let currency = loaded.currency;
+    match loaded.series(from, to, granularity) {
         Ok(report) => Json(json!({
             "connectionId": connection.id,
             "currency": currency,
@@ -173,7 +193,7 @@ pub(crate) async fn metrics(
     }
 }
 
-fn usage_error(e: &UsageError) -> Response {
+pub(crate) fn usage_error(e: &UsageError) -> Response {
     match e {
         UsageError::UpgradeRequired { .. } => error(
             StatusCode::PAYMENT_REQUIRED,
@@ -193,33 +213,21 @@ pub struct InsightsQuery {
     pub connection_id: String,
 }
 
-/// `POST /api/insights?connectionId=...`: generates, stores and returns one set of insights.
-pub(crate) async fn insights(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    query: Result<Query<InsightsQuery>, QueryRejection>,
-) -> Response {
-    let Query(q) = match query {
-        Ok(q) => q,
-        Err(e) => return bad_request(format!("query: {}", e.body_text())),
-    };
-    if let Some(r) = rate_limited(&state, user) {
-        return r;
+/// Generates, stores and returns one set of insights for the user's connection (the API route
+/// and the dashboard's button).
+pub(crate) async fn generate_insights(
+    state: &AppState,
+    user: UserId,
+    connection_id: &str,
+) -> Result<Generated, Response> {
+    if let Some(r) = rate_limited(state, user) {
+        return Err(r);
     }
-    let connection = match owned(&state, user, &q.connection_id).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let (account, currency) = match account(&state, user, &connection).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let engine = Engine::new(&account, Rules::default(), currency);
-    let analysis = match analyze(&engine, &account, today(&state)) {
-        Ok(a) => a,
-        Err(e) => return bad_request(e.to_string()),
-    };
-    match generate(
+    let connection = owned(state, user, connection_id).await?;
+    let loaded = account(state, user, &connection).await?;
+    let analysis = analyze(&loaded.engine(), &loaded.account, today(state))
+        .map_err(|e| bad_request(e.to_string()))?;
+    generate(
         state.store.as_ref(),
         &state.catalog,
         state.llm.as_ref(),
@@ -230,14 +238,27 @@ pub(crate) async fn insights(
         (state.clock)(),
     )
     .await
-    {
+    .map_err(|GenerateError::Usage(e)| usage_error(&e))
+}
+
+/// `POST /api/insights?connectionId=...`: generates, stores and returns one set of insights.
+pub(crate) async fn insights(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    query: Result<Query<InsightsQuery>, QueryRejection>,
+) -> Response {
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return bad_request(format!("query: {}", e.body_text())),
+    };
+    match generate_insights(&state, user, &q.connection_id).await {
         Ok(g) => Json(json!({
             "generation": g.generation,
             "fallback": g.fallback,
             "insights": g.records,
         }))
         .into_response(),
-        Err(GenerateError::Usage(e)) => usage_error(&e),
+        Err(r) => r,
     }
 }
 
@@ -275,18 +296,14 @@ pub(crate) async fn scenarios(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let (account, currency) = match account(&state, user, &connection).await {
+    let loaded = match account(&state, user, &connection).await {
         Ok(a) => a,
         Err(r) => return r,
     };
+    let currency = loaded.currency;
     let to = today(&state);
-    let engine = Engine::new(&account, Rules::default(), currency);
-    let rows = match engine.series(&SeriesRequest::new(
-        to - Duration::days(120),
-        to,
-        Granularity::Month,
-    )) {
-        Ok(r) => r.rows,
+    let rows = match loaded.series(to - Duration::days(120), to, Granularity::Month) {
+        Ok(r) => r.rows.clone(),
         Err(e) => return bad_request(e.to_string()),
     };
     let scenario = Scenario {
@@ -339,6 +356,44 @@ pub struct CheckoutBody {
     pub tier: Tier,
 }
 
+/// A Checkout Session for an upgrade of the user to `tier` (the API route and the pricing page).
+pub(crate) async fn checkout_session(
+    state: &AppState,
+    user: UserId,
+    tier: Tier,
+) -> Result<CheckoutSession, Response> {
+    let Some(stripe) = &state.stripe else {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stripe_not_configured",
+            "billing is not configured on this server (STRIPE_SECRET_KEY)",
+        ));
+    };
+    create_checkout(
+        stripe,
+        state.store.as_ref(),
+        &state.catalog,
+        user,
+        tier,
+        &state.app_url,
+        (state.clock)(),
+    )
+    .await
+    .map_err(|e| match e {
+        e @ (CheckoutError::FreeTier(_) | CheckoutError::NoPrice(_)) => bad_request(e.to_string()),
+        CheckoutError::UnknownUser(_) => error(StatusCode::NOT_FOUND, "not_found", "no such user"),
+        CheckoutError::Stripe(e) => {
+            tracing::error!(error = %e, "checkout");
+            error(
+                StatusCode::BAD_GATEWAY,
+                "stripe_error",
+                "Stripe could not create the checkout session; try again",
+            )
+        }
+        e => internal(&e),
+    })
+}
+
 /// `POST /api/create-checkout`: a Checkout Session URL for an upgrade.
 pub(crate) async fn checkout(
     State(state): State<AppState>,
@@ -349,39 +404,8 @@ pub(crate) async fn checkout(
         Ok(b) => b,
         Err(e) => return body_error(&e),
     };
-    let Some(stripe) = &state.stripe else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stripe_not_configured",
-            "billing is not configured on this server (STRIPE_SECRET_KEY)",
-        );
-    };
-    match create_checkout(
-        stripe,
-        state.store.as_ref(),
-        &state.catalog,
-        user,
-        b.tier,
-        &state.app_url,
-        (state.clock)(),
-    )
-    .await
-    {
+    match checkout_session(&state, user, b.tier).await {
         Ok(session) => Json(json!({ "id": session.id, "url": session.url })).into_response(),
-        Err(e @ (CheckoutError::FreeTier(_) | CheckoutError::NoPrice(_))) => {
-            bad_request(e.to_string())
-        }
-        Err(CheckoutError::UnknownUser(_)) => {
-            error(StatusCode::NOT_FOUND, "not_found", "no such user")
-        }
-        Err(CheckoutError::Stripe(e)) => {
-            tracing::error!(error = %e, "checkout");
-            error(
-                StatusCode::BAD_GATEWAY,
-                "stripe_error",
-                "Stripe could not create the checkout session; try again",
-            )
-        }
-        Err(e) => internal(&e),
+        Err(r) => r,
     }
 }

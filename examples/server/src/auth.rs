@@ -251,55 +251,106 @@ fn check(c: &Credentials) -> Result<String, &'static str> {
     Ok(email.to_owned())
 }
 
-fn session(state: &AppState, jwt: &Jwt, user: UserId, email: &str) -> Response {
+/// A signed session for `user` and its `Set-Cookie` value: `(token, expires_at, cookie)`.
+pub(crate) fn issue_session(
+    state: &AppState,
+    jwt: &Jwt,
+    user: UserId,
+    email: &str,
+) -> Result<(String, i64, String), AuthError> {
     let exp = (state.clock)().timestamp() + SESSION_SECS;
-    match jwt.issue(user, Some(email), exp) {
-        Ok(token) => {
-            let cookie = format!(
-                "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={SESSION_SECS}"
-            );
-            (
-                [(axum::http::header::SET_COOKIE, cookie)],
-                axum::Json(serde_json::json!({
-                    "token": token,
-                    "user": user,
-                    "expiresAt": exp,
-                })),
-            )
-                .into_response()
-        }
+    let token = jwt.issue(user, Some(email), exp)?;
+    let cookie =
+        format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={SESSION_SECS}");
+    Ok((token, exp, cookie))
+}
+
+/// The `Set-Cookie` value that ends a browser session.
+pub const CLEAR_SESSION_COOKIE: &str =
+    "revpilot_session=; HttpOnly; SameSite=Lax; Path=/; Max-Age=0";
+
+fn session(state: &AppState, jwt: &Jwt, user: UserId, email: &str) -> Response {
+    match issue_session(state, jwt, user, email) {
+        Ok((token, exp, cookie)) => (
+            [(axum::http::header::SET_COOKIE, cookie)],
+            axum::Json(serde_json::json!({
+                "token": token,
+                "user": user,
+                "expiresAt": exp,
+            })),
+        )
+            .into_response(),
         Err(e) => crate::internal(&e),
     }
 }
 
-fn auth_unavailable() -> Response {
-    crate::error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "auth_not_configured",
-        "sessions are not configured on this server (JWT_SECRET)",
-    )
+/// Why sign-up or log-in did not give a session.
+#[derive(Debug)]
+pub(crate) enum AuthFailure {
+    /// No `JWT_SECRET`.
+    Unavailable,
+    /// Malformed email or password.
+    Invalid(&'static str),
+    /// The email has an account.
+    Taken,
+    /// Wrong email or password.
+    Wrong,
+    /// The store or the hasher failed (logged).
+    Internal,
 }
 
-/// `POST /api/auth/signup`: a built-in account on the starter tier, and a session.
-pub(crate) async fn signup(
-    axum::extract::State(state): axum::extract::State<AppState>,
-    body: Result<axum::Json<Credentials>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Some(jwt) = state.jwt.clone() else {
-        return auth_unavailable();
-    };
-    let axum::Json(c) = match body {
-        Ok(b) => b,
-        Err(e) => return crate::error(e.status(), "invalid_request", e.body_text()),
-    };
-    let email = match check(&c) {
-        Ok(e) => e,
-        Err(why) => return crate::error(StatusCode::BAD_REQUEST, "invalid_request", why),
-    };
+impl AuthFailure {
+    /// Status, code and message (never the cause of an internal failure).
+    pub(crate) fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            AuthFailure::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_not_configured",
+                "sessions are not configured on this server (JWT_SECRET)",
+            ),
+            AuthFailure::Invalid(why) => (StatusCode::BAD_REQUEST, "invalid_request", why),
+            AuthFailure::Taken => (
+                StatusCode::CONFLICT,
+                "email_taken",
+                "an account with this email exists; log in instead",
+            ),
+            AuthFailure::Wrong => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "wrong email or password",
+            ),
+            AuthFailure::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "something went wrong on the server",
+            ),
+        }
+    }
+
+    fn response(&self) -> Response {
+        let (status, code, message) = self.parts();
+        crate::error(status, code, message)
+    }
+}
+
+fn logged(e: &dyn std::fmt::Display) -> AuthFailure {
+    tracing::error!(error = %e, "authentication failed internally");
+    AuthFailure::Internal
+}
+
+/// Creates a built-in account on the starter tier; its user and trimmed email.
+pub(crate) async fn create_account(
+    state: &AppState,
+    c: Credentials,
+) -> Result<(UserId, String), AuthFailure> {
+    if state.jwt.is_none() {
+        return Err(AuthFailure::Unavailable);
+    }
+    let email = check(&c).map_err(AuthFailure::Invalid)?;
     let hash = match tokio::task::spawn_blocking(move || hash_password(&c.password)).await {
         Ok(Ok(h)) => h,
-        Ok(Err(e)) => return crate::internal(&e),
-        Err(e) => return crate::internal(&e),
+        Ok(Err(e)) => return Err(logged(&e)),
+        Err(e) => return Err(logged(&e)),
     };
     let user = UserId(Uuid::new_v4());
     let limits = state.catalog.plan(Tier::Starter).limits;
@@ -308,37 +359,26 @@ pub(crate) async fn signup(
         .create_account(user, &email, &hash, Tier::Starter, limits, (state.clock)())
         .await
     {
-        Ok(_) => {
-            let mut r = session(&state, &jwt, user, &email);
-            *r.status_mut() = StatusCode::CREATED;
-            r
-        }
-        Err(StoreError::Conflict(_)) => crate::error(
-            StatusCode::CONFLICT,
-            "email_taken",
-            "an account with this email exists; log in instead",
-        ),
-        Err(e) => crate::internal(&e),
+        Ok(_) => Ok((user, email)),
+        Err(StoreError::Conflict(_)) => Err(AuthFailure::Taken),
+        Err(e) => Err(logged(&e)),
     }
 }
 
-/// `POST /api/auth/login`: a session for the right email and password.
-pub(crate) async fn login(
-    axum::extract::State(state): axum::extract::State<AppState>,
-    body: Result<axum::Json<Credentials>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Some(jwt) = state.jwt.clone() else {
-        return auth_unavailable();
-    };
-    let axum::Json(c) = match body {
-        Ok(b) => b,
-        Err(e) => return crate::error(e.status(), "invalid_request", e.body_text()),
-    };
+/// The user whose email and password these are.
+pub(crate) async fn authenticate(
+    state: &AppState,
+    c: Credentials,
+) -> Result<(UserId, String), AuthFailure> {
+    if state.jwt.is_none() {
+        return Err(AuthFailure::Unavailable);
+    }
     let email = c.email.trim().to_owned();
-    let found = match state.store.credentials(&email).await {
-        Ok(f) => f,
-        Err(e) => return crate::internal(&e),
-    };
+    let found = state
+        .store
+        .credentials(&email)
+        .await
+        .map_err(|e| logged(&e))?;
     let (user, hash) = match found {
         Some((u, h)) => (Some(u), h),
         None => (None, DUMMY_HASH.clone()),
@@ -348,11 +388,47 @@ pub(crate) async fn login(
         .await
         .unwrap_or(false);
     match (user, ok) {
-        (Some(user), true) => session(&state, &jwt, user, &email),
-        _ => crate::error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_credentials",
-            "wrong email or password",
-        ),
+        (Some(user), true) => Ok((user, email)),
+        _ => Err(AuthFailure::Wrong),
+    }
+}
+
+/// `POST /api/auth/signup`: a built-in account on the starter tier, and a session.
+pub(crate) async fn signup(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    body: Result<axum::Json<Credentials>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(jwt) = state.jwt.clone() else {
+        return AuthFailure::Unavailable.response();
+    };
+    let axum::Json(c) = match body {
+        Ok(b) => b,
+        Err(e) => return crate::error(e.status(), "invalid_request", e.body_text()),
+    };
+    match create_account(&state, c).await {
+        Ok((user, email)) => {
+            let mut r = session(&state, &jwt, user, &email);
+            *r.status_mut() = StatusCode::CREATED;
+            r
+        }
+        Err(f) => f.response(),
+    }
+}
+
+/// `POST /api/auth/login`: a session for the right email and password.
+pub(crate) async fn login(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    body: Result<axum::Json<Credentials>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(jwt) = state.jwt.clone() else {
+        return AuthFailure::Unavailable.response();
+    };
+    let axum::Json(c) = match body {
+        Ok(b) => b,
+        Err(e) => return crate::error(e.status(), "invalid_request", e.body_text()),
+    };
+    match authenticate(&state, c).await {
+        Ok((user, email)) => session(&state, &jwt, user, &email),
+        Err(f) => f.response(),
     }
 }

@@ -8,9 +8,13 @@
 //! `/api/create-checkout`). Issue #7 continues with Connect, the job queue, the dashboard and
 //! the demo.
 
+pub mod accounts;
 pub mod api;
 pub mod auth;
+pub mod charts;
 pub mod connect;
+pub mod demo;
+pub mod pages;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,6 +113,21 @@ pub struct AppState {
     pub syncing: connect::Syncing,
     /// The cron's bearer secret for `POST /api/stripe/sync`; `None` refuses every call.
     pub cron_secret: Option<secrecy::SecretString>,
+    /// The connections' rebuilt accounts, kept until their next sync.
+    pub accounts: Arc<accounts::Accounts>,
+    /// Demo mode's login, shown on the log-in page; `None` outside demo mode.
+    pub demo: Option<DemoLogin>,
+}
+
+/// The demo user's credentials (demo mode prints them; `GET /demo` logs in as them).
+#[derive(Debug, Clone)]
+pub struct DemoLogin {
+    /// The user.
+    pub user: UserId,
+    /// Email.
+    pub email: String,
+    /// Password.
+    pub password: String,
 }
 
 /// Calls per user and minute on the expensive routes.
@@ -136,6 +155,8 @@ impl AppState {
                 .unwrap_or_else(|_| unreachable!()),
             syncing: Arc::default(),
             cron_secret: None,
+            accounts: Arc::default(),
+            demo: None,
         }
     }
 }
@@ -159,6 +180,22 @@ pub fn app(state: AppState) -> Router {
         .route("/api/scenarios", post(api::scenarios))
         .route("/api/usage/current", get(api::usage))
         .route("/api/create-checkout", post(api::checkout))
+        .route(
+            "/",
+            get(|| async { axum::response::Redirect::to("/dashboard") }),
+        )
+        .route("/login", get(pages::login_form).post(pages::login_submit))
+        .route(
+            "/signup",
+            get(pages::signup_form).post(pages::signup_submit),
+        )
+        .route("/logout", post(pages::logout))
+        .route("/demo", get(pages::demo_login))
+        .route("/dashboard", get(pages::dashboard))
+        .route("/insights", get(pages::insights).post(pages::generate))
+        .route("/usage", get(pages::usage))
+        .route("/pricing", get(pages::pricing))
+        .route("/pricing/checkout", post(pages::upgrade))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

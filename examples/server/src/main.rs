@@ -24,9 +24,17 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "REVPILOT_BIND", default_value = "127.0.0.1:3000")]
     bind: SocketAddr,
-    /// `sqlite://FILE` (the embedded default) or `postgres://...`.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://revpilot.db")]
-    database_url: String,
+    /// `sqlite://FILE` or `postgres://...`; default `sqlite://revpilot.db` (a temporary file in
+    /// demo mode).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Demo mode: SQLite in a temporary file, a demo user and a synthetic two-year account; no
+    /// Stripe key or secret needed.
+    #[arg(long)]
+    demo: bool,
+    /// Customers in the demo's synthetic account.
+    #[arg(long, default_value_t = 600, requires = "demo")]
+    demo_customers: usize,
     /// Encryption keys for stored Stripe tokens: `id:base64key[,id:base64key]`.
     #[arg(long, env = "REVPILOT_ENCRYPTION_KEY", hide_env_values = true)]
     encryption_key: Option<String>,
@@ -65,6 +73,14 @@ struct Args {
     connect_webhook_secret: Option<String>,
 }
 
+/// `n` random bytes as base64 (`None` when the system's random source fails).
+fn random_base64(n: usize) -> Option<String> {
+    use base64::Engine as _;
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("revpilot-server: {message}");
     ExitCode::from(2)
@@ -91,20 +107,45 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let Some(key_spec) = args.encryption_key.as_deref() else {
+    // Demo mode needs no secrets: it makes throwaway ones, and a database that goes with it.
+    let mut demo_dir = None;
+    let (key_spec, database_url, jwt_secret) = if args.demo {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => return fail(format!("demo: no temporary directory: {e}")),
+        };
+        let url = format!("sqlite://{}", dir.path().join("demo.db").display());
+        demo_dir = Some(dir);
+        (
+            args.encryption_key
+                .clone()
+                .or_else(|| random_base64(32).map(|k| format!("demo:{k}"))),
+            url,
+            args.jwt_secret.clone().or_else(|| random_base64(48)),
+        )
+    } else {
+        (
+            args.encryption_key.clone(),
+            args.database_url
+                .clone()
+                .unwrap_or_else(|| "sqlite://revpilot.db".to_owned()),
+            args.jwt_secret.clone(),
+        )
+    };
+    let Some(key_spec) = key_spec.as_deref() else {
         return fail("REVPILOT_ENCRYPTION_KEY is required (id:base64 of 32 random bytes)");
     };
     let keys = match KeyRing::parse(key_spec) {
         Ok(k) => k,
         Err(e) => return fail(format!("REVPILOT_ENCRYPTION_KEY: {e}")),
     };
-    let store: Arc<dyn Store> = if args.database_url.starts_with("postgres") {
-        match PgStore::connect(&args.database_url, keys).await {
+    let store: Arc<dyn Store> = if database_url.starts_with("postgres") {
+        match PgStore::connect(&database_url, keys).await {
             Ok(s) => Arc::new(s),
             Err(e) => return fail(e),
         }
     } else {
-        match SqliteStore::connect(&args.database_url, keys).await {
+        match SqliteStore::connect(&database_url, keys).await {
             Ok(s) => Arc::new(s),
             Err(e) => return fail(e),
         }
@@ -152,7 +193,7 @@ async fn main() -> ExitCode {
             Some((webhook, client.clone()))
         }
     };
-    let jwt = match args.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+    let jwt = match jwt_secret.as_deref().filter(|s| !s.is_empty()) {
         None => {
             tracing::warn!("JWT_SECRET is not set: every authenticated route answers 401");
             None
@@ -240,11 +281,30 @@ async fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", args.bind)),
     };
-    tracing::info!("listening on http://{}", args.bind);
+    let bound = listener.local_addr().unwrap_or(args.bind);
+    if args.demo {
+        let password = random_base64(12).unwrap_or_else(|| "demo-password".to_owned());
+        let started = std::time::Instant::now();
+        match revpilot_server::demo::seed(&mut state, args.demo_customers, &password).await {
+            Ok(login) => {
+                println!(
+                    "RevPilot demo ({} synthetic customers, ready in {:.1} s)\n  open   http://{bound}/demo\n  or log in at http://{bound}/login as {} with password {}",
+                    args.demo_customers,
+                    started.elapsed().as_secs_f64(),
+                    login.email,
+                    login.password
+                );
+            }
+            Err(e) => return fail(format!("demo: {e}")),
+        }
+    }
+    tracing::info!("listening on http://{bound}");
     let serve = axum::serve(listener, app(state)).with_graceful_shutdown(async {
         let _ = tokio::signal::ctrl_c().await;
     });
-    match serve.await {
+    let served = serve.await;
+    drop(demo_dir);
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("revpilot-server: {e}");

@@ -650,3 +650,373 @@ async fn built_in_accounts_sign_up_log_in_and_get_sessions() {
         .unwrap();
     assert!(stored.starts_with("$argon2id$") && !stored.contains("horse"));
 }
+
+impl World {
+    /// A page as a browser asks for it: the session in the cookie, a form body when given.
+    async fn page(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        form: Option<&str>,
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("cookie", format!("theme=dark; revpilot_session={t}"));
+        }
+        let body = match form {
+            Some(f) => {
+                req = req.header("content-type", "application/x-www-form-urlencoded");
+                Body::from(f.to_owned())
+            }
+            None => Body::empty(),
+        };
+        let resp = self
+            .router
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+}
+
+/// The `data-value` of the KPI tile `key`.
+fn kpi(html: &str, key: &str) -> String {
+    let at = html
+        .find(&format!("data-kpi=\"{key}\" data-value=\""))
+        .unwrap_or_else(|| panic!("no KPI {key}"));
+    let rest = &html[at..];
+    let start = rest.find("data-value=\"").unwrap() + "data-value=\"".len();
+    rest[start..start + rest[start..].find('"').unwrap()].to_owned()
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_the_apis_numbers_and_escapes_stripe_strings() {
+    let w = world().await;
+    let (user, conn) = w.connected("acct_dash").await;
+    let token = w.token(user);
+    w.store.set_last_synced(conn, now()).await.unwrap();
+    let (status, _, html) = w.page("GET", "/dashboard", Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+
+    let (_, metrics) = w
+        .call(
+            "GET",
+            &format!("/api/metrics?connectionId={conn}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    let last = metrics["rows"].as_array().unwrap().last().unwrap().clone();
+    let dec = |v: &Value| {
+        v.as_str()
+            .unwrap()
+            .parse::<rust_decimal::Decimal>()
+            .unwrap()
+    };
+    let usd = |v: &Value| Currency::USD.round(dec(v)).to_string();
+    let pct = |v: &Value| {
+        (dec(v) * rust_decimal::Decimal::ONE_HUNDRED)
+            .round_dp(1)
+            .to_string()
+    };
+    assert_eq!(kpi(&html, "mrr"), usd(&last["mrr"]));
+    assert_eq!(kpi(&html, "arr"), usd(&last["arr"]));
+    assert_eq!(kpi(&html, "customers"), last["total_customers"].to_string());
+    assert_eq!(kpi(&html, "arpu"), usd(&last["arpu"]));
+    assert_eq!(kpi(&html, "churn"), pct(&last["customer_churn_rate"]));
+    assert!(!last["mrr"].as_str().unwrap().starts_with('0'));
+
+    // The MRR line has one point per month of the 24 up to today, each at the API's value.
+    let (_, monthly) = w
+        .call(
+            "GET",
+            &format!(
+                "/api/metrics?connectionId={conn}&from=2022-03-01&to=2024-02-20&granularity=month"
+            ),
+            Some(&token),
+            None,
+        )
+        .await;
+    let months = monthly["rows"].as_array().unwrap();
+    assert_eq!(html.matches("class=\"mrr-point\"").count(), months.len());
+    for m in months {
+        let point = format!(
+            "data-date=\"{}\" data-mrr=\"{}\"",
+            m["date"].as_str().unwrap(),
+            usd(&m["mrr"])
+        );
+        assert!(html.contains(&point), "{point}");
+    }
+    assert!(
+        html.contains("data-kind=\"new\""),
+        "movement bars are drawn"
+    );
+    assert!(
+        html.contains("class=\"cohort-cell\""),
+        "the cohort heat map is drawn"
+    );
+
+    // A Stripe-sourced string is text, never markup.
+    assert!(
+        html.contains("Synth &#60;b&#62;Co&#60;/b&#62;")
+            || html.contains("Synth &lt;b&gt;Co&lt;/b&gt;"),
+        "escaped"
+    );
+    assert!(!html.contains("<b>Co</b>"));
+
+    // Another user sees their own (empty) dashboard, never this one.
+    let other = w.token(UserId(Uuid::new_v4()));
+    let (status, _, html) = w
+        .page(
+            "GET",
+            &format!("/dashboard?connection={conn}"),
+            Some(&other),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("Connect Stripe") && !html.contains("data-kpi"));
+}
+
+#[tokio::test]
+async fn no_data_yet_only_while_the_first_sync_runs_and_pages_need_a_session() {
+    let w = world().await;
+    let (user, _) = w.connected("acct_pending").await;
+    let (status, _, html) = w
+        .page("GET", "/dashboard", Some(&w.token(user)), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("No data yet") && !html.contains("data-kpi"));
+    assert!(
+        html.contains("http-equiv=\"refresh\""),
+        "it refreshes until the sync is done"
+    );
+
+    for path in ["/dashboard", "/insights", "/usage", "/pricing"] {
+        for token in [None, Some("not-a-token")] {
+            let (status, headers, _) = w.page("GET", path, token, None).await;
+            assert_eq!(status, StatusCode::SEE_OTHER, "{path}");
+            assert_eq!(headers["location"], "/login", "{path}");
+        }
+    }
+    let (status, headers, _) = w.page("GET", "/", None, None).await;
+    assert_eq!(
+        (status, &headers["location"]),
+        (StatusCode::SEE_OTHER, &"/dashboard".parse().unwrap())
+    );
+}
+
+#[tokio::test]
+async fn forms_sign_up_log_in_and_log_out_with_a_cookie() {
+    let w = world().await;
+    let (status, headers, _) = w
+        .page(
+            "POST",
+            "/signup",
+            None,
+            Some("email=grace%40example.com&password=a+long+password"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(headers["location"], "/dashboard");
+    let cookie = headers["set-cookie"].to_str().unwrap();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"));
+    let token = cookie
+        .strip_prefix("revpilot_session=")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (status, _, html) = w.page("GET", "/dashboard", Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains("Connect Stripe"),
+        "a new user is asked to connect"
+    );
+
+    let (status, _, html) = w
+        .page(
+            "POST",
+            "/login",
+            None,
+            Some("email=grace%40example.com&password=wrong+password"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        html.contains("wrong email or password") && html.contains("value=\"grace@example.com\"")
+    );
+    let (status, headers, _) = w
+        .page(
+            "POST",
+            "/login",
+            None,
+            Some("email=grace%40example.com&password=a+long+password"),
+        )
+        .await;
+    assert_eq!(
+        (status, &headers["location"]),
+        (StatusCode::SEE_OTHER, &"/dashboard".parse().unwrap())
+    );
+    let (status, _, html) = w
+        .page(
+            "POST",
+            "/signup",
+            None,
+            Some("email=grace%40example.com&password=a+long+password"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(html.contains("an account with this email exists"));
+    let (_, headers, _) = w.page("POST", "/logout", Some(&token), Some("")).await;
+    assert!(
+        headers["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    // An injected email is shown as text.
+    let (_, _, html) = w
+        .page(
+            "POST",
+            "/login",
+            None,
+            Some("email=%22%3E%3Cscript%3Ex%3C%2Fscript%3E&password=whatever+long"),
+        )
+        .await;
+    assert!(!html.contains("<script>x</script>"));
+}
+
+#[tokio::test]
+async fn insights_usage_and_pricing_pages_work_through_their_forms() {
+    let w = world().await;
+    let (user, conn) = w.connected("acct_pages").await;
+    w.store.set_last_synced(conn, now()).await.unwrap();
+    let token = w.token(user);
+    let (status, headers, _) = w
+        .page(
+            "POST",
+            "/insights",
+            Some(&token),
+            Some(&format!("connection={conn}")),
+        )
+        .await;
+    assert_eq!(
+        (status, &headers["location"]),
+        (StatusCode::SEE_OTHER, &"/insights".parse().unwrap())
+    );
+    let (status, _, html) = w.page("GET", "/insights", Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        html.matches("class=\"insight\"").count(),
+        revpilot_core::insights::InsightKind::ALL.len(),
+        "one per kind"
+    );
+    assert!(
+        html.contains("data-figure=\"mrr\""),
+        "each insight shows its figures"
+    );
+
+    let (_, _, html) = w.page("GET", "/usage", Some(&token), None).await;
+    assert!(
+        html.contains("data-meter=\"ai_insight\" data-used=\"1\""),
+        "{html}"
+    );
+    assert!(html.contains("id=\"tier\">starter<"));
+
+    // Past starter's included insights, the button is refused, with the way out.
+    let included = Catalog::default()
+        .plan(Tier::Starter)
+        .limits
+        .ai_insights
+        .unwrap();
+    for _ in 1..included {
+        let (status, _, _) = w
+            .page(
+                "POST",
+                "/insights",
+                Some(&token),
+                Some(&format!("connection={conn}")),
+            )
+            .await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+    }
+    let (status, _, html) = w
+        .page(
+            "POST",
+            "/insights",
+            Some(&token),
+            Some(&format!("connection={conn}")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(html.contains("upgrade on the Pricing page"));
+
+    let (status, _, html) = w.page("GET", "/pricing", Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(html.matches("class=\"tier\"").count(), 4);
+    assert!(html.contains("Your plan"));
+    // Without Stripe configured, the upgrade says so instead of failing blindly.
+    let (status, _, html) = w
+        .page(
+            "POST",
+            "/pricing/checkout",
+            Some(&token),
+            Some("tier=professional"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(html.contains("could not be started"));
+}
+
+#[tokio::test]
+async fn an_account_is_rebuilt_once_per_sync_not_once_per_request() {
+    let w = world().await;
+    let (user, conn) = w.connected("acct_cache").await;
+    let token = w.token(user);
+    let mrr = |body: &Value| body["rows"].as_array().unwrap().last().unwrap()["mrr"].clone();
+    let uri = format!("/api/metrics?connectionId={conn}");
+    let (_, before) = w.call("GET", &uri, Some(&token), None).await;
+
+    // A sync writes more objects: until it records its finish, the account served is the one
+    // built at the last sync...
+    let mut bigger = Vec::new();
+    SynthExport {
+        customers: 160,
+        months: 14,
+        seed: 9,
+    }
+    .write(&mut bigger)
+    .unwrap();
+    let raw: RawExport = serde_json::from_slice(&bigger).unwrap();
+    let later = now() + chrono::Duration::hours(1);
+    w.store
+        .upsert_objects(conn, &raw.cached(later).unwrap())
+        .await
+        .unwrap();
+    let (_, same) = w.call("GET", &uri, Some(&token), None).await;
+    assert_eq!(mrr(&same), mrr(&before));
+
+    // ...and once it does, the next request rebuilds from the cache.
+    w.store.set_last_synced(conn, later).await.unwrap();
+    let (_, after) = w.call("GET", &uri, Some(&token), None).await;
+    assert_ne!(mrr(&after), mrr(&before));
+    let mut cached = Vec::new();
+    for kind in revpilot_core::ports::ObjectKind::ALL {
+        cached.extend(w.store.objects(user, conn, kind).await.unwrap());
+    }
+    let account = rebuild(&Export::from_cached(&cached).unwrap()).account;
+    let expected = Engine::new(&account, Rules::default(), Currency::USD)
+        .series(&SeriesRequest::new(
+            chrono::NaiveDate::from_ymd_opt(2023, 11, 23).unwrap(),
+            chrono::NaiveDate::from_ymd_opt(2024, 2, 20).unwrap(),
+            Granularity::Day,
+        ))
+        .unwrap();
+    assert_eq!(serde_json::to_value(&expected.rows).unwrap(), after["rows"]);
+}

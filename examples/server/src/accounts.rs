@@ -1,0 +1,161 @@
+//! The connections' accounts, rebuilt once per sync instead of once per request.
+//!
+//! Rebuilding an account means reading every cached Stripe object of the connection and
+//! compiling them into a timeline; the dashboard and `/api/metrics` ask for the same account
+//! many times between two syncs. [`Accounts`] keeps the rebuilt account of each connection
+//! together with the `last_synced_at` it was built at: a request that reads the connection
+//! (every route does, to check its owner) and finds another stamp rebuilds it. Because the stamp
+//! lives in the database, a sync finished by any worker or server invalidates every server's
+//! copy without a message between them.
+//!
+//! Series reports computed from an account are kept beside it (a bounded memo keyed by range and
+//! granularity), so a dashboard reloaded a hundred times computes its series once per sync.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use revpilot_core::fx::FxTable;
+use revpilot_core::metrics::{
+    Engine, Error as MetricsError, Granularity, SeriesReport, SeriesRequest,
+};
+use revpilot_core::model::Account;
+use revpilot_core::ports::{ConnectionId, UserId};
+use revpilot_core::{Currency, Rules};
+
+/// Series reports kept per connection before the memo starts over.
+pub const MEMO_REPORTS: usize = 64;
+
+/// One connection's account, ready for the engine.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The timeline.
+    pub account: Account,
+    /// Reporting currency.
+    pub currency: Currency,
+    /// Exchange rates for foreign-currency revenue, when known.
+    pub fx: Option<FxTable>,
+    reports: Mutex<HashMap<(NaiveDate, NaiveDate, Granularity), Arc<SeriesReport>>>,
+}
+
+impl Loaded {
+    /// An account ready for queries.
+    pub fn new(account: Account, currency: Currency, fx: Option<FxTable>) -> Self {
+        Loaded {
+            account,
+            currency,
+            fx,
+            reports: Mutex::default(),
+        }
+    }
+
+    /// An engine over the account (compiles it: keep it for several queries).
+    pub fn engine(&self) -> Engine<'_> {
+        let engine = Engine::new(&self.account, Rules::default(), self.currency);
+        match &self.fx {
+            Some(fx) => engine.with_fx(fx),
+            None => engine,
+        }
+    }
+
+    /// The series from `from` to `to`, computed once per account and range.
+    ///
+    /// # Errors
+    /// The engine's (an invalid range, a missing rate).
+    pub fn series(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+        granularity: Granularity,
+    ) -> Result<Arc<SeriesReport>, MetricsError> {
+        let key = (from, to, granularity);
+        if let Some(r) = self.memo().get(&key) {
+            return Ok(r.clone());
+        }
+        let report = Arc::new(
+            self.engine()
+                .series(&SeriesRequest::new(from, to, granularity))?,
+        );
+        let mut memo = self.memo();
+        if memo.len() >= MEMO_REPORTS {
+            memo.clear();
+        }
+        memo.insert(key, report.clone());
+        Ok(report)
+    }
+
+    fn memo(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(NaiveDate, NaiveDate, Granularity), Arc<SeriesReport>>>
+    {
+        self.reports.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    user: UserId,
+    stamp: Option<DateTime<Utc>>,
+    pinned: bool,
+    loaded: Arc<Loaded>,
+}
+
+/// The rebuilt accounts, by connection (see the module's documentation).
+#[derive(Debug, Default)]
+pub struct Accounts {
+    entries: Mutex<HashMap<ConnectionId, Entry>>,
+}
+
+impl Accounts {
+    /// The account built at `stamp` for the user's connection, if this process has it.
+    pub fn get(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        stamp: Option<DateTime<Utc>>,
+    ) -> Option<Arc<Loaded>> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(&connection)
+            .filter(|e| e.user == user && (e.pinned || e.stamp == stamp))
+            .map(|e| e.loaded.clone())
+    }
+
+    /// Keeps the account built at `stamp`, replacing an older one.
+    pub fn put(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        stamp: Option<DateTime<Utc>>,
+        loaded: Arc<Loaded>,
+    ) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.get(&connection).is_some_and(|e| e.pinned) {
+            return;
+        }
+        entries.insert(
+            connection,
+            Entry {
+                user,
+                stamp,
+                pinned: false,
+                loaded,
+            },
+        );
+    }
+
+    /// Serves `loaded` for the connection whatever its sync stamp: the demo's account, which no
+    /// sync rebuilds.
+    pub fn pin(&self, user: UserId, connection: ConnectionId, loaded: Arc<Loaded>) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.insert(
+            connection,
+            Entry {
+                user,
+                stamp: None,
+                pinned: true,
+                loaded,
+            },
+        );
+    }
+}

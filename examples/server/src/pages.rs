@@ -1,0 +1,674 @@
+//! The dashboard: server-rendered HTML (askama, auto-escaped; every Stripe-sourced string is
+//! untrusted) with inline SVG charts, over the same functions as the JSON API. A page without a
+//! valid session redirects to `/login`. Forms post with the session cookie, which is `SameSite=Lax`
+//! so another site cannot post them on a user's behalf.
+
+use askama::Template;
+use axum::Form;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use chrono::{Datelike, Months, NaiveDate};
+use revpilot_core::Currency;
+use revpilot_core::billing::current_usage;
+use revpilot_core::insights::Unit;
+use revpilot_core::metrics::{Granularity, SeriesRow};
+use revpilot_core::ports::{Connection, ConnectionId, InsightRecord, Tier, UserId};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::auth::{AuthFailure, AuthUser, CLEAR_SESSION_COOKIE, Credentials, issue_session};
+use crate::charts::{self, BarChart, HEIGHT, HeatMap, LineChart, WIDTH};
+use crate::{AppState, api, internal};
+
+fn render(page: &impl Template) -> Response {
+    match page.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => internal(&e),
+    }
+}
+
+fn to_login() -> Response {
+    Redirect::to("/login").into_response()
+}
+
+/// `1234567.891` as `1,234,567.89` (in the currency's minor digits).
+pub fn money(v: Decimal, currency: Currency) -> String {
+    let v = currency.round(v);
+    let digits = currency.minor_digits().unwrap_or(2) as usize;
+    let text = format!("{:.*}", digits, v.abs());
+    let (int, frac) = text.split_once('.').unwrap_or((&text, ""));
+    let mut grouped = String::new();
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    let sign = if v.is_sign_negative() && !v.is_zero() {
+        "-"
+    } else {
+        ""
+    };
+    let code = currency.as_str().to_uppercase();
+    if frac.is_empty() {
+        format!("{sign}{grouped} {code}")
+    } else {
+        format!("{sign}{grouped}.{frac} {code}")
+    }
+}
+
+fn percent(rate: Option<Decimal>) -> Option<Decimal> {
+    rate.map(|r| (r * Decimal::ONE_HUNDRED).round_dp(1))
+}
+
+// ----- sign-up, log-in, log-out -----
+
+#[derive(Template)]
+#[template(path = "auth.html")]
+struct AuthPage {
+    signed_in: bool,
+    signup: bool,
+    error: Option<String>,
+    email: String,
+    demo: Option<(String, String)>,
+}
+
+fn auth_page(state: &AppState, signup: bool, email: String, error: Option<String>) -> AuthPage {
+    AuthPage {
+        signed_in: false,
+        signup,
+        error,
+        email,
+        demo: state
+            .demo
+            .as_ref()
+            .map(|d| (d.email.clone(), d.password.clone())),
+    }
+}
+
+/// `GET /login`.
+pub(crate) async fn login_form(State(state): State<AppState>) -> Response {
+    render(&auth_page(&state, false, String::new(), None))
+}
+
+/// `GET /signup`.
+pub(crate) async fn signup_form(State(state): State<AppState>) -> Response {
+    render(&auth_page(&state, true, String::new(), None))
+}
+
+/// A session cookie for `user` and a redirect to the dashboard.
+fn signed_in(state: &AppState, user: UserId, email: &str) -> Response {
+    let Some(jwt) = &state.jwt else {
+        return to_login();
+    };
+    match issue_session(state, jwt, user, email) {
+        Ok((_, _, cookie)) => (
+            StatusCode::SEE_OTHER,
+            [
+                (header::SET_COOKIE, cookie),
+                (header::LOCATION, "/dashboard".to_owned()),
+            ],
+        )
+            .into_response(),
+        Err(e) => internal(&e),
+    }
+}
+
+fn form_failed(state: &AppState, signup: bool, email: String, f: &AuthFailure) -> Response {
+    let (status, _, message) = f.parts();
+    let mut r = render(&auth_page(state, signup, email, Some(message.to_owned())));
+    *r.status_mut() = status;
+    r
+}
+
+/// `POST /login` (form).
+pub(crate) async fn login_submit(
+    State(state): State<AppState>,
+    Form(c): Form<Credentials>,
+) -> Response {
+    let email = c.email.clone();
+    match crate::auth::authenticate(&state, c).await {
+        Ok((user, email)) => signed_in(&state, user, &email),
+        Err(f) => form_failed(&state, false, email, &f),
+    }
+}
+
+/// `POST /signup` (form).
+pub(crate) async fn signup_submit(
+    State(state): State<AppState>,
+    Form(c): Form<Credentials>,
+) -> Response {
+    let email = c.email.clone();
+    match crate::auth::create_account(&state, c).await {
+        Ok((user, email)) => signed_in(&state, user, &email),
+        Err(f) => form_failed(&state, true, email, &f),
+    }
+}
+
+/// `POST /logout`.
+pub(crate) async fn logout() -> Response {
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::SET_COOKIE, CLEAR_SESSION_COOKIE.to_owned()),
+            (header::LOCATION, "/login".to_owned()),
+        ],
+    )
+        .into_response()
+}
+
+/// `GET /demo`: in demo mode, a session of the demo user (whose password the server printed).
+pub(crate) async fn demo_login(State(state): State<AppState>) -> Response {
+    match &state.demo {
+        Some(d) => signed_in(&state, d.user, &d.email),
+        None => crate::error(StatusCode::NOT_FOUND, "not_found", "not in demo mode"),
+    }
+}
+
+// ----- dashboard -----
+
+struct ConnView {
+    id: ConnectionId,
+    name: String,
+    selected: bool,
+}
+
+struct Kpi {
+    key: &'static str,
+    label: &'static str,
+    value: String,
+    display: String,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard.html")]
+struct DashboardPage {
+    signed_in: bool,
+    upgraded: bool,
+    connections: Vec<ConnView>,
+    business: String,
+    last_sync: String,
+    sync_status: Option<String>,
+    pending: bool,
+    kpis: Vec<Kpi>,
+    as_of: NaiveDate,
+    currency: String,
+    line: Option<LineChart>,
+    bars: Option<BarChart>,
+    heat: Option<HeatMap>,
+    width: f64,
+    height: f64,
+}
+
+/// `GET /dashboard` query.
+#[derive(Debug, Deserialize)]
+pub(crate) struct DashboardQuery {
+    connection: Option<Uuid>,
+    upgraded: Option<bool>,
+}
+
+/// The KPI tiles, from the last row of the default `/api/metrics` series (90 days, daily).
+fn kpis(row: &SeriesRow, currency: Currency) -> Vec<Kpi> {
+    let money_kpi = |key, label, v: Option<Decimal>| Kpi {
+        key,
+        label,
+        value: v.map(|v| currency.round(v).to_string()).unwrap_or_default(),
+        display: v.map_or_else(|| "n/a".to_owned(), |v| money(v, currency)),
+    };
+    let percent_kpi = |key, label, v: Option<Decimal>| Kpi {
+        key,
+        label,
+        value: percent(v).map(|v| v.to_string()).unwrap_or_default(),
+        display: percent(v).map_or_else(|| "n/a".to_owned(), |v| format!("{v} %")),
+    };
+    vec![
+        money_kpi("mrr", "MRR", Some(row.mrr)),
+        money_kpi("arr", "ARR", Some(row.arr)),
+        Kpi {
+            key: "customers",
+            label: "Customers",
+            value: row.total_customers.to_string(),
+            display: row.total_customers.to_string(),
+        },
+        percent_kpi("churn", "Customer churn (30 d)", row.customer_churn_rate),
+        money_kpi("arpu", "ARPU", row.arpu),
+        money_kpi("ltv", "LTV", row.ltv),
+        percent_kpi("nrr", "NRR (12 mo)", row.nrr),
+    ]
+}
+
+fn first_of_month(d: NaiveDate, months_back: u32) -> NaiveDate {
+    d.with_day(1)
+        .and_then(|d| d.checked_sub_months(Months::new(months_back)))
+        .unwrap_or(d)
+}
+
+/// `GET /dashboard[?connection=ID]`.
+pub(crate) async fn dashboard(
+    State(state): State<AppState>,
+    user: Result<AuthUser, Response>,
+    Query(q): Query<DashboardQuery>,
+) -> Response {
+    let Ok(AuthUser(user)) = user else {
+        return to_login();
+    };
+    let all = match state.store.connections(user).await {
+        Ok(c) => c,
+        Err(e) => return internal(&e),
+    };
+    let active: Vec<&Connection> = all.iter().filter(|c| c.is_active).collect();
+    let selected = q
+        .connection
+        .and_then(|id| active.iter().find(|c| c.id.0 == id))
+        .or(active.first())
+        .copied();
+    let mut page = DashboardPage {
+        signed_in: true,
+        upgraded: q.upgraded.unwrap_or(false),
+        connections: active
+            .iter()
+            .map(|c| ConnView {
+                id: c.id,
+                name: c
+                    .business_name
+                    .clone()
+                    .unwrap_or_else(|| c.stripe_account_id.clone()),
+                selected: selected.is_some_and(|s| s.id == c.id),
+            })
+            .collect(),
+        business: String::new(),
+        last_sync: "never".to_owned(),
+        sync_status: None,
+        pending: false,
+        kpis: Vec::new(),
+        as_of: api::today(&state),
+        currency: String::new(),
+        line: None,
+        bars: None,
+        heat: None,
+        width: WIDTH,
+        height: HEIGHT,
+    };
+    let Some(connection) = selected else {
+        return render(&page);
+    };
+    page.business = connection
+        .business_name
+        .clone()
+        .unwrap_or_else(|| connection.stripe_account_id.clone());
+    match state.store.last_run(user, connection.id).await {
+        Ok(run) => page.sync_status = run.map(|r| r.status.as_str().to_owned()),
+        Err(e) => return internal(&e),
+    }
+    let Some(synced) = connection.last_synced_at else {
+        page.pending = true;
+        return render(&page);
+    };
+    page.last_sync = synced.format("%Y-%m-%d %H:%M UTC").to_string();
+    let loaded = match api::account(&state, user, connection).await {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let currency = loaded.currency;
+    page.currency = currency.as_str().to_uppercase();
+    let to = page.as_of;
+    let daily = loaded.series(to - chrono::Duration::days(89), to, Granularity::Day);
+    let monthly = loaded.series(first_of_month(to, 23), to, Granularity::Month);
+    let (daily, monthly) = match (daily, monthly) {
+        (Ok(d), Ok(m)) => (d, m),
+        (Err(e), _) | (_, Err(e)) => return internal(&e),
+    };
+    if let Some(last) = daily.rows.last() {
+        page.kpis = kpis(last, currency);
+    }
+    page.line = Some(charts::mrr_line(&monthly.rows, currency));
+    page.bars = Some(charts::movements(&monthly.rows, currency));
+    match loaded.engine().cohorts(first_of_month(to, 11), to) {
+        Ok(table) => page.heat = Some(charts::cohorts(&table.rows)),
+        Err(e) => return internal(&e),
+    }
+    render(&page)
+}
+
+// ----- insights -----
+
+struct InsightView {
+    kind: String,
+    title: String,
+    summary: String,
+    figures: Vec<(String, String, String)>,
+    provider: String,
+    note: Option<String>,
+    created: String,
+}
+
+#[derive(Template)]
+#[template(path = "insights.html")]
+struct InsightsPage {
+    signed_in: bool,
+    error: Option<String>,
+    connection: Option<ConnectionId>,
+    insights: Vec<InsightView>,
+}
+
+fn figure_value(f: &revpilot_core::insights::Figure, currency: Currency) -> String {
+    match f.unit {
+        Unit::Money => money(f.value, currency),
+        Unit::Percent => format!("{} %", f.value),
+        Unit::Points => format!("{} points", f.value),
+        Unit::Count | Unit::Ratio => f.value.to_string(),
+    }
+}
+
+fn insight_view(r: &InsightRecord, currency: Currency) -> InsightView {
+    InsightView {
+        kind: serde_json::to_value(r.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        title: r.title.clone(),
+        summary: r.summary.clone(),
+        figures: r
+            .figures
+            .iter()
+            .map(|f| (f.id.clone(), f.label.clone(), figure_value(f, currency)))
+            .collect(),
+        provider: r.provider.clone(),
+        note: r.note.clone(),
+        created: r.created_at.format("%Y-%m-%d %H:%M UTC").to_string(),
+    }
+}
+
+async fn insights_page(state: &AppState, user: UserId, error: Option<String>) -> Response {
+    let connection = match state.store.connections(user).await {
+        Ok(c) => c.into_iter().find(|c| c.is_active),
+        Err(e) => return internal(&e),
+    };
+    let currency = connection
+        .as_ref()
+        .and_then(|c| c.currency.as_deref())
+        .and_then(|c| Currency::parse(c).ok())
+        .unwrap_or(Currency::USD);
+    let records = match state
+        .store
+        .insights(user, connection.as_ref().map(|c| c.id), 20)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return internal(&e),
+    };
+    let status = if error.is_some() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    let mut r = render(&InsightsPage {
+        signed_in: true,
+        error,
+        connection: connection.map(|c| c.id),
+        insights: records.iter().map(|r| insight_view(r, currency)).collect(),
+    });
+    if r.status() == StatusCode::OK {
+        *r.status_mut() = status;
+    }
+    r
+}
+
+/// `GET /insights`: the newest insights with the figures they rest on.
+pub(crate) async fn insights(
+    State(state): State<AppState>,
+    user: Result<AuthUser, Response>,
+) -> Response {
+    let Ok(AuthUser(user)) = user else {
+        return to_login();
+    };
+    insights_page(&state, user, None).await
+}
+
+/// `POST /insights` form.
+#[derive(Debug, Deserialize)]
+pub(crate) struct GenerateForm {
+    connection: String,
+}
+
+/// `POST /insights`: generate, then show them.
+pub(crate) async fn generate(
+    State(state): State<AppState>,
+    user: Result<AuthUser, Response>,
+    Form(f): Form<GenerateForm>,
+) -> Response {
+    let Ok(AuthUser(user)) = user else {
+        return to_login();
+    };
+    match api::generate_insights(&state, user, &f.connection).await {
+        Ok(_) => Redirect::to("/insights").into_response(),
+        Err(r) => {
+            let why = match r.status() {
+                StatusCode::PAYMENT_REQUIRED => {
+                    "Your plan's AI insights for this period are used up: upgrade on the Pricing page."
+                }
+                StatusCode::TOO_MANY_REQUESTS => "Too many requests; try again in a minute.",
+                StatusCode::NOT_FOUND => "No such connection.",
+                _ => "Insights could not be generated; try again.",
+            };
+            insights_page(&state, user, Some(why.to_owned())).await
+        }
+    }
+}
+
+// ----- usage -----
+
+struct MeterView {
+    key: &'static str,
+    label: &'static str,
+    used: u64,
+    limit: String,
+    remaining: String,
+}
+
+#[derive(Template)]
+#[template(path = "usage.html")]
+struct UsagePage {
+    signed_in: bool,
+    tier: String,
+    period: String,
+    meters: Vec<MeterView>,
+    bill: Vec<(String, String)>,
+    starter: bool,
+}
+
+fn cents(amount: i64, currency: Currency) -> String {
+    let digits = currency.minor_digits().unwrap_or(2);
+    money(Decimal::new(amount, digits), currency)
+}
+
+/// `GET /usage`: meters with used and included amounts, and the bill so far.
+pub(crate) async fn usage(
+    State(state): State<AppState>,
+    user: Result<AuthUser, Response>,
+) -> Response {
+    let Ok(AuthUser(user)) = user else {
+        return to_login();
+    };
+    let u = match current_usage(state.store.as_ref(), &state.catalog, user, (state.clock)()).await {
+        Ok(u) => u,
+        Err(e) => return api::usage_error(&e),
+    };
+    let meter = |key, label, m: &revpilot_core::billing::MeterUsage| MeterView {
+        key,
+        label,
+        used: m.used,
+        limit: m
+            .limit
+            .map_or_else(|| "unlimited".to_owned(), |l| l.to_string()),
+        remaining: m
+            .remaining
+            .map_or_else(|| "unlimited".to_owned(), |l| l.to_string()),
+    };
+    let c = u.bill.currency;
+    render(&UsagePage {
+        signed_in: true,
+        tier: u.tier.as_str().to_owned(),
+        period: format!(
+            "{} to {}",
+            u.period.start.format("%Y-%m-%d"),
+            u.period.end.format("%Y-%m-%d")
+        ),
+        meters: vec![
+            meter("ai_insight", "AI insights", &u.ai_insight),
+            meter(
+                "transaction_volume",
+                "Transactions synced",
+                &u.transaction_volume,
+            ),
+        ],
+        bill: vec![
+            ("Plan".to_owned(), cents(u.bill.base, c)),
+            (
+                format!("AI insight overage ({})", u.bill.ai_insight_overage_units),
+                cents(u.bill.ai_insight_overage, c),
+            ),
+            (
+                format!(
+                    "Transaction overage ({} blocks of 1,000)",
+                    u.bill.transaction_volume_overage_blocks
+                ),
+                cents(u.bill.transaction_volume_overage, c),
+            ),
+            ("Total".to_owned(), cents(u.bill.total, c)),
+        ],
+        starter: u.tier == Tier::Starter,
+    })
+}
+
+// ----- pricing -----
+
+struct TierView {
+    key: &'static str,
+    name: String,
+    price: String,
+    lines: Vec<String>,
+    current: bool,
+    buyable: bool,
+}
+
+#[derive(Template)]
+#[template(path = "pricing.html")]
+struct PricingPage {
+    signed_in: bool,
+    error: Option<String>,
+    tiers: Vec<TierView>,
+}
+
+fn limit_line(limit: Option<u64>, what: &str) -> String {
+    match limit {
+        Some(n) => format!("{n} {what}"),
+        None => format!("Unlimited {what}"),
+    }
+}
+
+async fn pricing_page(state: &AppState, user: UserId, error: Option<String>) -> Response {
+    let current = match state.store.user(user).await {
+        Ok(p) => p.map_or(Tier::Starter, |p| p.tier),
+        Err(e) => return internal(&e),
+    };
+    let tiers = state
+        .catalog
+        .plans()
+        .map(|p| {
+            let key = p.tier.as_str();
+            let mut name = key.to_owned();
+            if let Some(first) = name.get_mut(..1) {
+                first.make_ascii_uppercase();
+            }
+            TierView {
+                key,
+                name,
+                price: cents(p.price, Currency::USD),
+                lines: vec![
+                    limit_line(p.limits.ai_insights.map(u64::from), "AI insights"),
+                    limit_line(p.limits.scenarios.map(u64::from), "scenarios"),
+                    limit_line(p.limits.transaction_volume, "transactions"),
+                    if p.overage {
+                        "Overage billed past the included amounts".to_owned()
+                    } else {
+                        "Hard limits".to_owned()
+                    },
+                ],
+                current: p.tier == current,
+                buyable: p.price > 0 && p.stripe_price_id.is_some(),
+            }
+        })
+        .collect();
+    let failed = error.is_some();
+    let mut r = render(&PricingPage {
+        signed_in: true,
+        error,
+        tiers,
+    });
+    if failed && r.status() == StatusCode::OK {
+        *r.status_mut() = StatusCode::BAD_GATEWAY;
+    }
+    r
+}
+
+/// `GET /pricing`: the tiers, with upgrade buttons to Checkout.
+pub(crate) async fn pricing(
+    State(state): State<AppState>,
+    user: Result<AuthUser, Response>,
+) -> Response {
+    let Ok(AuthUser(user)) = user else {
+        return to_login();
+    };
+    pricing_page(&state, user, None).await
+}
+
+/// `POST /pricing/checkout` form.
+#[derive(Debug, Deserialize)]
+pub(crate) struct UpgradeForm {
+    tier: String,
+}
+
+/// `POST /pricing/checkout`: to Stripe Checkout for the chosen tier.
+pub(crate) async fn upgrade(
+    State(state): State<AppState>,
+    user: Result<AuthUser, Response>,
+    Form(f): Form<UpgradeForm>,
+) -> Response {
+    let Ok(AuthUser(user)) = user else {
+        return to_login();
+    };
+    let Some(tier) = Tier::parse(&f.tier) else {
+        return pricing_page(&state, user, Some(format!("unknown plan {:?}", f.tier))).await;
+    };
+    match api::checkout_session(&state, user, tier).await {
+        Ok(session) => match session.url {
+            Some(url) => Redirect::to(&url).into_response(),
+            None => pricing_page(&state, user, Some("Stripe gave no checkout URL".into())).await,
+        },
+        Err(_) => {
+            pricing_page(
+                &state,
+                user,
+                Some("The checkout could not be started; try again.".to_owned()),
+            )
+            .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_groups_thousands_and_keeps_the_currencys_digits() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap_or_default();
+        assert_eq!(money(d("1234567.891"), Currency::USD), "1,234,567.89 USD");
+        assert_eq!(money(d("-999.5"), Currency::EUR), "-999.50 EUR");
+        assert_eq!(money(d("0"), Currency::USD), "0.00 USD");
+        assert_eq!(money(d("123456"), Currency::JPY), "123,456 JPY");
+    }
+}
