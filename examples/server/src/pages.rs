@@ -188,6 +188,7 @@ struct DashboardPage {
     signed_in: bool,
     upgraded: bool,
     connections: Vec<ConnView>,
+    connection: String,
     business: String,
     last_sync: String,
     sync_status: Option<String>,
@@ -278,6 +279,7 @@ pub(crate) async fn dashboard(
                 selected: selected.is_some_and(|s| s.id == c.id),
             })
             .collect(),
+        connection: String::new(),
         business: String::new(),
         last_sync: "never".to_owned(),
         sync_status: None,
@@ -294,6 +296,7 @@ pub(crate) async fn dashboard(
     let Some(connection) = selected else {
         return render(&page);
     };
+    page.connection = connection.id.to_string();
     page.business = connection
         .business_name
         .clone()
