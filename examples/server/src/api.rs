@@ -131,8 +131,9 @@ pub(crate) fn today(state: &AppState) -> NaiveDate {
 }
 
 /// `GET /api/metrics` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
     /// The connection.
     pub connection_id: String,
@@ -145,6 +146,13 @@ pub struct MetricsQuery {
 }
 
 /// `GET /api/metrics?connectionId=...&from=&to=&granularity=day|month`.
+#[utoipa::path(get, path = "/api/metrics", tag = "metrics", params(MetricsQuery),
+    security(("session" = [])),
+    responses(
+        (status = 200, description = "The series: one row per day or month, with MRR, ARR, the five movements, churn, NRR/GRR, ARPU, LTV", body = Object),
+        (status = 400, description = "Invalid range or granularity", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid session", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such connection (or another user's)", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn metrics(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -206,8 +214,9 @@ pub(crate) fn usage_error(e: &UsageError) -> Response {
 }
 
 /// `POST /api/insights` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct InsightsQuery {
     /// The connection.
     pub connection_id: String,
@@ -238,10 +247,27 @@ pub(crate) async fn generate_insights(
         (state.clock)(),
     )
     .await
+    .inspect(|g| {
+        let provider = if g.fallback.is_some() {
+            "local_fallback"
+        } else {
+            "provider"
+        };
+        metrics::counter!("revpilot_insight_generations_total", "provider" => provider)
+            .increment(1);
+    })
     .map_err(|GenerateError::Usage(e)| usage_error(&e))
 }
 
 /// `POST /api/insights?connectionId=...`: generates, stores and returns one set of insights.
+#[utoipa::path(post, path = "/api/insights", tag = "insights", params(InsightsQuery),
+    security(("session" = [])),
+    responses(
+        (status = 200, description = "One insight per kind, each with the computed figures it cites", body = Object),
+        (status = 401, description = "No valid session", body = crate::openapi::ErrorBody),
+        (status = 402, description = "The plan's AI insights are used up", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such connection", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Per-user rate limit", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn insights(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -263,23 +289,35 @@ pub(crate) async fn insights(
 }
 
 /// `POST /api/scenarios` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScenarioBody {
     /// The connection.
     pub connection_id: String,
     /// Price change, %.
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "10")]
     pub price_change_pct: Decimal,
     /// Churn change, points.
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "-0.5")]
     pub churn_change_points: Decimal,
     /// New-customer growth change, %.
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "0")]
     pub new_growth_pct: Decimal,
 }
 
 /// `POST /api/scenarios`: one metered what-if run.
+#[utoipa::path(post, path = "/api/scenarios", tag = "insights", request_body = ScenarioBody,
+    security(("session" = [])),
+    responses(
+        (status = 200, description = "Baseline and scenario MRR at 3, 6 and 12 months", body = Object),
+        (status = 400, description = "Invalid body", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid session", body = crate::openapi::ErrorBody),
+        (status = 402, description = "The plan's scenarios are used up", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such connection", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Per-user rate limit", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn scenarios(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -341,6 +379,10 @@ pub(crate) async fn scenarios(
 }
 
 /// `GET /api/usage/current`.
+#[utoipa::path(get, path = "/api/usage/current", tag = "billing", security(("session" = [])),
+    responses(
+        (status = 200, description = "Tier, period, used/limit/remaining per meter, and the bill so far in cents", body = Object),
+        (status = 401, description = "No valid session", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn usage(State(state): State<AppState>, AuthUser(user): AuthUser) -> Response {
     match current_usage(state.store.as_ref(), &state.catalog, user, (state.clock)()).await {
         Ok(u) => Json(u).into_response(),
@@ -349,10 +391,11 @@ pub(crate) async fn usage(State(state): State<AppState>, AuthUser(user): AuthUse
 }
 
 /// `POST /api/create-checkout` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutBody {
-    /// The tier to buy.
+    /// The tier to buy: `professional`, `business` or `enterprise`.
+    #[schema(value_type = String, example = "professional")]
     pub tier: Tier,
 }
 
@@ -395,6 +438,14 @@ pub(crate) async fn checkout_session(
 }
 
 /// `POST /api/create-checkout`: a Checkout Session URL for an upgrade.
+#[utoipa::path(post, path = "/api/create-checkout", tag = "billing", request_body = CheckoutBody,
+    security(("session" = [])),
+    responses(
+        (status = 200, description = "`{id, url}` of the Checkout Session", body = Object),
+        (status = 400, description = "A free tier or one without a price", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid session", body = crate::openapi::ErrorBody),
+        (status = 502, description = "Stripe refused", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Billing is not configured", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn checkout(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

@@ -204,7 +204,7 @@ fn session_cookie(headers: &axum::http::HeaderMap) -> Option<&str> {
 pub const SESSION_SECS: i64 = 12 * 3600;
 
 /// `POST /api/auth/signup` and `/api/auth/login` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     /// Email.
@@ -394,6 +394,11 @@ pub(crate) async fn authenticate(
 }
 
 /// `POST /api/auth/signup`: a built-in account on the starter tier, and a session.
+#[utoipa::path(post, path = "/api/auth/signup", tag = "auth", request_body = Credentials,
+    responses(
+        (status = 201, description = "`{token, user, expiresAt}`, and the session cookie", body = Object),
+        (status = 400, description = "Malformed email or password", body = crate::openapi::ErrorBody),
+        (status = 409, description = "The email has an account", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn signup(
     axum::extract::State(state): axum::extract::State<AppState>,
     body: Result<axum::Json<Credentials>, axum::extract::rejection::JsonRejection>,
@@ -416,6 +421,10 @@ pub(crate) async fn signup(
 }
 
 /// `POST /api/auth/login`: a session for the right email and password.
+#[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = Credentials,
+    responses(
+        (status = 200, description = "`{token, user, expiresAt}`, and the session cookie", body = Object),
+        (status = 401, description = "Wrong email or password", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn login(
     axum::extract::State(state): axum::extract::State<AppState>,
     body: Result<axum::Json<Credentials>, axum::extract::rejection::JsonRejection>,

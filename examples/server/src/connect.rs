@@ -29,6 +29,11 @@ use crate::{AppState, error, internal};
 pub type Syncing = Arc<Mutex<HashSet<ConnectionId>>>;
 
 /// `GET /api/stripe/connect`: a redirect to Stripe's authorize page, its `state` stored.
+#[utoipa::path(get, path = "/api/stripe/connect", tag = "connect", security(("session" = [])),
+    responses(
+        (status = 303, description = "To Stripe's authorize page"),
+        (status = 401, description = "No valid session", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Connect is not configured", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn start(State(state): State<AppState>, AuthUser(user): AuthUser) -> Response {
     let Some(connect) = &state.connect else {
         return not_configured();
@@ -49,6 +54,15 @@ fn not_configured() -> Response {
 
 /// `GET /api/stripe/connect/callback`: exchanges the code, stores the connection, starts its
 /// first sync and sends the user to the dashboard.
+#[utoipa::path(get, path = "/api/stripe/connect/callback", tag = "connect",
+    security(("session" = [])),
+    params(("code" = Option<String>, Query, description = "Stripe's authorization code"),
+           ("state" = String, Query, description = "The state the authorize redirect stored"),
+           ("error" = Option<String>, Query, description = "Set when the user declined")),
+    responses(
+        (status = 303, description = "To the dashboard; the first sync has started"),
+        (status = 400, description = "Unknown, used or expired state; declined", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid session", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn callback(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -174,12 +188,19 @@ async fn sync_once(
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(%connection, status = status.as_str(), requests = outcome.requests, "sync finished");
+    metrics::counter!("revpilot_syncs_total", "status" => status.as_str()).increment(1);
     Ok(())
 }
 
 /// `POST /api/webhooks/stripe-connect`: events of connected accounts. A verified
 /// `account.application.deauthorized` deactivates the account's connection and erases its
 /// tokens; other events are acknowledged (the next sync reads them from the Events API).
+#[utoipa::path(post, path = "/api/webhooks/stripe-connect", tag = "webhooks",
+    params(("Stripe-Signature" = String, Header, description = "Stripe's signature header")),
+    request_body(content = String, content_type = "application/json", description = "The event, as Stripe sent it"),
+    responses(
+        (status = 200, description = "Received"),
+        (status = 400, description = "Bad signature or body", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -222,6 +243,10 @@ pub(crate) async fn webhook(
 /// `POST /api/stripe/sync`, for the cron: `Authorization: Bearer $CRON_SECRET`, compared in
 /// constant time; with no secret configured every call is refused. Starts a sync of every active
 /// connection that is not already syncing.
+#[utoipa::path(post, path = "/api/stripe/sync", tag = "connect", security(("cron" = [])),
+    responses(
+        (status = 200, description = "Syncs started: `{started, alreadyRunning}`", body = Object),
+        (status = 401, description = "Missing or wrong CRON_SECRET", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn cron(State(state): State<AppState>, headers: HeaderMap) -> Response {
     use subtle::ConstantTimeEq;
     let given = headers

@@ -14,7 +14,9 @@ pub mod auth;
 pub mod charts;
 pub mod connect;
 pub mod demo;
+pub mod openapi;
 pub mod pages;
+pub mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,6 +198,9 @@ pub fn app(state: AppState) -> Router {
         .route("/usage", get(pages::usage))
         .route("/pricing", get(pages::pricing))
         .route("/pricing/checkout", post(pages::upgrade))
+        .route("/metrics", get(telemetry::render))
+        .route("/api/openapi.json", get(openapi::document))
+        .route_layer(axum::middleware::from_fn(telemetry::track))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
@@ -221,11 +226,21 @@ pub fn internal(e: &dyn std::fmt::Display) -> Response {
     )
 }
 
+/// `GET /healthz`.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`{status: ok}`", body = Object)))]
 async fn healthz() -> Response {
     axum::Json(json!({ "status": "ok" })).into_response()
 }
 
 /// `POST /api/webhooks/stripe-billing`: verify, store in the inbox, answer; apply after.
+#[utoipa::path(post, path = "/api/webhooks/stripe-billing", tag = "webhooks",
+    params(("Stripe-Signature" = String, Header, description = "Stripe's signature header")),
+    request_body(content = String, content_type = "application/json", description = "The event, as Stripe sent it"),
+    responses(
+        (status = 200, description = "Stored (or a duplicate, or ignored), to be applied", body = Object),
+        (status = 400, description = "Bad signature or body; nothing stored", body = openapi::ErrorBody),
+        (status = 500, description = "Not stored; Stripe delivers it again", body = openapi::ErrorBody)))]
 async fn stripe_billing(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -251,17 +266,25 @@ async fn stripe_billing(
     .await
     {
         Ok(Receipt::Stored(id)) => {
+            metrics::counter!("revpilot_billing_webhooks_total", "outcome" => "stored")
+                .increment(1);
             state.billing_wake.notify_one();
             axum::Json(json!({ "received": true, "event": id })).into_response()
         }
         Ok(Receipt::Duplicate(id)) => {
+            metrics::counter!("revpilot_billing_webhooks_total", "outcome" => "duplicate")
+                .increment(1);
             axum::Json(json!({ "received": true, "event": id, "duplicate": true })).into_response()
         }
         Ok(Receipt::Ignored { event_id, reason }) => {
+            metrics::counter!("revpilot_billing_webhooks_total", "outcome" => "ignored")
+                .increment(1);
             axum::Json(json!({ "received": true, "event": event_id, "ignored": reason }))
                 .into_response()
         }
         Err(e) if e.is_client_error() => {
+            metrics::counter!("revpilot_billing_webhooks_total", "outcome" => "refused")
+                .increment(1);
             error(StatusCode::BAD_REQUEST, "invalid_webhook", e.to_string())
         }
         Err(e) => {

@@ -1020,3 +1020,92 @@ async fn an_account_is_rebuilt_once_per_sync_not_once_per_request() {
         .unwrap();
     assert_eq!(serde_json::to_value(&expected.rows).unwrap(), after["rows"]);
 }
+
+#[tokio::test]
+async fn prometheus_counts_requests_by_route_template_and_openapi_lists_every_api_route() {
+    let w = world().await;
+    assert!(revpilot_server::telemetry::prometheus().is_some());
+    for _ in 0..3 {
+        assert_eq!(
+            w.call("GET", "/healthz", None, None).await.0,
+            StatusCode::OK
+        );
+    }
+    let secret_id = Uuid::new_v4();
+    let (status, _) = w
+        .call(
+            "GET",
+            &format!("/api/metrics?connectionId={secret_id}"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = w.call("GET", "/metrics", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = body["raw"].as_str().unwrap();
+    let count = |line_start: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start))
+            .unwrap_or_else(|| panic!("no {line_start} in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // Other tests in this process count too: at least ours.
+    assert!(
+        count("revpilot_http_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"}")
+            >= 3
+    );
+    assert!(
+        count("revpilot_http_requests_total{method=\"GET\",route=\"/api/metrics\",status=\"401\"}")
+            >= 1
+    );
+    assert!(text.contains("revpilot_http_request_duration_seconds_bucket{method=\"GET\",route=\"/healthz\",le=\"0.005\"}"));
+    assert!(
+        !text.contains(&secret_id.to_string()),
+        "ids never become labels"
+    );
+
+    let (status, doc) = w.call("GET", "/api/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let mut listed: Vec<String> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| format!("{} {path}", m.to_uppercase()))
+        })
+        .collect();
+    listed.sort();
+    let mut expected = vec![
+        "GET /healthz",
+        "GET /metrics",
+        "GET /api/openapi.json",
+        "POST /api/webhooks/stripe-billing",
+        "POST /api/webhooks/stripe-connect",
+        "POST /api/auth/signup",
+        "POST /api/auth/login",
+        "GET /api/stripe/connect",
+        "GET /api/stripe/connect/callback",
+        "POST /api/stripe/sync",
+        "GET /api/metrics",
+        "POST /api/insights",
+        "POST /api/scenarios",
+        "GET /api/usage/current",
+        "POST /api/create-checkout",
+    ];
+    expected.sort_unstable();
+    assert_eq!(listed, expected);
+    let params = doc["paths"]["/api/metrics"]["get"]["parameters"]
+        .as_array()
+        .unwrap();
+    let names: Vec<&str> = params.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["connectionId", "from", "to", "granularity"]);
+    assert!(doc["components"]["securitySchemes"]["session"].is_object());
+    assert!(doc["components"]["schemas"]["ScenarioBody"].is_object());
+}
