@@ -43,3 +43,51 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// The server process of a two-process benchmark; killed when dropped (also when the benchmark
+/// panics).
+#[derive(Debug)]
+pub struct ServerProcess(std::process::Child);
+
+impl ServerProcess {
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts this program again as `program --serve ARGS...` (the server of a two-process
+/// benchmark); it prints its port on its first line. Returns the process and
+/// `http://127.0.0.1:PORT`.
+///
+/// # Panics
+/// When the program cannot be started or prints no port (a benchmark has nothing to measure).
+#[allow(clippy::unwrap_used)]
+pub fn spawn_server(args: &[&str]) -> (ServerProcess, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg("--serve")
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let server = ServerProcess(child);
+    let mut port = String::new();
+    BufReader::new(stdout).read_line(&mut port).unwrap();
+    (server, format!("http://127.0.0.1:{}", port.trim()))
+}
+
+/// The median of `v` (the upper one of an even count); 0 for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}

@@ -11,14 +11,13 @@
 //! (defaults 20,000 events, 32 in flight, 3 rounds). The target is 1,000 events/s.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::routing::post;
 use futures::StreamExt;
+use revpilot_benches::{median, spawn_server};
 use revpilot_server::{AppState, Store, app};
 use revpilot_store::{KeyRing, SqliteStore};
 use revpilot_stripe::billing::WebhookConfig;
@@ -99,11 +98,6 @@ async fn send(
     events.len() as f64 / secs
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -117,16 +111,7 @@ async fn main() {
 
     let dir = tempfile::TempDir::new().unwrap();
     let db = dir.path().join("ingest.db");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--serve", db.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut port = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut port)
-        .unwrap();
-    let base = format!("http://127.0.0.1:{}", port.trim());
+    let (server, base) = spawn_server(&[db.to_str().unwrap()]);
 
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
@@ -136,7 +121,7 @@ async fn main() {
     let now = chrono::Utc::now().timestamp();
     println!(
         "events {n}, in flight {concurrency}, rounds {rounds}; server pid {}",
-        child.id()
+        server.id()
     );
     // Warm-up: connections, the SQLite file, the page cache.
     let warm = events(1_000, 999, now);
@@ -168,8 +153,7 @@ async fn main() {
         ingest_rates.push(i);
     }
     // Every event is in the inbox exactly once.
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     let keys = KeyRing::parse("bench:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
     let store = SqliteStore::connect(db.to_str().unwrap(), keys)
         .await

@@ -13,14 +13,16 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use chrono::{DateTime, NaiveDate, Utc};
 use revpilot_core::fx::FxTable;
 use revpilot_core::metrics::{
     Engine, Error as MetricsError, Granularity, SeriesReport, SeriesRequest,
 };
 use revpilot_core::model::Account;
-use revpilot_core::ports::{ConnectionId, UserId};
+use revpilot_core::ports::{Connection, ConnectionId, UserId};
 use revpilot_core::{Currency, Rules};
 
 /// Series reports kept per connection before the memo starts over.
@@ -35,8 +37,11 @@ pub struct Loaded {
     pub currency: Currency,
     /// Exchange rates for foreign-currency revenue, when known.
     pub fx: Option<FxTable>,
-    reports: Mutex<HashMap<(NaiveDate, NaiveDate, Granularity), Arc<SeriesReport>>>,
+    reports: Mutex<HashMap<SeriesKey, Arc<SeriesReport>>>,
+    bodies: Mutex<HashMap<SeriesKey, Bytes>>,
 }
+
+type SeriesKey = (NaiveDate, NaiveDate, Granularity);
 
 impl Loaded {
     /// An account ready for queries.
@@ -46,6 +51,7 @@ impl Loaded {
             currency,
             fx,
             reports: Mutex::default(),
+            bodies: Mutex::default(),
         }
     }
 
@@ -84,10 +90,34 @@ impl Loaded {
         Ok(report)
     }
 
-    fn memo(
+    /// A response body made from the series, made once per account and range (the account
+    /// and its stamp fix everything a series response says).
+    ///
+    /// # Errors
+    /// As [`Loaded::series`].
+    pub fn series_body(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(NaiveDate, NaiveDate, Granularity), Arc<SeriesReport>>>
-    {
+        from: NaiveDate,
+        to: NaiveDate,
+        granularity: Granularity,
+        make: impl FnOnce(&SeriesReport) -> Vec<u8>,
+    ) -> Result<Bytes, MetricsError> {
+        let key = (from, to, granularity);
+        let bodies = || self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = bodies().get(&key) {
+            return Ok(b.clone());
+        }
+        let report = self.series(from, to, granularity)?;
+        let body = Bytes::from(make(&report));
+        let mut memo = bodies();
+        if memo.len() >= MEMO_REPORTS {
+            memo.clear();
+        }
+        memo.insert(key, body.clone());
+        Ok(body)
+    }
+
+    fn memo(&self) -> std::sync::MutexGuard<'_, HashMap<SeriesKey, Arc<SeriesReport>>> {
         self.reports.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -101,12 +131,56 @@ struct Entry {
 }
 
 /// The rebuilt accounts, by connection (see the module's documentation).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Accounts {
     entries: Mutex<HashMap<ConnectionId, Entry>>,
+    rows: Mutex<HashMap<ConnectionId, (Instant, Connection)>>,
+    row_ttl: Duration,
 }
 
+impl Default for Accounts {
+    fn default() -> Self {
+        Accounts::with_row_ttl(ROW_TTL)
+    }
+}
+
+/// How long a connection's row read for one request serves the next ones: a sync finished or a
+/// connection deactivated by another process shows within this time.
+pub const ROW_TTL: Duration = Duration::from_secs(1);
+
 impl Accounts {
+    /// Accounts whose connection rows are re-read after `ttl` (zero: on every request).
+    pub fn with_row_ttl(ttl: Duration) -> Self {
+        Accounts {
+            entries: Mutex::default(),
+            rows: Mutex::default(),
+            row_ttl: ttl,
+        }
+    }
+
+    /// The user's connection as read less than the row TTL ago.
+    pub fn recent_row(&self, user: UserId, connection: ConnectionId) -> Option<Connection> {
+        if self.row_ttl.is_zero() {
+            return None;
+        }
+        let rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        rows.get(&connection)
+            .filter(|(at, c)| c.user == user && at.elapsed() < self.row_ttl)
+            .map(|(_, c)| c.clone())
+    }
+
+    /// Keeps a connection's row just read.
+    pub fn keep_row(&self, connection: &Connection) {
+        if self.row_ttl.is_zero() {
+            return;
+        }
+        let mut rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        if rows.len() >= 10_000 {
+            rows.retain(|_, (at, _)| at.elapsed() < self.row_ttl);
+        }
+        rows.insert(connection.id, (Instant::now(), connection.clone()));
+    }
+
     /// The account built at `stamp` for the user's connection, if this process has it.
     pub fn get(
         &self,

@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{Duration, NaiveDate};
 use revpilot_core::Currency;
@@ -72,8 +72,15 @@ pub(crate) async fn owned(
     let Ok(uuid) = Uuid::parse_str(id) else {
         return Err(not_found());
     };
-    match state.store.connection(user, ConnectionId(uuid)).await {
-        Ok(Some(c)) => Ok(c),
+    let id = ConnectionId(uuid);
+    if let Some(c) = state.accounts.recent_row(user, id) {
+        return Ok(c);
+    }
+    match state.store.connection(user, id).await {
+        Ok(Some(c)) => {
+            state.accounts.keep_row(&c);
+            Ok(c)
+        }
         Ok(None) => Err(not_found()),
         Err(e) => Err(internal(&e)),
     }
@@ -130,6 +137,38 @@ pub(crate) fn today(state: &AppState) -> NaiveDate {
     (state.clock)().date_naive()
 }
 
+/// `GET /api/connections`: the user's Stripe connections, with their last sync.
+#[utoipa::path(get, path = "/api/connections", tag = "connect", security(("session" = [])),
+    responses(
+        (status = 200, description = "`{connections: [{id, stripeAccountId, businessName, currency, isActive, lastSyncedAt, syncStatus}]}`", body = Object),
+        (status = 401, description = "No valid session", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn connections(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Response {
+    let all = match state.store.connections(user).await {
+        Ok(c) => c,
+        Err(e) => return internal(&e),
+    };
+    let mut out = Vec::with_capacity(all.len());
+    for c in all {
+        let run = match state.store.last_run(user, c.id).await {
+            Ok(r) => r,
+            Err(e) => return internal(&e),
+        };
+        out.push(json!({
+            "id": c.id,
+            "stripeAccountId": c.stripe_account_id,
+            "businessName": c.business_name,
+            "currency": c.currency,
+            "isActive": c.is_active,
+            "lastSyncedAt": c.last_synced_at,
+            "syncStatus": run.map(|r| r.status.as_str()),
+        }));
+    }
+    Json(json!({ "connections": out })).into_response()
+}
+
 /// `GET /api/metrics` query.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase")]
@@ -184,19 +223,22 @@ pub(crate) async fn metrics(
         Ok(a) => a,
         Err(r) => return r,
     };
-    let currency = loaded.currency;
-    match loaded.series(from, to, granularity) {
-        Ok(report) => Json(json!({
+    let body = loaded.series_body(from, to, granularity, |report| {
+        json!({
             "connectionId": connection.id,
-            "currency": currency,
+            "currency": loaded.currency,
             "from": from,
             "to": to,
             "granularity": if granularity == Granularity::Day { "day" } else { "month" },
             "lastSyncedAt": connection.last_synced_at,
             "rows": report.rows,
             "anomalies": report.anomalies.len(),
-        }))
-        .into_response(),
+        })
+        .to_string()
+        .into_bytes()
+    });
+    match body {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => bad_request(e.to_string()),
     }
 }

@@ -5,6 +5,9 @@
 //! and `iss` is checked when configured. The user is `sub`, a UUID; a user seen for the first
 //! time gets a starter profile.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -45,7 +48,14 @@ pub struct Claims {
 pub struct Jwt {
     secret: SecretString,
     issuer: Option<String>,
+    /// Tokens whose signature and claims were verified: a token's verdict depends only on it,
+    /// the secret and the issuer (all fixed here) and the time, which is checked again on
+    /// every use. Saves the decoding and the HMAC on a session's later requests.
+    verified: Arc<Mutex<HashMap<String, (UserId, Claims)>>>,
 }
+
+/// Verified tokens kept before the cache starts over.
+pub const VERIFIED_TOKENS: usize = 10_000;
 
 impl std::fmt::Debug for Jwt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,7 +79,11 @@ impl Jwt {
         if secret.expose_secret().len() < 32 {
             return Err(AuthError("JWT_SECRET must be at least 32 bytes".to_owned()));
         }
-        Ok(Jwt { secret, issuer })
+        Ok(Jwt {
+            secret,
+            issuer,
+            verified: Arc::default(),
+        })
     }
 
     /// A token for `user` valid until `exp` (unix seconds).
@@ -97,6 +111,23 @@ impl Jwt {
     /// # Errors
     /// [`AuthError`] naming the problem: signature, algorithm, expiry, audience, issuer, subject.
     pub fn verify(&self, token: &str, now: i64) -> Result<(UserId, Claims), AuthError> {
+        let cache = || self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((user, claims)) = cache().get(token).cloned() {
+            if claims.exp + LEEWAY_SECS < now {
+                return Err(AuthError("the token has expired".into()));
+            }
+            return Ok((user, claims));
+        }
+        let verified = self.verify_uncached(token, now)?;
+        let mut cache = cache();
+        if cache.len() >= VERIFIED_TOKENS {
+            cache.clear();
+        }
+        cache.insert(token.to_owned(), verified.clone());
+        Ok(verified)
+    }
+
+    fn verify_uncached(&self, token: &str, now: i64) -> Result<(UserId, Claims), AuthError> {
         let mut v = Validation::new(Algorithm::HS256);
         v.algorithms = vec![Algorithm::HS256];
         v.set_audience(&[AUDIENCE]);
@@ -104,6 +135,8 @@ impl Jwt {
         // Expiry is checked below against `now`, not the system clock.
         v.validate_exp = false;
         if let Some(iss) = &self.issuer {
+            // Without `iss` among the required claims, a token lacking it would pass.
+            v.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
             v.set_issuer(&[iss]);
         }
         let data = decode::<Claims>(
@@ -153,7 +186,10 @@ impl FromRequestParts<AppState> for AuthUser {
                 tracing::debug!(error = %e, "token refused");
                 unauthorized()
             })?;
-        // First sight of a user: a starter profile.
+        // First sight of a user: a starter profile. A user this process has seen has one.
+        if state.known_users.contains(user) {
+            return Ok(AuthUser(user));
+        }
         match state.store.user(user).await {
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -181,7 +217,35 @@ impl FromRequestParts<AppState> for AuthUser {
             }
             Err(e) => return Err(crate::internal(&e)),
         }
+        state.known_users.insert(user);
         Ok(AuthUser(user))
+    }
+}
+
+/// Users known to have a profile, so that a session's request does not read it again.
+#[derive(Debug, Default)]
+pub struct KnownUsers(std::sync::Mutex<std::collections::HashSet<UserId>>);
+
+impl KnownUsers {
+    /// Users remembered before the set starts over (a re-read is all forgetting costs).
+    pub const CAPACITY: usize = 100_000;
+
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<UserId>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn contains(&self, user: UserId) -> bool {
+        self.set().contains(&user)
+    }
+
+    fn insert(&self, user: UserId) {
+        let mut set = self.set();
+        if set.len() >= Self::CAPACITY {
+            set.clear();
+        }
+        set.insert(user);
     }
 }
 
@@ -439,5 +503,41 @@ pub(crate) async fn login(
     match authenticate(&state, c).await {
         Ok((user, email)) => session(&state, &jwt, user, &email),
         Err(f) => f.response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(issuer: Option<&str>) -> Jwt {
+        Jwt::new(
+            SecretString::from("a-unit-test-secret-of-32-bytes-or-more"),
+            issuer.map(str::to_owned),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_verified_token_still_expires_and_the_issuer_is_checked() {
+        let j = jwt(None);
+        let user = UserId(Uuid::new_v4());
+        let token = j.issue(user, None, 1_000).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(j.verify(&token, 900).map(|v| v.0), Ok(user));
+        // Served from the cache, still checked against the time.
+        assert_eq!(j.verify(&token, 1_000 + LEEWAY_SECS).map(|v| v.0), Ok(user));
+        assert!(j.verify(&token, 1_001 + LEEWAY_SECS).is_err());
+
+        // JWT_ISSUER: a token without it, or from another issuer, is refused.
+        let strict = jwt(Some("https://auth.example"));
+        assert!(strict.verify(&token, 900).is_err(), "no iss");
+        let other = jwt(Some("https://other.example"))
+            .issue(user, None, 1_000)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(strict.verify(&other, 900).is_err(), "another iss");
+        let own = strict
+            .issue(user, None, 1_000)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(strict.verify(&own, 900).map(|v| v.0), Ok(user));
     }
 }

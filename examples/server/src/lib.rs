@@ -119,6 +119,8 @@ pub struct AppState {
     pub accounts: Arc<accounts::Accounts>,
     /// Demo mode's login, shown on the log-in page; `None` outside demo mode.
     pub demo: Option<DemoLogin>,
+    /// Users known to have a profile.
+    pub known_users: Arc<auth::KnownUsers>,
 }
 
 /// The demo user's credentials (demo mode prints them; `GET /demo` logs in as them).
@@ -159,6 +161,7 @@ impl AppState {
             cron_secret: None,
             accounts: Arc::default(),
             demo: None,
+            known_users: Arc::default(),
         }
     }
 }
@@ -177,6 +180,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/stripe/connect/callback", get(connect::callback))
         .route("/api/webhooks/stripe-connect", post(connect::webhook))
         .route("/api/stripe/sync", post(connect::cron))
+        .route("/api/connections", get(api::connections))
         .route("/api/metrics", get(api::metrics))
         .route("/api/insights", post(api::insights))
         .route("/api/scenarios", post(api::scenarios))

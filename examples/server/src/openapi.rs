@@ -63,6 +63,7 @@ impl Modify for Security {
         crate::connect::callback,
         crate::connect::webhook,
         crate::connect::cron,
+        crate::api::connections,
         crate::api::metrics,
         crate::api::insights,
         crate::api::scenarios,

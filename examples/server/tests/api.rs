@@ -233,6 +233,7 @@ async fn every_route_refuses_bad_sessions_and_other_users_connections_alike() {
             "/api/create-checkout".into(),
             Some(json!({"tier": "professional"})),
         ),
+        ("GET", "/api/connections".into(), None),
     ];
     for (method, uri, body) in &routes {
         for (case, token) in &bad_tokens {
@@ -274,6 +275,18 @@ async fn every_route_refuses_bad_sessions_and_other_users_connections_alike() {
             .await;
         assert_eq!(malformed, none);
     }
+    // Each user lists only their own connections.
+    let (status, list) = w
+        .call("GET", "/api/connections", Some(&bob_token), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let accounts: Vec<&str> = list["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["stripeAccountId"].as_str().unwrap())
+        .collect();
+    assert_eq!(accounts, ["acct_bob"]);
     // Alice herself is served.
     let (status, _) = w
         .call(
@@ -1002,8 +1015,11 @@ async fn an_account_is_rebuilt_once_per_sync_not_once_per_request() {
     let (_, same) = w.call("GET", &uri, Some(&token), None).await;
     assert_eq!(mrr(&same), mrr(&before));
 
-    // ...and once it does, the next request rebuilds from the cache.
+    // ...and once it does, a request rebuilds from the cache: at once on a server that re-reads
+    // the connection's row every time, within the row TTL on one that keeps it briefly.
     w.store.set_last_synced(conn, later).await.unwrap();
+    tokio::time::sleep(revpilot_server::accounts::ROW_TTL + std::time::Duration::from_millis(50))
+        .await;
     let (_, after) = w.call("GET", &uri, Some(&token), None).await;
     assert_ne!(mrr(&after), mrr(&before));
     let mut cached = Vec::new();
@@ -1093,6 +1109,7 @@ async fn prometheus_counts_requests_by_route_template_and_openapi_lists_every_ap
         "GET /api/stripe/connect",
         "GET /api/stripe/connect/callback",
         "POST /api/stripe/sync",
+        "GET /api/connections",
         "GET /api/metrics",
         "POST /api/insights",
         "POST /api/scenarios",
