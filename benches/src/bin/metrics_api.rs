@@ -196,25 +196,22 @@ async fn metrics_size(base: &str) -> usize {
 
 /// A session of the demo user and the URL of its connection's 90-day metrics.
 async fn login(client: &reqwest::Client, base: &str) -> (String, String) {
-    let session: Value = client
-        .post(format!("{base}/api/auth/login"))
-        .json(&json!({"email": revpilot_server::demo::DEMO_EMAIL, "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let json = |r: reqwest::RequestBuilder| async move {
+        r.send().await.unwrap().json::<Value>().await.unwrap()
+    };
+    let session = json(
+        client
+            .post(format!("{base}/api/auth/login"))
+            .json(&json!({"email": revpilot_server::demo::DEMO_EMAIL, "password": PASSWORD})),
+    )
+    .await;
     let token = session["token"].as_str().unwrap().to_owned();
-    let list: Value = client
-        .get(format!("{base}/api/connections"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = json(
+        client
+            .get(format!("{base}/api/connections"))
+            .bearer_auth(&token),
+    )
+    .await;
     let connection = list["connections"][0]["id"].as_str().unwrap().to_owned();
     let today = chrono::Utc::now().date_naive();
     let from = today - chrono::Duration::days(89);

@@ -129,14 +129,40 @@ impl World {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
+        let (status, _, bytes) = self
+            .send(
+                method,
+                uri,
+                token.map(|t| ("authorization", format!("Bearer {t}"))),
+                body.map(|b| ("application/json", b.to_string())),
+            )
+            .await;
+        (
+            status,
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)})),
+        )
+    }
+}
+
+impl World {
+    /// One request through the router: an optional credential header and an optional
+    /// `(content type, body)`.
+    async fn send(
+        &self,
+        method: &str,
+        uri: &str,
+        credential: Option<(&str, String)>,
+        body: Option<(&str, String)>,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
         let mut req = Request::builder().method(method).uri(uri);
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
+        if let Some((name, value)) = credential {
+            req = req.header(name, value);
         }
         let body = match body {
-            Some(b) => {
-                req = req.header("content-type", "application/json");
-                Body::from(b.to_string())
+            Some((content_type, b)) => {
+                req = req.header("content-type", content_type);
+                Body::from(b)
             }
             None => Body::empty(),
         };
@@ -146,13 +172,9 @@ impl World {
             .oneshot(req.body(body).unwrap())
             .await
             .unwrap();
-        let status = resp.status();
+        let (status, headers) = (resp.status(), resp.headers().clone());
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)})),
-        )
+        (status, headers, bytes.to_vec())
     }
 }
 
@@ -673,26 +695,15 @@ impl World {
         token: Option<&str>,
         form: Option<&str>,
     ) -> (StatusCode, axum::http::HeaderMap, String) {
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Some(t) = token {
-            req = req.header("cookie", format!("theme=dark; revpilot_session={t}"));
-        }
-        let body = match form {
-            Some(f) => {
-                req = req.header("content-type", "application/x-www-form-urlencoded");
-                Body::from(f.to_owned())
-            }
-            None => Body::empty(),
-        };
-        let resp = self
-            .router
-            .clone()
-            .oneshot(req.body(body).unwrap())
-            .await
-            .unwrap();
-        let (status, headers) = (resp.status(), resp.headers().clone());
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+        let (status, headers, bytes) = self
+            .send(
+                method,
+                uri,
+                token.map(|t| ("cookie", format!("theme=dark; revpilot_session={t}"))),
+                form.map(|f| ("application/x-www-form-urlencoded", f.to_owned())),
+            )
+            .await;
+        (status, headers, String::from_utf8(bytes).unwrap())
     }
 }
 
