@@ -348,9 +348,42 @@ fn session(state: &AppState, jwt: &Jwt, user: UserId, email: &str) -> Response {
     }
 }
 
+/// The client's address, when the server was started with connection info (`main.rs` is).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _: &AppState,
+    ) -> Result<Self, std::convert::Infallible> {
+        Ok(ClientAddr(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
+}
+
+/// Spends one attempt of the client's and one of the email's budget (before any hashing).
+fn attempt(state: &AppState, client: ClientAddr, email: &str) -> Result<(), AuthFailure> {
+    let by_email = format!("email:{}", email.trim().to_lowercase());
+    let by_client = client.0.map(|ip| format!("ip:{ip}"));
+    let spent = |key: &String| state.attempts.check_key(key).is_err();
+    if by_client.as_ref().is_some_and(spent) | spent(&by_email) {
+        return Err(AuthFailure::TooMany);
+    }
+    Ok(())
+}
+
 /// Why sign-up or log-in did not give a session.
 #[derive(Debug)]
 pub(crate) enum AuthFailure {
+    /// Too many attempts from this address or for this email.
+    TooMany,
     /// No `JWT_SECRET`.
     Unavailable,
     /// Malformed email or password.
@@ -367,6 +400,11 @@ impl AuthFailure {
     /// Status, code and message (never the cause of an internal failure).
     pub(crate) fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
+            AuthFailure::TooMany => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many attempts; try again in a minute",
+            ),
             AuthFailure::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "auth_not_configured",
@@ -405,11 +443,13 @@ fn logged(e: &dyn std::fmt::Display) -> AuthFailure {
 /// Creates a built-in account on the starter tier; its user and trimmed email.
 pub(crate) async fn create_account(
     state: &AppState,
+    client: ClientAddr,
     c: Credentials,
 ) -> Result<(UserId, String), AuthFailure> {
     if state.jwt.is_none() {
         return Err(AuthFailure::Unavailable);
     }
+    attempt(state, client, &c.email)?;
     let email = check(&c).map_err(AuthFailure::Invalid)?;
     let hash = match tokio::task::spawn_blocking(move || hash_password(&c.password)).await {
         Ok(Ok(h)) => h,
@@ -432,11 +472,13 @@ pub(crate) async fn create_account(
 /// The user whose email and password these are.
 pub(crate) async fn authenticate(
     state: &AppState,
+    client: ClientAddr,
     c: Credentials,
 ) -> Result<(UserId, String), AuthFailure> {
     if state.jwt.is_none() {
         return Err(AuthFailure::Unavailable);
     }
+    attempt(state, client, &c.email)?;
     let email = c.email.trim().to_owned();
     let found = state
         .store
@@ -462,9 +504,11 @@ pub(crate) async fn authenticate(
     responses(
         (status = 201, description = "`{token, user, expiresAt}`, and the session cookie", body = Object),
         (status = 400, description = "Malformed email or password", body = crate::openapi::ErrorBody),
-        (status = 409, description = "The email has an account", body = crate::openapi::ErrorBody)))]
+        (status = 409, description = "The email has an account", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Too many attempts from this address or for this email", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn signup(
     axum::extract::State(state): axum::extract::State<AppState>,
+    client: ClientAddr,
     body: Result<axum::Json<Credentials>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Some(jwt) = state.jwt.clone() else {
@@ -474,7 +518,7 @@ pub(crate) async fn signup(
         Ok(b) => b,
         Err(e) => return crate::error(e.status(), "invalid_request", e.body_text()),
     };
-    match create_account(&state, c).await {
+    match create_account(&state, client, c).await {
         Ok((user, email)) => {
             let mut r = session(&state, &jwt, user, &email);
             *r.status_mut() = StatusCode::CREATED;
@@ -488,9 +532,11 @@ pub(crate) async fn signup(
 #[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = Credentials,
     responses(
         (status = 200, description = "`{token, user, expiresAt}`, and the session cookie", body = Object),
-        (status = 401, description = "Wrong email or password", body = crate::openapi::ErrorBody)))]
+        (status = 401, description = "Wrong email or password", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Too many attempts from this address or for this email", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn login(
     axum::extract::State(state): axum::extract::State<AppState>,
+    client: ClientAddr,
     body: Result<axum::Json<Credentials>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Some(jwt) = state.jwt.clone() else {
@@ -500,7 +546,7 @@ pub(crate) async fn login(
         Ok(b) => b,
         Err(e) => return crate::error(e.status(), "invalid_request", e.body_text()),
     };
-    match authenticate(&state, c).await {
+    match authenticate(&state, client, c).await {
         Ok((user, email)) => session(&state, &jwt, user, &email),
         Err(f) => f.response(),
     }

@@ -14,7 +14,7 @@ use revpilot_core::synth::{SynthConfig, fx_table, generate};
 use secrecy::SecretString;
 
 use crate::accounts::Loaded;
-use crate::auth::{AuthFailure, Credentials, create_account};
+use crate::auth::{AuthFailure, ClientAddr, Credentials, create_account};
 use crate::{AppState, DemoLogin};
 
 /// The demo user's email.
@@ -46,6 +46,7 @@ pub async fn seed(
     let now = (state.clock)();
     let (user, email) = create_account(
         state,
+        ClientAddr(None),
         Credentials {
             email: DEMO_EMAIL.to_owned(),
             password: password.to_owned(),

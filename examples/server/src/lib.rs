@@ -105,6 +105,9 @@ pub struct AppState {
     pub app_url: Url,
     /// Per-user budget on the expensive routes (insights, scenarios).
     pub expensive: Arc<DefaultKeyedRateLimiter<UserId>>,
+    /// Budget of sign-up and log-in attempts, per client address and per email: each attempt
+    /// costs an argon2 hash, and a password is not to be guessed at speed.
+    pub attempts: Arc<DefaultKeyedRateLimiter<String>>,
     /// Connect OAuth; `None` when not configured.
     pub connect: Option<Arc<revpilot_stripe::connect::Connect>>,
     /// The Connect webhook's secrets; `None` refuses it.
@@ -134,6 +137,9 @@ pub struct DemoLogin {
     pub password: String,
 }
 
+/// Sign-up and log-in attempts per minute, per client address and per email.
+pub const ATTEMPTS_PER_MINUTE: u32 = 10;
+
 /// Calls per user and minute on the expensive routes.
 pub const EXPENSIVE_PER_MINUTE: u32 = 30;
 
@@ -153,6 +159,9 @@ impl AppState {
             stripe: None,
             app_url: Url::parse("http://127.0.0.1:3000/").unwrap_or_else(|_| unreachable!()),
             expensive: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
+            attempts: Arc::new(RateLimiter::keyed(Quota::per_minute(
+                std::num::NonZeroU32::new(ATTEMPTS_PER_MINUTE).unwrap_or(std::num::NonZeroU32::MIN),
+            ))),
             connect: None,
             connect_webhook_secrets: None,
             stripe_api_base: Url::parse("https://api.stripe.com/")

@@ -299,7 +299,11 @@ async fn main() -> ExitCode {
         }
     }
     tracing::info!("listening on http://{bound}");
-    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(async {
+    let serve = axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
         let _ = tokio::signal::ctrl_c().await;
     });
     let served = serve.await;

@@ -18,7 +18,9 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::auth::{AuthFailure, AuthUser, CLEAR_SESSION_COOKIE, Credentials, issue_session};
+use crate::auth::{
+    AuthFailure, AuthUser, CLEAR_SESSION_COOKIE, ClientAddr, Credentials, issue_session,
+};
 use crate::charts::{self, BarChart, HEIGHT, HeatMap, LineChart, WIDTH};
 use crate::{AppState, api, internal};
 
@@ -126,10 +128,11 @@ fn form_failed(state: &AppState, signup: bool, email: String, f: &AuthFailure) -
 /// `POST /login` (form).
 pub(crate) async fn login_submit(
     State(state): State<AppState>,
+    client: ClientAddr,
     Form(c): Form<Credentials>,
 ) -> Response {
     let email = c.email.clone();
-    match crate::auth::authenticate(&state, c).await {
+    match crate::auth::authenticate(&state, client, c).await {
         Ok((user, email)) => signed_in(&state, user, &email),
         Err(f) => form_failed(&state, false, email, &f),
     }
@@ -138,10 +141,11 @@ pub(crate) async fn login_submit(
 /// `POST /signup` (form).
 pub(crate) async fn signup_submit(
     State(state): State<AppState>,
+    client: ClientAddr,
     Form(c): Form<Credentials>,
 ) -> Response {
     let email = c.email.clone();
-    match crate::auth::create_account(&state, c).await {
+    match crate::auth::create_account(&state, client, c).await {
         Ok((user, email)) => signed_in(&state, user, &email),
         Err(f) => form_failed(&state, true, email, &f),
     }

@@ -1137,3 +1137,70 @@ async fn prometheus_counts_requests_by_route_template_and_openapi_lists_every_ap
     assert!(doc["components"]["securitySchemes"]["session"].is_object());
     assert!(doc["components"]["schemas"]["ScenarioBody"].is_object());
 }
+
+#[tokio::test]
+async fn log_in_attempts_are_limited_per_email_and_per_client_address() {
+    let w = world().await;
+    let creds = |email: &str, password: &str| json!({"email": email, "password": password});
+    let (status, _) = w
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(creds("eve@example.com", "the right password")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Signing up spent one of the email's attempts; guessing spends the rest...
+    let budget = revpilot_server::ATTEMPTS_PER_MINUTE;
+    for _ in 1..budget {
+        let (status, _) = w
+            .call(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(creds("Eve@Example.com", "a wrong guess!")),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // ...and then even the right password waits, without any hashing.
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(creds("eve@example.com", "the right password")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited");
+
+    // One address trying many emails is stopped too; another address is not.
+    let from = |ip: [u8; 4], email: &str| {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/api/auth/login")
+            .header("content-type", "application/json")
+            .body(Body::from(creds(email, "some password").to_string()))
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                ip, 40_000,
+            ))));
+        let router = w.router.clone();
+        async move { router.oneshot(req).await.unwrap().status() }
+    };
+    for i in 0..budget {
+        let status = from([10, 0, 0, 1], &format!("user{i}@example.com")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        from([10, 0, 0, 1], "yet-another@example.com").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        from([10, 0, 0, 2], "yet-another@example.com").await,
+        StatusCode::UNAUTHORIZED
+    );
+}
