@@ -48,10 +48,7 @@ pub struct Claims {
 pub struct Jwt {
     secret: SecretString,
     issuer: Option<String>,
-    /// Tokens whose signature and claims were verified: a token's verdict depends only on it,
-    /// the secret and the issuer (all fixed here) and the time, which is checked again on
-    /// every use. Saves the decoding and the HMAC on a session's later requests.
-    verified: Arc<Mutex<HashMap<String, (UserId, Claims)>>>,
+    verified: Verified,
 }
 
 /// Verified tokens kept before the cache starts over.
@@ -82,7 +79,7 @@ impl Jwt {
         Ok(Jwt {
             secret,
             issuer,
-            verified: Arc::default(),
+            verified: Verified::default(),
         })
     }
 
@@ -111,46 +108,86 @@ impl Jwt {
     /// # Errors
     /// [`AuthError`] naming the problem: signature, algorithm, expiry, audience, issuer, subject.
     pub fn verify(&self, token: &str, now: i64) -> Result<(UserId, Claims), AuthError> {
-        let cache = || self.verified.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((user, claims)) = cache().get(token).cloned() {
-            if claims.exp + LEEWAY_SECS < now {
-                return Err(AuthError("the token has expired".into()));
-            }
-            return Ok((user, claims));
+        if let Some(verdict) = self.verified.get(token, now) {
+            return verdict;
         }
         let verified = self.verify_uncached(token, now)?;
-        let mut cache = cache();
-        if cache.len() >= VERIFIED_TOKENS {
-            cache.clear();
-        }
-        cache.insert(token.to_owned(), verified.clone());
+        self.verified.put(token, &verified);
         Ok(verified)
     }
 
     fn verify_uncached(&self, token: &str, now: i64) -> Result<(UserId, Claims), AuthError> {
-        let mut v = Validation::new(Algorithm::HS256);
-        v.algorithms = vec![Algorithm::HS256];
-        v.set_audience(&[AUDIENCE]);
-        v.set_required_spec_claims(&["exp", "sub", "aud"]);
-        // Expiry is checked below against `now`, not the system clock.
-        v.validate_exp = false;
-        if let Some(iss) = &self.issuer {
-            // Without `iss` among the required claims, a token lacking it would pass.
-            v.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
-            v.set_issuer(&[iss]);
-        }
-        let data = decode::<Claims>(
+        check_claims(
             token,
             &DecodingKey::from_secret(self.secret.expose_secret().as_bytes()),
-            &v,
+            Algorithm::HS256,
+            self.issuer.as_deref(),
+            now,
         )
-        .map_err(|e| AuthError(e.to_string()))?;
-        if data.claims.exp + LEEWAY_SECS < now {
-            return Err(AuthError("the token has expired".into()));
+    }
+}
+
+/// Decodes `token`, which must be signed with `alg` under `key`, and checks its claims at `now`:
+/// `exp` (with [`LEEWAY_SECS`]), `aud` = [`AUDIENCE`], a `sub` that is a user id, and `iss` when
+/// `issuer` is given.
+///
+/// # Errors
+/// [`AuthError`] naming the problem.
+pub(crate) fn check_claims(
+    token: &str,
+    key: &DecodingKey,
+    alg: Algorithm,
+    issuer: Option<&str>,
+    now: i64,
+) -> Result<(UserId, Claims), AuthError> {
+    let mut v = Validation::new(alg);
+    v.algorithms = vec![alg];
+    v.set_audience(&[AUDIENCE]);
+    v.set_required_spec_claims(&["exp", "sub", "aud"]);
+    // Expiry is checked below against `now`, not the system clock.
+    v.validate_exp = false;
+    if let Some(iss) = issuer {
+        // Without `iss` among the required claims, a token lacking it would pass.
+        v.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
+        v.set_issuer(&[iss]);
+    }
+    let data = decode::<Claims>(token, key, &v).map_err(|e| AuthError(e.to_string()))?;
+    if data.claims.exp + LEEWAY_SECS < now {
+        return Err(AuthError("the token has expired".into()));
+    }
+    let user =
+        Uuid::parse_str(&data.claims.sub).map_err(|_| AuthError("sub is not a user id".into()))?;
+    Ok((UserId(user), data.claims))
+}
+
+/// Tokens whose signature and claims were verified. A token's verdict depends only on it, the
+/// keys and the issuer (fixed for a verifier) and the time, which is checked again on every use;
+/// this saves the decoding and the signature check on a session's later requests.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Verified(Arc<Mutex<HashMap<String, (UserId, Claims)>>>);
+
+impl Verified {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (UserId, Claims)>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The verdict on a token verified before, its expiry checked at `now`.
+    pub(crate) fn get(&self, token: &str, now: i64) -> Option<Result<(UserId, Claims), AuthError>> {
+        let found = self.lock().get(token).cloned()?;
+        Some(if found.1.exp + LEEWAY_SECS < now {
+            Err(AuthError("the token has expired".into()))
+        } else {
+            Ok(found)
+        })
+    }
+
+    /// Keeps a verified token.
+    pub(crate) fn put(&self, token: &str, verified: &(UserId, Claims)) {
+        let mut cache = self.lock();
+        if cache.len() >= VERIFIED_TOKENS {
+            cache.clear();
         }
-        let user = Uuid::parse_str(&data.claims.sub)
-            .map_err(|_| AuthError("sub is not a user id".into()))?;
-        Ok((UserId(user), data.claims))
+        cache.insert(token.to_owned(), verified.clone());
     }
 }
 
@@ -169,9 +206,6 @@ impl FromRequestParts<AppState> for AuthUser {
                 "a valid session token is required",
             )
         };
-        let Some(jwt) = &state.jwt else {
-            return Err(unauthorized());
-        };
         let bearer = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -180,12 +214,10 @@ impl FromRequestParts<AppState> for AuthUser {
         let token = bearer
             .or_else(|| session_cookie(&parts.headers))
             .ok_or_else(unauthorized)?;
-        let (user, claims) = jwt
-            .verify(token.trim(), (state.clock)().timestamp())
-            .map_err(|e| {
-                tracing::debug!(error = %e, "token refused");
-                unauthorized()
-            })?;
+        let (user, claims) = verify(state, token.trim()).await.map_err(|e| {
+            tracing::debug!(error = %e, "token refused");
+            unauthorized()
+        })?;
         // First sight of a user: a starter profile. A user this process has seen has one.
         if state.known_users.contains(user) {
             return Ok(AuthUser(user));
@@ -246,6 +278,21 @@ impl KnownUsers {
             set.clear();
         }
         set.insert(user);
+    }
+}
+
+/// Verifies a session token: HS256 ones with `JWT_SECRET`, others with the JWKS
+/// (`SUPABASE_JWKS_URL`), never one with the other's keys.
+async fn verify(state: &AppState, token: &str) -> Result<(UserId, Claims), AuthError> {
+    let now = (state.clock)().timestamp();
+    let alg = jsonwebtoken::decode_header(token)
+        .map_err(|e| AuthError(format!("header: {e}")))?
+        .alg;
+    match (alg, &state.jwt, &state.jwks) {
+        (Algorithm::HS256, Some(jwt), _) => jwt.verify(token, now),
+        (Algorithm::HS256, None, _) => Err(AuthError("HS256 tokens are not accepted".into())),
+        (_, _, Some(jwks)) => jwks.verify(token, now).await,
+        (other, _, None) => Err(AuthError(format!("{other:?} tokens are not accepted"))),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod charts;
 pub mod connect;
 pub mod demo;
+pub mod jwks;
 pub mod openapi;
 pub mod pages;
 pub mod telemetry;
@@ -93,8 +94,11 @@ pub struct AppState {
     pub billing_wake: Arc<Notify>,
     /// Now.
     pub clock: Clock,
-    /// Session tokens; `None` refuses every authenticated route.
+    /// HS256 session tokens (built-in accounts, or a Supabase project's shared secret); `None`
+    /// refuses HS256 tokens and disables sign-up and log-in.
     pub jwt: Option<Arc<auth::Jwt>>,
+    /// Supabase's asymmetric signing keys (RS256/ES256); `None` refuses such tokens.
+    pub jwks: Option<Arc<jwks::Jwks>>,
     /// The tiers.
     pub catalog: Arc<Catalog>,
     /// The insights narrator (the local templates by default).
@@ -154,6 +158,7 @@ impl AppState {
             billing_wake: Arc::new(Notify::new()),
             clock: Arc::new(Utc::now),
             jwt: None,
+            jwks: None,
             catalog: Arc::new(Catalog::default()),
             llm: Arc::new(LocalProvider),
             stripe: None,

@@ -56,6 +56,10 @@ struct Args {
     /// Required `iss` of session tokens, when set.
     #[arg(long, env = "JWT_ISSUER")]
     jwt_issuer: Option<String>,
+    /// Supabase's JWKS (`https://<ref>.supabase.co/auth/v1/.well-known/jwks.json`): accepts
+    /// Supabase sessions signed with its asymmetric keys (RS256/ES256).
+    #[arg(long, env = "SUPABASE_JWKS_URL")]
+    supabase_jwks_url: Option<String>,
     /// The app's public URL (Checkout and Connect return to it); default `http://{bind}/`.
     #[arg(long, env = "REVPILOT_APP_URL")]
     app_url: Option<String>,
@@ -193,9 +197,25 @@ async fn main() -> ExitCode {
             Some((webhook, client.clone()))
         }
     };
+    let jwks = match args.supabase_jwks_url.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(url) => match url::Url::parse(url) {
+            Ok(u) => match revpilot_server::jwks::Jwks::new(u, args.jwt_issuer.clone()) {
+                Ok(j) => Some(Arc::new(j)),
+                Err(e) => return fail(e),
+            },
+            Err(e) => return fail(format!("SUPABASE_JWKS_URL {url:?}: {e}")),
+        },
+    };
     let jwt = match jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+        None if jwks.is_some() => {
+            tracing::info!("JWT_SECRET is not set: Supabase sessions only, no built-in accounts");
+            None
+        }
         None => {
-            tracing::warn!("JWT_SECRET is not set: every authenticated route answers 401");
+            tracing::warn!(
+                "neither JWT_SECRET nor SUPABASE_JWKS_URL is set: every authenticated route answers 401"
+            );
             None
         }
         Some(secret) => {
@@ -222,6 +242,7 @@ async fn main() -> ExitCode {
     };
     let mut state = AppState::new(store.clone(), webhook.as_ref().map(|(w, _)| w.clone()));
     state.jwt = jwt;
+    state.jwks = jwks;
     state.catalog = Arc::new(catalog.clone());
     state.llm = llm;
     state.stripe = stripe.map(|(c, _)| c);

@@ -1204,3 +1204,138 @@ async fn log_in_attempts_are_limited_per_email_and_per_client_address() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// An EC P-256 key (PKCS#8) and the `x`/`y` of its public half, made for this test with openssl.
+const ES_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgOhSJA7EKeqezbkpo
+MC7XzoCrxds1LIpAhaKI1LAjxpmhRANCAAQ/RyCwkc3bkKxrG6iweCmuQ9hkbag6
+4bQx24ZyK/jPkN4UXI2mKpWwwYva22htS6Crp5o+Llz18cBzu86tikBb
+-----END PRIVATE KEY-----
+";
+const ES_X: &str = "P0cgsJHN25CsaxuosHgprkPYZG2oOuG0MduGciv4z5A";
+const ES_Y: &str = "3hRcjaYqlbDBi9rbaG1LoKunmj4uXPXxwHO7zq2KQFs";
+/// Another P-256 key, not in the JWKS.
+const OTHER_ES_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgosY5B6P3XvgirVw5
+Vesm+AdFg/EJRBXxUN/1ixnA7C6hRANCAATJs5kDijV7NhJ3mqcrqJNwyExwo0R3
+H9NbNWuhAhRtfpeJmGFfJOQ7gmueInAsSgNo+Bagapwv8XMx/oQKiIdK
+-----END PRIVATE KEY-----
+";
+
+/// The DER inside a PEM.
+fn der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn supabase_sessions_verify_against_the_jwks_and_nothing_else() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let issuer = "https://project.supabase.co/auth/v1";
+    let supabase = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/auth/v1/.well-known/jwks.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "x": ES_X, "y": ES_Y,
+            "kid": "key-1", "alg": "ES256", "use": "sig"
+        }]})))
+        .expect(1..=2)
+        .mount(&supabase)
+        .await;
+    let jwks = revpilot_server::jwks::Jwks::new(
+        format!("{}/auth/v1/.well-known/jwks.json", supabase.uri())
+            .parse()
+            .unwrap(),
+        Some(issuer.to_owned()),
+    )
+    .unwrap();
+    let w = world_with(|s| {
+        s.jwt = None;
+        s.jwks = Some(Arc::new(jwks));
+    })
+    .await;
+    let user = UserId(Uuid::new_v4());
+    let exp = now().timestamp() + 3_600;
+    let claims = |iss: &str, aud: &str, exp: i64| {
+        json!({"sub": user.to_string(), "aud": aud, "exp": exp, "iss": iss,
+               "email": "supa@example.com", "role": "authenticated"})
+    };
+    let es = |kid: &str, pem: &str, claims: Value| {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(kid.to_owned());
+        encode(&header, &claims, &EncodingKey::from_ec_der(&der(pem))).unwrap()
+    };
+    let good = es("key-1", ES_KEY, claims(issuer, "authenticated", exp));
+    let (status, usage) = w.call("GET", "/api/usage/current", Some(&good), None).await;
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    assert_eq!(usage["user"], json!(user));
+
+    // The public key's coordinates as an HMAC secret: the algorithm-confusion attack.
+    let confused = {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("key-1".into());
+        encode(
+            &header,
+            &claims(issuer, "authenticated", exp),
+            &EncodingKey::from_secret(format!("{ES_X}{ES_Y}").as_bytes()),
+        )
+        .unwrap()
+    };
+    let refused = [
+        (
+            "another key, same kid",
+            es("key-1", OTHER_ES_KEY, claims(issuer, "authenticated", exp)),
+        ),
+        (
+            "unknown kid",
+            es("key-9", ES_KEY, claims(issuer, "authenticated", exp)),
+        ),
+        (
+            "another issuer",
+            es(
+                "key-1",
+                ES_KEY,
+                claims("https://evil.example", "authenticated", exp),
+            ),
+        ),
+        (
+            "wrong audience",
+            es("key-1", ES_KEY, claims(issuer, "anon", exp)),
+        ),
+        (
+            "expired",
+            es(
+                "key-1",
+                ES_KEY,
+                claims(issuer, "authenticated", now().timestamp() - 3_600),
+            ),
+        ),
+        ("HS256 with the public key", confused),
+        (
+            "alg none",
+            forged(claims(issuer, "authenticated", exp), "", "none"),
+        ),
+    ];
+    for (case, token) in refused {
+        let (status, body) = w
+            .call("GET", "/api/usage/current", Some(&token), None)
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{case}: {body}");
+    }
+    // Without JWT_SECRET there are no built-in accounts.
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"email": "supa@example.com", "password": "long enough password"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
