@@ -815,6 +815,17 @@ pub trait BillingStore: Send + Sync {
 
     /// The user's applied events, in order of `created`.
     async fn subscription_events(&self, user: UserId) -> StoreResult<Vec<SubscriptionEvent>>;
+
+    /// The `created` of the user's last applied event (what a new event is ordered against on
+    /// every webhook). The default reads every event; stores answer from an index.
+    async fn last_subscription_event(&self, user: UserId) -> StoreResult<Option<DateTime<Utc>>> {
+        Ok(self
+            .subscription_events(user)
+            .await?
+            .iter()
+            .map(|e| e.created)
+            .max())
+    }
 }
 
 /// A stored insight: the narrative and the computed figures it cites, so a dashboard can show

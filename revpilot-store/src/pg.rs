@@ -1514,6 +1514,16 @@ impl BillingStore for PgStore {
         }))
     }
 
+    async fn last_subscription_event(&self, user: UserId) -> StoreResult<Option<DateTime<Utc>>> {
+        let last: Option<DateTime<Utc>> =
+            sqlx::query_scalar("SELECT MAX(created) FROM subscription_events WHERE user_id = $1")
+                .bind(user.0)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(backend)?;
+        opt_instant(last)
+    }
+
     async fn subscription_events(&self, user: UserId) -> StoreResult<Vec<SubscriptionEvent>> {
         let rows = sqlx::query(
             "SELECT stripe_event_id, event_type, tier, status, note, created FROM subscription_events

@@ -1507,6 +1507,16 @@ impl BillingStore for SqliteStore {
         }))
     }
 
+    async fn last_subscription_event(&self, user: UserId) -> StoreResult<Option<DateTime<Utc>>> {
+        let last: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(created) FROM subscription_events WHERE user_id = $1")
+                .bind(user.0.to_string())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(backend)?;
+        opt_instant(last)
+    }
+
     async fn subscription_events(&self, user: UserId) -> StoreResult<Vec<SubscriptionEvent>> {
         let rows = sqlx::query(
             "SELECT stripe_event_id, event_type, tier, status, note, created FROM subscription_events

@@ -435,16 +435,6 @@ where
         self.apply_subscription(event, &user, sub, None, now).await
     }
 
-    /// The `created` of the last event applied for the user.
-    async fn last_applied(&self, user: UserId) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(self
-            .store
-            .subscription_events(user)
-            .await?
-            .last()
-            .map(|e| e.created))
-    }
-
     async fn apply_subscription(
         &self,
         event: &Event,
@@ -454,7 +444,7 @@ where
         now: DateTime<Utc>,
     ) -> Result<Outcome, ProcessError> {
         let created = DateTime::<Utc>::from_timestamp(event.created, 0).unwrap_or(now);
-        match self.last_applied(user.user_id).await? {
+        match self.store.last_subscription_event(user.user_id).await? {
             Some(last) if last > created => return Ok(Outcome::Stale),
             // Two events of the same second: their order is unknown, so Stripe decides.
             Some(last)

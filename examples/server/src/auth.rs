@@ -285,6 +285,10 @@ impl KnownUsers {
 /// (`SUPABASE_JWKS_URL`), never one with the other's keys.
 async fn verify(state: &AppState, token: &str) -> Result<(UserId, Claims), AuthError> {
     let now = (state.clock)().timestamp();
+    // A session's later requests: its token was verified already.
+    if let Some(verdict) = state.jwt.as_ref().and_then(|j| j.verified.get(token, now)) {
+        return verdict;
+    }
     let alg = jsonwebtoken::decode_header(token)
         .map_err(|e| AuthError(format!("header: {e}")))?
         .alg;

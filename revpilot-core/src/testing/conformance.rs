@@ -1057,6 +1057,11 @@ pub async fn billing<S: UserStore + BillingStore + ?Sized>(store: &S) {
             .collect::<Vec<_>>(),
         ["evt_b2", "evt_b3"]
     );
+    assert_eq!(
+        store.last_subscription_event(user).await.expect("read"),
+        events.last().map(|e| e.created),
+        "the last applied event, as the processor orders a new one against it"
+    );
     let p = store.user(user).await.expect("read").expect("user");
     assert_eq!(
         (p.tier, p.stripe_customer_id.as_deref()),
