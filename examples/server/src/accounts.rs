@@ -25,6 +25,9 @@ use revpilot_core::model::Account;
 use revpilot_core::ports::{Connection, ConnectionId, UserId};
 use revpilot_core::{Currency, Rules};
 
+/// Rebuilt accounts kept per server before the cache starts over.
+pub const MAX_ACCOUNTS: usize = 256;
+
 /// Series reports kept per connection before the memo starts over.
 pub const MEMO_REPORTS: usize = 64;
 
@@ -207,6 +210,11 @@ impl Accounts {
         if entries.get(&connection).is_some_and(|e| e.pinned) {
             return;
         }
+        if entries.len() >= MAX_ACCOUNTS && !entries.contains_key(&connection) {
+            // Bounded memory: start over (the pinned demo account stays); a dropped account is
+            // rebuilt on its next request.
+            entries.retain(|_, e| e.pinned);
+        }
         entries.insert(
             connection,
             Entry {
@@ -231,5 +239,84 @@ impl Accounts {
                 loaded,
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn loaded() -> Arc<Loaded> {
+        Arc::new(Loaded::new(Account::default(), Currency::USD, None))
+    }
+
+    fn ids() -> (UserId, ConnectionId) {
+        (UserId(Uuid::new_v4()), ConnectionId(Uuid::new_v4()))
+    }
+
+    #[test]
+    fn an_account_serves_its_owner_at_its_stamp_only() {
+        let accounts = Accounts::default();
+        let (user, conn) = ids();
+        let at = DateTime::from_timestamp(1_700_000_000, 0);
+        let a = loaded();
+        accounts.put(user, conn, at, a.clone());
+        assert!(
+            accounts
+                .get(user, conn, at)
+                .is_some_and(|l| Arc::ptr_eq(&l, &a))
+        );
+        assert!(accounts.get(user, conn, None).is_none(), "another sync");
+        assert!(
+            accounts.get(UserId(Uuid::new_v4()), conn, at).is_none(),
+            "another user"
+        );
+    }
+
+    #[test]
+    fn the_pinned_demo_account_outlives_stamps_and_the_bound() {
+        let accounts = Accounts::default();
+        let (user, demo) = ids();
+        let pinned = loaded();
+        accounts.pin(user, demo, pinned.clone());
+        accounts.put(user, demo, None, loaded());
+        assert!(
+            accounts
+                .get(user, demo, DateTime::from_timestamp(5, 0))
+                .is_some_and(|l| Arc::ptr_eq(&l, &pinned))
+        );
+        let (other, first) = ids();
+        accounts.put(other, first, None, loaded());
+        for _ in 0..MAX_ACCOUNTS {
+            let (u, c) = ids();
+            accounts.put(u, c, None, loaded());
+        }
+        let kept = accounts
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        assert!(kept <= MAX_ACCOUNTS, "bounded: {kept}");
+        assert!(accounts.get(other, first, None).is_none(), "evicted");
+        assert!(accounts.get(user, demo, None).is_some(), "the demo stays");
+    }
+
+    #[test]
+    fn a_series_is_computed_once_per_range() {
+        let l = loaded();
+        let d = |day| NaiveDate::from_ymd_opt(2026, 1, day).unwrap_or_default();
+        let a = l.series(d(1), d(10), Granularity::Day);
+        let b = l.series(d(1), d(10), Granularity::Day);
+        assert!(matches!((a, b), (Ok(a), Ok(b)) if Arc::ptr_eq(&a, &b)));
+        let mut made = 0;
+        for _ in 0..3 {
+            let body = l.series_body(d(1), d(10), Granularity::Day, |r| {
+                made += 1;
+                r.rows.len().to_string().into_bytes()
+            });
+            assert_eq!(body.ok().as_deref(), Some(&b"10"[..]));
+        }
+        assert_eq!(made, 1);
     }
 }
