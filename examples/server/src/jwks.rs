@@ -4,7 +4,7 @@
 //! Only RS256 and ES256 are accepted, and only with a key of the JWKS whose `kid` the token
 //! names (and whose `alg`, when the key states one, is the token's): an `alg: none` token, an
 //! HS256 token "signed" with a public key, or a key of the wrong family never verifies. The
-//! claims are checked as for HS256 sessions ([`crate::auth::check_claims`]). An unknown `kid`
+//! claims are checked as for HS256 sessions (the same function). An unknown `kid`
 //! fetches the set again (a rotated key), at most once every [`REFETCH_AFTER`].
 
 use std::sync::{Mutex, PoisonError, RwLock};
