@@ -19,7 +19,7 @@ use axum::body::Bytes;
 use chrono::{DateTime, NaiveDate, Utc};
 use revpilot_core::fx::FxTable;
 use revpilot_core::metrics::{
-    Engine, Error as MetricsError, Granularity, SeriesReport, SeriesRequest,
+    CohortTable, Engine, Error as MetricsError, Granularity, SeriesReport, SeriesRequest,
 };
 use revpilot_core::model::Account;
 use revpilot_core::ports::{Connection, ConnectionId, UserId};
@@ -42,6 +42,7 @@ pub struct Loaded {
     pub fx: Option<FxTable>,
     reports: Mutex<HashMap<SeriesKey, Arc<SeriesReport>>>,
     bodies: Mutex<HashMap<SeriesKey, Bytes>>,
+    cohorts: Mutex<HashMap<(NaiveDate, NaiveDate), Arc<CohortTable>>>,
 }
 
 type SeriesKey = (NaiveDate, NaiveDate, Granularity);
@@ -55,6 +56,7 @@ impl Loaded {
             fx,
             reports: Mutex::default(),
             bodies: Mutex::default(),
+            cohorts: Mutex::default(),
         }
     }
 
@@ -118,6 +120,29 @@ impl Loaded {
         }
         memo.insert(key, body.clone());
         Ok(body)
+    }
+
+    /// The cohort table for cohort months from `from` to `to`, computed once per account and
+    /// range (the dashboard's heat map).
+    ///
+    /// # Errors
+    /// The engine's.
+    pub fn cohorts(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Arc<CohortTable>, MetricsError> {
+        let memo = || self.cohorts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = memo().get(&(from, to)) {
+            return Ok(t.clone());
+        }
+        let table = Arc::new(self.engine().cohorts(from, to)?);
+        let mut m = memo();
+        if m.len() >= MEMO_REPORTS {
+            m.clear();
+        }
+        m.insert((from, to), table.clone());
+        Ok(table)
     }
 
     fn memo(&self) -> std::sync::MutexGuard<'_, HashMap<SeriesKey, Arc<SeriesReport>>> {

@@ -419,8 +419,12 @@ impl FromRequestParts<AppState> for ClientAddr {
     }
 }
 
-/// Spends one attempt of the client's and one of the email's budget (before any hashing).
+/// Refuses sign-up and log-in without `JWT_SECRET`; otherwise spends one attempt of the client's
+/// and one of the email's budget (before any hashing).
 fn attempt(state: &AppState, client: ClientAddr, email: &str) -> Result<(), AuthFailure> {
+    if state.jwt.is_none() {
+        return Err(AuthFailure::Unavailable);
+    }
     let by_email = format!("email:{}", email.trim().to_lowercase());
     let by_client = client.0.map(|ip| format!("ip:{ip}"));
     let spent = |key: &String| state.attempts.check_key(key).is_err();
@@ -497,9 +501,6 @@ pub(crate) async fn create_account(
     client: ClientAddr,
     c: Credentials,
 ) -> Result<(UserId, String), AuthFailure> {
-    if state.jwt.is_none() {
-        return Err(AuthFailure::Unavailable);
-    }
     attempt(state, client, &c.email)?;
     let email = check(&c).map_err(AuthFailure::Invalid)?;
     let hash = match tokio::task::spawn_blocking(move || hash_password(&c.password)).await {
@@ -526,9 +527,6 @@ pub(crate) async fn authenticate(
     client: ClientAddr,
     c: Credentials,
 ) -> Result<(UserId, String), AuthFailure> {
-    if state.jwt.is_none() {
-        return Err(AuthFailure::Unavailable);
-    }
     attempt(state, client, &c.email)?;
     let email = c.email.trim().to_owned();
     let found = state

@@ -332,7 +332,7 @@ pub(crate) async fn dashboard(
     }
     page.line = Some(charts::mrr_line(&monthly.rows, currency));
     page.bars = Some(charts::movements(&monthly.rows, currency));
-    match loaded.engine().cohorts(first_of_month(to, 11), to) {
+    match loaded.cohorts(first_of_month(to, 11), to) {
         Ok(table) => page.heat = Some(charts::cohorts(&table.rows)),
         Err(e) => return internal(&e),
     }
