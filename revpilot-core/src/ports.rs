@@ -225,6 +225,10 @@ pub trait UserStore: Send + Sync {
         customer: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<UserProfile>;
+
+    /// Every user with a Stripe customer (the only users an invoice can reach), in user id order:
+    /// what end-of-period overage invoicing walks.
+    async fn billable_users(&self) -> StoreResult<Vec<UserProfile>>;
 }
 
 /// A usage meter.
@@ -899,4 +903,26 @@ pub trait CredentialStore: Send + Sync {
     /// The user with this email (case-insensitive) and their password hash; `None` when there is
     /// no such user or they have no password (a user of an external identity provider).
     async fn credentials(&self, email: &str) -> StoreResult<Option<(UserId, String)>>;
+}
+
+/// Leases: a named claim one holder keeps until a deadline, so that two workers (processes or
+/// machines sharing a database) never run the same work at once, and work whose holder died is
+/// free again once its lease runs out.
+#[async_trait]
+pub trait LeaseStore: Send + Sync {
+    /// Takes the lease `key` for `holder` until `until`, or extends it when `holder` holds it
+    /// already. `true` when `holder` holds it now; `false` while another holder's lease is live
+    /// (its deadline is after `now`).
+    ///
+    /// Atomic: of concurrent calls for one free key, exactly one holder gets it.
+    async fn acquire_lease(
+        &self,
+        key: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    /// Gives the lease up if `holder` holds it (another holder's lease is left alone).
+    async fn release_lease(&self, key: &str, holder: &str) -> StoreResult<()>;
 }

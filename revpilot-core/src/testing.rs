@@ -54,6 +54,7 @@ struct State {
     events: Vec<(UserId, SubscriptionEvent)>,
     insights: Vec<crate::ports::InsightRecord>,
     passwords: BTreeMap<UserId, String>,
+    leases: HashMap<String, (String, DateTime<Utc>)>,
 }
 
 impl MemoryStore {
@@ -271,6 +272,44 @@ impl UserStore for MemoryStore {
             p.updated_at = now;
         }
         Ok(p.clone())
+    }
+
+    async fn billable_users(&self) -> StoreResult<Vec<UserProfile>> {
+        Ok(self
+            .lock()?
+            .users
+            .values()
+            .filter(|p| p.stripe_customer_id.is_some())
+            .cloned()
+            .collect())
+    }
+}
+
+#[async_trait]
+impl crate::ports::LeaseStore for MemoryStore {
+    async fn acquire_lease(
+        &self,
+        key: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut s = self.lock()?;
+        match s.leases.get(key) {
+            Some((h, deadline)) if h != holder && *deadline > now => Ok(false),
+            _ => {
+                s.leases.insert(key.to_owned(), (holder.to_owned(), until));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn release_lease(&self, key: &str, holder: &str) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        if s.leases.get(key).is_some_and(|(h, _)| h == holder) {
+            s.leases.remove(key);
+        }
+        Ok(())
     }
 }
 

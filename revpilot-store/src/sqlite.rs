@@ -77,6 +77,11 @@ fn migrator() -> Migrator {
             "credentials",
             include_str!("../migrations/sqlite/0006_credentials.sql"),
         ),
+        m(
+            7,
+            "leases",
+            include_str!("../migrations/sqlite/0007_leases.sql"),
+        ),
     ])
 }
 
@@ -445,6 +450,19 @@ impl UserStore for SqliteStore {
             .map(user_row)
             .transpose()?
             .ok_or(StoreError::NotFound("user"))
+    }
+
+    async fn billable_users(&self) -> StoreResult<Vec<UserProfile>> {
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM user_profiles WHERE stripe_customer_id IS NOT NULL ORDER BY user_id"
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(user_row)
+            .collect()
     }
 }
 
@@ -1689,5 +1707,42 @@ impl revpilot_core::ports::CredentialStore for SqliteStore {
             Ok((UserId(uuid(&id)?), r.try_get(1).map_err(backend)?))
         })
         .transpose()
+    }
+}
+
+#[async_trait]
+impl revpilot_core::ports::LeaseStore for SqliteStore {
+    async fn acquire_lease(
+        &self,
+        key: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        // One statement: insert, or take over an expired lease, or extend one's own; a live
+        // lease of another holder matches no row.
+        let done = sqlx::query(
+            "INSERT INTO leases (key, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder OR leases.expires_at <= $4",
+        )
+        .bind(key)
+        .bind(holder)
+        .bind(micros(until))
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_lease(&self, key: &str, holder: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM leases WHERE key = $1 AND holder = $2")
+            .bind(key)
+            .bind(holder)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 }

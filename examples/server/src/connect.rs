@@ -1,32 +1,21 @@
-//! Connecting a Stripe account (Connect OAuth) and syncing it: the redirect, the callback that
-//! stores the connection and starts its first sync at once, the Connect webhook's
-//! deauthorization, and the in-process sync runner (one sync at a time per connection).
-
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+//! Connecting a Stripe account (Connect OAuth): the redirect, the callback that stores the
+//! connection and queues its first sync at once, the Connect webhook's deauthorization, and the
+//! cron's trigger that queues a sync of every connection.
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use revpilot_core::billing::metering;
-use revpilot_core::ports::{
-    ConnectionId, ConnectionStore, Meter, ObjectCache, SyncStateStore, UsageStore, UserId,
-};
+use revpilot_core::ports::{ConnectionId, UserId};
 use revpilot_stripe::billing::parse_event;
-use revpilot_stripe::client::{Client, ClientConfig};
 use revpilot_stripe::connect::{Callback, ConnectError};
-use revpilot_stripe::sync::{SyncJob, SyncPorts, Syncer};
 use revpilot_stripe::webhook::{TOLERANCE_SECS, verify};
-use secrecy::{ExposeSecret, SecretString};
-use tokio::task::JoinHandle;
+use revpilot_worker::{Job, JobError};
+use secrecy::ExposeSecret;
 
 use crate::auth::AuthUser;
 use crate::{AppState, error, internal};
-
-/// Connections being synced in this process (a second trigger while one runs is skipped).
-pub type Syncing = Arc<Mutex<HashSet<ConnectionId>>>;
 
 /// `GET /api/stripe/connect`: a redirect to Stripe's authorize page, its `state` stored.
 #[utoipa::path(get, path = "/api/stripe/connect", tag = "connect", security(("session" = [])),
@@ -77,12 +66,18 @@ pub(crate) async fn callback(
     };
     match connect.callback(user, &cb).await {
         Ok(connection) => {
-            spawn_sync(
+            if let Err(e) = enqueue_sync(
                 &state,
                 user,
                 connection.id,
                 connection.stripe_account_id.clone(),
-            );
+                "connect",
+            )
+            .await
+            {
+                // Connected all the same: the cron's next trigger syncs it.
+                tracing::error!(connection = %connection.id, error = %e, "first sync not queued");
+            }
             let to = format!("/dashboard?connected={}", connection.id);
             (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response()
         }
@@ -112,84 +107,39 @@ pub(crate) async fn callback(
     }
 }
 
-/// Starts a sync of the connection in this process unless one is running; returns its handle.
-pub fn spawn_sync(
+/// Hands a sync of the connection to the job queue under the trigger `trigger` (a second push
+/// for one connection and trigger is a no-op). Without a queue it runs at once on a task of this
+/// process, unless another holder is syncing the connection.
+///
+/// # Errors
+/// The queue refused the job.
+pub async fn enqueue_sync(
     state: &AppState,
     user: UserId,
     connection: ConnectionId,
     stripe_account_id: String,
-) -> Option<JoinHandle<()>> {
-    {
-        let mut running = state.syncing.lock().ok()?;
-        if !running.insert(connection) {
-            tracing::info!(%connection, "a sync of this connection is running; not starting another");
-            return None;
-        }
-    }
-    let state = state.clone();
-    Some(tokio::spawn(async move {
-        if let Err(e) = sync_once(&state, user, connection, stripe_account_id).await {
-            tracing::error!(%connection, error = %e, "sync could not run");
-        }
-        if let Ok(mut running) = state.syncing.lock() {
-            running.remove(&connection);
-        }
-    }))
-}
-
-async fn sync_once(
-    state: &AppState,
-    user: UserId,
-    connection: ConnectionId,
-    stripe_account_id: String,
-) -> Result<(), String> {
-    let tokens = state
-        .store
-        .tokens(user, connection)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("the connection is gone or inactive")?;
-    let profile = state
-        .store
-        .user(user)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("the user is gone")?;
-    let config = ClientConfig::new(SecretString::from(
-        tokens.access_token.expose_secret().to_owned(),
-    ))
-    .with_api_base(state.stripe_api_base.as_str())
-    .map_err(|e| e.to_string())?;
-    let client = Client::new(config).map_err(|e| e.to_string())?;
-    let store = state.store.clone();
-    let cache: Arc<dyn ObjectCache> = store.clone();
-    let sync_state: Arc<dyn SyncStateStore> = store.clone();
-    let usage: Arc<dyn UsageStore> = store.clone();
-    let connections: Arc<dyn ConnectionStore> = store;
-    let ports = SyncPorts {
-        cache,
-        state: sync_state,
-        usage,
-        connections,
-    };
-    let job = SyncJob {
+    trigger: &str,
+) -> Result<(), JobError> {
+    let job = Job::Sync {
         user,
         connection,
         stripe_account_id,
-        usage: Some(metering(
-            &state.catalog,
-            &profile,
-            Meter::TransactionVolume,
-            (state.clock)(),
-        )),
     };
-    let (status, outcome) = Syncer::new(client, ports)
-        .run(&job, &|_| {})
-        .await
-        .map_err(|e| e.to_string())?;
-    tracing::info!(%connection, status = status.as_str(), requests = outcome.requests, "sync finished");
-    metrics::counter!("revpilot_syncs_total", "status" => status.as_str()).increment(1);
-    Ok(())
+    match &state.jobs {
+        Some(jobs) => {
+            jobs.enqueue(job, &format!("sync:{connection}:{trigger}"))
+                .await
+        }
+        None => {
+            let runner = state.runner("server");
+            tokio::spawn(async move {
+                if let Err(e) = runner.try_execute_task(&job).await {
+                    tracing::warn!(%connection, error = %e, "sync not run");
+                }
+            });
+            Ok(())
+        }
+    }
 }
 
 /// `POST /api/webhooks/stripe-connect`: events of connected accounts. A verified
@@ -241,11 +191,11 @@ pub(crate) async fn webhook(
 }
 
 /// `POST /api/stripe/sync`, for the cron: `Authorization: Bearer $CRON_SECRET`, compared in
-/// constant time; with no secret configured every call is refused. Starts a sync of every active
-/// connection that is not already syncing.
+/// constant time; with no secret configured every call is refused. Queues a sync of every active
+/// connection (the per-connection lease keeps two from running at once).
 #[utoipa::path(post, path = "/api/stripe/sync", tag = "connect", security(("cron" = [])),
     responses(
-        (status = 200, description = "Syncs started: `{started, alreadyRunning}`", body = Object),
+        (status = 200, description = "Syncs queued, one per active connection: `{queued, trigger}`", body = Object),
         (status = 401, description = "Missing or wrong CRON_SECRET", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn cron(State(state): State<AppState>, headers: HeaderMap) -> Response {
     use subtle::ConstantTimeEq;
@@ -269,12 +219,17 @@ pub(crate) async fn cron(State(state): State<AppState>, headers: HeaderMap) -> R
         Ok(c) => c,
         Err(e) => return internal(&e),
     };
-    let (mut started, mut skipped) = (0, 0);
+    // One trigger id for the call: each connection's job is pushed once however the call is
+    // retried within it, and workers run each exactly once.
+    let trigger = uuid::Uuid::new_v4().simple().to_string();
+    let mut queued = 0;
     for c in connections {
-        match spawn_sync(&state, c.user, c.id, c.stripe_account_id.clone()) {
-            Some(_) => started += 1,
-            None => skipped += 1,
+        if let Err(e) =
+            enqueue_sync(&state, c.user, c.id, c.stripe_account_id.clone(), &trigger).await
+        {
+            return internal(&e);
         }
+        queued += 1;
     }
-    axum::Json(serde_json::json!({ "started": started, "alreadyRunning": skipped })).into_response()
+    axum::Json(serde_json::json!({ "queued": queued, "trigger": trigger })).into_response()
 }

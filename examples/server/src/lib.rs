@@ -28,14 +28,11 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use revpilot_core::billing::Catalog;
 use revpilot_core::insights::narrative::{LlmProvider, LocalProvider};
-use revpilot_core::ports::{
-    BillingStore, ConnectionStore, CredentialStore, InsightStore, OAuthStateStore, ObjectCache,
-    SnapshotStore, SyncStateStore, UsageStore, UserId, UserStore, WebhookInbox,
-};
+use revpilot_core::ports::UserId;
 use revpilot_stripe::billing::{Processor, Receipt, WebhookConfig, receive};
 use revpilot_stripe::client::Client;
 use serde_json::json;
@@ -43,45 +40,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use url::Url;
 
-/// Every port the server uses, as one object: `Arc<dyn Store>` holds a SQLite or PostgreSQL store.
-pub trait Store:
-    UserStore
-    + UsageStore
-    + WebhookInbox
-    + BillingStore
-    + ConnectionStore
-    + ObjectCache
-    + SyncStateStore
-    + SnapshotStore
-    + InsightStore
-    + CredentialStore
-    + OAuthStateStore
-    + Send
-    + Sync
-    + 'static
-{
-}
-
-impl<T> Store for T where
-    T: UserStore
-        + UsageStore
-        + WebhookInbox
-        + BillingStore
-        + ConnectionStore
-        + ObjectCache
-        + SyncStateStore
-        + SnapshotStore
-        + InsightStore
-        + CredentialStore
-        + OAuthStateStore
-        + Send
-        + Sync
-        + 'static
-{
-}
-
-/// The clock handlers read (injectable for tests).
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+pub use revpilot_worker::{Clock, Store};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -90,7 +49,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// The billing webhook endpoint's secrets and mode; `None` refuses every billing webhook.
     pub billing_webhook: Option<WebhookConfig>,
-    /// Woken when an event is stored, so the billing worker applies it at once.
+    /// Woken when an event is stored, so an in-process billing worker
+    /// ([`spawn_billing_worker`]) applies it at once; with a queue, an inbox job does.
     pub billing_wake: Arc<Notify>,
     /// Now.
     pub clock: Clock,
@@ -118,8 +78,10 @@ pub struct AppState {
     pub connect_webhook_secrets: Option<Vec<secrecy::SecretString>>,
     /// Stripe's API base for syncing connected accounts.
     pub stripe_api_base: Url,
-    /// Connections being synced in this process.
-    pub syncing: connect::Syncing,
+    /// Where background jobs go: the persistent queue (run by `revpilot-worker`s, or by this
+    /// process with `--with-worker`). `None` runs each job at once on a task of this process,
+    /// as tests of the router alone do.
+    pub jobs: Option<Arc<dyn revpilot_worker::Enqueue>>,
     /// The cron's bearer secret for `POST /api/stripe/sync`; `None` refuses every call.
     pub cron_secret: Option<secrecy::SecretString>,
     /// The connections' rebuilt accounts, kept until their next sync.
@@ -171,7 +133,7 @@ impl AppState {
             connect_webhook_secrets: None,
             stripe_api_base: Url::parse("https://api.stripe.com/")
                 .unwrap_or_else(|_| unreachable!()),
-            syncing: Arc::default(),
+            jobs: None,
             cron_secret: None,
             accounts: Arc::default(),
             demo: None,
@@ -286,7 +248,18 @@ async fn stripe_billing(
         Ok(Receipt::Stored(id)) => {
             metrics::counter!("revpilot_billing_webhooks_total", "outcome" => "stored")
                 .increment(1);
-            state.billing_wake.notify_one();
+            match &state.jobs {
+                Some(jobs) => {
+                    if let Err(e) = jobs
+                        .enqueue(revpilot_worker::Job::Inbox, &format!("inbox:{id}"))
+                        .await
+                    {
+                        // Stored: the next webhook's job or the scheduler's sweep applies it.
+                        tracing::warn!(error = %e, "billing inbox job not queued");
+                    }
+                }
+                None => state.billing_wake.notify_one(),
+            }
             axum::Json(json!({ "received": true, "event": id })).into_response()
         }
         Ok(Receipt::Duplicate(id)) => {
@@ -348,4 +321,17 @@ pub fn spawn_billing_worker(
             }
         }
     })
+}
+
+impl AppState {
+    /// A job runner over this state's store, catalog, clock and Stripe settings (what the
+    /// in-process worker runs).
+    pub fn runner(&self, holder: &str) -> revpilot_worker::Runner {
+        let mut runner = revpilot_worker::Runner::new(self.store.clone(), holder);
+        runner.catalog = self.catalog.clone();
+        runner.clock = self.clock.clone();
+        runner.stripe_api_base = self.stripe_api_base.clone();
+        runner.billing = self.stripe.clone();
+        runner
+    }
 }

@@ -1,5 +1,6 @@
-//! `revpilot-server`: reads the configuration, opens the store, serves [`revpilot_server::app`]
-//! and runs the billing worker in-process.
+//! `revpilot-server`: reads the configuration, opens the store and its job queue, serves
+//! [`revpilot_server::app`], and (`--with-worker`, the default on SQLite) runs the worker
+//! in-process.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,9 +11,9 @@ use std::time::Duration;
 use clap::Parser;
 use revpilot_core::billing::Catalog;
 use revpilot_server::auth::Jwt;
-use revpilot_server::{AppState, Store, app, spawn_billing_worker};
-use revpilot_store::{KeyRing, PgStore, SqliteStore};
-use revpilot_stripe::billing::{Processor, WebhookConfig};
+use revpilot_server::{AppState, app};
+use revpilot_store::KeyRing;
+use revpilot_stripe::billing::WebhookConfig;
 use revpilot_stripe::client::{Client, ClientConfig};
 use revpilot_stripe::connect::{Connect, ConnectConfig};
 use secrecy::SecretString;
@@ -75,6 +76,15 @@ struct Args {
     /// The Connect webhook's signing secrets (comma-separated while rotating).
     #[arg(long, env = "STRIPE_CONNECT_WEBHOOK_SECRET", hide_env_values = true)]
     connect_webhook_secret: Option<String>,
+    /// Run the job worker in this process (the default on SQLite).
+    #[arg(long, conflicts_with = "without_worker")]
+    with_worker: bool,
+    /// Only queue jobs; `revpilot-worker` processes run them (the default on PostgreSQL).
+    #[arg(long)]
+    without_worker: bool,
+    /// The job queue's name (the workers' `REVPILOT_QUEUE`).
+    #[arg(long, env = "REVPILOT_QUEUE", default_value = revpilot_worker::queue::QUEUE)]
+    queue: String,
 }
 
 /// `n` random bytes as base64 (`None` when the system's random source fails).
@@ -143,17 +153,12 @@ async fn main() -> ExitCode {
         Ok(k) => k,
         Err(e) => return fail(format!("REVPILOT_ENCRYPTION_KEY: {e}")),
     };
-    let store: Arc<dyn Store> = if database_url.starts_with("postgres") {
-        match PgStore::connect(&database_url, keys).await {
-            Ok(s) => Arc::new(s),
-            Err(e) => return fail(e),
-        }
-    } else {
-        match SqliteStore::connect(&database_url, keys).await {
-            Ok(s) => Arc::new(s),
-            Err(e) => return fail(e),
-        }
+    let postgres = database_url.starts_with("postgres");
+    let (store, queue) = match revpilot_worker::open(&database_url, keys, &args.queue).await {
+        Ok(x) => x,
+        Err(e) => return fail(e),
     };
+    let with_worker = args.with_worker || (!postgres && !args.without_worker);
 
     let stripe = match args.stripe_secret_key.as_deref().filter(|k| !k.is_empty()) {
         None => None,
@@ -184,7 +189,7 @@ async fn main() -> ExitCode {
             None
         }
         Some(secrets) => {
-            let Some((client, live)) = &stripe else {
+            let Some((_, live)) = &stripe else {
                 return fail(
                     "STRIPE_SECRET_KEY is required with STRIPE_WEBHOOK_SECRET (billing events fetch subscriptions)",
                 );
@@ -194,7 +199,7 @@ async fn main() -> ExitCode {
                 .split(',')
                 .map(|s| SecretString::from(s.trim().to_owned()))
                 .collect();
-            Some((webhook, client.clone()))
+            Some(webhook)
         }
     };
     let jwks = match args.supabase_jwks_url.as_deref().filter(|s| !s.is_empty()) {
@@ -240,7 +245,7 @@ async fn main() -> ExitCode {
         Ok(u) => u,
         Err(e) => return fail(format!("REVPILOT_APP_URL {app_url:?}: {e}")),
     };
-    let mut state = AppState::new(store.clone(), webhook.as_ref().map(|(w, _)| w.clone()));
+    let mut state = AppState::new(store.clone(), webhook);
     state.jwt = jwt;
     state.jwks = jwks;
     state.catalog = Arc::new(catalog.clone());
@@ -288,15 +293,26 @@ async fn main() -> ExitCode {
         .filter(|s| !s.is_empty())
         .map(|s| SecretString::from(s.to_owned()));
     state.app_url = app_url;
-    if let Some((_, client)) = webhook {
-        let processor = Arc::new(Processor::new(store, catalog, Arc::new(client)));
-        spawn_billing_worker(
-            processor,
-            state.billing_wake.clone(),
+    state.jobs = Some(Arc::new(queue.clone()));
+    let worker = with_worker.then(|| {
+        let mut runner = state.runner("server");
+        runner.queue = Some(queue.clone());
+        let scheduler = revpilot_worker::spawn_scheduler(
+            queue.clone(),
             state.clock.clone(),
-            Duration::from_secs(5),
+            Duration::from_secs(600),
         );
-    }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(
+            queue
+                .clone()
+                .run(Arc::new(runner), "server-worker", async move {
+                    let _ = stopped.await;
+                }),
+        );
+        tracing::info!("running the job worker in this process");
+        (stop, run, scheduler)
+    });
 
     let listener = match tokio::net::TcpListener::bind(args.bind).await {
         Ok(l) => l,
@@ -324,10 +340,18 @@ async fn main() -> ExitCode {
         listener,
         app(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    });
+    .with_graceful_shutdown(revpilot_worker::shutdown_signal());
     let served = serve.await;
+    if let Some((stop, run, scheduler)) = worker {
+        // Take no new job; finish the ones in hand.
+        scheduler.abort();
+        let _ = stop.send(());
+        match run.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the worker stopped on an error"),
+            Err(e) => tracing::error!(error = %e, "the worker task failed"),
+        }
+    }
     drop(demo_dir);
     match served {
         Ok(()) => ExitCode::SUCCESS,

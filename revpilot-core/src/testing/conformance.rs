@@ -1292,6 +1292,114 @@ pub async fn credentials<S: UserStore + crate::ports::CredentialStore + ?Sized>(
     );
 }
 
+/// Billable users: exactly those with a Stripe customer, in user id order.
+pub async fn billable_users<S: UserStore + ?Sized>(store: &S) {
+    assert!(store.billable_users().await.expect("list").is_empty());
+    let a = new_user(store, "a@example.com").await;
+    let b = new_user(store, "b@example.com").await;
+    let _free = new_user(store, "free@example.com").await;
+    store
+        .set_stripe_customer(a, "cus_a", t(2, 0))
+        .await
+        .expect("customer");
+    store
+        .set_stripe_customer(b, "cus_b", t(2, 0))
+        .await
+        .expect("customer");
+    let listed: Vec<_> = store
+        .billable_users()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|p| (p.user_id, p.stripe_customer_id))
+        .collect();
+    let mut expected = vec![(a, Some("cus_a".to_owned())), (b, Some("cus_b".to_owned()))];
+    expected.sort_by_key(|(u, _)| u.0);
+    assert_eq!(listed, expected);
+}
+
+/// Leases: one holder at a time, renewable by its holder, free again after its deadline or its
+/// release; of concurrent takers of a free lease exactly one wins.
+pub async fn leases<S: crate::ports::LeaseStore + ?Sized>(store: &S) {
+    let won = join_all((0..8).map(|i| {
+        let holder = format!("worker-{i}");
+        async move {
+            store
+                .acquire_lease("sync:1", &holder, t(10, 1), t(10, 0))
+                .await
+        }
+    }))
+    .await;
+    let winners: Vec<usize> = won
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r, Ok(true)))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one holder: {won:?}");
+    let holder = format!("worker-{}", winners[0]);
+    let other = if winners[0] == 0 {
+        "worker-1"
+    } else {
+        "worker-0"
+    };
+    assert!(
+        !store
+            .acquire_lease("sync:1", other, t(10, 2), t(10, 0))
+            .await
+            .expect("acquire"),
+        "held by another until its deadline"
+    );
+    assert!(
+        store
+            .acquire_lease("sync:1", &holder, t(10, 3), t(10, 0))
+            .await
+            .expect("renew"),
+        "the holder renews"
+    );
+    assert!(
+        !store
+            .acquire_lease("sync:1", other, t(10, 3), t(10, 2))
+            .await
+            .expect("acquire"),
+        "the renewal moved the deadline"
+    );
+    assert!(
+        store
+            .acquire_lease("sync:2", other, t(10, 1), t(10, 0))
+            .await
+            .expect("acquire"),
+        "another key is independent"
+    );
+    // Another holder's release leaves the lease alone; the holder's frees it.
+    store.release_lease("sync:1", other).await.expect("release");
+    assert!(
+        !store
+            .acquire_lease("sync:1", other, t(10, 3), t(10, 0))
+            .await
+            .expect("acquire")
+    );
+    store
+        .release_lease("sync:1", &holder)
+        .await
+        .expect("release");
+    assert!(
+        store
+            .acquire_lease("sync:1", other, t(10, 3), t(10, 0))
+            .await
+            .expect("acquire"),
+        "free after release"
+    );
+    // An expired lease is free.
+    assert!(
+        store
+            .acquire_lease("sync:1", &holder, t(10, 5), t(10, 3))
+            .await
+            .expect("acquire"),
+        "free after its deadline"
+    );
+}
+
 /// Runs every test of the suite, each on a store from `fresh`.
 pub async fn run_all<S, F, Fut>(fresh: F)
 where
@@ -1305,7 +1413,8 @@ where
         + SyncStateStore
         + BillingStore
         + crate::ports::InsightStore
-        + crate::ports::CredentialStore,
+        + crate::ports::CredentialStore
+        + crate::ports::LeaseStore,
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = S>,
 {
@@ -1323,4 +1432,6 @@ where
     billing(&fresh().await).await;
     insights(&fresh().await).await;
     credentials(&fresh().await).await;
+    billable_users(&fresh().await).await;
+    leases(&fresh().await).await;
 }

@@ -1,0 +1,643 @@
+//! The RevPilot example worker, as a library: the [`Job`]s, the [`Runner`] that executes one, and
+//! the persistent [`Queue`] (apalis 1.0 on the store's own SQLite or PostgreSQL database) the
+//! server pushes to and workers take from.
+//!
+//! - **Sync** a connection after it is connected and on the cron: under a per-connection
+//!   [lease](revpilot_core::ports::LeaseStore), so two workers (or two processes) never sync one
+//!   account at once.
+//! - **Inbox**: apply the stored billing webhooks.
+//! - **Snapshot**: the daily metric row of every active connection.
+//! - **Close billing periods**: the ended period's overage of every billable user, one
+//!   **Overage** job each, billed once (its queue key and Stripe's idempotency both hold it).
+//!
+//! Jobs survive restarts (they are rows), retry with exponential backoff, and a stopped worker
+//! finishes the job in hand before it exits. [`Runner::try_execute_task`] runs one job the way
+//! the worker does, so tests can step through the work.
+
+pub mod queue;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Months, NaiveDate, Utc};
+use revpilot_core::billing::{Catalog, metering, usage_period};
+use revpilot_core::metrics::{Engine, Granularity, SeriesRequest};
+use revpilot_core::ports::{
+    BillingStore, Connection, ConnectionId, ConnectionStore, CredentialStore, InsightStore,
+    LeaseStore, Meter, OAuthStateStore, ObjectCache, ObjectKind, Period, SnapshotStore, StoreError,
+    SyncStateStore, UsageStore, UserId, UserProfile, UserStore, WebhookInbox,
+};
+use revpilot_core::{Currency, Rules};
+use revpilot_stripe::billing::{Processor, invoice_overage, overage_key};
+use revpilot_stripe::client::{Client, ClientConfig};
+use revpilot_stripe::export::Export;
+use revpilot_stripe::rebuild::rebuild;
+use revpilot_stripe::sync::{SyncJob, SyncPorts, Syncer};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+pub use queue::{Queue, QueueError};
+
+/// Every port the server and the worker use, as one object: `Arc<dyn Store>` holds a SQLite or
+/// PostgreSQL store.
+pub trait Store:
+    UserStore
+    + UsageStore
+    + WebhookInbox
+    + BillingStore
+    + ConnectionStore
+    + ObjectCache
+    + SyncStateStore
+    + SnapshotStore
+    + InsightStore
+    + CredentialStore
+    + OAuthStateStore
+    + LeaseStore
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Store for T where
+    T: UserStore
+        + UsageStore
+        + WebhookInbox
+        + BillingStore
+        + ConnectionStore
+        + ObjectCache
+        + SyncStateStore
+        + SnapshotStore
+        + InsightStore
+        + CredentialStore
+        + OAuthStateStore
+        + LeaseStore
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The clock jobs read (injectable for tests).
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// A unit of background work. Serialized as JSON in the queue's table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "job", rename_all = "snake_case")]
+pub enum Job {
+    /// Sync one connection (incrementally once it has cursors).
+    Sync {
+        /// The owner.
+        user: UserId,
+        /// The connection.
+        connection: ConnectionId,
+        /// Its `acct_...`.
+        stripe_account_id: String,
+    },
+    /// Apply the stored billing webhook events.
+    Inbox,
+    /// Store the metric row of `day` for every active connection.
+    Snapshot {
+        /// The day.
+        day: NaiveDate,
+    },
+    /// Push an [`Job::Overage`] for every billable user's last ended period, as of `day`.
+    CloseBillingPeriods {
+        /// The day the walk runs for.
+        day: NaiveDate,
+    },
+    /// Add a user's overage in an ended period to their next Stripe invoice.
+    Overage {
+        /// The user.
+        user: UserId,
+        /// First instant of the period.
+        start: DateTime<Utc>,
+        /// First instant after it.
+        end: DateTime<Utc>,
+    },
+}
+
+impl Job {
+    /// The job's kind, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Job::Sync { .. } => "sync",
+            Job::Inbox => "inbox",
+            Job::Snapshot { .. } => "snapshot",
+            Job::CloseBillingPeriods { .. } => "close_billing_periods",
+            Job::Overage { .. } => "overage",
+        }
+    }
+}
+
+/// What a job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    /// A sync finished with this status (`completed`, `partial`, ...).
+    Synced(String),
+    /// Billing events applied and processed without change.
+    Inbox {
+        /// Applied.
+        applied: usize,
+        /// Processed without a change.
+        unchanged: usize,
+    },
+    /// Snapshot rows written (one per active connection).
+    Snapshots(usize),
+    /// Overage jobs pushed.
+    PeriodsClosed(usize),
+    /// Overage billed (minor units; 0 when there was none).
+    Overage(i64),
+    /// Nothing to do, and why (the connection is gone, billing is not configured, ...).
+    Skipped(String),
+}
+
+/// Why a job failed; every failure is retried with backoff until the job's attempts run out.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Another worker holds the connection's lease: this sync waits and runs after it.
+    #[error("another worker is syncing connection {0}")]
+    Busy(ConnectionId),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Stripe or the sync failed.
+    #[error("stripe: {0}")]
+    Stripe(String),
+    /// The metrics engine refused the account.
+    #[error("metrics: {0}")]
+    Metrics(String),
+    /// The queue refused a push.
+    #[error("queue: {0}")]
+    Queue(String),
+}
+
+/// How long a sync's lease lasts without renewal; a running sync renews it every third of this,
+/// so a worker that dies frees its connection within one lease.
+pub const LEASE: Duration = Duration::from_secs(120);
+
+/// Executes jobs: what every worker (and the server's in-process one) runs.
+pub struct Runner {
+    /// The database.
+    pub store: Arc<dyn Store>,
+    /// The tiers.
+    pub catalog: Arc<Catalog>,
+    /// Now.
+    pub clock: Clock,
+    /// Stripe's API base for syncing connected accounts.
+    pub stripe_api_base: Url,
+    /// The company's own Stripe account: billing events fetch subscriptions from it and
+    /// overage is invoiced on it; `None` skips those jobs.
+    pub billing: Option<Client>,
+    /// The prefix of the lease holders of this runner's jobs (each execution adds its own id).
+    pub holder: String,
+    /// Where pushed follow-up jobs go ([`Job::CloseBillingPeriods`] pushes [`Job::Overage`]);
+    /// `None` runs them at once.
+    pub queue: Option<Queue>,
+    /// The lease length (tests shorten it).
+    pub lease: Duration,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("holder", &self.holder)
+            .field("stripe_api_base", &self.stripe_api_base.as_str())
+            .field("billing", &self.billing.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Billing events applied per round, and attempts before an event is left to an operator.
+const INBOX_BATCH: usize = 100;
+const INBOX_MAX_ATTEMPTS: u32 = 10;
+
+impl Runner {
+    /// A runner over `store` with the default catalog, the system clock, Stripe's API and no
+    /// billing account; the lease holder is `holder` plus a random suffix.
+    pub fn new(store: Arc<dyn Store>, holder: &str) -> Self {
+        Runner {
+            store,
+            catalog: Arc::new(Catalog::default()),
+            clock: Arc::new(Utc::now),
+            stripe_api_base: Url::parse("https://api.stripe.com/")
+                .unwrap_or_else(|_| unreachable!()),
+            billing: None,
+            holder: format!("{holder}:{}", uuid::Uuid::new_v4().simple()),
+            queue: None,
+            lease: LEASE,
+        }
+    }
+
+    /// Runs one job to its end, exactly as a worker does (lease, sync, inbox, ...): the step
+    /// tests take. A failure is what the queue retries.
+    ///
+    /// # Errors
+    /// [`JobError`]; [`JobError::Busy`] when another holder syncs the connection.
+    pub async fn try_execute_task(&self, job: &Job) -> Result<Done, JobError> {
+        let started = std::time::Instant::now();
+        let result = match job {
+            Job::Sync {
+                user,
+                connection,
+                stripe_account_id,
+            } => self.sync(*user, *connection, stripe_account_id).await,
+            Job::Inbox => self.inbox().await,
+            Job::Snapshot { day } => self.snapshot(*day).await,
+            Job::CloseBillingPeriods { day } => self.close_periods(*day).await,
+            Job::Overage { user, start, end } => {
+                self.overage(
+                    *user,
+                    Period {
+                        start: *start,
+                        end: *end,
+                    },
+                )
+                .await
+            }
+        };
+        let outcome = match &result {
+            Ok(_) => "done",
+            Err(JobError::Busy(_)) => "busy",
+            Err(_) => "failed",
+        };
+        metrics::counter!("revpilot_jobs_total", "kind" => job.kind(), "outcome" => outcome)
+            .increment(1);
+        match &result {
+            Ok(done) => {
+                tracing::info!(
+                    job = job.kind(),
+                    ?done,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "job done"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(job = job.kind(), error = %e, "job failed; it will be retried")
+            }
+        }
+        result
+    }
+
+    async fn sync(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        stripe_account_id: &str,
+    ) -> Result<Done, JobError> {
+        let key = format!("sync:{connection}");
+        // One holder per execution: two jobs of one connection in one worker exclude each other
+        // too.
+        let holder = format!("{}/{}", self.holder, uuid::Uuid::new_v4().simple());
+        let until = |now: DateTime<Utc>| {
+            now + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::MAX)
+        };
+        let now = (self.clock)();
+        if !self
+            .store
+            .acquire_lease(&key, &holder, until(now), now)
+            .await?
+        {
+            return Err(JobError::Busy(connection));
+        }
+        // Renew the lease while the sync runs; stop renewing when it ends.
+        let renew = {
+            let store = self.store.clone();
+            let (key, holder, clock, lease) =
+                (key.clone(), holder.clone(), self.clock.clone(), self.lease);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    let now = clock();
+                    let until =
+                        now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+                    match store.acquire_lease(&key, &holder, until, now).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::error!(%key, "the sync's lease was taken over");
+                            break;
+                        }
+                        Err(e) => tracing::warn!(%key, error = %e, "lease not renewed"),
+                    }
+                }
+            })
+        };
+        let result = self.sync_held(user, connection, stripe_account_id).await;
+        renew.abort();
+        if let Err(e) = self.store.release_lease(&key, &holder).await {
+            tracing::warn!(%key, error = %e, "lease not released; it runs out by itself");
+        }
+        result
+    }
+
+    async fn sync_held(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        stripe_account_id: &str,
+    ) -> Result<Done, JobError> {
+        let Some(tokens) = self.store.tokens(user, connection).await? else {
+            return Ok(Done::Skipped(format!(
+                "connection {connection} is gone or deauthorized"
+            )));
+        };
+        let Some(profile) = self.store.user(user).await? else {
+            return Ok(Done::Skipped(format!("user {user} is gone")));
+        };
+        let config = ClientConfig::new(SecretString::from(
+            tokens.access_token.expose_secret().to_owned(),
+        ))
+        .with_api_base(self.stripe_api_base.as_str())
+        .map_err(|e| JobError::Stripe(e.to_string()))?;
+        let client = Client::new(config).map_err(|e| JobError::Stripe(e.to_string()))?;
+        let store = self.store.clone();
+        let ports = SyncPorts {
+            cache: store.clone(),
+            state: store.clone(),
+            usage: store.clone(),
+            connections: store,
+        };
+        let job = SyncJob {
+            user,
+            connection,
+            stripe_account_id: stripe_account_id.to_owned(),
+            usage: Some(metering(
+                &self.catalog,
+                &profile,
+                Meter::TransactionVolume,
+                (self.clock)(),
+            )),
+        };
+        let (status, outcome) = Syncer::new(client, ports)
+            .run(&job, &|_| {})
+            .await
+            .map_err(|e| JobError::Stripe(e.to_string()))?;
+        tracing::info!(%connection, status = status.as_str(), requests = outcome.requests, "sync finished");
+        metrics::counter!("revpilot_syncs_total", "status" => status.as_str()).increment(1);
+        Ok(Done::Synced(status.as_str().to_owned()))
+    }
+
+    async fn inbox(&self) -> Result<Done, JobError> {
+        let Some(client) = &self.billing else {
+            return Ok(Done::Skipped(
+                "billing is not configured (STRIPE_SECRET_KEY)".into(),
+            ));
+        };
+        let processor = Processor::new(
+            self.store.clone(),
+            (*self.catalog).clone(),
+            Arc::new(client.clone()),
+        );
+        let (mut applied, mut unchanged) = (0, 0);
+        loop {
+            let stats = processor
+                .process_pending(INBOX_BATCH, INBOX_MAX_ATTEMPTS, (self.clock)())
+                .await?;
+            applied += stats.applied;
+            unchanged += stats.unchanged;
+            if stats.applied + stats.unchanged < INBOX_BATCH {
+                break;
+            }
+        }
+        Ok(Done::Inbox { applied, unchanged })
+    }
+
+    async fn snapshot(&self, day: NaiveDate) -> Result<Done, JobError> {
+        let mut written = 0;
+        for connection in self.store.active_connections().await? {
+            let rows = self.snapshot_rows(&connection, day).await?;
+            written += self.store.upsert_snapshots(connection.id, &rows).await?;
+        }
+        Ok(Done::Snapshots(written))
+    }
+
+    async fn snapshot_rows(
+        &self,
+        connection: &Connection,
+        day: NaiveDate,
+    ) -> Result<Vec<revpilot_core::metrics::SeriesRow>, JobError> {
+        let mut cached = Vec::new();
+        for kind in ObjectKind::ALL {
+            cached.extend(
+                self.store
+                    .objects(connection.user, connection.id, kind)
+                    .await?,
+            );
+        }
+        let export = Export::from_cached(&cached).map_err(|e| JobError::Metrics(e.to_string()))?;
+        let account = rebuild(&export).account;
+        let currency = connection
+            .currency
+            .as_deref()
+            .and_then(|c| Currency::parse(c).ok())
+            .unwrap_or(Currency::USD);
+        let report = Engine::new(&account, Rules::default(), currency)
+            .series(&SeriesRequest::new(day, day, Granularity::Day))
+            .map_err(|e| JobError::Metrics(e.to_string()))?;
+        Ok(report.rows)
+    }
+
+    async fn close_periods(&self, day: NaiveDate) -> Result<Done, JobError> {
+        if self.billing.is_none() {
+            return Ok(Done::Skipped(
+                "billing is not configured (STRIPE_SECRET_KEY)".into(),
+            ));
+        }
+        let at = day
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc())
+            .unwrap_or_else(|| (self.clock)());
+        let mut pushed = 0;
+        for profile in self.store.billable_users().await? {
+            let Some(period) = ended_period(&profile, at) else {
+                continue;
+            };
+            let job = Job::Overage {
+                user: profile.user_id,
+                start: period.start,
+                end: period.end,
+            };
+            let key = overage_key(profile.user_id, period);
+            match &self.queue {
+                Some(q) => q.push(&job, &key).await?,
+                None => {
+                    Box::pin(self.try_execute_task(&job)).await?;
+                }
+            }
+            pushed += 1;
+        }
+        Ok(Done::PeriodsClosed(pushed))
+    }
+
+    async fn overage(&self, user: UserId, period: Period) -> Result<Done, JobError> {
+        let Some(client) = &self.billing else {
+            return Ok(Done::Skipped(
+                "billing is not configured (STRIPE_SECRET_KEY)".into(),
+            ));
+        };
+        let invoiced = invoice_overage(client, self.store.as_ref(), &self.catalog, user, period)
+            .await
+            .map_err(|e| JobError::Stripe(e.to_string()))?;
+        Ok(Done::Overage(invoiced.amount))
+    }
+}
+
+/// The user's last billing period that ended at or before `at`: the one before the period
+/// holding `at`, of the same length in months.
+pub fn ended_period(profile: &UserProfile, at: DateTime<Utc>) -> Option<Period> {
+    use chrono::Datelike;
+    let current = usage_period(profile, at);
+    let months = (current.end.year() - current.start.year()) * 12 + current.end.month0() as i32
+        - current.start.month0() as i32;
+    let months = u32::try_from(months).ok().filter(|m| *m > 0).unwrap_or(1);
+    let start = current.start.checked_sub_months(Months::new(months))?;
+    Some(Period {
+        start,
+        end: current.start,
+    })
+}
+
+/// Something jobs can be handed to: the persistent [`Queue`], or [`Inline`] (run at once in
+/// this process; for tests and embedding without a queue).
+#[async_trait]
+pub trait Enqueue: Send + Sync {
+    /// Hands `job` over under `key`: a second push with a key already used is a no-op, so a
+    /// trigger delivered twice (two servers, a retried cron) runs once.
+    async fn enqueue(&self, job: Job, key: &str) -> Result<(), JobError>;
+}
+
+#[async_trait]
+impl Enqueue for Queue {
+    async fn enqueue(&self, job: Job, key: &str) -> Result<(), JobError> {
+        self.push(&job, key).await
+    }
+}
+
+/// Runs each job at once on a task of this process, retrying a busy lease; keys already seen
+/// are skipped. Nothing survives a restart: the server's tests use it, production uses
+/// [`Queue`].
+pub struct Inline {
+    runner: Arc<Runner>,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Inline {
+    /// Over `runner`.
+    pub fn new(runner: Arc<Runner>) -> Self {
+        Inline {
+            runner,
+            seen: std::sync::Mutex::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Enqueue for Inline {
+    async fn enqueue(&self, job: Job, key: &str) -> Result<(), JobError> {
+        {
+            let mut seen = self
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !seen.insert(key.to_owned()) {
+                return Ok(());
+            }
+        }
+        let runner = self.runner.clone();
+        tokio::spawn(async move {
+            for attempt in 0..20u32 {
+                match runner.try_execute_task(&job).await {
+                    Err(JobError::Busy(_)) => {
+                        tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
+                    }
+                    _ => break,
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Why [`open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The store.
+    #[error("database: {0}")]
+    Store(#[from] revpilot_store::Error),
+    /// The queue's tables.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// Opens the store at `database_url` (`postgres://...`, else SQLite) and the job queue `queue`
+/// in the same database.
+///
+/// # Errors
+/// [`OpenError`].
+pub async fn open(
+    database_url: &str,
+    keys: revpilot_store::KeyRing,
+    queue: &str,
+) -> Result<(Arc<dyn Store>, Queue), OpenError> {
+    if database_url.starts_with("postgres") {
+        let store = revpilot_store::PgStore::connect(database_url, keys).await?;
+        let q = Queue::postgres(store.pool(), queue).await?;
+        Ok((Arc::new(store), q))
+    } else {
+        let store = revpilot_store::SqliteStore::connect(database_url, keys).await?;
+        let q = Queue::sqlite(store.pool(), queue).await?;
+        Ok((Arc::new(store), q))
+    }
+}
+
+/// Pushes the periodic jobs every `every`: yesterday's [`Job::Snapshot`] and today's
+/// [`Job::CloseBillingPeriods`]. Their keys name the day, so any number of workers and servers
+/// may run this: each day's jobs are pushed once.
+pub fn spawn_scheduler(queue: Queue, clock: Clock, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let today = clock().date_naive();
+            if let Some(day) = today.pred_opt()
+                && let Err(e) = queue
+                    .push(&Job::Snapshot { day }, &format!("snapshot:{day}"))
+                    .await
+            {
+                tracing::warn!(error = %e, "daily snapshot not scheduled");
+            }
+            if let Err(e) = queue
+                .push(
+                    &Job::CloseBillingPeriods { day: today },
+                    &format!("close-billing-periods:{today}"),
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "billing periods not scheduled");
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

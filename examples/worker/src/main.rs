@@ -1,0 +1,120 @@
+//! `revpilot-worker`: runs the jobs of the RevPilot queue (syncs, the billing inbox, daily
+//! snapshots, end-of-period overage) from the store's database until Ctrl-C or SIGTERM, then
+//! finishes the jobs in hand and exits. Run as many as needed against one PostgreSQL database.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use revpilot_core::billing::Catalog;
+use revpilot_store::KeyRing;
+use revpilot_stripe::client::{Client, ClientConfig};
+use revpilot_worker::{Runner, open, queue::QUEUE, shutdown_signal, spawn_scheduler};
+use secrecy::SecretString;
+
+/// The RevPilot example worker.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// `sqlite://FILE` or `postgres://...` (the server's).
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://revpilot.db")]
+    database_url: String,
+    /// Encryption keys of stored Stripe tokens: `id:base64key[,id:base64key]` (the server's).
+    #[arg(long, env = "REVPILOT_ENCRYPTION_KEY", hide_env_values = true)]
+    encryption_key: String,
+    /// The company's own Stripe secret key: billing events and overage invoices (optional).
+    #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true)]
+    stripe_secret_key: Option<String>,
+    /// Stripe's API base (a fake in tests).
+    #[arg(long, env = "STRIPE_API_BASE")]
+    stripe_api_base: Option<String>,
+    /// A TOML tier catalog replacing the default tiers (the server's).
+    #[arg(long, env = "REVPILOT_CATALOG")]
+    catalog: Option<PathBuf>,
+    /// This worker's name (logs, the queue's worker table, lease holder).
+    #[arg(long, env = "REVPILOT_WORKER_NAME", default_value = "worker")]
+    name: String,
+    /// The queue.
+    #[arg(long, env = "REVPILOT_QUEUE", default_value = QUEUE)]
+    queue: String,
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("revpilot-worker: {message}");
+    ExitCode::from(2)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let catalog = match &args.catalog {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Catalog::from_toml(&text),
+            Err(e) => return fail(format!("REVPILOT_CATALOG {}: {e}", path.display())),
+        },
+        None => Ok(Catalog::default()),
+    }
+    .and_then(|c| c.with_price_ids_from(|name| std::env::var(name).ok()));
+    let catalog = match catalog {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let keys = match KeyRing::parse(&args.encryption_key) {
+        Ok(k) => k,
+        Err(e) => return fail(format!("REVPILOT_ENCRYPTION_KEY: {e}")),
+    };
+    let (store, queue) = match open(&args.database_url, keys, &args.queue).await {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
+    let mut runner = Runner::new(store, &args.name);
+    runner.catalog = Arc::new(catalog);
+    runner.queue = Some(queue.clone());
+    if let Some(base) = &args.stripe_api_base {
+        match url::Url::parse(base) {
+            Ok(u) => runner.stripe_api_base = u,
+            Err(e) => return fail(format!("STRIPE_API_BASE {base:?}: {e}")),
+        }
+    }
+    if let Some(key) = args.stripe_secret_key.as_deref().filter(|k| !k.is_empty()) {
+        let config = match ClientConfig::new(SecretString::from(key.to_owned()))
+            .with_api_base(runner.stripe_api_base.as_str())
+        {
+            Ok(c) => c,
+            Err(e) => return fail(format!("STRIPE_API_BASE: {e}")),
+        };
+        match Client::new(config) {
+            Ok(c) => runner.billing = Some(c),
+            Err(e) => return fail(e),
+        }
+    } else {
+        tracing::warn!(
+            "STRIPE_SECRET_KEY is not set: billing events and overage invoices are skipped"
+        );
+    }
+    let scheduler = spawn_scheduler(
+        queue.clone(),
+        runner.clock.clone(),
+        Duration::from_secs(600),
+    );
+    tracing::info!(name = %args.name, queue = %args.queue, "worker started");
+    let result = queue
+        .run(Arc::new(runner), &args.name, shutdown_signal())
+        .await;
+    scheduler.abort();
+    match result {
+        Ok(()) => {
+            tracing::info!("worker stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}

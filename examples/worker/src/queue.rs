@@ -1,0 +1,187 @@
+//! The persistent job queue: apalis 1.0 with its SQLite or PostgreSQL storage, in the store's
+//! own database (`Jobs`/`Workers` tables on SQLite, the `apalis` schema on PostgreSQL, which
+//! claims jobs with `FOR UPDATE SKIP LOCKED`). apalis's migration history is kept apart from the
+//! store's (`_apalis_migrations`, `apalis._migrations`), so the two never see each other's
+//! versions.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::layers::retry::HasherRng;
+use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
+use apalis::prelude::*;
+use apalis_postgres::PostgresStorage;
+use apalis_sqlite::SqliteStorage;
+use sqlx::{PgPool, SqlitePool};
+
+use crate::{Job, JobError, Runner};
+
+/// How often an idle worker looks for jobs.
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// Jobs a worker runs at once.
+pub const CONCURRENCY: usize = 4;
+
+/// Attempts of a job (each retried with exponential backoff, 0.5 s doubling to 60 s) before it
+/// is left failed in the table for an operator.
+pub const MAX_ATTEMPTS: usize = 12;
+
+/// Why the queue could not be set up, pushed to or run.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The queue's tables could not be created or migrated.
+    #[error("job queue migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A push failed.
+    #[error("job queue push: {0}")]
+    Push(String),
+    /// The worker stopped on an error.
+    #[error("worker: {0}")]
+    Worker(#[from] WorkerError),
+}
+
+impl From<QueueError> for JobError {
+    fn from(e: QueueError) -> Self {
+        JobError::Queue(e.to_string())
+    }
+}
+
+/// A named queue of [`Job`]s in the store's database. Cheap to clone.
+#[derive(Clone)]
+pub enum Queue {
+    /// On SQLite.
+    Sqlite(SqliteStorage<Job>),
+    /// On PostgreSQL.
+    Postgres(PostgresStorage<Job>),
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Queue::Sqlite(_) => f.write_str("Queue::Sqlite"),
+            Queue::Postgres(_) => f.write_str("Queue::Postgres"),
+        }
+    }
+}
+
+/// The queue's default name.
+pub const QUEUE: &str = "revpilot";
+
+impl Queue {
+    /// The queue `name` on a SQLite pool; creates or migrates its tables.
+    ///
+    /// # Errors
+    /// [`QueueError::Migrate`].
+    pub async fn sqlite(pool: &SqlitePool, name: &str) -> Result<Queue, QueueError> {
+        let mut migrator = SqliteStorage::migrations();
+        migrator.dangerous_set_table_name("_apalis_migrations");
+        migrator.run(pool).await?;
+        let config = apalis_sqlite::Config::default()
+            .queue(name)
+            .batch_size(CONCURRENCY);
+        Ok(Queue::Sqlite(SqliteStorage::new(pool).with_config(config)))
+    }
+
+    /// The queue `name` on a PostgreSQL pool; creates or migrates the `apalis` schema.
+    ///
+    /// # Errors
+    /// [`QueueError::Migrate`].
+    pub async fn postgres(pool: &PgPool, name: &str) -> Result<Queue, QueueError> {
+        let mut migrator = PostgresStorage::migrations();
+        migrator.create_schema("apalis");
+        migrator.dangerous_set_table_name("apalis._migrations");
+        migrator.run(pool).await?;
+        let config = apalis_postgres::Config::default()
+            .queue(name)
+            .batch_size(CONCURRENCY);
+        Ok(Queue::Postgres(
+            PostgresStorage::new(pool).with_config(config),
+        ))
+    }
+
+    /// Pushes `job` under `key`. A key pushed before is a no-op (a unique index holds it), so
+    /// a trigger delivered twice, or by two servers, is one job.
+    ///
+    /// # Errors
+    /// [`JobError::Queue`] when the database refuses.
+    pub async fn push(&self, job: &Job, key: &str) -> Result<(), JobError> {
+        let task = TaskBuilder::new(job.clone())
+            .idempotency_key(key)
+            .max_attempts(MAX_ATTEMPTS)
+            .build();
+        let pushed = match self {
+            Queue::Sqlite(s) => s.clone().push_task(task).await.map_err(|e| e.to_string()),
+            Queue::Postgres(s) => s.clone().push_task(task).await.map_err(|e| e.to_string()),
+        };
+        match pushed {
+            Ok(()) => Ok(()),
+            // PostgreSQL refuses a second push of a key (SQLite ignores it): already queued.
+            Err(e) if e.contains("idx_jobs_idempotency_key") => Ok(()),
+            Err(e) => Err(JobError::Queue(QueueError::Push(e).to_string())),
+        }
+    }
+
+    /// Runs a worker named `name` on this queue until `shutdown` completes; then it takes no
+    /// new job, finishes the ones in hand, and returns. A job that fails is retried with
+    /// exponential backoff; one that a killed worker held is taken again by another once the
+    /// dead worker's heartbeat is missed.
+    ///
+    /// # Errors
+    /// [`QueueError::Worker`] when the backend fails.
+    pub async fn run<F>(
+        self,
+        runner: Arc<Runner>,
+        name: &str,
+        shutdown: F,
+    ) -> Result<(), QueueError>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let signal = async move {
+            shutdown.await;
+            Ok::<(), WorkerError>(())
+        };
+        let backoff = ExponentialBackoffMaker::new(
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+            0.5,
+            HasherRng::default(),
+        )
+        .map_err(|e| QueueError::Push(e.to_string()))?
+        .make_backoff();
+        let retry = RetryPolicy::retries(MAX_ATTEMPTS).with_backoff(backoff);
+        match self {
+            Queue::Sqlite(s) => {
+                WorkerBuilder::new(name)
+                    .backend(s.poll_with_interval(POLL))
+                    .data(runner)
+                    .concurrency(CONCURRENCY)
+                    .retry(retry)
+                    .build(handle)
+                    .run_until(signal)
+                    .await?
+            }
+            Queue::Postgres(s) => {
+                WorkerBuilder::new(name)
+                    .backend(s.poll_with_interval(POLL))
+                    .data(runner)
+                    .concurrency(CONCURRENCY)
+                    .retry(retry)
+                    .build(handle)
+                    .run_until(signal)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The worker's task function: one job through [`Runner::try_execute_task`].
+async fn handle(job: Job, runner: Data<Arc<Runner>>) -> Result<(), BoxDynError> {
+    runner
+        .try_execute_task(&job)
+        .await
+        .map(|_| ())
+        .map_err(|e| Box::new(e) as BoxDynError)
+}

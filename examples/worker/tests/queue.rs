@@ -1,0 +1,410 @@
+//! The job queue on SQLite and on PostgreSQL: jobs survive a restart, a key is one job, a
+//! busy lease is retried with backoff until the other holder is done, a stopped worker finishes
+//! the job in hand, and the runner's jobs (sync, snapshot, billing periods) do their work.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{TimeZone, Utc};
+use revpilot_core::ports::{ConnectionId, Limits, NewConnection, Tier, Tokens, UserId};
+use revpilot_store::{KeyRing, PgStore, SqliteStore};
+use revpilot_stripe::fake::FakeStripe;
+use revpilot_worker::{Done, Job, JobError, Queue, Runner, Store};
+use secrecy::SecretString;
+use serde_json::json;
+use uuid::Uuid;
+
+fn keys() -> KeyRing {
+    KeyRing::parse("k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap()
+}
+
+/// Opens the store and queue again (a restart).
+type Reopen = Box<dyn Fn() -> futures::future::BoxFuture<'static, (Arc<dyn Store>, Queue)>>;
+
+/// A store and a queue in one database, with a unique queue name.
+struct Db {
+    store: Arc<dyn Store>,
+    queue: Queue,
+    /// Reopens the store and queue (a restart).
+    reopen: Reopen,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn sqlite() -> Db {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.db").display().to_string();
+    let name = format!("test-{}", Uuid::new_v4().simple());
+    let open = move || {
+        let (path, name) = (path.clone(), name.clone());
+        Box::pin(async move {
+            let s = SqliteStore::connect(&path, keys()).await.unwrap();
+            let q = Queue::sqlite(s.pool(), &name).await.unwrap();
+            (Arc::new(s) as Arc<dyn Store>, q)
+        }) as futures::future::BoxFuture<'static, _>
+    };
+    let (store, queue) = open().await;
+    Db {
+        store,
+        queue,
+        reopen: Box::new(open),
+        _dir: Some(dir),
+    }
+}
+
+/// `None` (the test says it was skipped) without `REVPILOT_TEST_POSTGRES_URL`.
+async fn postgres() -> Option<Db> {
+    let Ok(url) = std::env::var("REVPILOT_TEST_POSTGRES_URL") else {
+        eprintln!("skipped on PostgreSQL: REVPILOT_TEST_POSTGRES_URL is not set");
+        return None;
+    };
+    let schema = format!("w_{}", Uuid::new_v4().simple());
+    let name = format!("test-{}", Uuid::new_v4().simple());
+    let open = move || {
+        let (url, schema, name) = (url.clone(), schema.clone(), name.clone());
+        Box::pin(async move {
+            let s = PgStore::connect_in_schema(&url, Some(&schema), keys())
+                .await
+                .unwrap();
+            // The queue lives in the `apalis` schema whatever the store's search path is; its
+            // set-up runs on a plain pool so the extensions it creates land in `public`.
+            let plain = sqlx::PgPool::connect(&url).await.unwrap();
+            let q = Queue::postgres(&plain, &name).await.unwrap();
+            (Arc::new(s) as Arc<dyn Store>, q)
+        }) as futures::future::BoxFuture<'static, _>
+    };
+    let (store, queue) = open().await;
+    Some(Db {
+        store,
+        queue,
+        reopen: Box::new(open),
+        _dir: None,
+    })
+}
+
+/// A fake Stripe holding one small account (three customers), for every token.
+async fn stripe() -> FakeStripe {
+    let fake = FakeStripe::start(None).await;
+    fake.set_object(
+        "/v1/account",
+        json!({"id": "acct_1", "object": "account", "default_currency": "usd"}),
+    );
+    fake.set(
+        "/v1/customers",
+        (0..3)
+            .map(|i| json!({"id": format!("cus_{i}"), "object": "customer", "created": 1_700_000_000 + i}))
+            .collect(),
+    );
+    for list in [
+        "/v1/subscriptions",
+        "/v1/invoices",
+        "/v1/charges",
+        "/v1/prices",
+        "/v1/products",
+        "/v1/coupons",
+        "/v1/events",
+    ] {
+        fake.set(list, vec![]);
+    }
+    fake
+}
+
+async fn connection(store: &dyn Store, account: &str) -> (UserId, ConnectionId) {
+    let user = UserId(Uuid::new_v4());
+    store
+        .create_user(user, None, Tier::Starter, Limits::default(), Utc::now())
+        .await
+        .unwrap();
+    let c = store
+        .save_connection(
+            NewConnection {
+                user,
+                stripe_account_id: account.to_owned(),
+                business_name: None,
+                currency: Some("usd".into()),
+                tokens: Tokens {
+                    access_token: SecretString::from(format!("sk_token_{account}")),
+                    refresh_token: None,
+                },
+            },
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    (user, c.id)
+}
+
+fn runner(store: Arc<dyn Store>, fake: &FakeStripe, holder: &str) -> Runner {
+    let mut r = Runner::new(store, holder);
+    r.stripe_api_base = url::Url::parse(&fake.uri()).unwrap();
+    r
+}
+
+/// Waits until the connection's latest run finished; its status.
+async fn finished(store: &dyn Store, user: UserId, c: ConnectionId, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(run) = store
+            .last_run(user, c)
+            .await
+            .unwrap()
+            .filter(|r| r.finished_at.is_some())
+        {
+            return run.status.as_str().to_owned();
+        }
+        assert!(Instant::now() < deadline, "the sync did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn queue_survives_restarts_and_retries_a_busy_lease(db: Db) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fake = stripe().await;
+    let (user, c) = connection(db.store.as_ref(), "acct_1").await;
+    let job = Job::Sync {
+        user,
+        connection: c,
+        stripe_account_id: "acct_1".into(),
+    };
+    // Pushed twice under one key, with no worker running: one job.
+    db.queue.push(&job, "sync:test:1").await.unwrap();
+    db.queue.push(&job, "sync:test:1").await.unwrap();
+    // Another holder syncs the connection for the next 1.5 s.
+    let now = Utc::now();
+    assert!(
+        db.store
+            .acquire_lease(
+                &format!("sync:{c}"),
+                "someone-else",
+                now + chrono::Duration::milliseconds(1500),
+                now
+            )
+            .await
+            .unwrap()
+    );
+    // A restart: the store and queue opened again, then a worker.
+    drop(db.queue);
+    let (store, queue) = (db.reopen)().await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(queue.clone().run(
+        Arc::new(runner(store.clone(), &fake, "w1")),
+        "w1",
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // Busy at first: retried with backoff, and run once the lease ran out.
+    assert_eq!(
+        finished(store.as_ref(), user, c, Duration::from_secs(30)).await,
+        "succeeded"
+    );
+    let run = store.last_run(user, c).await.unwrap().unwrap();
+    assert!(
+        run.started_at >= now + chrono::Duration::milliseconds(1500),
+        "the sync waited for the other holder's lease: started {} (lease until {})",
+        run.started_at,
+        now + chrono::Duration::milliseconds(1500)
+    );
+    // Exactly one sync for the key pushed twice: no second run appears.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(store.last_run(user, c).await.unwrap().unwrap().id, run.id);
+    let received = fake.received().await;
+    assert_eq!(
+        received
+            .iter()
+            .filter(|r| r.starts_with("/v1/account?"))
+            .count(),
+        1,
+        "one sync's requests: {received:?}"
+    );
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("the worker stops")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_queue_survives_restarts_and_retries_a_busy_lease() {
+    queue_survives_restarts_and_retries_a_busy_lease(sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_queue_survives_restarts_and_retries_a_busy_lease() {
+    if let Some(db) = postgres().await {
+        queue_survives_restarts_and_retries_a_busy_lease(db).await;
+    }
+}
+
+/// A worker told to stop while a sync is in hand finishes it before it returns.
+async fn a_stopped_worker_finishes_the_job_in_hand(db: Db) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let slow = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/account"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "acct_slow", "object": "account"}))
+                .set_delay(Duration::from_secs(2)),
+        )
+        .mount(&slow)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .mount(&slow)
+        .await;
+    let (user, c) = connection(db.store.as_ref(), "acct_slow").await;
+    let mut r = Runner::new(db.store.clone(), "w-stop");
+    r.stripe_api_base = url::Url::parse(&slow.uri()).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(db.queue.clone().run(Arc::new(r), "w-stop", async move {
+        let _ = stopped.await;
+    }));
+    db.queue
+        .push(
+            &Job::Sync {
+                user,
+                connection: c,
+                stripe_account_id: "acct_slow".into(),
+            },
+            "sync:slow",
+        )
+        .await
+        .unwrap();
+    // Wait until the account request is in flight, then stop.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while slow
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the job did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), worker)
+        .await
+        .expect("the worker stops")
+        .unwrap()
+        .unwrap();
+    let run = db.store.last_run(user, c).await.unwrap().unwrap();
+    assert!(
+        run.finished_at.is_some(),
+        "the job in hand was finished before the worker returned: {run:?}"
+    );
+    assert_eq!(run.status.as_str(), "succeeded", "{:?}", run.outcome);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_stopped_worker_finishes_the_job_in_hand() {
+    a_stopped_worker_finishes_the_job_in_hand(sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_stopped_worker_finishes_the_job_in_hand() {
+    if let Some(db) = postgres().await {
+        a_stopped_worker_finishes_the_job_in_hand(db).await;
+    }
+}
+
+/// Stepping with `try_execute_task`: a held lease answers Busy; the sync, then the day's
+/// snapshot row of the synced account; billing jobs skip without a billing account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_execute_task_steps_through_the_jobs() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let db = sqlite().await;
+    let fake = stripe().await;
+    let (user, c) = connection(db.store.as_ref(), "acct_1").await;
+    let r = runner(db.store.clone(), &fake, "stepper");
+    let sync = Job::Sync {
+        user,
+        connection: c,
+        stripe_account_id: "acct_1".into(),
+    };
+    let now = Utc::now();
+    db.store
+        .acquire_lease(
+            &format!("sync:{c}"),
+            "other",
+            now + chrono::Duration::minutes(1),
+            now,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        r.try_execute_task(&sync).await,
+        Err(JobError::Busy(id)) if id == c
+    ));
+    db.store
+        .release_lease(&format!("sync:{c}"), "other")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.try_execute_task(&sync).await.unwrap(),
+        Done::Synced("succeeded".into())
+    );
+    // The lease was given back: another holder takes it at once.
+    assert!(
+        db.store
+            .acquire_lease(&format!("sync:{c}"), "other", now, now)
+            .await
+            .unwrap()
+    );
+    let day = Utc::now().date_naive();
+    assert_eq!(
+        r.try_execute_task(&Job::Snapshot { day }).await.unwrap(),
+        Done::Snapshots(1)
+    );
+    let rows = db.store.snapshots(user, c, day, day).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].date, day);
+    // No billing account: the billing jobs say so and do nothing.
+    for job in [Job::Inbox, Job::CloseBillingPeriods { day }] {
+        assert!(matches!(
+            r.try_execute_task(&job).await.unwrap(),
+            Done::Skipped(_)
+        ));
+    }
+    // A connection that is gone is skipped, not retried for ever.
+    db.store.deactivate("acct_1", Utc::now()).await.unwrap();
+    assert!(matches!(
+        r.try_execute_task(&sync).await.unwrap(),
+        Done::Skipped(_)
+    ));
+}
+
+/// The ended billing period: the month before the one holding `at`, for a subscriber (from
+/// their period) and a free user (calendar months).
+#[test]
+fn ended_period_is_the_one_before_the_current() {
+    let t = |m, d| Utc.with_ymd_and_hms(2026, m, d, 0, 0, 0).unwrap();
+    let mut p = revpilot_core::ports::UserProfile {
+        user_id: UserId(Uuid::new_v4()),
+        email: None,
+        tier: Tier::Professional,
+        subscription_status: Some("active".into()),
+        stripe_customer_id: Some("cus_1".into()),
+        stripe_subscription_id: Some("sub_1".into()),
+        current_period_start: Some(t(3, 15)),
+        current_period_end: Some(t(4, 15)),
+        limits: Limits::default(),
+        created_at: t(1, 1),
+        updated_at: t(1, 1),
+    };
+    let e = revpilot_worker::ended_period(&p, t(3, 20)).unwrap();
+    assert_eq!((e.start, e.end), (t(2, 15), t(3, 15)));
+    // Later than the stored period: it rolls forward month by month.
+    let e = revpilot_worker::ended_period(&p, t(5, 1)).unwrap();
+    assert_eq!((e.start, e.end), (t(3, 15), t(4, 15)));
+    p.current_period_start = None;
+    p.current_period_end = None;
+    let e = revpilot_worker::ended_period(&p, t(3, 20)).unwrap();
+    assert_eq!((e.start, e.end), (t(2, 1), t(3, 1)));
+}

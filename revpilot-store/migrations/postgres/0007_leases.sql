@@ -1,0 +1,10 @@
+-- Leases (issue #7): a named claim one worker holds until a deadline, so two workers never sync
+-- one connection at once.
+CREATE TABLE leases (
+    key        TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+
+-- End-of-period invoicing walks the users with a Stripe customer.
+CREATE INDEX user_profiles_billable ON user_profiles (user_id) WHERE stripe_customer_id IS NOT NULL;
