@@ -390,16 +390,23 @@ impl Runner {
             (*self.catalog).clone(),
             Arc::new(client.clone()),
         );
-        let (mut applied, mut unchanged) = (0, 0);
+        let (mut applied, mut unchanged, mut failed) = (0, 0, 0);
         loop {
             let stats = processor
                 .process_pending(INBOX_BATCH, INBOX_MAX_ATTEMPTS, (self.clock)())
                 .await?;
             applied += stats.applied;
             unchanged += stats.unchanged;
+            failed += stats.failed;
             if stats.applied + stats.unchanged < INBOX_BATCH {
                 break;
             }
+        }
+        if failed > 0 {
+            // They stay pending with their attempt counted: the job's retry tries them again.
+            return Err(JobError::Stripe(format!(
+                "{failed} billing event(s) could not be applied yet"
+            )));
         }
         Ok(Done::Inbox { applied, unchanged })
     }
@@ -499,8 +506,7 @@ pub fn ended_period(profile: &UserProfile, at: DateTime<Utc>) -> Option<Period> 
     })
 }
 
-/// Something jobs can be handed to: the persistent [`Queue`], or [`Inline`] (run at once in
-/// this process; for tests and embedding without a queue).
+/// Something jobs can be handed to: the persistent [`Queue`], or an embedder's own.
 #[async_trait]
 pub trait Enqueue: Send + Sync {
     /// Hands `job` over under `key`: a second push with a key already used is a no-op, so a
@@ -512,51 +518,6 @@ pub trait Enqueue: Send + Sync {
 impl Enqueue for Queue {
     async fn enqueue(&self, job: Job, key: &str) -> Result<(), JobError> {
         self.push(&job, key).await
-    }
-}
-
-/// Runs each job at once on a task of this process, retrying a busy lease; keys already seen
-/// are skipped. Nothing survives a restart: the server's tests use it, production uses
-/// [`Queue`].
-pub struct Inline {
-    runner: Arc<Runner>,
-    seen: std::sync::Mutex<std::collections::HashSet<String>>,
-}
-
-impl Inline {
-    /// Over `runner`.
-    pub fn new(runner: Arc<Runner>) -> Self {
-        Inline {
-            runner,
-            seen: std::sync::Mutex::default(),
-        }
-    }
-}
-
-#[async_trait]
-impl Enqueue for Inline {
-    async fn enqueue(&self, job: Job, key: &str) -> Result<(), JobError> {
-        {
-            let mut seen = self
-                .seen
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !seen.insert(key.to_owned()) {
-                return Ok(());
-            }
-        }
-        let runner = self.runner.clone();
-        tokio::spawn(async move {
-            for attempt in 0..20u32 {
-                match runner.try_execute_task(&job).await {
-                    Err(JobError::Busy(_)) => {
-                        tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
-                    }
-                    _ => break,
-                }
-            }
-        });
-        Ok(())
     }
 }
 

@@ -408,3 +408,86 @@ fn ended_period_is_the_one_before_the_current() {
     let e = revpilot_worker::ended_period(&p, t(3, 20)).unwrap();
     assert_eq!((e.start, e.end), (t(2, 1), t(3, 1)));
 }
+
+/// An inbox job whose event cannot be applied yet (Stripe does not answer the subscription)
+/// fails, so the queue retries it; once Stripe answers, the retry applies the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_job_fails_until_its_events_apply() {
+    use revpilot_core::ports::InboxEvent;
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let db = sqlite().await;
+    let user = UserId(Uuid::new_v4());
+    let now = Utc::now();
+    db.store
+        .create_user(user, None, Tier::Starter, Limits::default(), now)
+        .await
+        .unwrap();
+    db.store
+        .set_stripe_customer(user, "cus_1", now)
+        .await
+        .unwrap();
+    let payload = json!({"id": "evt_1", "object": "event", "type": "checkout.session.completed",
+        "created": now.timestamp(), "livemode": false,
+        "data": {"object": {"id": "cs_1", "object": "checkout.session", "mode": "subscription",
+            "payment_status": "paid", "customer": "cus_1", "subscription": "sub_1",
+            "client_reference_id": user.to_string()}}});
+    db.store
+        .insert(&InboxEvent {
+            event_id: "evt_1".into(),
+            event_type: "checkout.session.completed".into(),
+            created: now,
+            livemode: false,
+            payload: payload.to_string(),
+            received_at: now,
+        })
+        .await
+        .unwrap();
+    let stripe = MockServer::start().await;
+    let mut r = Runner::new(db.store.clone(), "inbox");
+    r.catalog = Arc::new(
+        revpilot_core::billing::Catalog::default()
+            .with_price_ids_from(|n| {
+                (n == "STRIPE_PROFESSIONAL_PRICE_ID").then(|| "price_pro".to_owned())
+            })
+            .unwrap(),
+    );
+    let config = revpilot_stripe::client::ClientConfig::new(SecretString::from("sk_test_1"))
+        .with_api_base(&stripe.uri())
+        .unwrap();
+    r.billing = Some(revpilot_stripe::client::Client::new(config).unwrap());
+    // Stripe has no such subscription yet: the job fails and the event stays pending.
+    assert!(matches!(
+        r.try_execute_task(&Job::Inbox).await,
+        Err(JobError::Stripe(_))
+    ));
+    assert_eq!(
+        db.store.user(user).await.unwrap().unwrap().tier,
+        Tier::Starter
+    );
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "id": "sub_1", "object": "subscription", "customer": "cus_1", "status": "active",
+            "created": now.timestamp() - 10,
+            "current_period_start": now.timestamp() - 10,
+            "current_period_end": now.timestamp() + 30 * 86_400,
+            "items": {"object": "list", "data": [{"id": "si_1", "object": "subscription_item",
+                "quantity": 1, "price": {"id": "price_pro", "object": "price",
+                "unit_amount": 2900, "currency": "usd",
+                "recurring": {"interval": "month", "interval_count": 1}}}]}})))
+        .mount(&stripe)
+        .await;
+    assert_eq!(
+        r.try_execute_task(&Job::Inbox).await.unwrap(),
+        Done::Inbox {
+            applied: 1,
+            unchanged: 0
+        }
+    );
+    assert_eq!(
+        db.store.user(user).await.unwrap().unwrap().tier,
+        Tier::Professional
+    );
+}
