@@ -303,13 +303,14 @@ async fn main() -> ExitCode {
             Duration::from_secs(600),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(
-            queue
-                .clone()
-                .run(Arc::new(runner), "server-worker", async move {
-                    let _ = stopped.await;
-                }),
+        // A unique worker id per process (see revpilot-worker's main).
+        let id = format!(
+            "server-worker-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
+        let run = tokio::spawn(queue.clone().run(Arc::new(runner), id, async move {
+            let _ = stopped.await;
+        }));
         tracing::info!("running the job worker in this process");
         (stop, run, scheduler)
     });

@@ -39,6 +39,16 @@ struct Args {
     /// The queue.
     #[arg(long, env = "REVPILOT_QUEUE", default_value = QUEUE)]
     queue: String,
+    /// Seconds between the worker's heartbeats; a worker silent for two is dead, and the jobs it
+    /// held run again elsewhere.
+    #[arg(long, env = "REVPILOT_WORKER_HEARTBEAT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_secs: u64,
+    /// Seconds a sync's lease on its connection lasts without renewal (renewed every third
+    /// while the sync runs): how long a killed worker's connection waits before another sync.
+    #[arg(long, env = "REVPILOT_SYNC_LEASE_SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(3..))]
+    lease_secs: u64,
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -75,7 +85,16 @@ async fn main() -> ExitCode {
         Ok(x) => x,
         Err(e) => return fail(e),
     };
-    let mut runner = Runner::new(store, &args.name);
+    let queue = queue.with_heartbeat(Duration::from_secs(args.heartbeat_secs));
+    // The queue knows workers by id: a unique one per process, so a worker restarted under the
+    // same name does not inherit (and strand) the jobs its previous life held.
+    let id = format!(
+        "{}-{}",
+        args.name,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut runner = Runner::new(store, &id);
+    runner.lease = Duration::from_secs(args.lease_secs);
     runner.catalog = Arc::new(catalog);
     runner.queue = Some(queue.clone());
     if let Some(base) = &args.stripe_api_base {
@@ -105,9 +124,9 @@ async fn main() -> ExitCode {
         runner.clock.clone(),
         Duration::from_secs(600),
     );
-    tracing::info!(name = %args.name, queue = %args.queue, "worker started");
+    tracing::info!(%id, queue = %args.queue, "worker started");
     let result = queue
-        .run(Arc::new(runner), &args.name, shutdown_signal())
+        .run(Arc::new(runner), id.clone(), shutdown_signal())
         .await;
     scheduler.abort();
     match result {

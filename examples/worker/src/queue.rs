@@ -11,6 +11,7 @@ use std::time::Duration;
 use apalis::layers::retry::HasherRng;
 use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
 use apalis::prelude::*;
+use apalis_core::backend::BackendConfig;
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use sqlx::{PgPool, SqlitePool};
@@ -100,6 +101,23 @@ impl Queue {
         ))
     }
 
+    /// The same queue with workers heartbeating every `every` (default 30 s). A worker that
+    /// misses two heartbeats is dead: the jobs it held are queued again (for the others, or for
+    /// itself after a restart under a new id).
+    #[must_use]
+    pub fn with_heartbeat(self, every: Duration) -> Queue {
+        match self {
+            Queue::Sqlite(s) => {
+                let config = s.config().clone().heartbeat_interval(every);
+                Queue::Sqlite(s.with_config(config))
+            }
+            Queue::Postgres(s) => {
+                let config = s.config().clone().heartbeat_interval(every);
+                Queue::Postgres(s.with_config(config))
+            }
+        }
+    }
+
     /// Pushes `job` under `key`. A key pushed before is a no-op (a unique index holds it), so
     /// a trigger delivered twice, or by two servers, is one job.
     ///
@@ -132,7 +150,7 @@ impl Queue {
     pub async fn run<F>(
         self,
         runner: Arc<Runner>,
-        name: &str,
+        name: String,
         shutdown: F,
     ) -> Result<(), QueueError>
     where
@@ -153,7 +171,7 @@ impl Queue {
         let retry = RetryPolicy::retries(MAX_ATTEMPTS).with_backoff(backoff);
         match self {
             Queue::Sqlite(s) => {
-                WorkerBuilder::new(name)
+                WorkerBuilder::new(name.as_str())
                     .backend(s.poll_with_interval(POLL))
                     .data(runner)
                     .concurrency(CONCURRENCY)
@@ -163,7 +181,7 @@ impl Queue {
                     .await?
             }
             Queue::Postgres(s) => {
-                WorkerBuilder::new(name)
+                WorkerBuilder::new(name.as_str())
                     .backend(s.poll_with_interval(POLL))
                     .data(runner)
                     .concurrency(CONCURRENCY)

@@ -15,8 +15,10 @@ use secrecy::SecretString;
 use serde_json::json;
 use uuid::Uuid;
 
+const KEY: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
 fn keys() -> KeyRing {
-    KeyRing::parse("k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap()
+    KeyRing::parse(KEY).unwrap()
 }
 
 /// Opens the store and queue again (a restart).
@@ -188,7 +190,7 @@ async fn queue_survives_restarts_and_retries_a_busy_lease(db: Db) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(queue.clone().run(
         Arc::new(runner(store.clone(), &fake, "w1")),
-        "w1",
+        "w1".to_owned(),
         async move {
             let _ = stopped.await;
         },
@@ -263,9 +265,13 @@ async fn a_stopped_worker_finishes_the_job_in_hand(db: Db) {
     let mut r = Runner::new(db.store.clone(), "w-stop");
     r.stripe_api_base = url::Url::parse(&slow.uri()).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(db.queue.clone().run(Arc::new(r), "w-stop", async move {
-        let _ = stopped.await;
-    }));
+    let worker = tokio::spawn(
+        db.queue
+            .clone()
+            .run(Arc::new(r), "w-stop".into(), async move {
+                let _ = stopped.await;
+            }),
+    );
     db.queue
         .push(
             &Job::Sync {
@@ -489,5 +495,127 @@ async fn an_inbox_job_fails_until_its_events_apply() {
     assert_eq!(
         db.store.user(user).await.unwrap().unwrap().tier,
         Tier::Professional
+    );
+}
+
+/// A worker process killed in the middle of a sync and started again under the same name: its
+/// new life has a new id, so once the old one misses its heartbeats the job is queued again, and
+/// once the dead sync's lease runs out, the connection is synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_workers_job_runs_again_after_a_restart() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("k.db").display().to_string();
+    let name = format!("test-{}", Uuid::new_v4().simple());
+    let sqlite = SqliteStore::connect(&file, keys()).await.unwrap();
+    let queue = Queue::sqlite(sqlite.pool(), &name)
+        .await
+        .unwrap()
+        .with_heartbeat(Duration::from_secs(1));
+    let store: Arc<dyn Store> = Arc::new(sqlite);
+    let slow = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/account"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "acct_k", "object": "account"}))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .mount(&slow)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .mount(&slow)
+        .await;
+    let (user, c) = connection(store.as_ref(), "acct_k").await;
+    let worker = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_revpilot-worker"))
+            .env("DATABASE_URL", format!("sqlite://{file}"))
+            .env("REVPILOT_ENCRYPTION_KEY", KEY)
+            .env("STRIPE_API_BASE", slow.uri())
+            .env("REVPILOT_QUEUE", &name)
+            .env("REVPILOT_WORKER_NAME", "worker")
+            .env("REVPILOT_WORKER_HEARTBEAT_SECS", "1")
+            .env("REVPILOT_SYNC_LEASE_SECS", "3")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut doomed = worker();
+    queue
+        .push(
+            &Job::Sync {
+                user,
+                connection: c,
+                stripe_account_id: "acct_k".into(),
+            },
+            "sync:killed",
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slow
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the doomed worker did not start the job"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{file}"))
+        .await
+        .unwrap();
+    let job = || async {
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT status, lock_by FROM Jobs WHERE job_type = ? AND idempotency_key = 'sync:killed'",
+        )
+        .bind(&name)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let first_life = job().await.1.unwrap();
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let killed_at = Utc::now();
+    let mut restarted = worker();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let run = store.last_run(user, c).await.unwrap().unwrap();
+        if run.started_at > killed_at && run.finished_at.is_some() {
+            assert_eq!(run.status.as_str(), "succeeded", "{:?}", run.outcome);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed worker's job did not run again: {run:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The job is acknowledged just after the sync's run is recorded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let holder = loop {
+        let (status, holder) = job().await;
+        if status == "Done" {
+            break holder.unwrap();
+        }
+        assert!(Instant::now() < deadline, "the job is {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    restarted.kill().unwrap();
+    restarted.wait().unwrap();
+    assert!(
+        holder.starts_with("worker-") && holder != first_life,
+        "run by the restarted worker ({holder}), not the dead one ({first_life})"
     );
 }
