@@ -619,3 +619,124 @@ async fn a_killed_workers_job_runs_again_after_a_restart() {
         "run by the restarted worker ({holder}), not the dead one ({first_life})"
     );
 }
+
+/// End of a billing period through the queue, against localstripe: the day's
+/// `close_billing_periods` job (pushed twice under one key) pushes the user's `overage` job, which
+/// puts the last month's overage on the customer as one invoice item; running it again bills
+/// nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_ended_periods_overage_is_invoiced_once_through_the_queue() {
+    use revpilot_core::billing::Catalog;
+    use revpilot_core::ports::{Meter, Period, UsageRecord};
+    let Some(ls) = revpilot_stripe::fake::LocalStripe::start() else {
+        return;
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let db = sqlite().await;
+    let config = revpilot_stripe::client::ClientConfig::new(SecretString::from("sk_test_ls"))
+        .with_api_base(&ls.base)
+        .unwrap();
+    let client = revpilot_stripe::client::Client::new(config).unwrap();
+    let created = client
+        .post(
+            "/v1/customers",
+            &[("email", "pro@example.com".to_owned())],
+            "customer:overage",
+        )
+        .await
+        .unwrap();
+    let customer: serde_json::Value = serde_json::from_slice(&created).unwrap();
+    let customer = customer["id"].as_str().unwrap().to_owned();
+    let catalog = Catalog::default();
+    let user = UserId(Uuid::new_v4());
+    let now = Utc::now();
+    db.store
+        .create_user(
+            user,
+            Some("pro@example.com"),
+            Tier::Professional,
+            catalog.plan(Tier::Professional).limits,
+            now,
+        )
+        .await
+        .unwrap();
+    db.store
+        .set_stripe_customer(user, &customer, now)
+        .await
+        .unwrap();
+    // Last calendar month (no subscription period: calendar months): 52 insights, 2 over the
+    // professional tier's 50, at $1.00 each.
+    let profile = db.store.user(user).await.unwrap().unwrap();
+    let ended = revpilot_worker::ended_period(&profile, now).unwrap();
+    db.store
+        .record(
+            &UsageRecord {
+                user,
+                meter: Meter::AiInsight,
+                connection: None,
+                amount: 52,
+                idempotency_key: "insights-last-month".into(),
+                metadata: json!({}),
+                at: ended.start + chrono::Duration::days(3),
+            },
+            ended,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut r = Runner::new(db.store.clone(), "billing");
+    r.billing = Some(client.clone());
+    r.queue = Some(db.queue.clone());
+    let r = Arc::new(r);
+    let day = now.date_naive();
+    let close = Job::CloseBillingPeriods { day };
+    db.queue.push(&close, "close:test").await.unwrap();
+    db.queue.push(&close, "close:test").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(
+        db.queue
+            .clone()
+            .run(r.clone(), "billing".into(), async move {
+                let _ = stopped.await;
+            }),
+    );
+    let items = || async {
+        let body = client
+            .get("/v1/invoiceitems", &[("customer", customer.clone())])
+            .await
+            .unwrap();
+        let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        page["data"].as_array().unwrap().clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while items().await.is_empty() {
+        assert!(Instant::now() < deadline, "no overage invoiced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), worker)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // A rerun of the period's job (past the queue's key) finds the item and bills nothing more.
+    let Period { start, end } = ended;
+    assert_eq!(
+        r.try_execute_task(&Job::Overage { user, start, end })
+            .await
+            .unwrap(),
+        Done::Overage(200)
+    );
+    let items = items().await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["amount"], 200);
+    assert_eq!(items[0]["currency"], "usd");
+    assert_eq!(
+        items[0]["metadata"]["revpilot_overage_key"],
+        format!(
+            "{}:ai_insight",
+            revpilot_stripe::billing::overage_key(user, ended)
+        )
+    );
+}
