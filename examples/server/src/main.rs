@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use revpilot_core::billing::Catalog;
 use revpilot_server::auth::Jwt;
 use revpilot_server::{AppState, app};
 use revpilot_store::KeyRing;
@@ -109,15 +108,7 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
 
-    let catalog = match &args.catalog {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => Catalog::from_toml(&text),
-            Err(e) => return fail(format!("REVPILOT_CATALOG {}: {e}", path.display())),
-        },
-        None => Ok(Catalog::default()),
-    }
-    .and_then(|c| c.with_price_ids_from(|name| std::env::var(name).ok()));
-    let catalog = match catalog {
+    let catalog = match revpilot_worker::load_catalog(args.catalog.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };

@@ -521,6 +521,24 @@ impl Enqueue for Queue {
     }
 }
 
+/// The tier catalog: the TOML file at `path` (`REVPILOT_CATALOG`) or the default tiers, with
+/// the Stripe price ids from `STRIPE_<TIER>_PRICE_ID`. The server and the worker read it alike.
+///
+/// # Errors
+/// A message naming the file or the field at fault.
+pub fn load_catalog(path: Option<&std::path::Path>) -> Result<Catalog, String> {
+    let catalog = match path {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Catalog::from_toml(&text),
+            Err(e) => return Err(format!("REVPILOT_CATALOG {}: {e}", path.display())),
+        },
+        None => Ok(Catalog::default()),
+    };
+    catalog
+        .and_then(|c| c.with_price_ids_from(|name| std::env::var(name).ok()))
+        .map_err(|e| e.to_string())
+}
+
 /// Why [`open`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {

@@ -11,7 +11,6 @@
 //! those two (recording Checkout's requests) and passes everything else through.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,41 +27,13 @@ use uuid::Uuid;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const KEY: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const WEBHOOK_SECRET: &str = "whsec_journey";
 const JWT_SECRET: &str = "journey-secret-journey-secret-journey-secret-0123";
 const PROFESSIONAL_PRICE: &str = "price_professional";
 
-/// Child processes, killed on drop.
-struct Processes(Vec<Child>);
+mod common;
 
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn server_binary() -> PathBuf {
-    let worker = PathBuf::from(env!("CARGO_BIN_EXE_revpilot-worker"));
-    let server = worker.with_file_name("revpilot-server");
-    assert!(
-        server.exists(),
-        "{} is missing: build it with `cargo build -p revpilot-server` (scripts/test does)",
-        server.display()
-    );
-    server
-}
+use common::{KEY, Processes, free_port, server_binary};
 
 /// fakellm answering 429 to every request: the server must fall back to its local narrative.
 fn fakellm(venv: &str, dir: &std::path::Path) -> (Child, String) {

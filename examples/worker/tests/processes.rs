@@ -5,8 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -14,48 +13,16 @@ use revpilot_core::ports::{
     ConnectionStore, Limits, NewConnection, Tier, Tokens, UserId, UserStore,
 };
 use revpilot_store::{KeyRing, PgStore};
-use revpilot_stripe::fake::FakeStripe;
 use revpilot_worker::Queue;
 use secrecy::SecretString;
-use serde_json::json;
 use uuid::Uuid;
 
-const KEY: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const CRON: &str = "cron-secret-processes";
 const CONNECTIONS: usize = 20;
 
-/// Child processes, killed on drop.
-struct Processes(Vec<Child>);
+mod common;
 
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The server binary next to this package's worker binary (`cargo test --workspace` builds
-/// both).
-fn server_binary() -> PathBuf {
-    let worker = PathBuf::from(env!("CARGO_BIN_EXE_revpilot-worker"));
-    let server = worker.with_file_name("revpilot-server");
-    assert!(
-        server.exists(),
-        "{} is missing: build it with `cargo build -p revpilot-server` (scripts/test does)",
-        server.display()
-    );
-    server
-}
+use common::{KEY, Processes, free_port, server_binary};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_servers_and_two_workers_sync_each_connection_once_per_trigger() {
@@ -98,30 +65,8 @@ async fn two_servers_and_two_workers_sync_each_connection_once_per_trigger() {
             .unwrap();
         connections.push(c.id.0);
     }
-    let fake = FakeStripe::start(None).await;
-    fake.set_object(
-        "/v1/account",
-        json!({"id": "acct_0", "object": "account", "default_currency": "usd"}),
-    );
-    fake.set(
-        "/v1/customers",
-        (0..5)
-            .map(|i| json!({"id": format!("cus_{i}"), "object": "customer", "created": 1_700_000_000 + i}))
-            .collect(),
-    );
-    for list in [
-        "/v1/subscriptions",
-        "/v1/invoices",
-        "/v1/charges",
-        "/v1/prices",
-        "/v1/products",
-        "/v1/coupons",
-        "/v1/events",
-    ] {
-        fake.set(list, vec![]);
-    }
+    let fake = common::stripe(5).await;
 
-    // The store's tables in the test's schema; `public` after it for the queue's `hstore`.
     let database_url = format!("{url}?options=-c%20search_path%3D{schema}%2Cpublic");
     let env = |c: &mut Command| {
         c.env("DATABASE_URL", &database_url)

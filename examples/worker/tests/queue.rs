@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use revpilot_core::ports::{ConnectionId, Limits, NewConnection, Tier, Tokens, UserId};
+use revpilot_core::ports::{ConnectionId, Limits, Tier, UserId};
 use revpilot_store::{KeyRing, PgStore, SqliteStore};
 use revpilot_stripe::fake::FakeStripe;
 use revpilot_worker::{Done, Job, JobError, Queue, Runner, Store};
@@ -15,7 +15,9 @@ use secrecy::SecretString;
 use serde_json::json;
 use uuid::Uuid;
 
-const KEY: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+mod common;
+
+use common::{KEY, connection, slow_stripe, stripe};
 
 fn keys() -> KeyRing {
     KeyRing::parse(KEY).unwrap()
@@ -84,58 +86,6 @@ async fn postgres() -> Option<Db> {
     })
 }
 
-/// A fake Stripe holding one small account (three customers), for every token.
-async fn stripe() -> FakeStripe {
-    let fake = FakeStripe::start(None).await;
-    fake.set_object(
-        "/v1/account",
-        json!({"id": "acct_1", "object": "account", "default_currency": "usd"}),
-    );
-    fake.set(
-        "/v1/customers",
-        (0..3)
-            .map(|i| json!({"id": format!("cus_{i}"), "object": "customer", "created": 1_700_000_000 + i}))
-            .collect(),
-    );
-    for list in [
-        "/v1/subscriptions",
-        "/v1/invoices",
-        "/v1/charges",
-        "/v1/prices",
-        "/v1/products",
-        "/v1/coupons",
-        "/v1/events",
-    ] {
-        fake.set(list, vec![]);
-    }
-    fake
-}
-
-async fn connection(store: &dyn Store, account: &str) -> (UserId, ConnectionId) {
-    let user = UserId(Uuid::new_v4());
-    store
-        .create_user(user, None, Tier::Starter, Limits::default(), Utc::now())
-        .await
-        .unwrap();
-    let c = store
-        .save_connection(
-            NewConnection {
-                user,
-                stripe_account_id: account.to_owned(),
-                business_name: None,
-                currency: Some("usd".into()),
-                tokens: Tokens {
-                    access_token: SecretString::from(format!("sk_token_{account}")),
-                    refresh_token: None,
-                },
-            },
-            Utc::now(),
-        )
-        .await
-        .unwrap();
-    (user, c.id)
-}
-
 fn runner(store: Arc<dyn Store>, fake: &FakeStripe, holder: &str) -> Runner {
     let mut r = Runner::new(store, holder);
     r.stripe_api_base = url::Url::parse(&fake.uri()).unwrap();
@@ -161,7 +111,7 @@ async fn finished(store: &dyn Store, user: UserId, c: ConnectionId, within: Dura
 
 async fn queue_survives_restarts_and_retries_a_busy_lease(db: Db) {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let fake = stripe().await;
+    let fake = stripe(3).await;
     let (user, c) = connection(db.store.as_ref(), "acct_1").await;
     let job = Job::Sync {
         user,
@@ -242,25 +192,7 @@ async fn postgres_queue_survives_restarts_and_retries_a_busy_lease() {
 /// A worker told to stop while a sync is in hand finishes it before it returns.
 async fn a_stopped_worker_finishes_the_job_in_hand(db: Db) {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    use wiremock::matchers::{method, path};
-    use wiremock::{Mock, MockServer, ResponseTemplate};
-    let slow = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/v1/account"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"id": "acct_slow", "object": "account"}))
-                .set_delay(Duration::from_secs(2)),
-        )
-        .mount(&slow)
-        .await;
-    Mock::given(method("GET"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
-        )
-        .mount(&slow)
-        .await;
+    let slow = slow_stripe("acct_slow", Duration::from_secs(2)).await;
     let (user, c) = connection(db.store.as_ref(), "acct_slow").await;
     let mut r = Runner::new(db.store.clone(), "w-stop");
     r.stripe_api_base = url::Url::parse(&slow.uri()).unwrap();
@@ -326,7 +258,7 @@ async fn postgres_a_stopped_worker_finishes_the_job_in_hand() {
 async fn try_execute_task_steps_through_the_jobs() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let db = sqlite().await;
-    let fake = stripe().await;
+    let fake = stripe(3).await;
     let (user, c) = connection(db.store.as_ref(), "acct_1").await;
     let r = runner(db.store.clone(), &fake, "stepper");
     let sync = Job::Sync {
@@ -503,8 +435,6 @@ async fn an_inbox_job_fails_until_its_events_apply() {
 /// once the dead sync's lease runs out, the connection is synced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_workers_job_runs_again_after_a_restart() {
-    use wiremock::matchers::{method, path};
-    use wiremock::{Mock, MockServer, ResponseTemplate};
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("k.db").display().to_string();
@@ -515,23 +445,7 @@ async fn a_killed_workers_job_runs_again_after_a_restart() {
         .unwrap()
         .with_heartbeat(Duration::from_secs(1));
     let store: Arc<dyn Store> = Arc::new(sqlite);
-    let slow = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/v1/account"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"id": "acct_k", "object": "account"}))
-                .set_delay(Duration::from_secs(3)),
-        )
-        .mount(&slow)
-        .await;
-    Mock::given(method("GET"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
-        )
-        .mount(&slow)
-        .await;
+    let slow = slow_stripe("acct_k", Duration::from_secs(3)).await;
     let (user, c) = connection(store.as_ref(), "acct_k").await;
     let worker = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_revpilot-worker"))
