@@ -254,7 +254,7 @@ async fn stripe_billing(
                         .enqueue(revpilot_worker::Job::Inbox, &format!("inbox:{id}"))
                         .await
                     {
-                        // Stored: the next webhook's job or the scheduler's sweep applies it.
+                        // Stored all the same: the scheduler's inbox sweep applies it.
                         tracing::warn!(error = %e, "billing inbox job not queued");
                     }
                 }

@@ -135,7 +135,8 @@ impl Job {
 /// What a job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Done {
-    /// A sync finished with this status (`completed`, `partial`, ...).
+    /// A sync ended with this status: `succeeded`, or `paused` at the plan's transaction
+    /// limit (a failed sync is a [`JobError`], retried).
     Synced(String),
     /// Billing events applied and processed without change.
     Inbox {
@@ -376,6 +377,13 @@ impl Runner {
             .map_err(|e| JobError::Stripe(e.to_string()))?;
         tracing::info!(%connection, status = status.as_str(), requests = outcome.requests, "sync finished");
         metrics::counter!("revpilot_syncs_total", "status" => status.as_str()).increment(1);
+        if status == revpilot_core::ports::SyncStatus::Failed {
+            // Retried: the next attempt resumes from the cursors this one saved (or skips, when
+            // Stripe refused the token and the connection was deactivated).
+            return Err(JobError::Stripe(
+                outcome.error.unwrap_or_else(|| "the sync failed".into()),
+            ));
+        }
         Ok(Done::Synced(status.as_str().to_owned()))
     }
 
@@ -571,9 +579,10 @@ pub async fn open(
     }
 }
 
-/// Pushes the periodic jobs every `every`: yesterday's [`Job::Snapshot`] and today's
-/// [`Job::CloseBillingPeriods`]. Their keys name the day, so any number of workers and servers
-/// may run this: each day's jobs are pushed once.
+/// Pushes the periodic jobs every `every`: yesterday's [`Job::Snapshot`], today's
+/// [`Job::CloseBillingPeriods`], and an [`Job::Inbox`] sweep (billing events whose own job could
+/// not be queued). Their keys name the day (the sweep's, the time bucket), so any number of
+/// workers and servers may run this: each is pushed once.
 pub fn spawn_scheduler(queue: Queue, clock: Clock, every: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -593,6 +602,13 @@ pub fn spawn_scheduler(queue: Queue, clock: Clock, every: Duration) -> tokio::ta
                 .await
             {
                 tracing::warn!(error = %e, "billing periods not scheduled");
+            }
+            let bucket = clock().timestamp() / i64::try_from(every.as_secs().max(1)).unwrap_or(1);
+            if let Err(e) = queue
+                .push(&Job::Inbox, &format!("inbox-sweep:{bucket}"))
+                .await
+            {
+                tracing::warn!(error = %e, "billing inbox sweep not scheduled");
             }
             tokio::time::sleep(every).await;
         }

@@ -284,6 +284,19 @@ async fn try_execute_task_steps_through_the_jobs() {
         .release_lease(&format!("sync:{c}"), "other")
         .await
         .unwrap();
+    // Stripe fails the customers list: the sync fails and the job is an error (retried).
+    fake.faults(|_, path| {
+        path.starts_with("/v1/customers")
+            .then_some(revpilot_stripe::fake::Fault {
+                status: 400,
+                should_retry: None,
+            })
+    });
+    assert!(matches!(
+        r.try_execute_task(&sync).await,
+        Err(JobError::Stripe(_))
+    ));
+    fake.clear_faults();
     assert_eq!(
         r.try_execute_task(&sync).await.unwrap(),
         Done::Synced("succeeded".into())
