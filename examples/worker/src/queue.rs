@@ -5,13 +5,16 @@
 //! versions.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apalis::layers::retry::HasherRng;
 use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
 use apalis::prelude::*;
 use apalis_core::backend::BackendConfig;
+use apalis_core::backend::ext::poll_strategy::{PollSnapshot, PollStrategy, PollWith};
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use sqlx::{PgPool, SqlitePool};
@@ -172,7 +175,7 @@ impl Queue {
         match self {
             Queue::Sqlite(s) => {
                 WorkerBuilder::new(name.as_str())
-                    .backend(s.poll_with_interval(POLL))
+                    .backend(PollWith::new(s, Every::new(POLL)))
                     .data(runner)
                     .concurrency(CONCURRENCY)
                     .retry(retry)
@@ -182,7 +185,7 @@ impl Queue {
             }
             Queue::Postgres(s) => {
                 WorkerBuilder::new(name.as_str())
-                    .backend(s.poll_with_interval(POLL))
+                    .backend(PollWith::new(s, Every::new(POLL)))
                     .data(runner)
                     .concurrency(CONCURRENCY)
                     .retry(retry)
@@ -202,4 +205,36 @@ async fn handle(job: Job, runner: Data<Arc<Runner>>) -> Result<(), BoxDynError> 
         .await
         .map(|_| ())
         .map_err(|e| Box::new(e) as BoxDynError)
+}
+
+/// Polls every `every`, re-arming its timer as soon as it fires. apalis 1.0's
+/// `poll_with_interval` replaces its timer without polling it, so nothing wakes an idle worker
+/// for the next tick: it looked for new jobs only at its next heartbeat (30 s), and a billing
+/// event waited that long to apply.
+struct Every {
+    every: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Every {
+    fn new(every: Duration) -> Self {
+        Every { every, sleep: None }
+    }
+}
+
+impl PollStrategy for Every {
+    fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        let every = self.every;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // The next tick, polled once so that it wakes this task when it fires.
+        let mut next = Box::pin(tokio::time::sleep(every));
+        let _ = next.as_mut().poll(cx);
+        self.sleep = Some(next);
+        Poll::Ready(Some(()))
+    }
 }

@@ -46,17 +46,36 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-/// The server binary next to this package's worker binary (`cargo test --workspace` builds
-/// both).
+/// The server binary next to this package's worker binary, built (or found up to date) by
+/// cargo first: `cargo test -p revpilot-worker` alone would otherwise run a stale one.
 pub(crate) fn server_binary() -> PathBuf {
-    let worker = PathBuf::from(env!("CARGO_BIN_EXE_revpilot-worker"));
-    let server = worker.with_file_name("revpilot-server");
-    assert!(
-        server.exists(),
-        "{} is missing: build it with `cargo build -p revpilot-server` (scripts/test does)",
-        server.display()
-    );
-    server
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let worker = PathBuf::from(env!("CARGO_BIN_EXE_revpilot-worker"));
+            let release = worker
+                .parent()
+                .and_then(|d| d.file_name())
+                .is_some_and(|n| n == "release");
+            let mut build = std::process::Command::new(env!("CARGO"));
+            build.args([
+                "build",
+                "--quiet",
+                "-p",
+                "revpilot-server",
+                "--bin",
+                "revpilot-server",
+            ]);
+            if release {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cargo runs");
+            assert!(status.success(), "cargo build -p revpilot-server failed");
+            let server = worker.with_file_name("revpilot-server");
+            assert!(server.exists(), "{} is missing", server.display());
+            server
+        })
+        .clone()
 }
 
 /// A fake Stripe holding one small account (`customers` customers), for every token.
