@@ -46,36 +46,73 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-/// The server binary next to this package's worker binary, built (or found up to date) by
-/// cargo first: `cargo test -p revpilot-worker` alone would otherwise run a stale one.
+/// The server binary next to this package's worker binary. `cargo test --workspace` builds it;
+/// when it is missing or older than a source it is built from (`cargo test -p revpilot-worker`
+/// after an edit), cargo builds it first, so a test never runs a stale server.
 pub(crate) fn server_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
             let worker = PathBuf::from(env!("CARGO_BIN_EXE_revpilot-worker"));
-            let release = worker
-                .parent()
-                .and_then(|d| d.file_name())
-                .is_some_and(|n| n == "release");
-            let mut build = std::process::Command::new(env!("CARGO"));
-            build.args([
-                "build",
-                "--quiet",
-                "-p",
-                "revpilot-server",
-                "--bin",
-                "revpilot-server",
-            ]);
-            if release {
-                build.arg("--release");
-            }
-            let status = build.status().expect("cargo runs");
-            assert!(status.success(), "cargo build -p revpilot-server failed");
             let server = worker.with_file_name("revpilot-server");
+            let built = std::fs::metadata(&server).and_then(|m| m.modified()).ok();
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let sources = [
+                "examples/server",
+                "examples/worker/src",
+                "revpilot-core/src",
+                "revpilot-stripe/src",
+                "revpilot-store/src",
+                "revpilot-store/migrations",
+                "revpilot-ai/src",
+            ];
+            let stale = match built {
+                None => true,
+                Some(built) => sources.iter().any(|d| newer_than(&root.join(d), built)),
+            };
+            if stale {
+                let mut build = std::process::Command::new(env!("CARGO"));
+                build.args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "revpilot-server",
+                    "--bin",
+                    "revpilot-server",
+                ]);
+                if worker
+                    .parent()
+                    .and_then(|d| d.file_name())
+                    .is_some_and(|n| n == "release")
+                {
+                    build.arg("--release");
+                }
+                assert!(
+                    build.status().expect("cargo runs").success(),
+                    "cargo build -p revpilot-server failed"
+                );
+            }
             assert!(server.exists(), "{} is missing", server.display());
             server
         })
         .clone()
+}
+
+/// Whether a file under `dir` was modified after `than`.
+fn newer_than(dir: &std::path::Path, than: std::time::SystemTime) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        if path.is_dir() {
+            newer_than(&path, than)
+        } else {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > than)
+        }
+    })
 }
 
 /// A fake Stripe holding one small account (`customers` customers), for every token.
