@@ -41,6 +41,17 @@ pub enum ExportError {
     /// One object cannot be read.
     #[error(transparent)]
     Object(#[from] ParseError),
+    /// The input ends inside the export.
+    #[error("the export is cut off at byte {offset}{}", kind.map(|k| format!(", inside the list of {k}s")).unwrap_or_default())]
+    Truncated {
+        /// The list being read, if any.
+        kind: Option<&'static str>,
+        /// The input's length.
+        offset: u64,
+    },
+    /// The input cannot be read.
+    #[error("reading the export: {0}")]
+    Read(String),
 }
 
 #[derive(Deserialize)]

@@ -31,6 +31,7 @@ use revpilot_core::model::{
 };
 use revpilot_core::{Account, Currency};
 use rust_decimal::Decimal;
+use serde::Deserialize;
 
 use crate::export::Export;
 use crate::objects::{self, CouponRef, DiscountRef};
@@ -187,7 +188,14 @@ fn parse_status(s: &str) -> Option<Status> {
     })
 }
 
-/// Rebuilds the account's history from its Stripe objects.
+/// Rebuilds the account's history from its Stripe objects, all held in memory.
+///
+/// This is the simple path, kept as the oracle of [`stream`]'s tests: [`stream::rebuild_reader`]
+/// yields exactly the same [`Rebuilt`] without ever holding every object.
+///
+/// An object that appears more than once (an export listed while the account changed) counts
+/// once, as its last occurrence; prices are the exception, the first readable definition of a
+/// price id wins, whoever embeds it (the price list, then subscription items, then invoice lines).
 pub fn rebuild(export: &Export) -> Rebuilt {
     let mut cx = Ctx {
         prices: HashMap::new(),
@@ -201,61 +209,178 @@ pub fn rebuild(export: &Export) -> Rebuilt {
         cx.coupons.insert(&c.id, c);
     }
     let mut account = Account::default();
-    for c in &export.customers {
-        let Some(created) = instant(c.created) else {
-            cx.issue(
-                &c.id,
-                format!("created {} is not a valid time; left out", c.created),
-            );
-            continue;
-        };
-        account.customers.push(model::Customer {
-            id: c.id.clone(),
-            created,
-            country: c.address.as_ref().and_then(|a| a.country.clone()),
-            metadata: c
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect::<Metadata>(),
-        });
+    for c in latest(&export.customers, |c| &c.id) {
+        if let Some(c) = customer(c, &mut cx.issues) {
+            account.customers.push(c);
+        }
     }
-    let mut invoices: HashMap<&str, Vec<&objects::Invoice>> = HashMap::new();
-    for inv in &export.invoices {
+    let mut names = Names::default();
+    let mut invoices: HashMap<&str, Vec<InvoiceDigest>> = HashMap::new();
+    for inv in latest(&export.invoices, |i| &i.id) {
         if let Some(sub) = inv.subscription_id() {
-            invoices.entry(sub).or_default().push(inv);
+            invoices
+                .entry(sub)
+                .or_default()
+                .push(InvoiceDigest::of(inv, &mut names));
         }
     }
     let mut events: HashMap<String, Vec<(&objects::Event, objects::Subscription)>> = HashMap::new();
-    for e in &export.events {
-        if !e.event_type.starts_with("customer.subscription.") {
-            continue;
-        }
-        match serde_json::from_value::<objects::Subscription>(e.data.object.clone()) {
-            Ok(sub) => events.entry(sub.id.clone()).or_default().push((e, sub)),
-            Err(err) => cx.issue(
-                &e.id,
-                format!("subscription in event unreadable ({err}); event ignored"),
-            ),
+    for e in latest(&export.events, |e| &e.id) {
+        if let Some(sub) = event_subscription(e, &mut cx.issues) {
+            events.entry(sub.id.clone()).or_default().push((e, sub));
         }
     }
-    for sub in &export.subscriptions {
-        let mut invs = invoices.remove(sub.id.as_str()).unwrap_or_default();
-        invs.sort_by_key(|i| (i.created, i.id.as_str()));
-        let mut evs = events.remove(&sub.id).unwrap_or_default();
-        evs.sort_by(|a, b| (a.0.created, &a.0.id).cmp(&(b.0.created, &b.0.id)));
-        if let Some(s) = rebuild_subscription(sub, &invs, &evs, &mut cx) {
+    for sub in latest(&export.subscriptions, |s| &s.id) {
+        let invs = invoices.remove(sub.id.as_str()).unwrap_or_default();
+        let evs = events.remove(&sub.id).unwrap_or_default();
+        if let Some(s) = rebuild_one(sub, invs, evs, &mut cx) {
             account.subscriptions.push(s);
         }
     }
-    for ch in &export.charges {
-        if let Some(p) = payment(ch, &mut cx) {
+    for ch in latest(&export.charges, |c| &c.id) {
+        if let Some(p) = payment(ch, &mut cx.issues) {
             account.payments.push(p);
         }
     }
     Rebuilt {
         account,
         issues: cx.issues,
+    }
+}
+
+/// The last occurrence of each id, in the order of those occurrences.
+fn latest<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<&T> {
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(items.len());
+    for (i, t) in items.iter().enumerate() {
+        last.insert(id(t), i);
+    }
+    items
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| last.get(id(t)) == Some(i))
+        .map(|(_, t)| t)
+        .collect()
+}
+
+/// One subscription with its invoices (any order) and its events (any order).
+fn rebuild_one(
+    sub: &objects::Subscription,
+    mut invoices: Vec<InvoiceDigest>,
+    mut events: Vec<(&objects::Event, objects::Subscription)>,
+    cx: &mut Ctx<'_>,
+) -> Option<model::Subscription> {
+    invoices.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+    events.sort_by(|a, b| (a.0.created, &a.0.id).cmp(&(b.0.created, &b.0.id)));
+    let invs: Vec<&InvoiceDigest> = invoices.iter().collect();
+    rebuild_subscription(sub, &invs, &events, cx)
+}
+
+/// A customer, or `None` (with an issue) when it cannot be placed in time.
+fn customer(c: &objects::Customer, issues: &mut Vec<Issue>) -> Option<model::Customer> {
+    let Some(created) = instant(c.created) else {
+        issues.push(Issue {
+            object: c.id.clone(),
+            problem: format!("created {} is not a valid time; left out", c.created),
+        });
+        return None;
+    };
+    Some(model::Customer {
+        id: c.id.clone(),
+        created,
+        country: c.address.as_ref().and_then(|a| a.country.clone()),
+        metadata: c
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Metadata>(),
+    })
+}
+
+/// The subscription a `customer.subscription.*` event carries; `None` for other events, and
+/// for an unreadable one (with an issue).
+fn event_subscription(
+    e: &objects::Event,
+    issues: &mut Vec<Issue>,
+) -> Option<objects::Subscription> {
+    if !e.event_type.starts_with("customer.subscription.") {
+        return None;
+    }
+    match objects::Subscription::deserialize(&e.data.object) {
+        Ok(sub) => Some(sub),
+        Err(err) => {
+            issues.push(Issue {
+                object: e.id.clone(),
+                problem: format!("subscription in event unreadable ({err}); event ignored"),
+            });
+            None
+        }
+    }
+}
+
+/// Interned names (price and subscription ids): a million invoice lines share a few strings.
+#[derive(Default)]
+pub(crate) struct Names(HashSet<Arc<str>>);
+
+impl Names {
+    pub(crate) fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.0.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.0.insert(n.clone());
+        n
+    }
+}
+
+/// What the rebuild reads of one invoice, a small fraction of the parsed object: the streaming
+/// rebuild keeps these, grouped by subscription, until the subscriptions are rebuilt.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct InvoiceDigest {
+    pub(crate) id: Box<str>,
+    pub(crate) created: i64,
+    /// `open` or `uncollectible`: it dates a past_due or unpaid status.
+    unpaid: bool,
+    lines_has_more: bool,
+    /// The lines that name a price and a period, in order.
+    lines: Vec<LineDigest>,
+    discount: Option<Box<objects::Discount>>,
+    discounts: Vec<DiscountRef>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct LineDigest {
+    price: Arc<str>,
+    period_start: i64,
+    quantity: u64,
+    proration: bool,
+    /// A negative amount: a proration taking its price away.
+    negative: bool,
+}
+
+impl InvoiceDigest {
+    pub(crate) fn of(inv: &objects::Invoice, names: &mut Names) -> Self {
+        InvoiceDigest {
+            id: inv.id.as_str().into(),
+            created: inv.created,
+            unpaid: matches!(inv.status.as_deref(), Some("open" | "uncollectible")),
+            lines_has_more: inv.lines.has_more,
+            lines: inv
+                .lines
+                .data
+                .iter()
+                .filter_map(|line| {
+                    Some(LineDigest {
+                        price: names.get(line.price_id()?),
+                        period_start: line.period?.start,
+                        quantity: line.quantity.unwrap_or(1),
+                        proration: line.is_proration(),
+                        negative: line.amount.is_some_and(|a| a < Decimal::ZERO),
+                    })
+                })
+                .collect(),
+            discount: inv.discount.clone().map(Box::new),
+            discounts: inv.discounts.clone(),
+        }
     }
 }
 
@@ -295,17 +420,22 @@ fn collect_prices<'a>(export: &'a Export, cx: &mut Ctx<'a>) {
                 .filter_map(|l| l.price.as_ref().or(l.plan.as_ref()))
         }));
     for p in export.prices.iter().chain(embedded) {
-        if cx.prices.contains_key(p.id.as_str()) || cx.bad_prices.contains(p.id.as_str()) {
-            continue;
+        consider_price(p, cx);
+    }
+}
+
+/// The first definition of a price id wins, readable or not.
+fn consider_price<'a>(p: &'a objects::Price, cx: &mut Ctx<'a>) {
+    if cx.prices.contains_key(p.id.as_str()) || cx.bad_prices.contains(p.id.as_str()) {
+        return;
+    }
+    match convert_price(p) {
+        Ok(price) => {
+            cx.prices.insert(&p.id, Arc::new(price));
         }
-        match convert_price(p) {
-            Ok(price) => {
-                cx.prices.insert(&p.id, Arc::new(price));
-            }
-            Err(problem) => {
-                cx.bad_prices.insert(&p.id);
-                cx.issue(&p.id, format!("{problem}; items billing it are left out"));
-            }
+        Err(problem) => {
+            cx.bad_prices.insert(&p.id);
+            cx.issue(&p.id, format!("{problem}; items billing it are left out"));
         }
     }
 }
@@ -330,7 +460,7 @@ fn items_state<'a>(sub: &'a objects::Subscription, cx: &Ctx<'_>) -> State<'a> {
 
 fn rebuild_subscription(
     sub: &objects::Subscription,
-    invoices: &[&objects::Invoice],
+    invoices: &[&InvoiceDigest],
     events: &[(&objects::Event, objects::Subscription)],
     cx: &mut Ctx<'_>,
 ) -> Option<model::Subscription> {
@@ -370,32 +500,29 @@ fn rebuild_subscription(
     // Facts keyed by instant.
     let mut facts: BTreeMap<i64, Fact<'_>> = BTreeMap::new();
     for inv in invoices {
-        if inv.lines.has_more {
+        if inv.lines_has_more {
             cx.issue(
                 &inv.id,
                 "lines cut at the embedded page (has_more); the rest are missing",
             );
         }
         let mut regular: Option<(i64, State<'_>)> = None;
-        for line in &inv.lines.data {
-            let Some(price) = line.price_id() else {
-                continue;
-            };
-            let Some(period) = line.period else { continue };
+        for line in &inv.lines {
+            let price = &*line.price;
             if !is_licensed(cx, price) {
                 continue;
             }
-            let qty = line.quantity.unwrap_or(1);
-            if line.is_proration() {
-                let fact = facts.entry(period.start).or_default();
-                if line.amount.is_some_and(|a| a < Decimal::ZERO) {
+            let (qty, start) = (line.quantity, line.period_start);
+            if line.proration {
+                let fact = facts.entry(start).or_default();
+                if line.negative {
                     fact.removed.push((price, qty));
                 } else {
                     fact.added.push((price, qty));
                 }
             } else {
-                let (at, state) = regular.get_or_insert_with(|| (period.start, State::new()));
-                *at = (*at).min(period.start);
+                let (at, state) = regular.get_or_insert_with(|| (start, State::new()));
+                *at = (*at).min(start);
                 *state.entry(price).or_default() += qty;
             }
         }
@@ -604,7 +731,7 @@ fn fmt_secs(secs: i64) -> String {
 fn statuses(
     sub: &objects::Subscription,
     start: i64,
-    invoices: &[&objects::Invoice],
+    invoices: &[&InvoiceDigest],
     facts: &BTreeMap<i64, Fact<'_>>,
     cx: &mut Ctx<'_>,
 ) -> Vec<StatusChange> {
@@ -639,11 +766,9 @@ fn statuses(
     if last != Some(current) {
         let dated = match current {
             Status::Canceled => sub.ended_at.or(sub.canceled_at),
-            Status::PastDue | Status::Unpaid => invoices
-                .iter()
-                .rev()
-                .find(|i| matches!(i.status.as_deref(), Some("open" | "uncollectible")))
-                .map(|i| i.created),
+            Status::PastDue | Status::Unpaid => {
+                invoices.iter().rev().find(|i| i.unpaid).map(|i| i.created)
+            }
             Status::Paused => sub.trial_end,
             _ => None,
         };
@@ -723,7 +848,7 @@ fn statuses(
 
 fn discounts(
     sub: &objects::Subscription,
-    invoices: &[&objects::Invoice],
+    invoices: &[&InvoiceDigest],
     currency: Currency,
     cx: &mut Ctx<'_>,
 ) -> Vec<model::Discount> {
@@ -741,12 +866,8 @@ fn discounts(
         .chain(invoices.iter().flat_map(|i| {
             i.discount
                 .iter()
-                .map(move |d| (i.id.as_str(), Some(d), None))
-                .chain(
-                    i.discounts
-                        .iter()
-                        .map(move |r| (i.id.as_str(), disc(r), id_of(r))),
-                )
+                .map(move |d| (&*i.id, Some(&**d), None))
+                .chain(i.discounts.iter().map(move |r| (&*i.id, disc(r), id_of(r))))
         }))
         .collect::<Vec<_>>();
     for (holder, d, id) in refs {
@@ -858,19 +979,29 @@ fn id_of(r: &DiscountRef) -> Option<&str> {
     }
 }
 
-fn payment(ch: &objects::Charge, cx: &mut Ctx<'_>) -> Option<model::Payment> {
+/// A succeeded charge as cash, with its succeeded refunds.
+fn payment(ch: &objects::Charge, issues: &mut Vec<Issue>) -> Option<model::Payment> {
+    let mut issue = |object: &str, problem: String| {
+        issues.push(Issue {
+            object: object.to_owned(),
+            problem,
+        });
+    };
     if ch.status != "succeeded" {
         return None;
     }
     let currency = match Currency::parse(&ch.currency) {
         Ok(c) => c,
         Err(e) => {
-            cx.issue(&ch.id, format!("{e}; charge left out"));
+            issue(&ch.id, format!("{e}; charge left out"));
             return None;
         }
     };
     let Some(at) = instant(ch.created) else {
-        cx.issue(&ch.id, "created is not a valid time; charge left out");
+        issue(
+            &ch.id,
+            "created is not a valid time; charge left out".to_owned(),
+        );
         return None;
     };
     let amount = ch
@@ -885,7 +1016,10 @@ fn payment(ch: &objects::Charge, cx: &mut Ctx<'_>) -> Option<model::Payment> {
                 continue;
             }
             let Some(at) = instant(r.created) else {
-                cx.issue(&r.id, "created is not a valid time; refund left out");
+                issue(
+                    &r.id,
+                    "created is not a valid time; refund left out".to_owned(),
+                );
                 continue;
             };
             listed += r.amount;
@@ -898,12 +1032,12 @@ fn payment(ch: &objects::Charge, cx: &mut Ctx<'_>) -> Option<model::Payment> {
     if let Some(total) = ch.amount_refunded
         && total > listed
     {
-        cx.issue(
-                &ch.id,
-                format!(
-                    "amount_refunded {total} exceeds the refunds listed ({listed}): list the charge's refunds in full"
-                ),
-            );
+        issue(
+            &ch.id,
+            format!(
+                "amount_refunded {total} exceeds the refunds listed ({listed}): list the charge's refunds in full"
+            ),
+        );
     }
     Some(model::Payment {
         id: ch.id.clone(),
@@ -914,6 +1048,8 @@ fn payment(ch: &objects::Charge, cx: &mut Ctx<'_>) -> Option<model::Payment> {
         refunds,
     })
 }
+
+pub mod stream;
 
 #[cfg(test)]
 mod tests;

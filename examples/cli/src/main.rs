@@ -23,8 +23,8 @@ use revpilot_core::ports::{
 use revpilot_core::{Currency, Profile};
 use revpilot_store::{KeyRing, SqliteStore};
 use revpilot_stripe::client::{Client, ClientConfig};
-use revpilot_stripe::export::Export;
-use revpilot_stripe::rebuild::rebuild;
+use revpilot_stripe::rebuild::Rebuilt;
+use revpilot_stripe::rebuild::stream::{StreamOptions, rebuild_reader};
 use revpilot_stripe::sync::{Progress, SyncJob, SyncPorts, Syncer, export_account};
 use secrecy::SecretString;
 
@@ -183,8 +183,8 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("{what}: {:.3} s", clock.elapsed().as_secs_f64());
                 }
             };
-            let export = read_export(&input)?;
-            lap("read and parsed");
+            let rebuilt = read_export(&input)?;
+            lap("read, parsed and rebuilt");
             let currency = parse_currency(&currency)?;
             let profile = parse_profile(&profile)?;
             let fx_table = match &fx {
@@ -194,10 +194,6 @@ fn run(cli: Cli) -> Result<()> {
                 ),
                 None => None,
             };
-            let rebuilt = rebuild(&export);
-            lap("history rebuilt");
-            drop(export);
-            lap("export freed");
             let engine = Engine::new(&rebuilt.account, profile.rules(), currency);
             let engine = match &fx_table {
                 Some(t) => engine.with_fx(t),
@@ -227,10 +223,9 @@ fn run(cli: Cli) -> Result<()> {
             vs,
             currency,
         } => {
-            let export = read_export(&input)?;
+            let rebuilt = read_export(&input)?;
             let currency = parse_currency(&currency)?;
             let (a, b) = (parse_profile(&profile)?, parse_profile(&vs)?);
-            let rebuilt = rebuild(&export);
             let engine = Engine::new(&rebuilt.account, a.rules(), currency);
             let diff = engine
                 .diff_profiles(&b.rules(), date)
@@ -287,10 +282,13 @@ fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Failure::Input(format!("{}: {e}", path.display())))
 }
 
-fn read_export(path: &Path) -> Result<Export> {
-    let bytes =
-        std::fs::read(path).map_err(|e| Failure::Input(format!("{}: {e}", path.display())))?;
-    Export::from_json(&bytes).map_err(|e| Failure::Input(format!("{}: {e}", path.display())))
+/// Streams the export file into the rebuilt account: the file is read once in batches, never
+/// held whole.
+fn read_export(path: &Path) -> Result<Rebuilt> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| Failure::Input(format!("{}: {e}", path.display())))?;
+    rebuild_reader(file, &StreamOptions::default())
+        .map_err(|e| Failure::Input(format!("{}: {e}", path.display())))
 }
 
 fn parse_currency(code: &str) -> Result<Currency> {

@@ -158,8 +158,37 @@ fn charge_at(created: i64) -> Value {
     ch
 }
 
-fn export(v: Value) -> Export {
-    Export::from_json(v.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+/// A case's export, as parsed objects and as the bytes the streaming rebuild reads.
+struct Case {
+    export: Export,
+    json: Vec<u8>,
+}
+
+fn export(v: Value) -> Case {
+    let json = v.to_string().into_bytes();
+    Case {
+        export: Export::from_json(&json).unwrap_or_else(|e| panic!("{e}")),
+        json,
+    }
+}
+
+/// Every case is rebuilt both ways: the streaming rebuild (one object per tiny batch, so every
+/// object crosses a buffer boundary) must equal the in-memory one.
+fn rebuild(case: &Case) -> Rebuilt {
+    let simple = super::rebuild(&case.export);
+    for batch_bytes in [64, 1 << 20] {
+        let options = stream::StreamOptions {
+            batch_bytes,
+            threads: 2,
+        };
+        let streamed =
+            stream::rebuild_reader(&case.json[..], &options).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            streamed, simple,
+            "streamed in batches of {batch_bytes} bytes"
+        );
+    }
+    simple
 }
 
 fn mrr(r: &Rebuilt, y: i32, m: u32, d: u32) -> String {

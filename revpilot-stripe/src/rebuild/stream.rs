@@ -1,0 +1,756 @@
+//! The streaming rebuild: an export flows once from its bytes to the compact [`Account`], and no
+//! list of every Stripe object is ever held.
+//!
+//! - **Read in batches.** The reader fills a few reused buffers (a batch each, 8 MiB by default).
+//!   A splitter walks the top-level object and cuts each array into its elements' byte ranges,
+//!   without parsing them: it only follows strings and brackets. An element cut by the end of a
+//!   buffer is carried into the next one.
+//! - **Parsed on every core.** Workers take batches in turn, parse each element into RevPilot's
+//!   tolerant type and fold it at once into what the rebuild keeps of it: a customer or a payment
+//!   as the core's model, an invoice as an [`InvoiceDigest`] (its lines' prices interned), a
+//!   subscription as parsed (one per customer or so), prices and coupons as parsed (few).
+//! - **Then rebuilt.** Once the input ends, every kind is reduced to the last occurrence of each
+//!   id (the order of the file never matters: a customer's invoices can be anywhere), invoices
+//!   are grouped by subscription, and the subscriptions are rebuilt as [`super::rebuild`] does,
+//!   in the same order, with the same issues.
+//!
+//! Memory follows the compact model: the buffers in flight, the digests, and the account built.
+//! [`super::rebuild`], which holds every object, is kept as this module's test oracle.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use revpilot_core::Account;
+use revpilot_core::model;
+
+use super::{
+    Ctx, InvoiceDigest, Issue, Names, Rebuilt, consider_price, customer, event_subscription,
+    payment, rebuild_one,
+};
+use crate::export::ExportError;
+use crate::objects::{self, ParseError};
+
+/// How the export is read.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Bytes read per batch (a batch grows when one object is larger).
+    pub batch_bytes: usize,
+    /// Parsing threads (at least 1).
+    pub threads: usize,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            batch_bytes: 8 << 20,
+            threads: std::thread::available_parallelism().map_or(1, usize::from),
+        }
+    }
+}
+
+/// Rebuilds an account from export bytes already in memory (see [`rebuild_reader`]).
+///
+/// # Errors
+/// As [`rebuild_reader`].
+pub fn rebuild_json(json: &[u8]) -> Result<Rebuilt, ExportError> {
+    rebuild_reader(json, &StreamOptions::default())
+}
+
+/// Rebuilds an account from an export read from `reader` (a file, a socket, a slice), holding
+/// only the buffers in flight and the compact model: the same [`Rebuilt`] as
+/// [`super::rebuild`] of the whole [`crate::export::Export`].
+///
+/// # Errors
+/// [`ExportError::Shape`] when the input is not a JSON object of lists (with the byte offset),
+/// [`ExportError::Truncated`] when it ends inside the object, [`ExportError::Object`] naming the
+/// first object that cannot be read (its kind and id, or its byte offset when it has no id), and
+/// [`ExportError::Read`] when the reader fails.
+pub fn rebuild_reader<R: Read>(
+    mut reader: R,
+    options: &StreamOptions,
+) -> Result<Rebuilt, ExportError> {
+    let threads = options.threads.max(1);
+    let batch_bytes = options.batch_bytes.max(64);
+    let (work_tx, work_rx) = mpsc::sync_channel::<Batch>(threads);
+    let work_rx = Mutex::new(work_rx);
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    let stop = AtomicBool::new(false);
+    let (read, parts) = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (work_rx, free_tx, stop) = (&work_rx, free_tx.clone(), &stop);
+                scope.spawn(move || work(work_rx, &free_tx, stop))
+            })
+            .collect();
+        let read = split_all(&mut reader, batch_bytes, &work_tx, &free_rx, &stop);
+        drop(work_tx);
+        let parts: Vec<Part> = workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect();
+        (read, parts)
+    });
+    // The error nearest the start of the input wins, wherever it was found.
+    let mut first: Option<(u64, ExportError)> = read.err();
+    for part in &parts {
+        if let Some((at, e)) = &part.error
+            && first.as_ref().is_none_or(|(f, _)| at < f)
+        {
+            first = Some((*at, e.clone()));
+        }
+    }
+    if let Some((_, e)) = first {
+        return Err(e);
+    }
+    Ok(assemble(parts))
+}
+
+/// The kinds of the export's lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Customer,
+    Subscription,
+    Invoice,
+    Charge,
+    Price,
+    Coupon,
+    Event,
+}
+
+impl Kind {
+    fn of_key(key: &str) -> Option<Kind> {
+        Some(match key {
+            "customers" => Kind::Customer,
+            "subscriptions" => Kind::Subscription,
+            "invoices" => Kind::Invoice,
+            "charges" => Kind::Charge,
+            "prices" => Kind::Price,
+            "coupons" => Kind::Coupon,
+            "events" => Kind::Event,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Customer => "customer",
+            Kind::Subscription => "subscription",
+            Kind::Invoice => "invoice",
+            Kind::Charge => "charge",
+            Kind::Price => "price",
+            Kind::Coupon => "coupon",
+            Kind::Event => "event",
+        }
+    }
+}
+
+/// One array element: its kind and its byte range in the batch's buffer.
+struct Element {
+    kind: Kind,
+    start: usize,
+    end: usize,
+}
+
+/// A filled buffer and the elements cut from it; `base` is the buffer's offset in the input.
+struct Batch {
+    buf: Vec<u8>,
+    base: u64,
+    elements: Vec<Element>,
+}
+
+/// Reads `reader` to its end in batches, cutting each into elements for the workers. Stops
+/// early when a worker met an error.
+fn split_all<R: Read>(
+    reader: &mut R,
+    batch_bytes: usize,
+    work: &mpsc::SyncSender<Batch>,
+    free: &mpsc::Receiver<Vec<u8>>,
+    stop: &AtomicBool,
+) -> Result<(), (u64, ExportError)> {
+    let mut splitter = Splitter::default();
+    let mut buf = vec![0u8; batch_bytes];
+    let (mut filled, mut base, mut eof) = (0usize, 0u64, false);
+    loop {
+        while filled < buf.len() && !eof {
+            match reader.read(&mut buf[filled..]) {
+                Ok(0) => eof = true,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((base + filled as u64, ExportError::Read(e.to_string()))),
+            }
+        }
+        let mut elements = Vec::new();
+        let consumed = splitter
+            .feed(&buf[..filled], base, eof, &mut elements)
+            .map_err(|e| (e.offset(), ExportError::from(e)))?;
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if eof {
+            if !elements.is_empty() {
+                let _ = work.send(Batch {
+                    buf,
+                    base,
+                    elements,
+                });
+            }
+            return Ok(());
+        }
+        // The unread tail moves to the next buffer; one element larger than a buffer doubles it.
+        let tail = filled - consumed;
+        let want = if consumed == 0 {
+            buf.len() * 2
+        } else {
+            batch_bytes.max(tail + 1)
+        };
+        let mut next = free.try_recv().unwrap_or_default();
+        if next.len() < want {
+            next.resize(want, 0);
+        }
+        next[..tail].copy_from_slice(&buf[consumed..filled]);
+        if elements.is_empty() {
+            drop(buf);
+        } else if work
+            .send(Batch {
+                buf,
+                base,
+                elements,
+            })
+            .is_err()
+        {
+            return Ok(());
+        }
+        base += consumed as u64;
+        buf = next;
+        filled = tail;
+    }
+}
+
+/// Where the splitter is in the top-level object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum At {
+    /// Before the opening brace.
+    #[default]
+    Start,
+    /// After `{` (a key or `}`) or after `,` (a key).
+    Key { first: bool },
+    /// After a key: `:`.
+    Colon(Option<Kind>),
+    /// After `:`: the value (a list for a known key).
+    Value(Option<Kind>),
+    /// In a list: an element, or `]` when `first`.
+    Element { kind: Kind, first: bool },
+    /// After an element: `,` or `]`.
+    AfterElement(Kind),
+    /// After a value: `,` or `}`.
+    AfterValue,
+    /// After the closing brace: only whitespace.
+    Done,
+}
+
+/// Cuts the export's top-level object into array elements, across buffers.
+#[derive(Default)]
+struct Splitter {
+    at: At,
+    seen: HashSet<&'static str>,
+}
+
+/// Why the splitter stopped, with the input offset.
+#[derive(Debug)]
+enum SplitError {
+    Shape(u64, String),
+    Truncated(u64, Option<Kind>),
+}
+
+impl SplitError {
+    fn offset(&self) -> u64 {
+        match self {
+            SplitError::Shape(at, _) | SplitError::Truncated(at, _) => *at,
+        }
+    }
+}
+
+impl From<SplitError> for ExportError {
+    fn from(e: SplitError) -> Self {
+        match e {
+            SplitError::Shape(at, what) => ExportError::Shape(format!("at byte {at}: {what}")),
+            SplitError::Truncated(at, kind) => ExportError::Truncated {
+                kind: kind.map(Kind::name),
+                offset: at,
+            },
+        }
+    }
+}
+
+impl Splitter {
+    /// Walks `buf` (input offset `base`) as far as complete tokens go, pushing the elements met.
+    /// Returns how many bytes were consumed: the rest starts an unfinished token and is fed again
+    /// with more input. At `eof` the input must be complete.
+    fn feed(
+        &mut self,
+        buf: &[u8],
+        base: u64,
+        eof: bool,
+        out: &mut Vec<Element>,
+    ) -> Result<usize, SplitError> {
+        let at_byte = |i: usize| base + i as u64;
+        let mut i = 0;
+        loop {
+            while i < buf.len() && buf[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            if i == buf.len() {
+                if !eof || self.at == At::Done {
+                    return Ok(i);
+                }
+                let kind = match self.at {
+                    At::Element { kind, .. } | At::AfterElement(kind) => Some(kind),
+                    At::Colon(kind) | At::Value(kind) => kind,
+                    _ => None,
+                };
+                return Err(SplitError::Truncated(at_byte(i), kind));
+            }
+            let c = buf[i];
+            let shape = |what: &str| SplitError::Shape(at_byte(i), what.to_owned());
+            match self.at {
+                At::Start => {
+                    if c != b'{' {
+                        return Err(shape(
+                            "expected a JSON object with keys such as \"customers\" and \"subscriptions\"",
+                        ));
+                    }
+                    self.at = At::Key { first: true };
+                    i += 1;
+                }
+                At::Key { first } => {
+                    if c == b'}' && first {
+                        self.at = At::Done;
+                        i += 1;
+                        continue;
+                    }
+                    if c != b'"' {
+                        return Err(shape("expected a key"));
+                    }
+                    let Some(end) = string_end(buf, i) else {
+                        return self.incomplete(i, eof, base, None);
+                    };
+                    let key: String = serde_json::from_slice(&buf[i..end])
+                        .map_err(|e| SplitError::Shape(at_byte(i), format!("key: {e}")))?;
+                    let kind = Kind::of_key(&key);
+                    if let Some(k) = kind
+                        && !self.seen.insert(k.name())
+                    {
+                        return Err(SplitError::Shape(
+                            at_byte(i),
+                            format!("duplicate field `{key}`"),
+                        ));
+                    }
+                    self.at = At::Colon(kind);
+                    i = end;
+                }
+                At::Colon(kind) => {
+                    if c != b':' {
+                        return Err(shape("expected ':'"));
+                    }
+                    self.at = At::Value(kind);
+                    i += 1;
+                }
+                At::Value(Some(kind)) => {
+                    if c != b'[' {
+                        return Err(SplitError::Shape(
+                            at_byte(i),
+                            format!("the value of \"{}s\" is not a list", kind.name()),
+                        ));
+                    }
+                    self.at = At::Element { kind, first: true };
+                    i += 1;
+                }
+                At::Value(None) => {
+                    // Another key's value: skipped, but it must be JSON.
+                    let Some(end) = value_end(buf, i, eof) else {
+                        return self.incomplete(i, eof, base, None);
+                    };
+                    serde_json::from_slice::<serde::de::IgnoredAny>(&buf[i..end])
+                        .map_err(|e| SplitError::Shape(at_byte(i), e.to_string()))?;
+                    self.at = At::AfterValue;
+                    i = end;
+                }
+                At::Element { kind, first } => {
+                    if c == b']' && first {
+                        self.at = At::AfterValue;
+                        i += 1;
+                        continue;
+                    }
+                    let Some(end) = value_end(buf, i, eof) else {
+                        return self.incomplete(i, eof, base, Some(kind));
+                    };
+                    out.push(Element {
+                        kind,
+                        start: i,
+                        end,
+                    });
+                    self.at = At::AfterElement(kind);
+                    i = end;
+                }
+                At::AfterElement(kind) => {
+                    self.at = match c {
+                        b',' => At::Element { kind, first: false },
+                        b']' => At::AfterValue,
+                        _ => return Err(shape("expected ',' or ']' after a list element")),
+                    };
+                    i += 1;
+                }
+                At::AfterValue => {
+                    self.at = match c {
+                        b',' => At::Key { first: false },
+                        b'}' => At::Done,
+                        _ => return Err(shape("expected ',' or '}'")),
+                    };
+                    i += 1;
+                }
+                At::Done => return Err(shape("trailing characters after the export")),
+            }
+        }
+    }
+
+    /// A token starting at `i` is not complete in this buffer.
+    fn incomplete(
+        &self,
+        i: usize,
+        eof: bool,
+        base: u64,
+        kind: Option<Kind>,
+    ) -> Result<usize, SplitError> {
+        if eof {
+            Err(SplitError::Truncated(base + i as u64, kind))
+        } else {
+            Ok(i)
+        }
+    }
+}
+
+/// The end (exclusive) of the string starting with the quote at `buf[i]`, or `None` when the
+/// buffer ends first.
+fn string_end(buf: &[u8], i: usize) -> Option<usize> {
+    let mut k = i + 1;
+    loop {
+        let j = k + memchr::memchr2(b'"', b'\\', buf.get(k..)?)?;
+        if buf[j] == b'"' {
+            return Some(j + 1);
+        }
+        k = j + 2;
+    }
+}
+
+/// The end (exclusive) of the JSON value starting at `buf[i]`, or `None` when the buffer ends
+/// first. Only strings and brackets are followed: the value's own parser checks the rest. In an
+/// object only braces count (brackets balance inside it in any valid JSON), so one `memchr3`
+/// finds the next byte that matters.
+fn value_end(buf: &[u8], i: usize, eof: bool) -> Option<usize> {
+    let (open, close) = match buf[i] {
+        b'"' => return string_end(buf, i),
+        b'{' => (b'{', b'}'),
+        b'[' => (b'[', b']'),
+        _ => {
+            let len = buf[i..]
+                .iter()
+                .position(|c| matches!(c, b',' | b']' | b'}') || c.is_ascii_whitespace());
+            return match len {
+                Some(len) => Some(i + len),
+                None if eof => Some(buf.len()),
+                None => None,
+            };
+        }
+    };
+    let mut depth = 0usize;
+    let mut k = i;
+    loop {
+        let j = k + memchr::memchr3(b'"', open, close, buf.get(k..)?)?;
+        if buf[j] == b'"' {
+            k = string_end(buf, j)?;
+        } else if buf[j] == open {
+            depth += 1;
+            k = j + 1;
+        } else {
+            depth -= 1;
+            k = j + 1;
+            if depth == 0 {
+                return Some(k);
+            }
+        }
+    }
+}
+
+/// A key ordering the first definition of a price: the price list, then subscription items,
+/// then invoice lines, each in input order.
+type PriceKey = (u8, u64, u32);
+
+/// What one worker folded from the batches it took.
+#[derive(Default)]
+struct Part {
+    error: Option<(u64, ExportError)>,
+    as_of: i64,
+    prices: Vec<(PriceKey, objects::Price)>,
+    /// The first embedded definition of each price id this worker met.
+    embedded: HashMap<String, (PriceKey, objects::Price)>,
+    coupons: Vec<(u64, objects::Coupon)>,
+    customers: Vec<(u64, Converted<model::Customer>)>,
+    subscriptions: Vec<(u64, objects::Subscription)>,
+    invoices: Vec<(u64, Option<Arc<str>>, InvoiceDigest)>,
+    charges: Vec<(u64, Converted<model::Payment>)>,
+    events: Vec<(u64, objects::Event)>,
+    names: Names,
+}
+
+/// An object converted as soon as it is read: its id, the result and the issues met.
+struct Converted<T> {
+    id: Box<str>,
+    value: Option<T>,
+    issues: Vec<Issue>,
+}
+
+fn work(
+    batches: &Mutex<mpsc::Receiver<Batch>>,
+    free: &mpsc::Sender<Vec<u8>>,
+    stop: &AtomicBool,
+) -> Part {
+    let mut part = Part::default();
+    loop {
+        let batch = {
+            let Ok(rx) = batches.lock() else { break };
+            rx.recv()
+        };
+        let Ok(batch) = batch else { break };
+        if part.error.is_none() && !stop.load(Ordering::Relaxed) {
+            for e in &batch.elements {
+                let at = batch.base + e.start as u64;
+                if let Err(err) = part.fold(e.kind, &batch.buf[e.start..e.end], at) {
+                    part.error = Some((at, ExportError::Object(err)));
+                    stop.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        let _ = free.send(batch.buf);
+    }
+    part
+}
+
+impl Part {
+    fn fold(&mut self, kind: Kind, json: &[u8], at: u64) -> Result<(), ParseError> {
+        let name = kind.name();
+        match kind {
+            Kind::Price => {
+                let p: objects::Price = parse(name, json, at)?;
+                self.prices.push(((0, at, 0), p));
+            }
+            Kind::Coupon => self.coupons.push((at, parse(name, json, at)?)),
+            Kind::Customer => {
+                let c: objects::Customer = parse(name, json, at)?;
+                self.as_of = self.as_of.max(c.created);
+                let mut issues = Vec::new();
+                let value = customer(&c, &mut issues);
+                self.customers.push((
+                    at,
+                    Converted {
+                        id: c.id.into(),
+                        value,
+                        issues,
+                    },
+                ));
+            }
+            Kind::Subscription => {
+                let s: objects::Subscription = parse(name, json, at)?;
+                self.as_of = [
+                    Some(s.created),
+                    s.canceled_at,
+                    s.ended_at,
+                    s.current_period_start,
+                ]
+                .into_iter()
+                .flatten()
+                .chain(s.items.data.iter().filter_map(|i| i.current_period_start))
+                .fold(self.as_of, i64::max);
+                for (n, item) in s.items.data.iter().enumerate() {
+                    if let Some(p) = item.price() {
+                        self.embed((1, at, index(n)), p);
+                    }
+                }
+                self.subscriptions.push((at, s));
+            }
+            Kind::Invoice => {
+                let inv: objects::Invoice = parse(name, json, at)?;
+                self.as_of = self.as_of.max(inv.created);
+                for (n, line) in inv.lines.data.iter().enumerate() {
+                    if let Some(p) = line.price.as_ref().or(line.plan.as_ref()) {
+                        self.embed((2, at, index(n)), p);
+                    }
+                }
+                let sub = inv.subscription_id().map(|s| self.names.get(s));
+                let digest = InvoiceDigest::of(&inv, &mut self.names);
+                self.invoices.push((at, sub, digest));
+            }
+            Kind::Charge => {
+                let ch: objects::Charge = parse(name, json, at)?;
+                self.as_of = self.as_of.max(ch.created);
+                let mut issues = Vec::new();
+                let value = payment(&ch, &mut issues);
+                self.charges.push((
+                    at,
+                    Converted {
+                        id: ch.id.into(),
+                        value,
+                        issues,
+                    },
+                ));
+            }
+            Kind::Event => {
+                let e: objects::Event = parse(name, json, at)?;
+                self.as_of = self.as_of.max(e.created);
+                self.events.push((at, e));
+            }
+        }
+        Ok(())
+    }
+
+    fn embed(&mut self, key: PriceKey, price: &objects::Price) {
+        match self.embedded.get_mut(price.id.as_str()) {
+            Some(have) if have.0 <= key => {}
+            Some(have) => *have = (key, price.clone()),
+            None => {
+                self.embedded.insert(price.id.clone(), (key, price.clone()));
+            }
+        }
+    }
+}
+
+fn index(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// [`objects::parse`], naming the byte offset when the object has no readable id.
+fn parse<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    json: &[u8],
+    at: u64,
+) -> Result<T, ParseError> {
+    objects::parse(kind, json).map_err(|mut e| {
+        if e.id == "(no id)" {
+            e.id = format!("(no id, at byte {at})");
+        }
+        e
+    })
+}
+
+/// The last occurrence of each id, in input order.
+fn latest<T>(mut items: Vec<(u64, T)>, id: impl Fn(&T) -> &str) -> Vec<(u64, T)> {
+    items.sort_unstable_by_key(|(at, _)| *at);
+    let mut last: HashMap<&str, u64> = HashMap::with_capacity(items.len());
+    for (at, t) in &items {
+        last.insert(id(t), *at);
+    }
+    let keep: Vec<bool> = items
+        .iter()
+        .map(|(at, t)| last.get(id(t)) == Some(at))
+        .collect();
+    drop(last);
+    let mut keep = keep.into_iter();
+    items.retain(|_| keep.next().unwrap_or(false));
+    items
+}
+
+/// Everything the workers folded, rebuilt in [`super::rebuild`]'s order.
+fn assemble(parts: Vec<Part>) -> Rebuilt {
+    let mut as_of = 0;
+    let mut prices = Vec::new();
+    let mut embedded: HashMap<String, (PriceKey, objects::Price)> = HashMap::new();
+    let (mut coupons, mut customers, mut subscriptions) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut invoices, mut charges, mut events) = (Vec::new(), Vec::new(), Vec::new());
+    for p in parts {
+        as_of = as_of.max(p.as_of);
+        prices.extend(p.prices);
+        for (id, (key, price)) in p.embedded {
+            match embedded.get_mut(&id) {
+                Some(have) if have.0 <= key => {}
+                Some(have) => *have = (key, price),
+                None => {
+                    embedded.insert(id, (key, price));
+                }
+            }
+        }
+        coupons.extend(p.coupons);
+        customers.extend(p.customers);
+        subscriptions.extend(p.subscriptions);
+        invoices.extend(p.invoices);
+        charges.extend(p.charges);
+        events.extend(p.events);
+    }
+    prices.extend(embedded.into_values());
+    prices.sort_unstable_by_key(|(key, _)| *key);
+    coupons.sort_unstable_by_key(|(at, _)| *at);
+
+    let mut cx = Ctx {
+        prices: HashMap::new(),
+        bad_prices: HashSet::new(),
+        coupons: HashMap::new(),
+        issues: Vec::new(),
+        as_of,
+    };
+    for (_, p) in &prices {
+        consider_price(p, &mut cx);
+    }
+    for (_, c) in &coupons {
+        cx.coupons.insert(&c.id, c);
+    }
+    let mut account = Account::default();
+    for (_, c) in latest(customers, |c| &*c.id) {
+        cx.issues.extend(c.issues);
+        account.customers.extend(c.value);
+    }
+    let mut by_sub: HashMap<Arc<str>, Vec<InvoiceDigest>> = HashMap::new();
+    for (_, (sub, inv)) in latest(
+        invoices
+            .into_iter()
+            .map(|(at, sub, inv)| (at, (sub, inv)))
+            .collect(),
+        |(_, inv)| &*inv.id,
+    ) {
+        if let Some(sub) = sub {
+            by_sub.entry(sub).or_default().push(inv);
+        }
+    }
+    let events = latest(events, |e| &e.id);
+    let mut events_by_sub: HashMap<String, Vec<(&objects::Event, objects::Subscription)>> =
+        HashMap::new();
+    for (_, e) in &events {
+        if let Some(sub) = event_subscription(e, &mut cx.issues) {
+            events_by_sub
+                .entry(sub.id.clone())
+                .or_default()
+                .push((e, sub));
+        }
+    }
+    for (_, sub) in latest(subscriptions, |s| &s.id) {
+        let invs = by_sub.remove(sub.id.as_str()).unwrap_or_default();
+        let evs = events_by_sub.remove(&sub.id).unwrap_or_default();
+        if let Some(s) = rebuild_one(&sub, invs, evs, &mut cx) {
+            account.subscriptions.push(s);
+        }
+    }
+    for (_, ch) in latest(charges, |c| &*c.id) {
+        cx.issues.extend(ch.issues);
+        account.payments.extend(ch.value);
+    }
+    Rebuilt {
+        account,
+        issues: cx.issues,
+    }
+}
+
+#[cfg(test)]
+mod tests;
