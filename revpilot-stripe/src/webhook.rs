@@ -6,6 +6,11 @@
 //! when **any** of them matches any of the secrets (async-stripe keeps only the last `v1`, so this
 //! is done here with `hmac`, `sha2` and a constant-time compare from `subtle`). Other schemes
 //! (`v0`) are ignored. The timestamp must be within the tolerance of `now`, in both directions.
+//!
+//! A `v1` is exactly what Stripe's signer writes: 64 lower-case hex digits. The official SDKs
+//! compare that lower-case string, so they refuse `B8565f...` even when it decodes to the right
+//! bytes; decoding case-insensitively would accept headers Stripe never sends, so any other
+//! spelling makes the header unreadable here.
 
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
@@ -50,12 +55,25 @@ pub struct SignatureHeader {
     pub v1: Vec<Vec<u8>>,
 }
 
+/// The length of a `v1` signature: an HMAC-SHA256 in hex.
+const V1_HEX_LEN: usize = 64;
+
+/// Decodes a `v1` signature written as Stripe writes it (64 lower-case hex digits), else `None`.
+fn decode_v1(value: &str) -> Option<Vec<u8>> {
+    let lower_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    if value.len() != V1_HEX_LEN || !value.bytes().all(lower_hex) {
+        return None;
+    }
+    hex::decode(value).ok()
+}
+
 impl SignatureHeader {
     /// Parses `t=...,v1=...[,v1=...][,v0=...]`.
     ///
     /// # Errors
     /// [`SignatureError::Unparsable`] for a missing or repeated `t`, a non-integer `t`, an entry
-    /// without `=`, or a `v1` that is not hex; [`SignatureError::NoV1`] without any `v1`.
+    /// without `=`, or a `v1` that is not 64 lower-case hex digits; [`SignatureError::NoV1`]
+    /// without any `v1`.
     pub fn parse(header: &str) -> Result<Self, SignatureError> {
         let mut timestamp = None;
         let mut v1 = Vec::new();
@@ -73,8 +91,10 @@ impl SignatureHeader {
                     })?;
                     timestamp = Some(t);
                 }
-                "v1" => v1.push(hex::decode(value).map_err(|_| {
-                    SignatureError::Unparsable(format!("v1 signature {value:?} is not hex"))
+                "v1" => v1.push(decode_v1(value).ok_or_else(|| {
+                    SignatureError::Unparsable(format!(
+                        "v1 signature {value:?} is not 64 lower-case hex digits"
+                    ))
                 })?),
                 _ => {} // other schemes (v0) are not Stripe's live signatures
             }
@@ -215,6 +235,13 @@ mod tests {
             SignatureError::Unparsable(_)
         ));
         assert_eq!(check(Some("t=1000,v0=00")), SignatureError::NoV1);
+        // Not as Stripe writes a v1: too short, too long.
+        assert!(matches!(
+            check(Some("t=1000,v1=00")),
+            SignatureError::Unparsable(_)
+        ));
+        let long = format!("t=1000,v1={}", "0".repeat(66));
+        assert!(matches!(check(Some(&long)), SignatureError::Unparsable(_)));
         assert_eq!(
             verify(b"{}", Some("t=1000,v1=00"), &secrets(&[""]), 1000, 300),
             Err(SignatureError::MissingSecret)
@@ -223,6 +250,27 @@ mod tests {
             verify(b"{}", Some("t=1000,v1=00"), &[], 1000, 300),
             Err(SignatureError::MissingSecret)
         );
+    }
+
+    #[test]
+    fn only_lower_case_hex_is_a_v1_signature() {
+        let s = secrets(&["whsec_x"]);
+        let good = sign(b"{}", "whsec_x", 1000);
+        verify(b"{}", Some(&format!("t=1000,v1={good}")), &s, 1000, 300).unwrap();
+        // The same bytes with one digit in upper case: the official SDKs refuse it, and so does
+        // this (it still needs the HMAC, but Stripe never sends it).
+        let i = good.find(|c: char| c.is_ascii_alphabetic()).unwrap();
+        let mut shouted = good.clone();
+        shouted.replace_range(i..=i, &good[i..=i].to_ascii_uppercase());
+        assert!(matches!(
+            verify(b"{}", Some(&format!("t=1000,v1={shouted}")), &s, 1000, 300),
+            Err(SignatureError::Unparsable(_))
+        ));
+        let upper = good.to_ascii_uppercase();
+        assert!(matches!(
+            verify(b"{}", Some(&format!("t=1000,v1={upper}")), &s, 1000, 300),
+            Err(SignatureError::Unparsable(_))
+        ));
     }
 
     #[test]
