@@ -32,6 +32,7 @@ pub mod insights;
 pub mod metrics;
 pub mod model;
 pub mod money;
+pub mod params;
 pub mod ports;
 pub mod rules;
 #[cfg(feature = "synth")]

@@ -13,8 +13,8 @@ use revpilot_core::billing::{UsageError, current_usage};
 use revpilot_core::insights::analyze;
 use revpilot_core::insights::narrative::{GenerateError, Generated, generate};
 use revpilot_core::insights::scenario::{RunError, Scenario, run_metered};
-use revpilot_core::metrics::Granularity;
-use revpilot_core::ports::{Connection, ConnectionId, ObjectKind, Tier, UserId};
+use revpilot_core::metrics::{Granularity, SeriesRequest};
+use revpilot_core::ports::{Connection, ObjectKind, Tier, UserId};
 use revpilot_stripe::billing::{CheckoutError, CheckoutSession, create_checkout};
 use revpilot_stripe::export::Export;
 use revpilot_stripe::rebuild::rebuild;
@@ -29,8 +29,7 @@ use crate::accounts::Loaded;
 use crate::auth::AuthUser;
 use crate::{AppState, error, internal};
 
-/// The longest range `/api/metrics` serves, days.
-pub const MAX_RANGE_DAYS: i64 = 3_660;
+pub use revpilot_core::params::{InsightsQuery, MAX_RANGE_DAYS, MetricsQuery};
 
 fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "not_found", "no such connection")
@@ -69,10 +68,9 @@ pub(crate) async fn owned(
     user: UserId,
     id: &str,
 ) -> Result<Connection, Response> {
-    let Ok(uuid) = Uuid::parse_str(id) else {
+    let Some(id) = revpilot_core::params::connection_id(id) else {
         return Err(not_found());
     };
-    let id = ConnectionId(uuid);
     if let Some(c) = state.accounts.recent_row(user, id) {
         return Ok(c);
     }
@@ -169,23 +167,13 @@ pub(crate) async fn connections(
     Json(json!({ "connections": out })).into_response()
 }
 
-/// `GET /api/metrics` query.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(rename_all = "camelCase")]
-#[into_params(parameter_in = Query)]
-pub struct MetricsQuery {
-    /// The connection.
-    pub connection_id: String,
-    /// First day (default: 89 days before `to`).
-    pub from: Option<NaiveDate>,
-    /// Last day (default: today).
-    pub to: Option<NaiveDate>,
-    /// `day` (default) or `month`.
-    pub granularity: Option<String>,
-}
-
-/// `GET /api/metrics?connectionId=...&from=&to=&granularity=day|month`.
-#[utoipa::path(get, path = "/api/metrics", tag = "metrics", params(MetricsQuery),
+/// `GET /api/metrics?connectionId=...&from=&to=&granularity=day|month`. The query and its
+/// checks are [`revpilot_core::params::MetricsQuery`] (plain code the fuzz target runs).
+#[utoipa::path(get, path = "/api/metrics", tag = "metrics",
+    params(("connectionId" = String, Query, description = "The connection"),
+           ("from" = Option<NaiveDate>, Query, description = "First day (default: 89 days before `to`)"),
+           ("to" = Option<NaiveDate>, Query, description = "Last day (default: today)"),
+           ("granularity" = Option<String>, Query, description = "`day` (default) or `month`")),
     security(("session" = [])),
     responses(
         (status = 200, description = "The series: one row per day or month, with MRR, ARR, the five movements, churn, NRR/GRR, ARPU, LTV", body = Object),
@@ -205,19 +193,13 @@ pub(crate) async fn metrics(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let to = q.to.unwrap_or_else(|| today(&state));
-    let from = q.from.unwrap_or(to - Duration::days(89));
-    if from > to || (to - from).num_days() > MAX_RANGE_DAYS {
-        return bad_request(format!(
-            "from must not be after to, and the range at most {MAX_RANGE_DAYS} days"
-        ));
-    }
-    let granularity = match q.granularity.as_deref() {
-        None | Some("day") => Granularity::Day,
-        Some("month") => Granularity::Month,
-        Some(other) => {
-            return bad_request(format!("granularity {other:?}: expected day or month"));
-        }
+    let SeriesRequest {
+        from,
+        to,
+        granularity,
+    } = match q.request(today(&state)) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e.to_string()),
     };
     let loaded = match account(&state, user, &connection).await {
         Ok(a) => a,
@@ -253,15 +235,6 @@ pub(crate) fn usage_error(e: &UsageError) -> Response {
         UsageError::UnknownUser(_) => error(StatusCode::NOT_FOUND, "not_found", "no such user"),
         other => internal(other),
     }
-}
-
-/// `POST /api/insights` query.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(rename_all = "camelCase")]
-#[into_params(parameter_in = Query)]
-pub struct InsightsQuery {
-    /// The connection.
-    pub connection_id: String,
 }
 
 /// Generates, stores and returns one set of insights for the user's connection (the API route
@@ -302,7 +275,8 @@ pub(crate) async fn generate_insights(
 }
 
 /// `POST /api/insights?connectionId=...`: generates, stores and returns one set of insights.
-#[utoipa::path(post, path = "/api/insights", tag = "insights", params(InsightsQuery),
+#[utoipa::path(post, path = "/api/insights", tag = "insights",
+    params(("connectionId" = String, Query, description = "The connection")),
     security(("session" = [])),
     responses(
         (status = 200, description = "One insight per kind, each with the computed figures it cites", body = Object),

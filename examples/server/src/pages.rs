@@ -13,10 +13,9 @@ use revpilot_core::Currency;
 use revpilot_core::billing::current_usage;
 use revpilot_core::insights::Unit;
 use revpilot_core::metrics::{Granularity, SeriesRow};
+use revpilot_core::params::{DashboardQuery, GenerateForm, UpgradeForm};
 use revpilot_core::ports::{Connection, ConnectionId, InsightRecord, Tier, UserId};
 use rust_decimal::Decimal;
-use serde::Deserialize;
-use uuid::Uuid;
 
 use crate::auth::{
     AuthFailure, AuthUser, CLEAR_SESSION_COOKIE, ClientAddr, Credentials, issue_session,
@@ -205,13 +204,6 @@ struct DashboardPage {
     heat: Option<HeatMap>,
     width: f64,
     height: f64,
-}
-
-/// `GET /dashboard` query.
-#[derive(Debug, Deserialize)]
-pub(crate) struct DashboardQuery {
-    connection: Option<Uuid>,
-    upgraded: Option<bool>,
 }
 
 /// The KPI tiles, from the last row of the default `/api/metrics` series (90 days, daily).
@@ -434,12 +426,6 @@ pub(crate) async fn insights(
     insights_page(&state, user, None).await
 }
 
-/// `POST /insights` form.
-#[derive(Debug, Deserialize)]
-pub(crate) struct GenerateForm {
-    connection: String,
-}
-
 /// `POST /insights`: generate, then show them.
 pub(crate) async fn generate(
     State(state): State<AppState>,
@@ -632,12 +618,6 @@ pub(crate) async fn pricing(
     pricing_page(&state, user, None).await
 }
 
-/// `POST /pricing/checkout` form.
-#[derive(Debug, Deserialize)]
-pub(crate) struct UpgradeForm {
-    tier: String,
-}
-
 /// `POST /pricing/checkout`: to Stripe Checkout for the chosen tier.
 pub(crate) async fn upgrade(
     State(state): State<AppState>,
@@ -647,7 +627,7 @@ pub(crate) async fn upgrade(
     let Ok(AuthUser(user)) = user else {
         return to_login();
     };
-    let Some(tier) = Tier::parse(&f.tier) else {
+    let Some(tier) = f.tier() else {
         return pricing_page(&state, user, Some(format!("unknown plan {:?}", f.tier))).await;
     };
     match api::checkout_session(&state, user, tier).await {
