@@ -1,6 +1,7 @@
 //! Integration tests of `revpilot-core`: data-driven metric cases and property tests.
 
 mod dsl;
+mod fuzz_regressions;
 mod props;
 mod store;
 
