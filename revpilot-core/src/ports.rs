@@ -494,6 +494,19 @@ pub trait ObjectCache: Send + Sync {
         connection: ConnectionId,
         kind: ObjectKind,
     ) -> StoreResult<Vec<CachedObject>>;
+
+    /// At most `limit` cached objects of `kind` of the user's connection whose Stripe id sorts
+    /// after `after` (from the first when `None`), by Stripe id: a rebuild reads a connection
+    /// page by page, so no process ever holds every object of an account. Empty for another
+    /// user's connection.
+    async fn objects_page(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<CachedObject>>;
 }
 
 /// Metric snapshots: one series row per connection and day.

@@ -487,6 +487,31 @@ impl ObjectCache for MemoryStore {
             .map(|(_, o)| o.clone())
             .collect())
     }
+
+    async fn objects_page(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<CachedObject>> {
+        use std::ops::Bound;
+        let s = self.lock()?;
+        if !s.owns(user, connection) {
+            return Ok(Vec::new());
+        }
+        let from = match after {
+            Some(id) => Bound::Excluded((connection, kind, id.to_owned())),
+            None => Bound::Included((connection, kind, String::new())),
+        };
+        Ok(s.objects
+            .range((from, Bound::Unbounded))
+            .take_while(|((c, k, _), _)| *c == connection && *k == kind)
+            .take(limit)
+            .map(|(_, o)| o.clone())
+            .collect())
+    }
 }
 
 #[async_trait]

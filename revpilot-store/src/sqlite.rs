@@ -929,6 +929,42 @@ impl ObjectCache for SqliteStore {
             })
             .collect()
     }
+
+    async fn objects_page(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<CachedObject>> {
+        // Keyset pages on the primary key (connection, stripe id).
+        let sql = format!(
+            "SELECT o.stripe_id, o.version, o.data FROM {} o
+             JOIN stripe_connections c ON c.id = o.stripe_connection_id
+             WHERE o.stripe_connection_id = $1 AND c.user_id = $2 AND o.stripe_id > $3
+             ORDER BY o.stripe_id LIMIT $4",
+            cache_table(kind)
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(connection.0.to_string())
+            .bind(user.0.to_string())
+            .bind(after.unwrap_or(""))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                Ok(CachedObject {
+                    kind,
+                    stripe_id: r.try_get(0).map_err(backend)?,
+                    version: instant(r.try_get(1).map_err(backend)?)?,
+                    data: r.try_get(2).map_err(backend)?,
+                })
+            })
+            .collect()
+    }
 }
 
 const SNAPSHOT_COLUMNS: &str = "snapshot_date, period_start, mrr_start, mrr, arr, total_revenue, customers_start, \

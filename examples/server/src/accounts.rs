@@ -12,7 +12,7 @@
 //! granularity), so a dashboard reloaded a hundred times computes its series once per sync.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -34,8 +34,8 @@ pub const MEMO_REPORTS: usize = 64;
 /// One connection's account, ready for the engine.
 #[derive(Debug)]
 pub struct Loaded {
-    /// The timeline.
-    pub account: Account,
+    /// The timeline (shared with the jobs that read it).
+    pub account: Arc<Account>,
     /// Reporting currency.
     pub currency: Currency,
     /// Exchange rates for foreign-currency revenue, when known.
@@ -51,7 +51,7 @@ impl Loaded {
     /// An account ready for queries.
     pub fn new(account: Account, currency: Currency, fx: Option<FxTable>) -> Self {
         Loaded {
-            account,
+            account: Arc::new(account),
             currency,
             fx,
             reports: Mutex::default(),
@@ -162,6 +162,9 @@ struct Entry {
 #[derive(Debug)]
 pub struct Accounts {
     entries: Mutex<HashMap<ConnectionId, Entry>>,
+    /// One load at a time per connection: whoever comes while it runs waits for its result.
+    gates: Mutex<HashMap<ConnectionId, Weak<tokio::sync::Mutex<()>>>>,
+    builds: std::sync::atomic::AtomicU64,
     rows: Mutex<HashMap<ConnectionId, (Instant, Connection)>>,
     row_ttl: Duration,
 }
@@ -181,6 +184,8 @@ impl Accounts {
     pub fn with_row_ttl(ttl: Duration) -> Self {
         Accounts {
             entries: Mutex::default(),
+            gates: Mutex::default(),
+            builds: std::sync::atomic::AtomicU64::new(0),
             rows: Mutex::default(),
             row_ttl: ttl,
         }
@@ -249,6 +254,32 @@ impl Accounts {
                 loaded,
             },
         );
+    }
+
+    /// How many accounts this server built from a cache (each under its gate).
+    pub fn builds(&self) -> u64 {
+        self.builds.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts one build.
+    pub fn built(&self) {
+        self.builds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The connection's load gate: a load holds it, so requests and jobs that need the same
+    /// account while it is built wait for that one build (single flight) instead of each
+    /// building their own.
+    pub fn gate(&self, connection: ConnectionId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.gates.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(gate) = gates.get(&connection).and_then(Weak::upgrade) {
+            return gate;
+        }
+        // Gates nobody holds are dropped, so the map stays as small as the loads in flight.
+        gates.retain(|_, g| g.strong_count() > 0);
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        gates.insert(connection, Arc::downgrade(&gate));
+        gate
     }
 
     /// Serves `loaded` for the connection whatever its sync stamp: the demo's account, which no

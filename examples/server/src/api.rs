@@ -14,10 +14,9 @@ use revpilot_core::insights::analyze;
 use revpilot_core::insights::narrative::{GenerateError, Generated, generate};
 use revpilot_core::insights::scenario::{RunError, Scenario, run_metered};
 use revpilot_core::metrics::{Granularity, SeriesRequest};
-use revpilot_core::ports::{Connection, ObjectKind, Tier, UserId};
+use revpilot_core::ports::{Connection, Tier, UserId};
 use revpilot_stripe::billing::{CheckoutError, CheckoutSession, create_checkout};
-use revpilot_stripe::export::Export;
-use revpilot_stripe::rebuild::rebuild;
+use revpilot_stripe::rebuild::stream::{CACHE_PAGE, CachedRebuildError, rebuild_cached};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
@@ -97,25 +96,29 @@ pub(crate) async fn account(
     {
         return Ok(loaded);
     }
-    let mut cached = Vec::new();
-    for kind in ObjectKind::ALL {
-        cached.extend(
-            state
-                .store
-                .objects(user, connection.id, kind)
-                .await
-                .map_err(|e| internal(&e))?,
-        );
+    // Single flight: one build per connection at a time; whoever waited finds it built.
+    let gate = state.accounts.gate(connection.id);
+    let _building = gate.lock().await;
+    if let Some(loaded) = state
+        .accounts
+        .get(user, connection.id, connection.last_synced_at)
+    {
+        return Ok(loaded);
     }
-    let export = Export::from_cached(&cached).map_err(|e| {
-        tracing::error!(connection = %connection.id, error = %e, "cached object unreadable");
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "unreadable_data",
-            "a synced Stripe object cannot be read; sync the connection again",
-        )
-    })?;
-    let rebuilt = rebuild(&export);
+    let rebuilt = rebuild_cached(state.store.as_ref(), user, connection.id, CACHE_PAGE)
+        .await
+        .map_err(|e| {
+            tracing::error!(connection = %connection.id, error = %e, "cached account unreadable");
+            match e {
+                CachedRebuildError::Store(e) => internal(&e),
+                _ => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "unreadable_data",
+                    "a synced Stripe object cannot be read; sync the connection again",
+                ),
+            }
+        })?;
+    state.accounts.built();
     let currency = connection
         .currency
         .as_deref()

@@ -332,6 +332,29 @@ impl AppState {
         runner.clock = self.clock.clone();
         runner.stripe_api_base = self.stripe_api_base.clone();
         runner.billing = self.stripe.clone();
+        runner.accounts = Some(Arc::new(SharedAccounts(self.clone())));
         runner
+    }
+}
+
+/// The in-process worker's jobs read accounts through the server's cache, so a job and a
+/// request that need the same account share one build.
+struct SharedAccounts(AppState);
+
+#[async_trait::async_trait]
+impl revpilot_worker::AccountSource for SharedAccounts {
+    async fn account(
+        &self,
+        connection: &revpilot_core::ports::Connection,
+    ) -> Result<Arc<revpilot_core::Account>, revpilot_worker::JobError> {
+        api::account(&self.0, connection.user, connection)
+            .await
+            .map(|loaded| loaded.account.clone())
+            .map_err(|_| {
+                revpilot_worker::JobError::Metrics(format!(
+                    "the account of connection {} cannot be rebuilt (see the log)",
+                    connection.id
+                ))
+            })
     }
 }

@@ -37,6 +37,7 @@ fn now() -> DateTime<Utc> {
 struct World {
     _dir: TempDir,
     store: Arc<SqliteStore>,
+    state: AppState,
     router: axum::Router,
     jwt: Jwt,
     export: Vec<u8>,
@@ -71,6 +72,7 @@ async fn world_with(adjust: impl FnOnce(&mut AppState)) -> World {
     World {
         _dir: dir,
         store,
+        state: state.clone(),
         router: app(state),
         jwt,
         export,
@@ -1048,6 +1050,51 @@ async fn an_account_is_rebuilt_once_per_sync_not_once_per_request() {
         ))
         .unwrap();
     assert_eq!(serde_json::to_value(&expected.rows).unwrap(), after["rows"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_and_the_snapshot_job_arriving_together_share_one_build() {
+    use revpilot_core::ports::SnapshotStore;
+    let w = world().await;
+    let (user, conn) = w.connected("acct_flight").await;
+    let token = w.token(user);
+    let uri = format!("/api/metrics?connectionId={conn}");
+    let builds = w.state.accounts.builds();
+    let runner = w.state.runner("flight");
+    let job = revpilot_worker::Job::Snapshot {
+        day: chrono::NaiveDate::from_ymd_opt(2024, 2, 19).unwrap(),
+    };
+    let requests =
+        futures::future::join_all((0..6).map(|_| w.call("GET", &uri, Some(&token), None)));
+    let (answers, snapshot) = tokio::join!(requests, runner.try_execute_task(&job));
+    assert!(answers.iter().all(|(status, _)| *status == StatusCode::OK));
+    assert!(snapshot.is_ok(), "{snapshot:?}");
+    assert_eq!(
+        w.state.accounts.builds(),
+        builds + 1,
+        "six requests and the job: one build"
+    );
+    let rows = w
+        .store
+        .snapshots(user, conn, job_day(), job_day())
+        .await
+        .unwrap();
+    let served = answers[0].1["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["date"] == "2024-02-19")
+        .unwrap()["mrr"]
+        .clone();
+    assert_eq!(
+        serde_json::to_value(rows[0].mrr).unwrap(),
+        served,
+        "the job read the account the requests were served"
+    );
+}
+
+fn job_day() -> chrono::NaiveDate {
+    chrono::NaiveDate::from_ymd_opt(2024, 2, 19).unwrap()
 }
 
 #[tokio::test]

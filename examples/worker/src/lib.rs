@@ -25,14 +25,13 @@ use revpilot_core::billing::{Catalog, metering, usage_period};
 use revpilot_core::metrics::{Engine, Granularity, SeriesRequest};
 use revpilot_core::ports::{
     BillingStore, Connection, ConnectionId, ConnectionStore, CredentialStore, InsightStore,
-    LeaseStore, Meter, OAuthStateStore, ObjectCache, ObjectKind, Period, SnapshotStore, StoreError,
+    LeaseStore, Meter, OAuthStateStore, ObjectCache, Period, SnapshotStore, StoreError,
     SyncStateStore, UsageStore, UserId, UserProfile, UserStore, WebhookInbox,
 };
-use revpilot_core::{Currency, Rules};
+use revpilot_core::{Account, Currency, Rules};
 use revpilot_stripe::billing::{Processor, invoice_overage, overage_key};
 use revpilot_stripe::client::{Client, ClientConfig};
-use revpilot_stripe::export::Export;
-use revpilot_stripe::rebuild::rebuild;
+use revpilot_stripe::rebuild::stream::{CACHE_PAGE, rebuild_cached};
 use revpilot_stripe::sync::{SyncJob, SyncPorts, Syncer};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -199,6 +198,19 @@ pub struct Runner {
     pub queue: Option<Queue>,
     /// The lease length (tests shorten it).
     pub lease: Duration,
+    /// Where jobs get a connection's account: the server's shared accounts when the worker
+    /// runs in its process (one build for requests and jobs); `None` rebuilds from the cache.
+    pub accounts: Option<Arc<dyn AccountSource>>,
+}
+
+/// A connection's rebuilt account, for the jobs that read it (the daily snapshot).
+#[async_trait]
+pub trait AccountSource: Send + Sync {
+    /// The account of `connection` as of its last sync.
+    ///
+    /// # Errors
+    /// [`JobError`] when the cache cannot be read or rebuilt.
+    async fn account(&self, connection: &Connection) -> Result<Arc<Account>, JobError>;
 }
 
 impl std::fmt::Debug for Runner {
@@ -229,6 +241,7 @@ impl Runner {
             holder: format!("{holder}:{}", uuid::Uuid::new_v4().simple()),
             queue: None,
             lease: LEASE,
+            accounts: None,
         }
     }
 
@@ -433,16 +446,20 @@ impl Runner {
         connection: &Connection,
         day: NaiveDate,
     ) -> Result<Vec<revpilot_core::metrics::SeriesRow>, JobError> {
-        let mut cached = Vec::new();
-        for kind in ObjectKind::ALL {
-            cached.extend(
-                self.store
-                    .objects(connection.user, connection.id, kind)
-                    .await?,
-            );
-        }
-        let export = Export::from_cached(&cached).map_err(|e| JobError::Metrics(e.to_string()))?;
-        let account = rebuild(&export).account;
+        let account = match &self.accounts {
+            Some(accounts) => accounts.account(connection).await?,
+            None => Arc::new(
+                rebuild_cached(
+                    self.store.as_ref(),
+                    connection.user,
+                    connection.id,
+                    CACHE_PAGE,
+                )
+                .await
+                .map_err(|e| JobError::Metrics(e.to_string()))?
+                .account,
+            ),
+        };
         let currency = connection
             .currency
             .as_deref()

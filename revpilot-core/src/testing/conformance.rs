@@ -586,6 +586,36 @@ pub async fn object_cache<S: UserStore + ConnectionStore + ObjectCache + ?Sized>
         .await
         .expect("read");
     assert_eq!(customers.len(), 2_500);
+    // Read page by page, the same objects in the same order, each once; none for a stranger.
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .objects_page(owner, conn, ObjectKind::Customer, after.as_deref(), 700)
+            .await
+            .expect("read a page");
+        assert!(page.len() <= 700, "a page holds at most its limit");
+        let Some(last) = page.last() else { break };
+        after = Some(last.stripe_id.clone());
+        paged.extend(page);
+    }
+    assert_eq!(paged, customers, "the pages cover every object once, by id");
+    assert!(
+        store
+            .objects_page(stranger, conn, ObjectKind::Customer, None, 700)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .objects_page(owner, conn, ObjectKind::Subscription, Some(""), 10)
+            .await
+            .expect("read")
+            .len(),
+        1,
+        "kinds stay apart"
+    );
     assert_eq!(
         store
             .objects(owner, conn, ObjectKind::Subscription)

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use revpilot_core::Account;
 use revpilot_core::model;
+use revpilot_core::ports::{ConnectionId, ObjectCache, ObjectKind, StoreError, UserId};
 
 use super::{
     Ctx, InvoiceDigest, Issue, Names, Rebuilt, consider_price, customer, event_subscription,
@@ -108,6 +109,125 @@ pub fn rebuild_reader<R: Read>(
         return Err(e);
     }
     Ok(assemble(parts))
+}
+
+/// A rebuild fed one object at a time, in any order (a store's cache read page by page): the
+/// same fold as [`rebuild_reader`], on the caller's thread.
+#[derive(Default)]
+pub struct Rebuilder {
+    part: Part,
+    next: u64,
+}
+
+impl std::fmt::Debug for Rebuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rebuilder")
+            .field("objects", &self.next)
+            .finish()
+    }
+}
+
+impl Rebuilder {
+    /// An empty rebuild.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Folds one object of `kind` (products, which the rebuild does not read, are skipped). An
+    /// object added again supersedes the earlier one.
+    ///
+    /// # Errors
+    /// The object cannot be read: its kind and id.
+    pub fn add(&mut self, kind: ObjectKind, json: &[u8]) -> Result<(), ParseError> {
+        let kind = match kind {
+            ObjectKind::Customer => Kind::Customer,
+            ObjectKind::Subscription => Kind::Subscription,
+            ObjectKind::Invoice => Kind::Invoice,
+            ObjectKind::Charge => Kind::Charge,
+            ObjectKind::Price => Kind::Price,
+            ObjectKind::Coupon => Kind::Coupon,
+            ObjectKind::Product => return Ok(()),
+        };
+        self.next += 1;
+        self.part.fold(kind, json, self.next)
+    }
+
+    /// The rebuilt account.
+    pub fn finish(self) -> Rebuilt {
+        assemble(vec![self.part])
+    }
+}
+
+/// Why a connection's cache cannot be rebuilt.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CachedRebuildError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A cached object cannot be read (its kind and id).
+    #[error(transparent)]
+    Object(#[from] ParseError),
+}
+
+/// Objects read from the cache per page by [`rebuild_cached`].
+pub const CACHE_PAGE: usize = 2_000;
+
+/// Rebuilds the account of the user's connection from the objects its syncs cached, reading
+/// `page` objects at a time (see [`CACHE_PAGE`]): the same [`Rebuilt`] as
+/// [`super::rebuild`] of [`crate::export::Export::from_cached`] of every object, while only one
+/// page and the compact model are ever held. Each page is folded on a blocking thread while the
+/// next is read, so a server's request threads stay free and both cores work.
+///
+/// # Errors
+/// [`CachedRebuildError`]: the store's error, or the first cached object that cannot be read.
+pub async fn rebuild_cached<C: ObjectCache + ?Sized>(
+    cache: &C,
+    user: UserId,
+    connection: ConnectionId,
+    page: usize,
+) -> Result<Rebuilt, CachedRebuildError> {
+    let page = page.max(1);
+    let mut rebuilder = Rebuilder::new();
+    let mut folding: Option<tokio::task::JoinHandle<Result<Rebuilder, ParseError>>> = None;
+    for kind in ObjectKind::ALL {
+        if kind == ObjectKind::Product {
+            continue;
+        }
+        let mut after: Option<String> = None;
+        loop {
+            let objects = cache
+                .objects_page(user, connection, kind, after.as_deref(), page)
+                .await?;
+            let Some(last) = objects.last() else { break };
+            after = Some(last.stripe_id.clone());
+            let full = objects.len() == page;
+            if let Some(previous) = folding.take() {
+                rebuilder = joined(previous.await)?;
+            }
+            folding = Some(tokio::task::spawn_blocking(move || {
+                for o in &objects {
+                    rebuilder.add(o.kind, o.data.as_bytes())?;
+                }
+                Ok(rebuilder)
+            }));
+            rebuilder = Rebuilder::new();
+            if !full {
+                break;
+            }
+        }
+    }
+    if let Some(previous) = folding.take() {
+        rebuilder = joined(previous.await)?;
+    }
+    let finished = tokio::task::spawn_blocking(move || rebuilder.finish()).await;
+    Ok(finished.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+}
+
+fn joined(
+    r: Result<Result<Rebuilder, ParseError>, tokio::task::JoinError>,
+) -> Result<Rebuilder, ParseError> {
+    r.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// The kinds of the export's lists.

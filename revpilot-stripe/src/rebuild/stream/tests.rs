@@ -219,3 +219,43 @@ fn strings_with_brackets_quotes_and_escapes_do_not_confuse_the_splitter() {
         assert_eq!(streamed.account.customers[0].id, "cus_\"}]1");
     }
 }
+
+#[tokio::test]
+async fn a_cache_read_page_by_page_rebuilds_the_same_account() {
+    use revpilot_core::ports::{ObjectCache, UserId};
+    use revpilot_core::testing::MemoryStore;
+
+    let now = chrono::Utc::now();
+    let (store, user, conn) = MemoryStore::with_connection("acct_pages", now).await;
+    let json = scramble(lists(30, 14, 3), 11);
+    let raw: crate::export::RawExport = serde_json::from_slice(&json).expect("an export");
+    let cached = raw.cached(now).expect("ids");
+    store.upsert_objects(conn, &cached).await.expect("cached");
+    // The oracle: every stored object at once, as the server read them before.
+    let mut stored = Vec::new();
+    for kind in revpilot_core::ports::ObjectKind::ALL {
+        stored.extend(store.objects(user, conn, kind).await.expect("read"));
+    }
+    let oracle = super::super::rebuild(&Export::from_cached(&stored).expect("readable"));
+    for page in [1, 7, CACHE_PAGE] {
+        let paged = rebuild_cached(&store, user, conn, page)
+            .await
+            .expect("rebuilt");
+        assert_eq!(paged, oracle, "pages of {page}");
+    }
+    assert!(!oracle.account.subscriptions.is_empty());
+    // Another user's connection reads as empty; an unreadable object names itself.
+    let stranger = rebuild_cached(&store, UserId(uuid::Uuid::new_v4()), conn, 7).await;
+    assert!(stranger.expect("empty").account.customers.is_empty());
+    let bad = revpilot_core::ports::CachedObject {
+        kind: revpilot_core::ports::ObjectKind::Charge,
+        stripe_id: "ch_bad".into(),
+        version: now,
+        data: r#"{"id": "ch_bad", "currency": "usd"}"#.into(),
+    };
+    store.upsert_objects(conn, &[bad]).await.expect("cached");
+    let e = rebuild_cached(&store, user, conn, 7)
+        .await
+        .expect_err("unreadable");
+    assert!(e.to_string().contains("charge ch_bad"), "{e}");
+}
