@@ -111,6 +111,44 @@ pub fn rebuild_reader<R: Read>(
     Ok(assemble(parts))
 }
 
+/// Calls `each` with every object of an export read from `reader`, in input order, as its kind
+/// (`customer`, `subscription`, ... `event`) and its JSON bytes, holding one batch at a time: to
+/// seed a store's cache from an export of any size (demos, tests, benchmarks). The objects are
+/// not parsed; `each` decides what to do with them.
+///
+/// # Errors
+/// As [`rebuild_reader`] for the export's shape; the first error `each` returns.
+pub fn for_each_object<R: Read + Send>(
+    mut reader: R,
+    mut each: impl FnMut(&'static str, &[u8]) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
+    let (work, batches) = mpsc::sync_channel::<Batch>(1);
+    let (free_tx, free) = mpsc::channel::<Vec<u8>>();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let stop = &stop;
+        let reading = scope.spawn(move || split_all(&mut reader, 8 << 20, &work, &free, stop));
+        let mut result = Ok(());
+        'batches: for batch in &batches {
+            for e in &batch.elements {
+                if let Err(err) = each(e.kind.name(), &batch.buf[e.start..e.end]) {
+                    result = Err(err);
+                    break 'batches;
+                }
+            }
+            let _ = free_tx.send(batch.buf);
+        }
+        // Stops the reader (its next send finds no receiver).
+        stop.store(true, Ordering::Relaxed);
+        drop(batches);
+        let read = reading
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        result?;
+        read.map_err(|(_, e)| e)
+    })
+}
+
 /// A rebuild fed one object at a time, in any order (a store's cache read page by page): the
 /// same fold as [`rebuild_reader`], on the caller's thread.
 #[derive(Default)]

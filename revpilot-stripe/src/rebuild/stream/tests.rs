@@ -259,3 +259,36 @@ async fn a_cache_read_page_by_page_rebuilds_the_same_account() {
         .expect_err("unreadable");
     assert!(e.to_string().contains("charge ch_bad"), "{e}");
 }
+
+#[test]
+fn every_object_is_visited_once_in_input_order() {
+    let json = scramble(lists(12, 8, 5), 3);
+    let export: Value = serde_json::from_slice(&json).expect("JSON");
+    let mut seen: Vec<(String, Value)> = Vec::new();
+    for_each_object(&json[..], |kind, bytes| {
+        seen.push((
+            kind.to_owned(),
+            serde_json::from_slice(bytes).expect("an object"),
+        ));
+        Ok(())
+    })
+    .expect("read");
+    let expected: usize = KEYS
+        .iter()
+        .map(|k| export[*k].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(seen.len(), expected);
+    let invoices: Vec<&Value> = seen
+        .iter()
+        .filter(|(k, _)| k == "invoice")
+        .map(|(_, v)| v)
+        .collect();
+    let listed: Vec<&Value> = export["invoices"]
+        .as_array()
+        .expect("invoices")
+        .iter()
+        .collect();
+    assert_eq!(invoices, listed);
+    let e = for_each_object(&br#"{"customers": [{"id": 1}"#[..], |_, _| Ok(()));
+    assert!(matches!(e, Err(ExportError::Truncated { .. })), "{e:?}");
+}

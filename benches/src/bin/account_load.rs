@@ -1,0 +1,266 @@
+//! A large account served by the example server as it runs by default (SQLite, the worker and
+//! its scheduler in the process): the first `GET /api/metrics` over 24 months after a sync, and
+//! the server's peak memory, measured from a second process.
+//!
+//! 1. Generates (once) a Stripe-shaped export of CUSTOMERS customers over 24 months under
+//!    `target/bench-data/`, and seeds (once) a SQLite store with it: a user, a connection, and
+//!    every object in the connection's cache (read from the file one batch at a time).
+//! 2. Starts `target/release/revpilot-server` on that store; its scheduler queues the daily
+//!    snapshot, which needs the same account as the first request.
+//! 3. Times the first `/api/metrics`, a second one (served from the server's copy), and one after
+//!    a sync is recorded (the account is built again); reads the server's peak RSS (`VmHWM`) and
+//!    its RSS after each.
+//!
+//! `cargo build --release -p revpilot-server && cargo run --release -p revpilot-benches --bin account_load [-- CUSTOMERS]`
+//! (default 100,000). Targets: the first answer within 10 s, the server's peak RSS at most 2 GiB.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use revpilot_core::billing::Catalog;
+use revpilot_core::ports::{
+    CachedObject, ConnectionId, ConnectionStore, NewConnection, ObjectCache, ObjectKind, Tier,
+    Tokens, UserId, UserStore,
+};
+use revpilot_server::auth::Jwt;
+use revpilot_store::{KeyRing, SqliteStore};
+use revpilot_stripe::export::ExportError;
+use revpilot_stripe::rebuild::stream::for_each_object;
+use secrecy::SecretString;
+
+const KEYS: &str = "bench:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const JWT_SECRET: &str = "a-bench-jwt-secret-of-32-bytes-or-more";
+const MONTHS: u32 = 24;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn export_file(customers: usize) -> PathBuf {
+    let dir = root().join("target/bench-data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("export-{customers}x{MONTHS}.json"));
+    if !path.exists() {
+        let partial = path.with_extension("partial");
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&partial).unwrap());
+        revpilot_stripe::synth::SynthExport {
+            customers,
+            months: MONTHS,
+            seed: 1,
+        }
+        .write(&mut out)
+        .unwrap();
+        drop(out);
+        std::fs::rename(&partial, &path).unwrap();
+    }
+    path
+}
+
+/// The seeded store: its path, the user and the connection.
+async fn seed(customers: usize) -> (PathBuf, UserId, ConnectionId) {
+    let export = export_file(customers);
+    let db = root().join(format!("target/bench-data/store-{customers}x{MONTHS}.db"));
+    let ids = db.with_extension("ids");
+    if let Ok(text) = std::fs::read_to_string(&ids) {
+        let (u, c) = text.trim().split_once(' ').unwrap();
+        return (
+            db,
+            UserId(u.parse().unwrap()),
+            ConnectionId(c.parse().unwrap()),
+        );
+    }
+    let _ = std::fs::remove_file(&db);
+    let store = SqliteStore::connect(db.to_str().unwrap(), KeyRing::parse(KEYS).unwrap())
+        .await
+        .unwrap();
+    let user = UserId(uuid::Uuid::new_v4());
+    let now = Utc::now();
+    store
+        .create_user(
+            user,
+            None,
+            Tier::Enterprise,
+            Catalog::default().plan(Tier::Enterprise).limits,
+            now,
+        )
+        .await
+        .unwrap();
+    let conn = store
+        .save_connection(
+            NewConnection {
+                user,
+                stripe_account_id: "acct_bench".into(),
+                business_name: Some("Bench".into()),
+                currency: Some("usd".into()),
+                tokens: Tokens {
+                    access_token: SecretString::from("sk_test_bench"),
+                    refresh_token: None,
+                },
+            },
+            now,
+        )
+        .await
+        .unwrap()
+        .id;
+    // The file is split on a thread of its own; pages of objects go to the store as they come.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<CachedObject>>(4);
+    let reading = std::thread::spawn(move || {
+        #[derive(serde::Deserialize)]
+        struct Id<'a> {
+            #[serde(borrow)]
+            id: std::borrow::Cow<'a, str>,
+        }
+        let mut page = Vec::new();
+        let file = std::fs::File::open(&export).unwrap();
+        for_each_object(file, |kind, json| {
+            let kind = match kind {
+                "customer" => ObjectKind::Customer,
+                "subscription" => ObjectKind::Subscription,
+                "invoice" => ObjectKind::Invoice,
+                "charge" => ObjectKind::Charge,
+                "price" => ObjectKind::Price,
+                "coupon" => ObjectKind::Coupon,
+                _ => return Ok(()),
+            };
+            let id: Id<'_> =
+                serde_json::from_slice(json).map_err(|e| ExportError::Shape(e.to_string()))?;
+            page.push(CachedObject {
+                kind,
+                stripe_id: id.id.into_owned(),
+                version: now,
+                data: String::from_utf8_lossy(json).into_owned(),
+            });
+            if page.len() == 5_000 {
+                tx.blocking_send(std::mem::take(&mut page)).unwrap();
+            }
+            Ok(())
+        })
+        .unwrap();
+        tx.blocking_send(page).unwrap();
+    });
+    let started = Instant::now();
+    let mut stored = 0;
+    while let Some(page) = rx.recv().await {
+        stored += page.len();
+        store.upsert_objects(conn, &page).await.unwrap();
+    }
+    reading.join().unwrap();
+    store.set_last_synced(conn, now).await.unwrap();
+    println!(
+        "seeded {stored} objects in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    std::fs::write(&ids, format!("{} {}", user.0, conn.0)).unwrap();
+    (db, user, conn)
+}
+
+/// `VmHWM` and `VmRSS` of a process, in bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / f64::from(1u32 << 30)
+}
+
+#[tokio::main]
+async fn main() {
+    let customers: usize = std::env::args()
+        .nth(1)
+        .map_or(100_000, |c| c.parse().unwrap());
+    let (db, user, conn) = seed(customers).await;
+    let binary = root().join("target/release/revpilot-server");
+    assert!(
+        binary.exists(),
+        "build it first: cargo build --release -p revpilot-server"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = Server(
+        Command::new(&binary)
+            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env("REVPILOT_BIND", format!("127.0.0.1:{port}"))
+            .env("REVPILOT_ENCRYPTION_KEY", KEYS)
+            .env("JWT_SECRET", JWT_SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = server.0.id();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    while client.get(format!("{base}/healthz")).send().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, idle) = memory(pid);
+    let token = Jwt::new(SecretString::from(JWT_SECRET), None)
+        .unwrap()
+        .issue(user, None, Utc::now().timestamp() + 3_600)
+        .unwrap();
+    let url = format!(
+        "{base}/api/metrics?connectionId={}&from=2023-01-01&to=2024-12-31&granularity=month",
+        conn.0
+    );
+    let get = || async {
+        let started = Instant::now();
+        let r = client.get(&url).bearer_auth(&token).send().await.unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        let body: serde_json::Value = r.json().await.unwrap();
+        let rows = body["rows"].as_array().map_or(0, Vec::len);
+        (started.elapsed().as_secs_f64(), rows)
+    };
+    println!(
+        "{customers} customers over {MONTHS} months; server RSS when ready {:.2} GiB",
+        gib(idle)
+    );
+    let (first, rows) = get().await;
+    let (peak, rss) = memory(pid);
+    println!(
+        "first /api/metrics:  {first:6.2} s ({rows} rows)   server peak RSS {:.2} GiB, RSS after {:.2} GiB",
+        gib(peak),
+        gib(rss)
+    );
+    let (second, _) = get().await;
+    println!("second /api/metrics: {second:6.3} s");
+
+    // A sync recorded: the next request builds the account again.
+    let store = SqliteStore::connect(db.to_str().unwrap(), KeyRing::parse(KEYS).unwrap())
+        .await
+        .unwrap();
+    store.set_last_synced(conn, Utc::now()).await.unwrap();
+    tokio::time::sleep(revpilot_server::accounts::ROW_TTL + Duration::from_millis(50)).await;
+    let (after_sync, _) = get().await;
+    let (peak, rss) = memory(pid);
+    println!(
+        "after a sync:        {after_sync:6.2} s   server peak RSS {:.2} GiB, RSS after {:.2} GiB",
+        gib(peak),
+        gib(rss)
+    );
+    drop(server);
+}
