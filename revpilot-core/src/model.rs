@@ -30,6 +30,51 @@ pub struct Account {
     pub payments: Vec<Payment>,
 }
 
+impl Account {
+    /// The bytes the account holds, its own and on the heap, counted from its vectors' and
+    /// strings' capacities (shared prices once per item, as a pointer): what a cache of accounts
+    /// bounds itself by. An estimate of the allocations, not of the allocator's overhead.
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let s = String::capacity;
+        let o = |v: &Option<String>| v.as_ref().map_or(0, String::capacity);
+        let customers: usize = self
+            .customers
+            .iter()
+            .map(|c| {
+                s(&c.id)
+                    + o(&c.country)
+                    + c.metadata.0.capacity() * size_of::<(String, String)>()
+                    + c.metadata.0.iter().map(|(k, v)| s(k) + s(v)).sum::<usize>()
+            })
+            .sum();
+        let subscriptions: usize = self
+            .subscriptions
+            .iter()
+            .map(|x| {
+                s(&x.id)
+                    + s(&x.customer)
+                    + x.statuses.capacity() * size_of::<StatusChange>()
+                    + x.items.capacity() * size_of::<ItemPeriod>()
+                    + x.discounts.capacity() * size_of::<Discount>()
+                    + x.discounts.iter().map(|d| s(&d.coupon)).sum::<usize>()
+            })
+            .sum();
+        let payments: usize = self
+            .payments
+            .iter()
+            .map(|p| s(&p.id) + o(&p.customer) + p.refunds.capacity() * size_of::<Refund>())
+            .sum();
+        size_of::<Account>()
+            + self.customers.capacity() * size_of::<Customer>()
+            + self.subscriptions.capacity() * size_of::<Subscription>()
+            + self.payments.capacity() * size_of::<Payment>()
+            + customers
+            + subscriptions
+            + payments
+    }
+}
+
 /// A paying (or prospective) customer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Customer {

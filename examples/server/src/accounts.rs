@@ -156,7 +156,15 @@ struct Entry {
     stamp: Option<DateTime<Utc>>,
     pinned: bool,
     loaded: Arc<Loaded>,
+    /// The account's size ([`Account::heap_bytes`]), counted against the budget.
+    bytes: usize,
+    /// When it was put: the oldest goes first when the budget is full.
+    order: u64,
 }
+
+/// The bytes of rebuilt accounts a server keeps by default (`REVPILOT_ACCOUNTS_MB` sets it):
+/// past it the oldest accounts are dropped and rebuilt on their next request.
+pub const DEFAULT_BUDGET_BYTES: usize = 1 << 30;
 
 /// The rebuilt accounts, by connection (see the module's documentation).
 #[derive(Debug)]
@@ -165,6 +173,8 @@ pub struct Accounts {
     /// One load at a time per connection: whoever comes while it runs waits for its result.
     gates: Mutex<HashMap<ConnectionId, Weak<tokio::sync::Mutex<()>>>>,
     builds: std::sync::atomic::AtomicU64,
+    budget: usize,
+    puts: std::sync::atomic::AtomicU64,
     rows: Mutex<HashMap<ConnectionId, (Instant, Connection)>>,
     row_ttl: Duration,
 }
@@ -186,6 +196,8 @@ impl Accounts {
             entries: Mutex::default(),
             gates: Mutex::default(),
             builds: std::sync::atomic::AtomicU64::new(0),
+            budget: DEFAULT_BUDGET_BYTES,
+            puts: std::sync::atomic::AtomicU64::new(0),
             rows: Mutex::default(),
             row_ttl: ttl,
         }
@@ -240,11 +252,31 @@ impl Accounts {
         if entries.get(&connection).is_some_and(|e| e.pinned) {
             return;
         }
-        if entries.len() >= MAX_ACCOUNTS && !entries.contains_key(&connection) {
-            // Bounded memory: start over (the pinned demo account stays); a dropped account is
-            // rebuilt on its next request.
-            entries.retain(|_, e| e.pinned);
+        entries.remove(&connection);
+        let bytes = loaded.account.heap_bytes();
+        if bytes > self.budget {
+            // Larger than the whole budget: served to this request, never kept.
+            return;
         }
+        // Bounded memory: the oldest accounts go first (the pinned demo account stays); a dropped
+        // account is rebuilt on its next request.
+        let mut held: usize = entries
+            .values()
+            .filter(|e| !e.pinned)
+            .map(|e| e.bytes)
+            .sum();
+        while held + bytes > self.budget || entries.len() >= MAX_ACCOUNTS {
+            let Some((&oldest, e)) = entries
+                .iter()
+                .filter(|(_, e)| !e.pinned)
+                .min_by_key(|(_, e)| e.order)
+            else {
+                break;
+            };
+            held -= e.bytes;
+            entries.remove(&oldest);
+        }
+        let order = self.puts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         entries.insert(
             connection,
             Entry {
@@ -252,8 +284,23 @@ impl Accounts {
                 stamp,
                 pinned: false,
                 loaded,
+                bytes,
+                order,
             },
         );
+    }
+
+    /// The same cache bounded to `bytes` of accounts (see [`DEFAULT_BUDGET_BYTES`]).
+    #[must_use]
+    pub fn with_budget(mut self, bytes: usize) -> Self {
+        self.budget = bytes;
+        self
+    }
+
+    /// The bytes of the accounts kept now (the pinned demo account included).
+    pub fn held_bytes(&self) -> usize {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.values().map(|e| e.bytes).sum()
     }
 
     /// How many accounts this server built from a cache (each under its gate).
@@ -292,7 +339,9 @@ impl Accounts {
                 user,
                 stamp: None,
                 pinned: true,
+                bytes: loaded.account.heap_bytes(),
                 loaded,
+                order: 0,
             },
         );
     }
@@ -356,6 +405,51 @@ mod tests {
         assert!(kept <= MAX_ACCOUNTS, "bounded: {kept}");
         assert!(accounts.get(other, first, None).is_none(), "evicted");
         assert!(accounts.get(user, demo, None).is_some(), "the demo stays");
+    }
+
+    fn sized(customers: usize) -> Arc<Loaded> {
+        let mut account = Account::default();
+        for i in 0..customers {
+            account.customers.push(revpilot_core::model::Customer {
+                id: format!("cus_{i:08}"),
+                created: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+                country: None,
+                metadata: revpilot_core::model::Metadata::new(),
+            });
+        }
+        Arc::new(Loaded::new(account, Currency::USD, None))
+    }
+
+    #[test]
+    fn the_accounts_kept_stay_within_the_byte_budget_oldest_out_first() {
+        let one = sized(1_000).account.heap_bytes();
+        let accounts = Accounts::default().with_budget(one * 3);
+        let kept: Vec<_> = (0..5)
+            .map(|_| {
+                let (u, c) = ids();
+                accounts.put(u, c, None, sized(1_000));
+                (u, c)
+            })
+            .collect();
+        assert!(
+            accounts.held_bytes() <= one * 3,
+            "{}",
+            accounts.held_bytes()
+        );
+        let present: Vec<bool> = kept
+            .iter()
+            .map(|(u, c)| accounts.get(*u, *c, None).is_some())
+            .collect();
+        assert_eq!(
+            present,
+            [false, false, true, true, true],
+            "the oldest went first"
+        );
+        // An account larger than the whole budget is served, never kept.
+        let (u, c) = ids();
+        accounts.put(u, c, None, sized(4_000));
+        assert!(accounts.get(u, c, None).is_none());
+        assert!(accounts.held_bytes() <= one * 3);
     }
 
     #[test]

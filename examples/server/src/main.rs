@@ -84,6 +84,10 @@ struct Args {
     /// The job queue's name (the workers' `REVPILOT_QUEUE`).
     #[arg(long, env = "REVPILOT_QUEUE", default_value = revpilot_worker::queue::QUEUE)]
     queue: String,
+    /// MiB of rebuilt accounts kept in memory; past it the oldest are dropped and rebuilt on
+    /// their next request.
+    #[arg(long, env = "REVPILOT_ACCOUNTS_MB", default_value_t = revpilot_server::accounts::DEFAULT_BUDGET_BYTES >> 20)]
+    accounts_mb: usize,
 }
 
 /// `n` random bytes as base64 (`None` when the system's random source fails).
@@ -237,6 +241,10 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("REVPILOT_APP_URL {app_url:?}: {e}")),
     };
     let mut state = AppState::new(store.clone(), webhook);
+    state.accounts = Arc::new(
+        revpilot_server::accounts::Accounts::default()
+            .with_budget(args.accounts_mb.saturating_mul(1 << 20)),
+    );
     state.jwt = jwt;
     state.jwks = jwks;
     state.catalog = Arc::new(catalog.clone());
