@@ -187,6 +187,7 @@ fn gib(b: u64) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let customers: usize = std::env::args()
         .nth(1)
         .map_or(100_000, |c| c.parse().unwrap());

@@ -177,14 +177,8 @@ impl Rebuilder {
     /// # Errors
     /// The object cannot be read: its kind and id.
     pub fn add(&mut self, kind: ObjectKind, json: &[u8]) -> Result<(), ParseError> {
-        let kind = match kind {
-            ObjectKind::Customer => Kind::Customer,
-            ObjectKind::Subscription => Kind::Subscription,
-            ObjectKind::Invoice => Kind::Invoice,
-            ObjectKind::Charge => Kind::Charge,
-            ObjectKind::Price => Kind::Price,
-            ObjectKind::Coupon => Kind::Coupon,
-            ObjectKind::Product => return Ok(()),
+        let Some(kind) = Kind::of_cached(kind) else {
+            return Ok(());
         };
         self.next += 1;
         self.part.fold(kind, json, self.next)
@@ -214,8 +208,8 @@ pub const CACHE_PAGE: usize = 2_000;
 /// Rebuilds the account of the user's connection from the objects its syncs cached, reading
 /// `page` objects at a time (see [`CACHE_PAGE`]): the same [`Rebuilt`] as
 /// [`super::rebuild`] of [`crate::export::Export::from_cached`] of every object, while only one
-/// page and the compact model are ever held. Each page is folded on a blocking thread while the
-/// next is read, so a server's request threads stay free and both cores work.
+/// few pages and the compact model are ever held. Pages are folded on blocking threads, one per
+/// core, while the next is read, so a server's request threads stay free and every core works.
 ///
 /// # Errors
 /// [`CachedRebuildError`]: the store's error, or the first cached object that cannot be read.
@@ -226,12 +220,15 @@ pub async fn rebuild_cached<C: ObjectCache + ?Sized>(
     page: usize,
 ) -> Result<Rebuilt, CachedRebuildError> {
     let page = page.max(1);
-    let mut rebuilder = Rebuilder::new();
-    let mut folding: Option<tokio::task::JoinHandle<Result<Rebuilder, ParseError>>> = None;
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut parts = Vec::new();
+    let mut folding: std::collections::VecDeque<tokio::task::JoinHandle<Result<Part, ParseError>>> =
+        std::collections::VecDeque::new();
+    let mut next: u64 = 0;
     for kind in ObjectKind::ALL {
-        if kind == ObjectKind::Product {
+        let Some(k) = Kind::of_cached(kind) else {
             continue;
-        }
+        };
         let mut after: Option<String> = None;
         loop {
             let objects = cache
@@ -240,31 +237,34 @@ pub async fn rebuild_cached<C: ObjectCache + ?Sized>(
             let Some(last) = objects.last() else { break };
             after = Some(last.stripe_id.clone());
             let full = objects.len() == page;
-            if let Some(previous) = folding.take() {
-                rebuilder = joined(previous.await)?;
-            }
-            folding = Some(tokio::task::spawn_blocking(move || {
-                for o in &objects {
-                    rebuilder.add(o.kind, o.data.as_bytes())?;
+            // Pages are folded in order of reading, each into its own part, one per core.
+            while folding.len() >= threads {
+                if let Some(done) = folding.pop_front() {
+                    parts.push(joined(done.await)?);
                 }
-                Ok(rebuilder)
+            }
+            let base = next;
+            next += objects.len() as u64;
+            folding.push_back(tokio::task::spawn_blocking(move || {
+                let mut part = Part::default();
+                for (i, o) in (0u64..).zip(&objects) {
+                    part.fold(k, o.data.as_bytes(), base + i)?;
+                }
+                Ok(part)
             }));
-            rebuilder = Rebuilder::new();
             if !full {
                 break;
             }
         }
     }
-    if let Some(previous) = folding.take() {
-        rebuilder = joined(previous.await)?;
+    while let Some(done) = folding.pop_front() {
+        parts.push(joined(done.await)?);
     }
-    let finished = tokio::task::spawn_blocking(move || rebuilder.finish()).await;
+    let finished = tokio::task::spawn_blocking(move || assemble(parts)).await;
     Ok(finished.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
 }
 
-fn joined(
-    r: Result<Result<Rebuilder, ParseError>, tokio::task::JoinError>,
-) -> Result<Rebuilder, ParseError> {
+fn joined<T>(r: Result<Result<T, ParseError>, tokio::task::JoinError>) -> Result<T, ParseError> {
     r.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
@@ -281,6 +281,19 @@ enum Kind {
 }
 
 impl Kind {
+    /// The list a cached kind belongs to; products are not read.
+    fn of_cached(kind: ObjectKind) -> Option<Kind> {
+        Some(match kind {
+            ObjectKind::Customer => Kind::Customer,
+            ObjectKind::Subscription => Kind::Subscription,
+            ObjectKind::Invoice => Kind::Invoice,
+            ObjectKind::Charge => Kind::Charge,
+            ObjectKind::Price => Kind::Price,
+            ObjectKind::Coupon => Kind::Coupon,
+            ObjectKind::Product => return None,
+        })
+    }
+
     fn of_key(key: &str) -> Option<Kind> {
         Some(match key {
             "customers" => Kind::Customer,
