@@ -933,16 +933,7 @@ impl ObjectCache for PgStore {
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
-        rows.iter()
-            .map(|r| {
-                Ok(CachedObject {
-                    kind,
-                    stripe_id: r.try_get(0).map_err(backend)?,
-                    version: instant(r.try_get(1).map_err(backend)?)?,
-                    data: r.try_get(2).map_err(backend)?,
-                })
-            })
-            .collect()
+        cached_objects(&rows, kind)
     }
 
     async fn objects_page(
@@ -969,17 +960,22 @@ impl ObjectCache for PgStore {
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
-        rows.iter()
-            .map(|r| {
-                Ok(CachedObject {
-                    kind,
-                    stripe_id: r.try_get(0).map_err(backend)?,
-                    version: instant(r.try_get(1).map_err(backend)?)?,
-                    data: r.try_get(2).map_err(backend)?,
-                })
-            })
-            .collect()
+        cached_objects(&rows, kind)
     }
+}
+
+/// Rows of `stripe_id, version, data` as cached objects of `kind`.
+fn cached_objects(rows: &[PgRow], kind: ObjectKind) -> StoreResult<Vec<CachedObject>> {
+    rows.iter()
+        .map(|r| {
+            Ok(CachedObject {
+                kind,
+                stripe_id: r.try_get(0).map_err(backend)?,
+                version: instant(r.try_get(1).map_err(backend)?)?,
+                data: r.try_get(2).map_err(backend)?,
+            })
+        })
+        .collect()
 }
 
 const SNAPSHOT_COLUMNS: &str = "snapshot_date, period_start, mrr_start, mrr, arr, total_revenue, customers_start, \
