@@ -7,7 +7,7 @@
 //!   buffer is carried into the next one.
 //! - **Parsed on every core.** Workers take batches in turn, parse each element into RevPilot's
 //!   tolerant type and fold it at once into what the rebuild keeps of it: a customer or a payment
-//!   as the core's model, an invoice as an [`InvoiceDigest`] (its lines' prices interned), a
+//!   as the core's model, an invoice as a digest (its lines' prices interned), a
 //!   subscription as parsed (one per customer or so), prices and coupons as parsed (few).
 //! - **Then rebuilt.** Once the input ends, every kind is reduced to the last occurrence of each
 //!   id (the order of the file never matters: a customer's invoices can be anywhere), invoices
