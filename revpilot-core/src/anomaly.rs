@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::money::Currency;
@@ -94,6 +94,14 @@ pub enum Anomaly {
         /// The payment.
         payment: String,
     },
+    /// The request reached past the account's as-of instant (its last sync, the export's
+    /// newest object): it was cut at the as-of day, and nothing later is reported.
+    CutAtAsOf {
+        /// The last day asked for.
+        requested_to: NaiveDate,
+        /// The instant the data runs to.
+        as_of: DateTime<Utc>,
+    },
 }
 
 impl fmt::Display for Anomaly {
@@ -149,6 +157,15 @@ impl fmt::Display for Anomaly {
             Anomaly::OverRefunded { payment } => {
                 write!(f, "{payment}: refunds exceed the payment; counted as given")
             }
+            Anomaly::CutAtAsOf {
+                requested_to,
+                as_of,
+            } => write!(
+                f,
+                "the data runs to {}: rows after {} are not reported (asked up to {requested_to})",
+                as_of.format("%Y-%m-%d %H:%M UTC"),
+                as_of.date_naive()
+            ),
         }
     }
 }

@@ -44,4 +44,4 @@ pub use anomaly::Anomaly;
 pub use fx::{FxRates, FxTable};
 pub use model::Account;
 pub use money::Currency;
-pub use rules::{Profile, Rules};
+pub use rules::{LtvChurn, Profile, Rules};

@@ -348,6 +348,10 @@ pub struct Payment {
     /// Refunds of this charge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refunds: Vec<Refund>,
+    /// Money disputes took from the payment (negative) or gave back (positive), with their
+    /// fees: cash like refunds (see `docs/metrics.md`, "Cash").
+    #[serde(default)]
+    pub disputes: Vec<DisputeMove>,
 }
 
 /// A refund of (part of) a payment.
@@ -356,6 +360,16 @@ pub struct Refund {
     /// When it was refunded.
     pub at: Instant,
     /// Amount refunded, minor units of the payment's currency.
+    pub amount: Decimal,
+}
+
+/// Cash a dispute moved, at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DisputeMove {
+    /// When the money moved.
+    pub at: Instant,
+    /// Minor units of the payment's currency: negative when taken (the withdrawal and its
+    /// fee), positive when given back (a won dispute).
     pub amount: Decimal,
 }
 

@@ -39,6 +39,22 @@ pub enum ChurnRateRule {
     ExcludeStartedInPeriod,
 }
 
+/// Which customer churn rate LTV divides ARPA by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LtvChurn {
+    /// The trailing six months' customer churn: the churned customers of the row's period and
+    /// the five periods before it over the customers paying at the start of each (a
+    /// customer-weighted average of six monthly rates). `None` until six periods of paying
+    /// customers exist, and when nobody churned in them. Stable by construction: two
+    /// consecutive rows share five of their six periods. ChartMogul-like.
+    #[default]
+    TrailingSixMonths,
+    /// The row's own customer churn rate (a calendar month, or the trailing 30 days): swings
+    /// with every month's noise. Kept for parity with tools that divide by the latest rate.
+    Period,
+}
+
 /// The switches where vendors differ. Build one from a [`Profile`] or set fields directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Rules {
@@ -55,6 +71,9 @@ pub struct Rules {
     /// Changes of one customer within this many minutes of the first (and on the same UTC day)
     /// are netted into one movement.
     pub grouping_window_minutes: u32,
+    /// Which churn rate LTV divides ARPA by (read by LTV only; MRR never depends on it).
+    #[serde(default)]
+    pub ltv_churn: LtvChurn,
 }
 
 impl Default for Rules {
@@ -79,17 +98,20 @@ pub enum RuleSwitch {
     ChurnRate,
     /// [`Rules::grouping_window_minutes`].
     GroupingWindow,
+    /// [`Rules::ltv_churn`].
+    LtvChurn,
 }
 
 impl RuleSwitch {
     /// Every switch, in declaration order.
-    pub const ALL: [RuleSwitch; 6] = [
+    pub const ALL: [RuleSwitch; 7] = [
         RuleSwitch::Discounts,
         RuleSwitch::ChurnTiming,
         RuleSwitch::PausedCounts,
         RuleSwitch::PastDueCounts,
         RuleSwitch::ChurnRate,
         RuleSwitch::GroupingWindow,
+        RuleSwitch::LtvChurn,
     ];
 
     /// The snake_case name used in docs and output.
@@ -101,6 +123,7 @@ impl RuleSwitch {
             RuleSwitch::PastDueCounts => "past_due_counts",
             RuleSwitch::ChurnRate => "churn_rate",
             RuleSwitch::GroupingWindow => "grouping_window_minutes",
+            RuleSwitch::LtvChurn => "ltv_churn",
         }
     }
 }
@@ -130,6 +153,7 @@ impl Rules {
             RuleSwitch::PastDueCounts => r.past_due_counts = other.past_due_counts,
             RuleSwitch::ChurnRate => r.churn_rate = other.churn_rate,
             RuleSwitch::GroupingWindow => r.grouping_window_minutes = other.grouping_window_minutes,
+            RuleSwitch::LtvChurn => r.ltv_churn = other.ltv_churn,
         }
         r
     }
@@ -139,7 +163,9 @@ impl Rules {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Profile {
-    /// RevPilot's reference definitions (ChartMogul-like).
+    /// RevPilot's reference definitions, modelled on ChartMogul; `chartmogul` is its alias on
+    /// the command line and in the API.
+    #[serde(alias = "chartmogul")]
     Default,
     /// Stripe Billing analytics-like.
     Stripe,
@@ -160,6 +186,7 @@ impl Profile {
             past_due_counts: true,
             churn_rate: ChurnRateRule::PayingAtStart,
             grouping_window_minutes: 60,
+            ltv_churn: LtvChurn::TrailingSixMonths,
         };
         match self {
             Profile::Default => default,
@@ -172,6 +199,14 @@ impl Profile {
                 churn_rate: ChurnRateRule::ExcludeStartedInPeriod,
                 ..default
             },
+        }
+    }
+
+    /// Other names the preset answers to.
+    pub fn aliases(self) -> &'static [&'static str] {
+        match self {
+            Profile::Default => &["chartmogul"],
+            Profile::Stripe | Profile::Profitwell => &[],
         }
     }
 
@@ -193,7 +228,7 @@ impl fmt::Display for Profile {
 
 /// The error for an unknown profile name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown rule profile {0:?}: expected default, stripe or profitwell")]
+#[error("unknown rule profile {0:?}: expected default (alias chartmogul), stripe or profitwell")]
 pub struct UnknownProfile(pub String);
 
 impl FromStr for Profile {
@@ -201,7 +236,10 @@ impl FromStr for Profile {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Profile::ALL
             .into_iter()
-            .find(|p| p.name().eq_ignore_ascii_case(s))
+            .find(|p| {
+                p.name().eq_ignore_ascii_case(s)
+                    || p.aliases().iter().any(|a| a.eq_ignore_ascii_case(s))
+            })
             .ok_or_else(|| UnknownProfile(s.to_owned()))
     }
 }
@@ -223,6 +261,11 @@ mod tests {
         );
         assert!(d.differences(&d).is_empty());
         assert_eq!("Stripe".parse::<Profile>().unwrap(), Profile::Stripe);
-        assert!("chartmogul".parse::<Profile>().is_err());
+        assert_eq!(
+            "ChartMogul".parse::<Profile>().unwrap(),
+            Profile::Default,
+            "chartmogul names the default"
+        );
+        assert!("baremetrics".parse::<Profile>().is_err());
     }
 }

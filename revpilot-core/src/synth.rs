@@ -485,6 +485,7 @@ impl Gen<'_> {
             amount,
             currency: self.currency,
             refunds,
+            disputes: Vec::new(),
         });
     }
 }

@@ -1015,6 +1015,7 @@ fn snapshot_row(r: &PgRow) -> StoreResult<SeriesRow> {
         quick_ratio: o(21)?,
         nrr: o(22)?,
         grr: o(23)?,
+        partial: false,
     })
 }
 

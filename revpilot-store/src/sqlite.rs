@@ -1005,6 +1005,7 @@ fn snapshot_row(r: &SqliteRow) -> StoreResult<SeriesRow> {
         quick_ratio: opt_decimal(o(21)?)?,
         nrr: opt_decimal(o(22)?)?,
         grr: opt_decimal(o(23)?)?,
+        partial: false,
     })
 }
 

@@ -1,5 +1,5 @@
 //! The export file: one JSON object whose keys (`customers`, `subscriptions`, `invoices`,
-//! `charges`, `prices`, `coupons`, `events`) each hold a list of Stripe API objects exactly as
+//! `charges`, `prices`, `coupons`, `events`, `disputes`) each hold a list of Stripe API objects exactly as
 //! Stripe's list endpoints return them. A missing key is an empty list; other keys are ignored.
 //!
 //! Reading never builds a JSON tree of the whole file: the top level is split into borrowed raw
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::objects::{
-    self, Charge, Coupon, Customer, Event, Invoice, ParseError, Price, Subscription,
+    self, Charge, Coupon, Customer, Dispute, Event, Invoice, ParseError, Price, Subscription,
 };
 
 /// Every object of one account, as read from an export file or fetched by a sync.
@@ -30,6 +30,8 @@ pub struct Export {
     pub coupons: Vec<Coupon>,
     /// Events (Stripe keeps the last 30 days).
     pub events: Vec<Event>,
+    /// Disputes of the charges, with their balance transactions.
+    pub disputes: Vec<Dispute>,
 }
 
 /// Why an export cannot be read.
@@ -70,6 +72,8 @@ struct Raw<'a> {
     coupons: Vec<&'a RawValue>,
     #[serde(borrow, default)]
     events: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    disputes: Vec<&'a RawValue>,
 }
 
 /// Parses `raws` into `T`s on up to `threads` threads, keeping their order; the first error (in
@@ -125,6 +129,7 @@ impl Export {
             prices: parse_all("price", &raw.prices, threads)?,
             coupons: parse_all("coupon", &raw.coupons, threads)?,
             events: parse_all("event", &raw.events, threads)?,
+            disputes: parse_all("dispute", &raw.disputes, threads)?,
         })
     }
 }
@@ -167,6 +172,7 @@ impl Export {
             prices: parse_all("price", of(ObjectKind::Price), threads)?,
             coupons: parse_all("coupon", of(ObjectKind::Coupon), threads)?,
             events: Vec::new(),
+            disputes: Vec::new(),
         })
     }
 }
@@ -196,6 +202,9 @@ pub struct RawExport {
     /// Events.
     #[serde(default)]
     pub events: Vec<Box<RawValue>>,
+    /// Disputes.
+    #[serde(default)]
+    pub disputes: Vec<Box<RawValue>>,
 }
 
 impl RawExport {

@@ -581,6 +581,45 @@ pub struct Charge {
     pub refunds: Option<List<Refund>>,
 }
 
+/// A dispute of a charge (`/v1/disputes`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Dispute {
+    /// `dp_...`.
+    pub id: String,
+    /// The disputed charge's id.
+    #[serde(default, deserialize_with = "expandable")]
+    pub charge: Option<String>,
+    /// Amount disputed, minor units.
+    #[serde(deserialize_with = "required_decimal")]
+    pub amount: Decimal,
+    /// Currency of `amount`.
+    pub currency: String,
+    /// Unix seconds.
+    pub created: i64,
+    /// `warning_needs_response`, `warning_under_review`, `warning_closed` (inquiries: no money
+    /// moves), `needs_response`, `under_review`, `won` or `lost`.
+    pub status: String,
+    /// The money the dispute moved: the withdrawal (with the dispute fee) and, for a won
+    /// dispute, the reinstatement.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub balance_transactions: Vec<DisputeBalance>,
+}
+
+/// A balance transaction of a dispute (expanded, as Stripe embeds them).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct DisputeBalance {
+    /// Gross amount, minor units: negative for the withdrawal, positive for a reinstatement.
+    #[serde(deserialize_with = "required_decimal")]
+    pub amount: Decimal,
+    /// Fees, minor units (the dispute fee; negative when it is given back).
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub fee: Option<Decimal>,
+    /// Currency of `amount` and `fee` (the balance's, which may differ from the dispute's).
+    pub currency: String,
+    /// Unix seconds.
+    pub created: i64,
+}
+
 /// The `data` of an event.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct EventData {

@@ -58,6 +58,9 @@ pub struct Rebuilt {
     pub account: Account,
     /// What could not be read, in input order.
     pub issues: Vec<Issue>,
+    /// The newest instant any object or event carries: what the data is known up to when
+    /// nothing better (a sync's time, an export's) is known. `None` for an empty account.
+    pub as_of: Option<model::Instant>,
 }
 
 /// Events within this many seconds of a proration describe the same change.
@@ -168,6 +171,8 @@ struct Fact<'a> {
     /// Prorations: (price, quantity) taken away and added.
     removed: Vec<(&'a str, u64)>,
     added: Vec<(&'a str, u64)>,
+    /// The invoice whose regular lines gave `full` (none when an event gave it).
+    full_from: Option<&'a str>,
     /// A status change (from an event).
     status: Option<Status>,
     /// Collection was paused (from an event).
@@ -242,9 +247,15 @@ pub fn rebuild(export: &Export) -> Rebuilt {
             account.payments.push(p);
         }
     }
+    attach_disputes(
+        &mut account.payments,
+        latest(&export.disputes, |d| &d.id),
+        &mut cx.issues,
+    );
     Rebuilt {
         account,
         issues: cx.issues,
+        as_of: (cx.as_of > 0).then(|| instant(cx.as_of)).flatten(),
     }
 }
 
@@ -404,6 +415,7 @@ fn newest_instant(export: &Export) -> i64 {
         .chain(export.invoices.iter().map(|i| i.created))
         .chain(export.charges.iter().map(|c| c.created))
         .chain(export.events.iter().map(|e| e.created))
+        .chain(export.disputes.iter().map(|d| d.created))
         .max()
         .unwrap_or(0)
 }
@@ -527,13 +539,19 @@ fn rebuild_subscription(
             }
         }
         if let Some((at, state)) = regular {
-            facts.entry(at).or_default().full.get_or_insert(state);
+            let fact = facts.entry(at).or_default();
+            if fact.full.is_none() {
+                fact.full = Some(state);
+                fact.full_from = Some(&*inv.id);
+            }
         }
     }
     for (e, obj) in events {
         let Some(prev) = e.data.previous_attributes.as_ref() else {
             if e.event_type == "customer.subscription.created" {
-                facts.entry(e.created).or_default().full = Some(items_state_owned(obj, cx));
+                let fact = facts.entry(e.created).or_default();
+                fact.full = Some(items_state_owned(obj, cx));
+                fact.full_from = None;
             }
             continue;
         };
@@ -543,6 +561,7 @@ fn rebuild_subscription(
             || prev.get("plan").is_some()
         {
             fact.full = Some(items_state_owned(obj, cx));
+            fact.full_from = None;
         }
         if prev.get("status").is_some() {
             fact.status = parse_status(&obj.status);
@@ -564,7 +583,7 @@ fn rebuild_subscription(
         }
     }
 
-    let items = item_periods(sub, start_secs, &facts, cx);
+    let items = item_periods(sub, start_secs, &facts, &event_instants, cx);
     let statuses = statuses(sub, start_secs, invoices, &facts, cx);
     let discounts = discounts(sub, invoices, currency, cx);
     let cancellation = (sub.canceled_at.is_some()
@@ -610,6 +629,7 @@ fn item_periods(
     sub: &objects::Subscription,
     start: i64,
     facts: &BTreeMap<i64, Fact<'_>>,
+    event_instants: &[i64],
     cx: &mut Ctx<'_>,
 ) -> Vec<ItemPeriod> {
     // Walk the facts into a sequence of (instant, state).
@@ -617,6 +637,26 @@ fn item_periods(
     let mut state: State<'_> = State::new();
     for (&at, fact) in facts {
         if let Some(full) = &fact.full {
+            // A regular invoice billing other items than the state before it, with no proration
+            // or event dating the change: the change is dated by that invoice's period start,
+            // though it happened at some unknown instant of the period before.
+            if let (Some(invoice), Some((prev_at, _))) = (fact.full_from, steps.last())
+                && *full != state
+                && fact.removed.is_empty()
+                && fact.added.is_empty()
+                && !event_instants
+                    .iter()
+                    .any(|e| (e - at).abs() <= SAME_CHANGE_SECS)
+            {
+                let problem = format!(
+                    "items changed between {} and {} with no proration or event to date the change; \
+                     dated by invoice {invoice}, whose period starts {}",
+                    fmt_secs(*prev_at),
+                    fmt_secs(at),
+                    fmt_secs(at)
+                );
+                cx.issue(&sub.id, problem);
+            }
             state = full.clone();
         } else if fact.removed.is_empty() && fact.added.is_empty() {
             continue;
@@ -1046,7 +1086,106 @@ fn payment(ch: &objects::Charge, issues: &mut Vec<Issue>) -> Option<model::Payme
         amount,
         currency,
         refunds,
+        disputes: Vec::new(),
     })
+}
+
+/// Gives each payment the cash its disputes moved (in the disputes' order); a dispute whose
+/// charge is not a succeeded payment of the account, or in another currency, is an issue.
+pub(crate) fn attach_disputes<'d>(
+    payments: &mut [model::Payment],
+    disputes: impl IntoIterator<Item = &'d objects::Dispute>,
+    issues: &mut Vec<Issue>,
+) {
+    let mut by_charge: HashMap<&str, Vec<&objects::Dispute>> = HashMap::new();
+    for d in disputes {
+        match d.charge.as_deref() {
+            Some(ch) => by_charge.entry(ch).or_default().push(d),
+            None => issues.push(Issue {
+                object: d.id.clone(),
+                problem: "dispute without a charge; left out".to_owned(),
+            }),
+        }
+    }
+    if by_charge.is_empty() {
+        return;
+    }
+    for p in payments.iter_mut() {
+        let Some(ds) = by_charge.remove(p.id.as_str()) else {
+            continue;
+        };
+        for d in ds {
+            p.disputes.extend(dispute_moves(d, p.currency, issues));
+        }
+    }
+    let mut left: Vec<&objects::Dispute> = by_charge.into_values().flatten().collect();
+    left.sort_by(|a, b| a.id.cmp(&b.id));
+    for d in left {
+        issues.push(Issue {
+            object: d.id.clone(),
+            problem: format!(
+                "dispute of charge {} which is not a succeeded charge of the account; left out",
+                d.charge.as_deref().unwrap_or_default()
+            ),
+        });
+    }
+}
+
+/// The cash a dispute moved. An inquiry (`warning_*`) moves none. With its balance
+/// transactions, each is one move at its instant: the withdrawal (amount and fee, negative) and,
+/// when won, the reinstatement (positive); one in another currency than the dispute moves the
+/// dispute's amount, without its fee. Without them, a dispute not won took its amount on the
+/// day it opened, and a won one gave back what it took (nothing in all).
+fn dispute_moves(
+    d: &objects::Dispute,
+    currency: Currency,
+    issues: &mut Vec<Issue>,
+) -> Vec<model::DisputeMove> {
+    if d.status.starts_with("warning_") {
+        return Vec::new();
+    }
+    if Currency::parse(&d.currency).ok() != Some(currency) {
+        issues.push(Issue {
+            object: d.id.clone(),
+            problem: format!(
+                "dispute in {} of a charge in {}; left out",
+                d.currency,
+                currency.as_str()
+            ),
+        });
+        return Vec::new();
+    }
+    let moves: Vec<(i64, Decimal)> = if d.balance_transactions.is_empty() {
+        if d.status == "won" {
+            Vec::new()
+        } else {
+            vec![(d.created, -d.amount)]
+        }
+    } else {
+        d.balance_transactions
+            .iter()
+            .map(|b| {
+                if b.currency.eq_ignore_ascii_case(&d.currency) {
+                    (b.created, b.amount - b.fee.unwrap_or_default())
+                } else if b.amount < Decimal::ZERO {
+                    (b.created, -d.amount)
+                } else {
+                    (b.created, d.amount)
+                }
+            })
+            .collect()
+    };
+    let mut out = Vec::with_capacity(moves.len());
+    for (at, amount) in moves {
+        match instant(at) {
+            Some(at) => out.push(model::DisputeMove { at, amount }),
+            None => issues.push(Issue {
+                object: d.id.clone(),
+                problem: "a balance transaction's created is not a valid time; left out".to_owned(),
+            }),
+        }
+    }
+    out
 }
 
 pub mod stream;

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use revpilot_core::fx::{FxTable, NoFx};
 use revpilot_core::metrics::{Engine, Granularity, SeriesRequest};
@@ -83,12 +83,17 @@ enum Command {
         /// Reporting currency.
         #[arg(long, default_value = "usd")]
         currency: String,
-        /// Rule profile: default, stripe or profitwell.
+        /// Rule profile: default (alias chartmogul), stripe or profitwell.
         #[arg(long, default_value = "default")]
         profile: String,
         /// Exchange rates, CSV `date,from,to,rate`.
         #[arg(long)]
         fx: Option<PathBuf>,
+        /// The instant the export's data runs to (RFC 3339, or YYYY-MM-DD for its midnight UTC);
+        /// by default the newest instant any of its objects or events carries. Nothing later is
+        /// reported.
+        #[arg(long, value_parser = parse_as_of)]
+        as_of: Option<DateTime<Utc>>,
         /// Output format.
         #[arg(long, value_enum, default_value = "json")]
         format: Format,
@@ -173,6 +178,7 @@ fn run(cli: Cli) -> Result<()> {
             currency,
             profile,
             fx,
+            as_of,
             format,
         } => {
             // REVPILOT_TIMINGS=1 prints where the time goes (to standard error).
@@ -199,6 +205,11 @@ fn run(cli: Cli) -> Result<()> {
                 Some(t) => engine.with_fx(t),
                 None => engine.with_fx(&NoFx),
             };
+            let as_of = as_of.or(rebuilt.as_of);
+            let engine = match as_of {
+                Some(at) => engine.with_as_of(at),
+                None => engine,
+            };
             let granularity = match granularity {
                 GranularityArg::Day => Granularity::Day,
                 GranularityArg::Month => Granularity::Month,
@@ -212,9 +223,17 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| Failure::Input(e.to_string()))?;
             lap("movements computed");
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            report::write(&mut out, format, profile, &series, &ledger, &rebuilt.issues)
-                .and_then(|()| out.flush())
-                .map_err(|e| Failure::Runtime(format!("writing the report: {e}")))
+            report::write(
+                &mut out,
+                format,
+                profile,
+                as_of,
+                &series,
+                &ledger,
+                &rebuilt.issues,
+            )
+            .and_then(|()| out.flush())
+            .map_err(|e| Failure::Runtime(format!("writing the report: {e}")))
         }
         Command::Explain {
             input,
@@ -276,6 +295,17 @@ fn run(cli: Cli) -> Result<()> {
             .map_err(|e| Failure::Runtime(format!("writing: {e}")))
         }
     }
+}
+
+fn parse_as_of(s: &str) -> std::result::Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .ok_or_else(|| format!("{s:?} is not an RFC 3339 instant or a YYYY-MM-DD date"))
 }
 
 fn read_text(path: &Path) -> Result<String> {

@@ -4,6 +4,7 @@
 
 use std::io::{self, Write};
 
+use chrono::{DateTime, Utc};
 use revpilot_core::metrics::{Ledger, ProfileDiff, SeriesReport, SeriesRow};
 use revpilot_core::{Currency, Profile};
 use revpilot_stripe::rebuild::Issue;
@@ -51,6 +52,8 @@ fn rate(d: Option<Decimal>) -> Value {
 struct Doc<'a> {
     currency: &'a str,
     profile: &'a str,
+    /// The instant the data runs to: no row reaches past it.
+    as_of: Option<String>,
     series: Vec<Ordered>,
     movements: Vec<Ordered>,
     anomalies: Vec<String>,
@@ -85,6 +88,7 @@ fn columns(c: Currency, r: &SeriesRow) -> Vec<(&'static str, Value)> {
         ("quick_ratio", rate(r.quick_ratio)),
         ("nrr", rate(r.nrr)),
         ("grr", rate(r.grr)),
+        ("partial", json!(r.partial)),
     ]
 }
 
@@ -104,10 +108,12 @@ pub(crate) fn write(
     out: &mut impl Write,
     format: Format,
     profile: Profile,
+    as_of: Option<DateTime<Utc>>,
     series: &SeriesReport,
     ledger: &Ledger,
     issues: &[Issue],
 ) -> io::Result<()> {
+    let as_of_text = as_of.map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string());
     let c = series.currency;
     match format {
         Format::Json => {
@@ -127,6 +133,7 @@ pub(crate) fn write(
             let doc = Doc {
                 currency: c.as_str(),
                 profile: profile.name(),
+                as_of: as_of.map(|t| t.to_rfc3339()),
                 series: rows,
                 movements,
                 anomalies: anomalies(series, ledger, issues),
@@ -160,9 +167,15 @@ pub(crate) fn write(
                 c.as_str().to_uppercase(),
                 profile.name()
             )?;
+            if let Some(t) = &as_of_text {
+                writeln!(
+                    out,
+                    "Data as of {t}; rows marked * are partial (their period ends after it)"
+                )?;
+            }
             writeln!(
                 out,
-                "{:<10} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>8} {:>8}",
+                "{:<11} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>8} {:>8}",
                 "date",
                 "mrr",
                 "new",
@@ -181,10 +194,15 @@ pub(crate) fn write(
                 )
             };
             for r in &series.rows {
+                let date = if r.partial {
+                    format!("{}*", r.date)
+                } else {
+                    r.date.to_string()
+                };
                 writeln!(
                     out,
-                    "{:<10} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>8} {:>8}",
-                    r.date.to_string(),
+                    "{:<11} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>8} {:>8}",
+                    date,
                     money(c, r.mrr),
                     money(c, r.new_mrr),
                     money(c, r.expansion_mrr),

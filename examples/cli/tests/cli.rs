@@ -78,7 +78,15 @@ fn metrics_json_has_the_documented_shape_and_adds_up() {
         (total - last).abs() <= doc["movements"].as_array().unwrap().len() as i64,
         "{total} vs {last}"
     );
-    assert_eq!(doc["anomalies"], json!([]));
+    // The sample's plan changes take effect at renewals without proration: each is dated by the
+    // invoice that first bills it, and said (issue #18); nothing else is odd.
+    let anomalies = doc["anomalies"].as_array().unwrap();
+    assert!(
+        anomalies
+            .iter()
+            .all(|a| a.as_str().unwrap().contains("dated by invoice in_")),
+        "{anomalies:?}"
+    );
 }
 
 #[test]
@@ -99,7 +107,8 @@ fn csv_and_table_formats() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 4);
     assert!(lines[0].starts_with("date,period_start,mrr_start,mrr,arr,"));
-    assert!(lines.iter().all(|l| l.split(',').count() == 24));
+    assert!(lines.iter().all(|l| l.split(',').count() == 25));
+    assert!(lines[0].ends_with(",partial"));
     let o = revpilot(&[
         "metrics",
         "--input",
@@ -357,4 +366,104 @@ fn sync_into_a_sqlite_file_then_incrementally() {
         "mysql://nope",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+/// Issue #18: no row past the data's as-of instant (the export's newest object, or `--as-of`);
+/// the cut is said, the last row is flagged partial, and a range wholly after it is refused.
+#[test]
+fn metrics_stop_at_the_data_as_of_instant() {
+    let o = revpilot(&[
+        "metrics",
+        "--input",
+        &sample(),
+        "--from",
+        "2023-01-01",
+        "--to",
+        "2023-12-31",
+    ]);
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let newest: chrono::DateTime<chrono::Utc> = doc["as_of"].as_str().unwrap().parse().unwrap();
+    let as_of = "2023-06-15T12:00:00Z";
+    let o = revpilot(&[
+        "metrics",
+        "--input",
+        &sample(),
+        "--from",
+        "2023-01-01",
+        "--to",
+        "2023-12-31",
+        "--as-of",
+        as_of,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["as_of"], "2023-06-15T12:00:00+00:00");
+    let series = doc["series"].as_array().unwrap();
+    assert_eq!(series.len(), 6, "January to June, nothing after");
+    assert_eq!(series[5]["date"], "2023-06-15");
+    assert_eq!(series[5]["partial"], true);
+    assert_eq!(series[4]["partial"], false);
+    let anomalies = doc["anomalies"].as_array().unwrap();
+    assert!(
+        anomalies.iter().any(|a| a
+            .as_str()
+            .unwrap()
+            .contains("the data runs to 2023-06-15 12:00 UTC")),
+        "{anomalies:?}"
+    );
+    // Without --as-of the export's newest instant cuts the series.
+    let after = (newest + chrono::Duration::days(400))
+        .date_naive()
+        .to_string();
+    let o = revpilot(&[
+        "metrics",
+        "--input",
+        &sample(),
+        "--from",
+        "2023-01-01",
+        "--to",
+        &after,
+    ]);
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let last = doc["series"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["date"], newest.date_naive().to_string());
+    // The table says it.
+    let o = revpilot(&[
+        "metrics",
+        "--input",
+        &sample(),
+        "--from",
+        "2023-01-01",
+        "--to",
+        "2023-12-31",
+        "--as-of",
+        as_of,
+        "--format",
+        "table",
+    ]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("Data as of 2023-06-15 12:00:00 UTC"),
+        "{text}"
+    );
+    assert!(text.contains("2023-06-15*"), "{text}");
+    // Wholly after: exit 2, naming the as-of.
+    let o = revpilot(&[
+        "metrics",
+        "--input",
+        &sample(),
+        "--from",
+        "2023-07-01",
+        "--to",
+        "2023-12-31",
+        "--as-of",
+        as_of,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("no data after 2023-06-15 12:00:00 UTC"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(o.stdout.is_empty());
 }

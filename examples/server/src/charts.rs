@@ -348,6 +348,7 @@ mod tests {
             quick_ratio: None,
             nrr: None,
             grr: None,
+            partial: false,
         }
     }
 

@@ -639,6 +639,7 @@ impl<'a> Compiled<'a> {
             let currency = c.currency(p.currency);
             let events: Option<Vec<CCash>> = std::iter::once((secs(&p.at), p.amount))
                 .chain(p.refunds.iter().map(|r| (secs(&r.at), -r.amount)))
+                .chain(p.disputes.iter().map(|d| (secs(&d.at), d.amount)))
                 .map(|(at, minor)| {
                     minor_to_native(minor, d).map(|amount| CCash {
                         at,

@@ -96,6 +96,16 @@ pub enum Error {
     /// The reporting currency is not an ISO 4217 currency with a minor unit.
     #[error("unknown reporting currency {0}")]
     UnknownReportingCurrency(Currency),
+    /// The range starts after the account's as-of instant: nothing is known about it yet.
+    #[error(
+        "no data after {as_of}: the range starting {from} is wholly after the account's as-of instant"
+    )]
+    AfterAsOf {
+        /// Start of the range.
+        from: NaiveDate,
+        /// The instant the account's data runs to.
+        as_of: DateTime<Utc>,
+    },
     /// The account's amounts are so large that exact sums could overflow.
     #[error("amounts in {0} are too large to be summed exactly (over 10^16 a month)")]
     AmountsTooLarge(Currency),
@@ -113,6 +123,8 @@ pub struct Engine<'a> {
     rules: Rules,
     currency: Currency,
     fx: &'a (dyn FxRates + Sync),
+    /// Unix seconds the account's data runs to; nothing is reported past it.
+    as_of: Option<i64>,
 }
 
 impl std::fmt::Debug for Engine<'_> {
@@ -120,6 +132,7 @@ impl std::fmt::Debug for Engine<'_> {
         f.debug_struct("Engine")
             .field("rules", &self.rules)
             .field("currency", &self.currency)
+            .field("as_of", &self.as_of)
             .field("customers", &self.compiled.customers.len())
             .field("subscriptions", &self.compiled.subs.len())
             .finish()
@@ -146,6 +159,7 @@ impl<'a> Engine<'a> {
             rules,
             currency,
             fx: &NO_FX,
+            as_of: None,
         }
     }
 
@@ -166,6 +180,7 @@ impl<'a> Engine<'a> {
             rules: self.rules,
             currency: self.currency,
             fx: self.fx,
+            as_of: self.as_of,
         }
     }
 
@@ -175,6 +190,53 @@ impl<'a> Engine<'a> {
             rules,
             ..self.clone()
         }
+    }
+
+    /// The same engine, told that the account's data runs to `as_of` (a sync's time, an
+    /// export's): no row, movement or rate is reported past it. A range reaching past it is cut
+    /// at its day with [`Anomaly::CutAtAsOf`], a range wholly after it is
+    /// [`Error::AfterAsOf`], and a row whose period ends after it is flagged
+    /// [`SeriesRow::partial`].
+    pub fn with_as_of(mut self, as_of: DateTime<Utc>) -> Self {
+        self.as_of = Some(as_of.timestamp());
+        self
+    }
+
+    /// The instant the account's data runs to, when known.
+    pub fn as_of(&self) -> Option<DateTime<Utc>> {
+        self.as_of.and_then(|s| DateTime::from_timestamp(s, 0))
+    }
+
+    /// `to`, cut at the as-of day (with the anomaly saying so); an error when `from` is after it.
+    pub(crate) fn cut(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<(NaiveDate, Option<Anomaly>), Error> {
+        let Some(as_of) = self.as_of() else {
+            return Ok((to, None));
+        };
+        let last = as_of.date_naive();
+        if from > last {
+            return Err(Error::AfterAsOf { from, as_of });
+        }
+        if to > last {
+            return Ok((
+                last,
+                Some(Anomaly::CutAtAsOf {
+                    requested_to: to,
+                    as_of,
+                }),
+            ));
+        }
+        Ok((to, None))
+    }
+
+    /// Whether a period ending at the start of epoch day `end_day` (exclusive) reaches past the
+    /// as-of instant.
+    pub(crate) fn is_partial(&self, end_day: i64) -> bool {
+        self.as_of
+            .is_some_and(|s| s < end_day.saturating_mul(SECONDS_PER_DAY))
     }
 
     /// The rules in force.

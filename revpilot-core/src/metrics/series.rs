@@ -14,7 +14,7 @@ use super::{
 };
 use crate::anomaly::Anomaly;
 use crate::money::{Currency, report_to_decimal};
-use crate::rules::{ChurnRateRule, Rules};
+use crate::rules::{ChurnRateRule, LtvChurn, Rules};
 
 /// Row granularity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -80,7 +80,8 @@ pub struct SeriesRow {
     pub churned_customers: u64,
     /// ARPA: MRR / paying customers.
     pub arpu: Option<Decimal>,
-    /// ARPA / customer churn rate; `None` when nobody churned.
+    /// ARPA / customer churn rate, the rate chosen by [`Rules::ltv_churn`] (by default the
+    /// trailing six months'); `None` when that rate is 0 or not yet known.
     pub ltv: Option<Decimal>,
     /// Churned customers / `customers_start`.
     pub customer_churn_rate: Option<Decimal>,
@@ -106,6 +107,10 @@ pub struct SeriesRow {
     pub nrr: Option<Decimal>,
     /// Gross revenue retention over the trailing 12 months.
     pub grr: Option<Decimal>,
+    /// The row's period (its day, or its calendar month) ends after the account's as-of
+    /// instant: the figures so far, not the period's.
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// A series and what the engine noticed while computing it.
@@ -430,6 +435,62 @@ fn prefix_i64(v: &[i64]) -> Vec<i64> {
         .collect()
 }
 
+/// Periods the trailing LTV rate covers: the row's and the five before it.
+const LTV_PERIODS: usize = 6;
+
+/// The start of the widened request the trailing LTV needs, and how many lead-in rows it adds;
+/// `None` when the calendar or the range limit does not allow it (the first rows then have no
+/// LTV).
+fn lead_in(req: &SeriesRequest) -> Option<(NaiveDate, usize)> {
+    let lead = LTV_PERIODS - 1;
+    let from = match req.granularity {
+        Granularity::Month => req
+            .from
+            .with_day(1)?
+            .checked_sub_months(chrono::Months::new(lead as u32))?,
+        Granularity::Day => req
+            .from
+            .checked_sub_days(chrono::Days::new(lead as u64 * TRAILING_DAYS as u64))?,
+    };
+    check_range(from, req.to).ok()?;
+    let rows = match req.granularity {
+        Granularity::Month => lead,
+        Granularity::Day => lead * TRAILING_DAYS as usize,
+    };
+    Some((from, rows))
+}
+
+/// LTV = ARPA / the trailing six months' customer churn: the churned customers of six
+/// consecutive periods (calendar months, or 30-day windows 30 days apart) over the customers
+/// paying at the start of each. `None` when a period had nobody paying at its start (not enough
+/// history) or nobody churned in all six.
+fn trailing_ltv(rows: &mut [SeriesRow], granularity: Granularity) {
+    let step = match granularity {
+        Granularity::Month => 1,
+        Granularity::Day => TRAILING_DAYS as usize,
+    };
+    let span = (LTV_PERIODS - 1) * step;
+    let ltv: Vec<Option<Decimal>> = (0..rows.len())
+        .map(|i| {
+            let first = i.checked_sub(span)?;
+            let periods = (first..=i).step_by(step).map(|j| &rows[j]);
+            let (mut churned, mut start) = (0u64, 0u64);
+            for p in periods {
+                if p.customers_start == 0 {
+                    return None;
+                }
+                churned += p.churned_customers;
+                start += p.customers_start;
+            }
+            let arpu = rows[i].arpu?;
+            decimal_ratio(arpu * Decimal::from(start), Decimal::from(churned))
+        })
+        .collect();
+    for (row, ltv) in rows.iter_mut().zip(ltv) {
+        row.ltv = ltv;
+    }
+}
+
 impl Engine<'_> {
     /// Computes a daily or monthly series.
     ///
@@ -440,12 +501,48 @@ impl Engine<'_> {
         self.series_filtered(req, None)
     }
 
+    /// The series, cut at the as-of instant, with LTV from the rate [`Rules::ltv_churn`] picks:
+    /// for the trailing rate the rows are computed from six periods earlier, and those lead-in
+    /// rows dropped.
     pub(crate) fn series_filtered(
         &self,
         req: &SeriesRequest,
         filter: Option<super::walk::Filter<'_>>,
     ) -> Result<SeriesReport, Error> {
         self.check()?;
+        check_range(req.from, req.to)?;
+        let (to, cut) = self.cut(req.from, req.to)?;
+        let req = SeriesRequest { to, ..*req };
+        let trailing = self.rules.ltv_churn == LtvChurn::TrailingSixMonths;
+        let lead = if trailing { lead_in(&req) } else { None };
+        let (wide, lead_rows) = match lead {
+            Some((from, rows)) => (SeriesRequest { from, ..req }, rows),
+            None => (req, 0),
+        };
+        let mut report = self.series_rows(&wide, filter)?;
+        if trailing {
+            trailing_ltv(&mut report.rows, req.granularity);
+        }
+        report.rows.drain(..lead_rows.min(report.rows.len()));
+        for row in &mut report.rows {
+            let end = match req.granularity {
+                Granularity::Day => row.date.succ_opt(),
+                Granularity::Month => row.period_start.checked_add_months(chrono::Months::new(1)),
+            };
+            row.partial = self.is_partial(end.map_or(i64::MAX, epoch_day));
+        }
+        if let Some(a) = cut {
+            report.anomalies.push(a);
+            report.anomalies.sort();
+        }
+        Ok(report)
+    }
+
+    fn series_rows(
+        &self,
+        req: &SeriesRequest,
+        filter: Option<super::walk::Filter<'_>>,
+    ) -> Result<SeriesReport, Error> {
         let frame = Frame::new(req)?;
         let rates = self.rate_table(frame.base_day, frame.days)?;
         let c = &*self.compiled;
@@ -596,6 +693,7 @@ impl Engine<'_> {
                 quick_ratio: decimal_ratio(gained, lost),
                 nrr: decimal_ratio(retained(&nrr_prefix), base),
                 grr: decimal_ratio(retained(&grr_prefix), base),
+                partial: false,
             });
         }
 

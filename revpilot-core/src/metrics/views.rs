@@ -246,6 +246,8 @@ impl Engine<'_> {
     /// [`Error::AmountsTooLarge`].
     pub fn movements(&self, from: NaiveDate, to: NaiveDate) -> Result<Ledger, Error> {
         self.check()?;
+        check_range(from, to)?;
+        let (to, cut) = self.cut(from, to)?;
         let (from_day, to_day) = check_range(from, to)?;
         let days = (to_day - from_day + 1) as usize;
         let rates = self.rate_table(from_day, days)?;
@@ -313,6 +315,7 @@ impl Engine<'_> {
             .sort_by(|a, b| (a.date, &a.customer, a.at).cmp(&(b.date, &b.customer, b.at)));
         let mut anomalies = c.anomalies.clone();
         anomalies.extend(walked);
+        anomalies.extend(cut);
         sink.used.sort_unstable();
         sink.used.dedup();
         for (cur, day) in sink.used {
@@ -342,6 +345,9 @@ impl Engine<'_> {
     pub fn cohorts(&self, from: NaiveDate, to: NaiveDate) -> Result<CohortTable, Error> {
         self.check()?;
         check_range(from, to)?;
+        // The month of the as-of instant is read at the as-of day, not at its end.
+        let (to, cut) = self.cut(from, to)?;
+        let last = self.as_of().map(|a| epoch_day(a.date_naive()));
         let first_month = from.with_day(1).ok_or(Error::DateOutOfRange(from))?;
         let mut month_ends = Vec::new(); // epoch days
         let mut month = first_month;
@@ -349,7 +355,7 @@ impl Engine<'_> {
             let next = month
                 .checked_add_months(Months::new(1))
                 .ok_or(Error::DateOutOfRange(month))?;
-            month_ends.push(epoch_day(next) - 1);
+            month_ends.push(last.map_or(epoch_day(next) - 1, |l| l.min(epoch_day(next) - 1)));
             month = next;
         }
         let base_day = epoch_day(first_month) - 1;
@@ -470,6 +476,7 @@ impl Engine<'_> {
         }
         let mut anomalies = c.anomalies.clone();
         anomalies.extend(walked);
+        anomalies.extend(cut);
         anomalies.sort();
         anomalies.dedup();
         Ok(CohortTable {

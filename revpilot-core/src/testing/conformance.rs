@@ -686,6 +686,7 @@ pub fn snapshot_row(date: NaiveDate, mrr: Decimal) -> SeriesRow {
         quick_ratio: None,
         nrr: Some(Decimal::new(1_0512, 4)),
         grr: Some(Decimal::new(9_731, 4)),
+        partial: false,
     }
 }
 

@@ -8,11 +8,11 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use revpilot_core::fx::FxTable;
 use revpilot_core::metrics::{Engine, Granularity, Segmentation, SeriesRequest, SeriesRow};
 use revpilot_core::model::{
-    Account, BillingScheme, Cancellation, Customer, Discount, DiscountOff, Duration, Interval,
-    ItemPeriod, Payment, Price, Refund, Status, StatusChange, Subscription, Tier, TiersMode,
-    UsageType,
+    Account, BillingScheme, Cancellation, Customer, Discount, DiscountOff, DisputeMove, Duration,
+    Interval, ItemPeriod, Payment, Price, Refund, Status, StatusChange, Subscription, Tier,
+    TiersMode, UsageType,
 };
-use revpilot_core::{Currency, Profile, Rules};
+use revpilot_core::{Currency, LtvChurn, Profile, Rules};
 use rust_decimal::Decimal;
 
 pub(crate) fn instant(s: &str) -> Result<DateTime<Utc>, String> {
@@ -58,6 +58,11 @@ fn rules_of(opts: &BTreeMap<&str, &str>) -> Result<Rules, String> {
     }
     if opts.contains_key("past_due_excluded") {
         rules.past_due_counts = false;
+    }
+    match opts.get("ltv") {
+        None | Some(&"trailing") => {}
+        Some(&"period") => rules.ltv_churn = LtvChurn::Period,
+        Some(other) => return Err(format!("ltv={other}: expected trailing or period")),
     }
     Ok(rules)
 }
@@ -264,8 +269,16 @@ pub(crate) fn parse(text: &str) -> Result<Case, String> {
                 let [_, id, customer, at, amount, currency, ..] = words[..] else {
                     return Err(err("payment ID CUSTOMER AT AMOUNT CURRENCY".into()));
                 };
-                let mut refunds = Vec::new();
+                let (mut refunds, mut disputes) = (Vec::new(), Vec::new());
                 for w in &words[6..] {
+                    if let Some(d) = w.strip_prefix("dispute=") {
+                        let (at, amount) =
+                            d.split_once('/').ok_or(err("dispute=AT/AMOUNT".into()))?;
+                        disputes.push(DisputeMove {
+                            at: instant(at).map_err(err)?,
+                            amount: dec(amount).map_err(err)?,
+                        });
+                    }
                     if let Some(r) = w.strip_prefix("refund=") {
                         let (at, amount) =
                             r.split_once('/').ok_or(err("refund=AT/AMOUNT".into()))?;
@@ -282,6 +295,7 @@ pub(crate) fn parse(text: &str) -> Result<Case, String> {
                     amount: dec(amount).map_err(err)?,
                     currency: Currency::parse(currency).map_err(|e| err(e.to_string()))?,
                     refunds,
+                    disputes,
                 });
             }
             "fx" => {
@@ -340,6 +354,9 @@ pub(crate) fn render_row(c: Currency, r: &SeriesRow) -> String {
             let _ = write!(s, " {name}={}", money(c, v));
         }
     }
+    if r.partial {
+        s.push_str(" partial");
+    }
     let _ = write!(
         s,
         "\n    customers {}->{} churned={} subs={} arpu={} ltv={} churn_rate={} rev_churn={} net_rev_churn={} quick={} nrr={} grr={}",
@@ -371,6 +388,10 @@ pub(crate) fn run(case: &Case) -> Result<String, String> {
             None => Currency::USD,
         };
         let engine = Engine::new(&case.account, rules, currency).with_fx(&case.fx);
+        let engine = match opts.get("as_of") {
+            Some(at) => engine.with_as_of(instant(at)?),
+            None => engine,
+        };
         let _ = writeln!(out, "> {}", cmd.join(" "));
         let anomalies = match cmd[0].as_str() {
             "report" => {
@@ -380,9 +401,15 @@ pub(crate) fn run(case: &Case) -> Result<String, String> {
                     g => return Err(format!("granularity {g:?}")),
                 };
                 let (from, to) = range(&cmd[2], date)?;
-                let report = engine
-                    .series(&SeriesRequest::new(from, to.unwrap_or(from), granularity))
-                    .map_err(|e| e.to_string())?;
+                let report =
+                    match engine.series(&SeriesRequest::new(from, to.unwrap_or(from), granularity))
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = writeln!(out, "error: {e}");
+                            continue;
+                        }
+                    };
                 for row in &report.rows {
                     let _ = writeln!(out, "{}", render_row(currency, row));
                 }

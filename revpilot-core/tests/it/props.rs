@@ -440,3 +440,116 @@ proptest! {
         prop_assert_eq!(diff.total_a, diff.total_b);
     }
 }
+
+/// A steady account: `base` customers paying 50.00 a month from the start, each leaving in any
+/// month with probability `churn_pct`%, and as many newcomers a month as leave on average.
+fn steady_account(seed: u64, base: usize, churn_pct: u64) -> Account {
+    // A small deterministic generator (SplitMix64): the account is a function of the seed.
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let price = Arc::new(Price {
+        id: "p_steady".into(),
+        product: None,
+        currency: Some(Currency::USD),
+        unit_amount: Decimal::from(5_000),
+        interval: Some(Interval::Month),
+        interval_count: 1,
+        scheme: BillingScheme::PerUnit,
+        usage_type: UsageType::Licensed,
+    });
+    let start = NaiveDate::from_ymd_opt(2022, 1, 1).expect("date");
+    let months = 36u32;
+    let arrivals_per_month = base as u64 * churn_pct / 100;
+    let mut starts: Vec<NaiveDate> = vec![start; base];
+    for m in 0..months {
+        let month = start + chrono::Months::new(m);
+        for _ in 0..arrivals_per_month {
+            starts.push(month + chrono::Days::new(next() % 28));
+        }
+    }
+    let mut account = Account::default();
+    for (i, from) in starts.into_iter().enumerate() {
+        // Months survived: each month ends the subscription with probability churn_pct%.
+        let mut end = None;
+        let mut at = from;
+        while at < start + chrono::Months::new(months) {
+            at = at + chrono::Months::new(1);
+            if next() % 100 < churn_pct {
+                end = Some(at);
+                break;
+            }
+        }
+        let inst = |d: NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        let id = format!("c{i}");
+        account.customers.push(Customer {
+            id: id.clone(),
+            created: inst(from),
+            country: None,
+            metadata: Metadata::default(),
+        });
+        let mut statuses = vec![StatusChange {
+            at: inst(from),
+            status: Status::Active,
+        }];
+        if let Some(e) = end {
+            statuses.push(StatusChange {
+                at: inst(e),
+                status: Status::Canceled,
+            });
+        }
+        account.subscriptions.push(Subscription {
+            id: format!("s{i}"),
+            customer: id,
+            currency: Currency::USD,
+            created: inst(from),
+            statuses,
+            items: vec![ItemPeriod {
+                price: price.clone(),
+                quantity: 1,
+                from: inst(from),
+                to: end.map(inst),
+            }],
+            discounts: Vec::new(),
+            cancellation: end.map(|e| Cancellation {
+                canceled_at: Some(inst(e)),
+                cancel_at_period_end: false,
+                cancel_at: None,
+                ended_at: Some(inst(e)),
+            }),
+            trial_end: None,
+        });
+    }
+    account
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+
+    /// Issue #18: on a steady account, LTV (ARPA over the trailing six months' churn) moves
+    /// less than 20 % from one month to the next, where the row rate's LTV swings with each
+    /// month's noise.
+    #[test]
+    fn ltv_is_stable_on_a_steady_account(seed in any::<u64>(), churn_pct in 2u64..6) {
+        let account = steady_account(seed, 600, churn_pct);
+        let engine = Engine::new(&account, Rules::default(), Currency::USD);
+        let from = NaiveDate::from_ymd_opt(2023, 1, 1).expect("date");
+        let to = NaiveDate::from_ymd_opt(2024, 12, 31).expect("date");
+        let report = engine
+            .series(&SeriesRequest::new(from, to, Granularity::Month))
+            .expect("series");
+        let ltv: Vec<Decimal> = report.rows.iter().map(|r| r.ltv.expect("LTV known")).collect();
+        for pair in ltv.windows(2) {
+            let change = ((pair[1] - pair[0]) / pair[0]).abs();
+            prop_assert!(
+                change < Decimal::new(20, 2),
+                "LTV moved {change} from {} to {}", pair[0], pair[1]
+            );
+        }
+    }
+}

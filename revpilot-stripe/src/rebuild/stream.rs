@@ -27,8 +27,8 @@ use revpilot_core::model;
 use revpilot_core::ports::{ConnectionId, ObjectCache, ObjectKind, StoreError, UserId};
 
 use super::{
-    Ctx, InvoiceDigest, Issue, Names, Rebuilt, consider_price, customer, event_subscription,
-    payment, rebuild_one,
+    Ctx, InvoiceDigest, Issue, Names, Rebuilt, attach_disputes, consider_price, customer,
+    event_subscription, payment, rebuild_one,
 };
 use crate::export::ExportError;
 use crate::objects::{self, ParseError};
@@ -278,6 +278,7 @@ enum Kind {
     Price,
     Coupon,
     Event,
+    Dispute,
 }
 
 impl Kind {
@@ -303,6 +304,7 @@ impl Kind {
             "prices" => Kind::Price,
             "coupons" => Kind::Coupon,
             "events" => Kind::Event,
+            "disputes" => Kind::Dispute,
             _ => return None,
         })
     }
@@ -316,6 +318,7 @@ impl Kind {
             Kind::Price => "price",
             Kind::Coupon => "coupon",
             Kind::Event => "event",
+            Kind::Dispute => "dispute",
         }
     }
 }
@@ -675,6 +678,7 @@ struct Part {
     invoices: Vec<(u64, Option<Arc<str>>, InvoiceDigest)>,
     charges: Vec<(u64, Converted<model::Payment>)>,
     events: Vec<(u64, objects::Event)>,
+    disputes: Vec<(u64, objects::Dispute)>,
     names: Names,
 }
 
@@ -785,6 +789,11 @@ impl Part {
                 self.as_of = self.as_of.max(e.created);
                 self.events.push((at, e));
             }
+            Kind::Dispute => {
+                let d: objects::Dispute = parse(name, json, at)?;
+                self.as_of = self.as_of.max(d.created);
+                self.disputes.push((at, d));
+            }
         }
         Ok(())
     }
@@ -842,6 +851,7 @@ fn assemble(parts: Vec<Part>) -> Rebuilt {
     let mut embedded: HashMap<String, (PriceKey, objects::Price)> = HashMap::new();
     let (mut coupons, mut customers, mut subscriptions) = (Vec::new(), Vec::new(), Vec::new());
     let (mut invoices, mut charges, mut events) = (Vec::new(), Vec::new(), Vec::new());
+    let mut disputes = Vec::new();
     for p in parts {
         as_of = as_of.max(p.as_of);
         prices.extend(p.prices);
@@ -860,6 +870,7 @@ fn assemble(parts: Vec<Part>) -> Rebuilt {
         invoices.extend(p.invoices);
         charges.extend(p.charges);
         events.extend(p.events);
+        disputes.extend(p.disputes);
     }
     prices.extend(embedded.into_values());
     prices.sort_unstable_by_key(|(key, _)| *key);
@@ -917,9 +928,16 @@ fn assemble(parts: Vec<Part>) -> Rebuilt {
         cx.issues.extend(ch.issues);
         account.payments.extend(ch.value);
     }
+    let disputes = latest(disputes, |d| &d.id);
+    attach_disputes(
+        &mut account.payments,
+        disputes.iter().map(|(_, d)| d),
+        &mut cx.issues,
+    );
     Rebuilt {
         account,
         issues: cx.issues,
+        as_of: (cx.as_of > 0).then(|| super::instant(cx.as_of)).flatten(),
     }
 }
 

@@ -611,3 +611,143 @@ fn unreadable_objects_are_reported_and_left_out() {
     assert_eq!(r.account.subscriptions.len(), 1);
     assert_eq!(mrr(&r, 2024, 1, 20), "10.00");
 }
+
+/// Issue #18: a change made without proration, older than the events, is dated by the next
+/// invoice that bills it, and the rebuild says so, naming the subscription and the invoice.
+#[test]
+fn a_change_dated_only_by_the_next_invoice_is_reported() {
+    let seat = price("price_seat", 1000, "month", 1, "usd");
+    let jan = ts(2024, 1, 1);
+    let mut invoices = monthly_invoices("sub_1", "price_seat", 2, 1000, &[(2024, 1), (2024, 2)]);
+    invoices.extend(monthly_invoices(
+        "sub_1",
+        "price_seat",
+        3,
+        1000,
+        &[(2024, 3)],
+    ));
+    let march_invoice = invoices[2]["id"].as_str().expect("id").to_owned();
+    let r = rebuild(&export(json!({
+        "customers": [customer("cus_1", jan)],
+        "subscriptions": [subscription("sub_1", "cus_1", "active", jan, &[(&seat, 3)])],
+        "invoices": invoices,
+    })));
+    assert_eq!(r.issues.len(), 1, "{:?}", r.issues);
+    assert_eq!(r.issues[0].object, "sub_1");
+    assert!(
+        r.issues[0]
+            .problem
+            .contains(&format!("dated by invoice {march_invoice}")),
+        "{}",
+        r.issues[0]
+    );
+    assert_eq!(mrr(&r, 2024, 2, 28), "20.00");
+    assert_eq!(mrr(&r, 2024, 3, 2), "30.00", "from the invoice's period");
+}
+
+fn dispute(id: &str, status: &str, created: i64, balance: Value) -> Value {
+    let mut d = template("dispute");
+    set(
+        &mut d,
+        json!({"id": id, "charge": "ch_1", "amount": 4000, "currency": "usd",
+               "created": created, "status": status, "balance_transactions": balance}),
+    );
+    d
+}
+
+fn disputed_charge(jan: i64) -> Value {
+    let mut ch = template("charge");
+    set(
+        &mut ch,
+        json!({"id": "ch_1", "amount": 4000, "amount_captured": 4000, "amount_refunded": 0,
+               "currency": "usd", "created": jan + 60, "customer": "cus_1",
+               "status": "succeeded", "disputed": true, "refunds": null}),
+    );
+    ch
+}
+
+fn revenue(r: &Rebuilt, month: u32) -> String {
+    let d = |m: u32| chrono::NaiveDate::from_ymd_opt(2024, m, 1).expect("date");
+    let report = Engine::new(&r.account, Rules::default(), Currency::USD)
+        .series(&revpilot_core::metrics::SeriesRequest::new(
+            d(month),
+            d(month + 1).pred_opt().expect("date"),
+            revpilot_core::metrics::Granularity::Month,
+        ))
+        .expect("series");
+    Currency::USD
+        .round(report.rows[0].total_revenue)
+        .to_string()
+}
+
+/// Issue #18: a lost dispute takes its amount and fee out of cash on its date; a won one gives
+/// them back when it is reinstated; an inquiry moves nothing; MRR never moves.
+#[test]
+fn disputes_move_cash_not_mrr() {
+    let plan = price("price_p", 4000, "month", 1, "usd");
+    let jan = ts(2024, 1, 1);
+    let (feb, mar) = (ts(2024, 2, 5), ts(2024, 3, 12));
+    let bt = |amount: i64, fee: i64, at: i64| {
+        json!({"id": format!("txn_{at}"), "object": "balance_transaction", "amount": amount,
+               "fee": fee, "currency": "usd", "created": at})
+    };
+    let base = json!({
+        "customers": [customer("cus_1", jan)],
+        "subscriptions": [subscription("sub_1", "cus_1", "active", jan, &[(&plan, 1)])],
+        "charges": [disputed_charge(jan)],
+    });
+    let with = |disputes: Vec<Value>| {
+        let mut v = base.clone();
+        v["disputes"] = json!(disputes);
+        rebuild(&export(v))
+    };
+    // Lost, with its balance transaction: 40.00 and the 15.00 fee leave in February.
+    let lost = with(vec![dispute(
+        "dp_1",
+        "lost",
+        feb,
+        json!([bt(-4000, 1500, feb)]),
+    )]);
+    assert_eq!(lost.issues, vec![]);
+    assert_eq!(revenue(&lost, 1), "40.00");
+    assert_eq!(revenue(&lost, 2), "-55.00");
+    assert_eq!(
+        mrr(&lost, 2024, 2, 20),
+        "40.00",
+        "a dispute is cash, not MRR"
+    );
+    // Lost, without balance transactions: the amount on the dispute's date.
+    let bare = with(vec![dispute("dp_1", "lost", feb, json!([]))]);
+    assert_eq!(revenue(&bare, 2), "-40.00");
+    // Won: withdrawn in February, reinstated in March.
+    let won = with(vec![dispute(
+        "dp_1",
+        "won",
+        feb,
+        json!([bt(-4000, 1500, feb), bt(4000, -1500, mar)]),
+    )]);
+    assert_eq!(revenue(&won, 2), "-55.00");
+    assert_eq!(revenue(&won, 3), "55.00");
+    // Won without its balance transactions: nothing in all.
+    let won_bare = with(vec![dispute("dp_1", "won", feb, json!([]))]);
+    assert_eq!(revenue(&won_bare, 2), "0.00");
+    // An inquiry moves no money.
+    let inquiry = with(vec![dispute(
+        "dp_1",
+        "warning_needs_response",
+        feb,
+        json!([]),
+    )]);
+    assert_eq!(revenue(&inquiry, 2), "0.00");
+    // A dispute of a charge the account does not have is reported.
+    let mut stray = dispute("dp_2", "lost", feb, json!([]));
+    stray["charge"] = json!("ch_unknown");
+    let r = with(vec![stray]);
+    assert_eq!(r.issues.len(), 1, "{:?}", r.issues);
+    assert_eq!(r.issues[0].object, "dp_2");
+    assert_eq!(
+        r.as_of.map(|t| t.timestamp()),
+        Some(feb),
+        "the newest instant dates the data"
+    );
+}
