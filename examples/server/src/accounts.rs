@@ -40,6 +40,9 @@ pub struct Loaded {
     pub currency: Currency,
     /// Exchange rates for foreign-currency revenue, when known.
     pub fx: Option<FxTable>,
+    /// The instant the data runs to (the connection's last sync, else the newest object): no
+    /// row reaches past it.
+    pub as_of: Option<DateTime<Utc>>,
     reports: Mutex<HashMap<SeriesKey, Arc<SeriesReport>>>,
     bodies: Mutex<HashMap<SeriesKey, Bytes>>,
     cohorts: Mutex<HashMap<(NaiveDate, NaiveDate), Arc<CohortTable>>>,
@@ -54,17 +57,30 @@ impl Loaded {
             account: Arc::new(account),
             currency,
             fx,
+            as_of: None,
             reports: Mutex::default(),
             bodies: Mutex::default(),
             cohorts: Mutex::default(),
         }
     }
 
-    /// An engine over the account (compiles it: keep it for several queries).
+    /// The same account, known up to `as_of`.
+    #[must_use]
+    pub fn with_as_of(mut self, as_of: Option<DateTime<Utc>>) -> Self {
+        self.as_of = as_of;
+        self
+    }
+
+    /// An engine over the account (compiles it: keep it for several queries), cut at its as-of
+    /// instant.
     pub fn engine(&self) -> Engine<'_> {
         let engine = Engine::new(&self.account, Rules::default(), self.currency);
-        match &self.fx {
+        let engine = match &self.fx {
             Some(fx) => engine.with_fx(fx),
+            None => engine,
+        };
+        match self.as_of {
+            Some(at) => engine.with_as_of(at),
             None => engine,
         }
     }

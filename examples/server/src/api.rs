@@ -8,13 +8,13 @@ use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{Duration, NaiveDate};
-use revpilot_core::Currency;
 use revpilot_core::billing::{UsageError, current_usage};
 use revpilot_core::insights::analyze;
 use revpilot_core::insights::narrative::{GenerateError, Generated, generate};
 use revpilot_core::insights::scenario::{RunError, Scenario, run_metered};
 use revpilot_core::metrics::{Granularity, SeriesRequest};
 use revpilot_core::ports::{Connection, Tier, UserId};
+use revpilot_core::{Anomaly, Currency};
 use revpilot_stripe::billing::{CheckoutError, CheckoutSession, create_checkout};
 use revpilot_stripe::rebuild::stream::{CACHE_PAGE, CachedRebuildError, rebuild_cached};
 use rust_decimal::Decimal;
@@ -124,7 +124,9 @@ pub(crate) async fn account(
         .as_deref()
         .and_then(|c| Currency::parse(c).ok())
         .unwrap_or(Currency::USD);
-    let loaded = Arc::new(Loaded::new(rebuilt.account, currency, None));
+    // What the data is known up to: the sync's time, else the newest object it cached.
+    let as_of = connection.last_synced_at.or(rebuilt.as_of);
+    let loaded = Arc::new(Loaded::new(rebuilt.account, currency, None).with_as_of(as_of));
     state.accounts.put(
         user,
         connection.id,
@@ -209,11 +211,20 @@ pub(crate) async fn metrics(
         Err(r) => return r,
     };
     let body = loaded.series_body(from, to, granularity, |report| {
+        // A range reaching past the data's as-of instant is cut there, and the answer says so.
+        let cut = report
+            .anomalies
+            .iter()
+            .find(|a| matches!(a, Anomaly::CutAtAsOf { .. }))
+            .map(ToString::to_string);
         json!({
             "connectionId": connection.id,
             "currency": loaded.currency,
             "from": from,
-            "to": to,
+            "to": report.rows.last().map_or(to, |r| r.date.min(to)),
+            "requestedTo": to,
+            "asOf": loaded.as_of,
+            "cut": cut,
             "granularity": if granularity == Granularity::Day { "day" } else { "month" },
             "lastSyncedAt": connection.last_synced_at,
             "rows": report.rows,

@@ -77,7 +77,8 @@ pub async fn seed(
         .await
         .map_err(|e| e.to_string())?;
     let config = demo_config(customers, now.date_naive());
-    let loaded = Loaded::new(generate(&config), Currency::USD, Some(fx_table(&config)));
+    let loaded = Loaded::new(generate(&config), Currency::USD, Some(fx_table(&config)))
+        .with_as_of(Some(now));
     state.accounts.pin(user, connection.id, Arc::new(loaded));
     let login = DemoLogin {
         user,

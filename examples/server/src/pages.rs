@@ -194,6 +194,8 @@ struct DashboardPage {
     connection: String,
     business: String,
     last_sync: String,
+    /// The instant the figures run to, when known; rows of a period ending after it are partial.
+    data_as_of: Option<String>,
     sync_status: Option<String>,
     pending: bool,
     kpis: Vec<Kpi>,
@@ -278,6 +280,7 @@ pub(crate) async fn dashboard(
         connection: String::new(),
         business: String::new(),
         last_sync: "never".to_owned(),
+        data_as_of: None,
         sync_status: None,
         pending: false,
         kpis: Vec::new(),
@@ -312,6 +315,9 @@ pub(crate) async fn dashboard(
     };
     let currency = loaded.currency;
     page.currency = currency.as_str().to_uppercase();
+    page.data_as_of = loaded
+        .as_of
+        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string());
     let to = page.as_of;
     let daily = loaded.series(to - chrono::Duration::days(89), to, Granularity::Day);
     let monthly = loaded.series(first_of_month(to, 23), to, Granularity::Month);

@@ -334,6 +334,8 @@ async fn every_route_refuses_bad_sessions_and_other_users_connections_alike() {
 async fn metrics_are_the_engines_numbers_on_the_synced_data() {
     let w = world().await;
     let (user, conn) = w.connected("acct_m").await;
+    // Synced at noon today: the data runs to then.
+    w.store.set_last_synced(conn, now()).await.unwrap();
     let token = w.token(user);
     let (status, body) = w
         .call(
@@ -350,6 +352,7 @@ async fn metrics_are_the_engines_numbers_on_the_synced_data() {
     // The same numbers as the engine on the export file itself.
     let account = rebuild(&Export::from_json(&w.export).unwrap()).account;
     let report = Engine::new(&account, Rules::default(), Currency::USD)
+        .with_as_of(now())
         .series(&SeriesRequest::new(
             chrono::NaiveDate::from_ymd_opt(2023, 11, 23).unwrap(),
             chrono::NaiveDate::from_ymd_opt(2024, 2, 20).unwrap(),
@@ -376,6 +379,54 @@ async fn metrics_are_the_engines_numbers_on_the_synced_data() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(monthly["rows"].as_array().unwrap().len(), 13);
+
+    // Issue #18: nothing past the data's as-of instant (the sync's time, today here): a range
+    // reaching past it is cut with the answer saying so, and one wholly after it is refused.
+    let synced = body["asOf"].as_str().unwrap().to_owned();
+    assert!(synced.starts_with("2024-02-20"), "{synced}");
+    assert_eq!(body["cut"], Value::Null, "today's range is not cut");
+    assert_eq!(rows.last().unwrap()["partial"], true, "today is partial");
+    let (status, cut) = w
+        .call(
+            "GET",
+            &format!(
+                "/api/metrics?connectionId={conn}&from=2023-10-01&to=2024-12-31&granularity=month"
+            ),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cut}");
+    let months = cut["rows"].as_array().unwrap();
+    assert_eq!(months.len(), 5, "October to February, nothing after");
+    assert_eq!(months[4]["date"], "2024-02-20");
+    assert_eq!(months[4]["partial"], true);
+    assert_eq!(months[3]["partial"], false);
+    assert_eq!(cut["to"], "2024-02-20");
+    assert_eq!(cut["requestedTo"], "2024-12-31");
+    assert!(
+        cut["cut"]
+            .as_str()
+            .unwrap()
+            .contains("the data runs to 2024-02-20"),
+        "{cut}"
+    );
+    let (status, after) = w
+        .call(
+            "GET",
+            &format!("/api/metrics?connectionId={conn}&from=2024-03-01&to=2024-12-31"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{after}");
+    assert!(
+        after["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no data after 2024-02-20"),
+        "{after}"
+    );
     for (query, says) in [
         ("&granularity=week", "granularity"),
         (
@@ -729,6 +780,11 @@ async fn the_dashboard_shows_the_apis_numbers_and_escapes_stripe_strings() {
     w.store.set_last_synced(conn, now()).await.unwrap();
     let (status, _, html) = w.page("GET", "/dashboard", Some(&token), None).await;
     assert_eq!(status, StatusCode::OK, "{html}");
+    // Issue #18: the dashboard says what its figures run to.
+    assert!(
+        html.contains("Figures as of <span data-as-of=\"2024-02-20 12:00 UTC\">"),
+        "{html}"
+    );
 
     let (_, metrics) = w
         .call(
@@ -1043,6 +1099,7 @@ async fn an_account_is_rebuilt_once_per_sync_not_once_per_request() {
     }
     let account = rebuild(&Export::from_cached(&cached).unwrap()).account;
     let expected = Engine::new(&account, Rules::default(), Currency::USD)
+        .with_as_of(later)
         .series(&SeriesRequest::new(
             chrono::NaiveDate::from_ymd_opt(2023, 11, 23).unwrap(),
             chrono::NaiveDate::from_ymd_opt(2024, 2, 20).unwrap(),
