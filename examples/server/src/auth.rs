@@ -23,6 +23,11 @@ use crate::AppState;
 /// Clock skew allowed on `exp`, seconds.
 pub const LEEWAY_SECS: i64 = 30;
 
+/// The furthest in the future a token may expire, seconds from now (a week: built-in sessions
+/// last 12 h, Supabase's an hour by default and at most a week). A token valid for years is a
+/// leaked signing key's or a mistake's, not a session's.
+pub const MAX_LIFETIME_SECS: i64 = 7 * 24 * 3600;
+
 /// The audience every accepted token carries (Supabase's).
 pub const AUDIENCE: &str = "authenticated";
 
@@ -41,6 +46,9 @@ pub struct Claims {
     /// Email, when the issuer includes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// Not before, unix seconds, when the issuer sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
     /// A random id: two sessions of one user issued in the same second are still two tokens,
     /// so that logging one out leaves the other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,6 +106,7 @@ impl Jwt {
             aud: AUDIENCE.to_owned(),
             iss: self.issuer.clone(),
             email: email.map(str::to_owned),
+            nbf: None,
             jti: Some(Uuid::new_v4().simple().to_string()),
         };
         encode(
@@ -159,6 +168,12 @@ pub(crate) fn check_claims(
     let data = decode::<Claims>(token, key, &v).map_err(|e| AuthError(e.to_string()))?;
     if data.claims.exp + LEEWAY_SECS < now {
         return Err(AuthError("the token has expired".into()));
+    }
+    if data.claims.exp > now.saturating_add(MAX_LIFETIME_SECS) {
+        return Err(AuthError("the token expires implausibly late".into()));
+    }
+    if data.claims.nbf.is_some_and(|nbf| nbf > now + LEEWAY_SECS) {
+        return Err(AuthError("the token is not valid yet".into()));
     }
     let user =
         Uuid::parse_str(&data.claims.sub).map_err(|_| AuthError("sub is not a user id".into()))?;
@@ -812,5 +827,40 @@ mod tests {
             .issue(user, None, 1_000)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(strict.verify(&own, 900).map(|v| v.0), Ok(user));
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_or_valid_for_ever_is_refused() {
+        let j = jwt(None);
+        let user = UserId(Uuid::new_v4());
+        let now = 1_700_000_000;
+        let sign = |exp: i64, nbf: Option<i64>| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &Claims {
+                    sub: user.to_string(),
+                    exp,
+                    aud: AUDIENCE.to_owned(),
+                    iss: None,
+                    email: None,
+                    nbf,
+                    jti: None,
+                },
+                &EncodingKey::from_secret(b"a-unit-test-secret-of-32-bytes-or-more"),
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        assert!(j.verify(&sign(now + 3_600, None), now).is_ok());
+        assert!(j.verify(&sign(now + 3_600, Some(now)), now).is_ok());
+        assert!(
+            j.verify(&sign(now + 3_600, Some(now + 600)), now).is_err(),
+            "nbf in the future"
+        );
+        // exp in 9999.
+        assert!(j.verify(&sign(253_402_300_799, None), now).is_err());
+        assert!(
+            j.verify(&sign(now + MAX_LIFETIME_SECS + 60, None), now)
+                .is_err()
+        );
     }
 }

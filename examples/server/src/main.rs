@@ -110,6 +110,30 @@ fn random_base64(n: usize) -> Option<String> {
     Some(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
+/// The shortest `CRON_SECRET` accepted, bytes (a guessable one would let anyone trigger syncs).
+const MIN_CRON_SECRET: usize = 32;
+
+/// Creates a new SQLite database file readable by its owner only (0600; SQLite gives its `-wal`
+/// and `-shm` files the same mode): it holds encrypted Stripe tokens, password hashes and
+/// customers' data. An existing file keeps its mode.
+fn private_sqlite_file(url: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = path.split('?').next().unwrap_or(path);
+    if path.is_empty() || path.starts_with(':') || std::path::Path::new(path).exists() {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+}
+
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("revpilot-server: {message}");
     ExitCode::from(2)
@@ -163,6 +187,11 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("REVPILOT_ENCRYPTION_KEY: {e}")),
     };
     let postgres = database_url.starts_with("postgres");
+    if !postgres && let Err(e) = private_sqlite_file(&database_url) {
+        return fail(format!(
+            "DATABASE_URL: cannot create the database file: {e}"
+        ));
+    }
     let (store, queue) = match revpilot_worker::open(&database_url, keys, &args.queue).await {
         Ok(x) => x,
         Err(e) => return fail(e),
@@ -312,11 +341,14 @@ async fn main() -> ExitCode {
                 .map(|x| SecretString::from(x.trim().to_owned()))
                 .collect()
         });
-    state.cron_secret = args
-        .cron_secret
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .map(|s| SecretString::from(s.to_owned()));
+    state.cron_secret = match args.cron_secret.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) if s.len() < MIN_CRON_SECRET => {
+            return fail(format!(
+                "CRON_SECRET must be at least {MIN_CRON_SECRET} bytes (e.g. openssl rand -hex 32)"
+            ));
+        }
+        other => other.map(|s| SecretString::from(s.to_owned())),
+    };
     state.app_url = app_url;
     state.jobs = Some(Arc::new(queue.clone()));
     let worker = with_worker.then(|| {

@@ -497,3 +497,38 @@ async fn made_up_methods_do_not_become_metric_labels() {
     assert!(text.len() < 64 * 1024, "{} bytes", text.len());
     assert_described(&text);
 }
+
+#[test]
+fn a_short_cron_secret_is_refused_and_the_database_file_is_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("private.db");
+    let server = |cron: &str| {
+        Command::new(env!("CARGO_BIN_EXE_revpilot-server"))
+            .args(["--bind", "127.0.0.1:0"])
+            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env(
+                "REVPILOT_ENCRYPTION_KEY",
+                "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            )
+            .env("CRON_SECRET", cron)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = server("a").wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CRON_SECRET"));
+
+    let mut child = server(&"s".repeat(32));
+    let started = Instant::now();
+    while !db.exists() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+}
