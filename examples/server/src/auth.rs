@@ -456,6 +456,40 @@ fn session(state: &AppState, jwt: &Jwt, user: UserId, email: &str) -> Response {
     }
 }
 
+/// The client's address: the TCP peer's, unless the peer is one of the trusted proxies
+/// (`REVPILOT_TRUSTED_PROXIES`, none by default): then the address its `X-Forwarded-For` names,
+/// read from the right past every trusted proxy (a client can put anything at the left of that
+/// header, never at its right). With no trusted proxy the header is ignored.
+pub fn client_behind(
+    peer: std::net::IpAddr,
+    headers: &axum::http::HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> std::net::IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect::<Vec<_>>();
+    for hop in hops.into_iter().rev() {
+        match hop.trim().parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !trusted.contains(&ip) {
+                    break;
+                }
+            }
+            // Garbage: the last trusted hop's view is all there is.
+            Err(_) => break,
+        }
+    }
+    client
+}
+
 /// The client's address, when the server was started with connection info (`main.rs` is).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub Option<std::net::IpAddr>);
@@ -465,14 +499,15 @@ impl FromRequestParts<AppState> for ClientAddr {
 
     async fn from_request_parts(
         parts: &mut Parts,
-        _: &AppState,
+        state: &AppState,
     ) -> Result<Self, std::convert::Infallible> {
-        Ok(ClientAddr(
-            parts
-                .extensions
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|c| c.0.ip()),
-        ))
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        Ok(ClientAddr(peer.map(|p| {
+            client_behind(p, &parts.headers, &state.trusted_proxies)
+        })))
     }
 }
 

@@ -78,6 +78,9 @@ pub struct AppState {
     pub auth_limits: auth::AuthLimits,
     /// Sessions ended by logging out.
     pub revoked: Arc<guard::Revoked>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (`REVPILOT_TRUSTED_PROXIES`);
+    /// empty by default: the TCP peer is the client.
+    pub trusted_proxies: Arc<Vec<std::net::IpAddr>>,
     /// Series computations that no memo answers, at once (`/api/metrics`' expensive ranges).
     pub series_slots: Arc<tokio::sync::Semaphore>,
     /// Connect OAuth; `None` when not configured.
@@ -150,6 +153,7 @@ impl AppState {
             )),
             auth_limits: auth::AuthLimits::default(),
             revoked: Arc::default(),
+            trusted_proxies: Arc::default(),
             series_slots: Arc::new(tokio::sync::Semaphore::new(SERIES_AT_ONCE)),
             connect: None,
             connect_webhook_secrets: None,

@@ -84,6 +84,10 @@ struct Args {
     /// The job queue's name (the workers' `REVPILOT_QUEUE`).
     #[arg(long, env = "REVPILOT_QUEUE", default_value = revpilot_worker::queue::QUEUE)]
     queue: String,
+    /// Reverse proxies whose `X-Forwarded-For` names the client, comma-separated IP addresses
+    /// (default none: the TCP peer is the client, for rate limits).
+    #[arg(long, env = "REVPILOT_TRUSTED_PROXIES")]
+    trusted_proxies: Option<String>,
     /// Seconds a client has to send a request's whole header (slow clients are cut off).
     #[arg(long, env = "REVPILOT_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     header_timeout_secs: u64,
@@ -291,6 +295,21 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("REVPILOT_APP_URL {app_url:?}: {e}")),
     };
     let mut state = AppState::new(store.clone(), webhook);
+    let mut trusted = Vec::new();
+    for p in args
+        .trusted_proxies
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        match p.parse::<std::net::IpAddr>() {
+            Ok(ip) => trusted.push(ip),
+            Err(e) => return fail(format!("REVPILOT_TRUSTED_PROXIES {p:?}: {e}")),
+        }
+    }
+    state.trusted_proxies = Arc::new(trusted);
     state.auth_limits = revpilot_server::auth::AuthLimits::new(
         args.auth_concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),

@@ -1747,3 +1747,66 @@ async fn logging_out_ends_the_session_on_the_server() {
     );
     assert_eq!(w.state.revoked.len(), 1);
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_has_its_own_budget_and_otherwise_the_header_is_ignored()
+{
+    let proxy: std::net::IpAddr = [10, 0, 0, 1].into();
+    let w = world_with(|s| s.trusted_proxies = Arc::new(vec![proxy])).await;
+    let login = |peer: [u8; 4], forwarded: &str, email: String| {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/api/auth/login")
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", forwarded)
+            .body(Body::from(
+                json!({"email": email, "password": "some password"}).to_string(),
+            ))
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                peer, 40_000,
+            ))));
+        let router = w.router.clone();
+        async move { router.oneshot(req).await.unwrap().status() }
+    };
+    let budget = revpilot_server::ATTEMPTS_PER_MINUTE;
+    // One client behind the proxy spends its budget (the left of the header is its own say).
+    for i in 0..budget {
+        let status = login(
+            [10, 0, 0, 1],
+            "1.2.3.4, 203.0.113.5",
+            format!("a{i}@example.com"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        login(
+            [10, 0, 0, 1],
+            "9.9.9.9, 203.0.113.5",
+            "a-last@example.com".into()
+        )
+        .await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another client behind the same proxy is not locked out.
+    assert_eq!(
+        login([10, 0, 0, 1], "203.0.113.6", "b@example.com".into()).await,
+        StatusCode::UNAUTHORIZED
+    );
+    // A peer that is no trusted proxy cannot pick its address with the header.
+    for i in 0..budget {
+        let status = login(
+            [10, 0, 0, 9],
+            &format!("198.51.100.{i}"),
+            format!("c{i}@example.com"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        login([10, 0, 0, 9], "198.51.100.200", "c-last@example.com".into()).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
