@@ -629,9 +629,16 @@ pub trait OAuthStateStore: Send + Sync {
         expires_at: DateTime<Utc>,
     ) -> StoreResult<()>;
 
-    /// Consumes `state`: returns its user when it exists and has not expired at `now`, and makes
-    /// sure it can never be taken again (even concurrently).
-    async fn take_state(&self, state: &str, now: DateTime<Utc>) -> StoreResult<Option<UserId>>;
+    /// `user` presents `state`: returns the state's user when it exists and has not expired at
+    /// `now`. When that user is `user`, the state is consumed: it can never be taken again (even
+    /// concurrently). Presented by another user, it is left for its own (a wrong user cannot
+    /// spoil another's connection). Expired states are deleted.
+    async fn take_state(
+        &self,
+        state: &str,
+        user: UserId,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<UserId>>;
 }
 
 /// A sync run's status.

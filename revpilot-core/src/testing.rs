@@ -692,12 +692,22 @@ impl OAuthStateStore for MemoryStore {
         Ok(())
     }
 
-    async fn take_state(&self, state: &str, now: DateTime<Utc>) -> StoreResult<Option<UserId>> {
+    async fn take_state(
+        &self,
+        state: &str,
+        user: UserId,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<UserId>> {
         let mut s = self.lock()?;
-        Ok(s.states
-            .remove(state)
-            .filter(|(_, expires)| now < *expires)
-            .map(|(user, _)| user))
+        s.states.retain(|_, (_, e)| now < *e);
+        match s.states.get(state) {
+            Some((owner, _)) if *owner == user => {
+                s.states.remove(state);
+                Ok(Some(user))
+            }
+            Some((owner, _)) => Ok(Some(*owner)),
+            None => Ok(None),
+        }
     }
 }
 

@@ -1314,20 +1314,39 @@ impl OAuthStateStore for PgStore {
         Ok(())
     }
 
-    async fn take_state(&self, state: &str, now: DateTime<Utc>) -> StoreResult<Option<UserId>> {
+    async fn take_state(
+        &self,
+        state: &str,
+        user: UserId,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<UserId>> {
+        sqlx::query("DELETE FROM oauth_states WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         // Deleting is the single use: of concurrent takes, one deletes the row, the others find
-        // nothing.
+        // nothing. Only the state's own user deletes it.
         let row: Option<(Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "DELETE FROM oauth_states WHERE state = $1 RETURNING user_id, expires_at",
+            "DELETE FROM oauth_states WHERE state = $1 AND user_id = $2 RETURNING user_id, expires_at",
         )
         .bind(state)
+        .bind(user.0)
         .fetch_optional(&self.pool)
         .await
         .map_err(backend)?;
-        match row {
-            Some((user, expires)) if now < expires => Ok(Some(UserId(user))),
-            _ => Ok(None),
+        if let Some((owner, expires)) = row {
+            return Ok((now < expires).then_some(UserId(owner)));
         }
+        let owner: Option<Uuid> = sqlx::query_scalar(
+            "SELECT user_id FROM oauth_states WHERE state = $1 AND expires_at > $2",
+        )
+        .bind(state)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(owner.map(UserId))
     }
 }
 

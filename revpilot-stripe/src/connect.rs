@@ -224,7 +224,7 @@ impl Connect {
             .ok_or(ConnectError::MissingState)?;
         let owner = self
             .states
-            .take_state(state, (self.clock)())
+            .take_state(state, user, (self.clock)())
             .await?
             .ok_or(ConnectError::InvalidState)?;
         if owner != user {

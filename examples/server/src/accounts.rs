@@ -31,6 +31,11 @@ pub const MAX_ACCOUNTS: usize = 256;
 /// Series reports kept per connection before the memo starts over.
 pub const MEMO_REPORTS: usize = 64;
 
+/// Rows of the longest series the memo keeps (a year of days). Longer ranges are computed for
+/// their request and dropped: 64 ten-year daily series and their bodies would hold hundreds of
+/// megabytes for one connection.
+pub const MEMO_MAX_ROWS: usize = 400;
+
 /// One connection's account, ready for the engine.
 #[derive(Debug)]
 pub struct Loaded {
@@ -103,6 +108,9 @@ impl Loaded {
             self.engine()
                 .series(&SeriesRequest::new(from, to, granularity))?,
         );
+        if report.rows.len() > MEMO_MAX_ROWS {
+            return Ok(report);
+        }
         let mut memo = self.memo();
         if memo.len() >= MEMO_REPORTS {
             memo.clear();
@@ -130,12 +138,28 @@ impl Loaded {
         }
         let report = self.series(from, to, granularity)?;
         let body = Bytes::from(make(&report));
+        if report.rows.len() > MEMO_MAX_ROWS {
+            return Ok(body);
+        }
         let mut memo = bodies();
         if memo.len() >= MEMO_REPORTS {
             memo.clear();
         }
         memo.insert(key, body.clone());
         Ok(body)
+    }
+
+    /// Whether the response body of this series is made already (then answering costs nothing).
+    pub fn has_series_body(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+        granularity: Granularity,
+    ) -> bool {
+        self.bodies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&(from, to, granularity))
     }
 
     /// The cohort table for cohort months from `from` to `to`, computed once per account and

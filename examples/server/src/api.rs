@@ -30,6 +30,9 @@ use crate::{AppState, error, internal};
 
 pub use revpilot_core::params::{InsightsQuery, MAX_RANGE_DAYS, MetricsQuery};
 
+/// How long a metrics request waits for a series-computation slot before answering 503.
+pub const SERIES_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "not_found", "no such connection")
 }
@@ -52,7 +55,7 @@ fn body_error(e: &JsonRejection) -> Response {
 
 /// Refuses a call past the user's per-minute budget on an expensive route.
 pub(crate) fn rate_limited(state: &AppState, user: UserId) -> Option<Response> {
-    state.expensive.check_key(&user).is_err().then(|| {
+    (!state.expensive.check(&user)).then(|| {
         error(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
@@ -209,6 +212,26 @@ pub(crate) async fn metrics(
     let loaded = match account(&state, user, &connection).await {
         Ok(a) => a,
         Err(r) => return r,
+    };
+    // A series no memo holds is computed in one of a few slots: however many long ranges
+    // arrive at once, only that many are in memory at once.
+    let _slot = if loaded.has_series_body(from, to, granularity) {
+        None
+    } else {
+        match tokio::time::timeout(SERIES_WAIT, state.series_slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Some(slot),
+            Ok(Err(_)) | Err(_) => {
+                metrics::counter!("revpilot_metrics_busy_total").increment(1);
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "the server is busy computing other series; try again in a few seconds",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+                return r;
+            }
+        }
     };
     let body = loaded.series_body(from, to, granularity, |report| {
         // A range reaching past the data's as-of instant is cut there, and the answer says so.

@@ -23,6 +23,11 @@ use crate::AppState;
 /// Clock skew allowed on `exp`, seconds.
 pub const LEEWAY_SECS: i64 = 30;
 
+/// The furthest in the future a token may expire, seconds from now (a week: built-in sessions
+/// last 12 h, Supabase's an hour by default and at most a week). A token valid for years is a
+/// leaked signing key's or a mistake's, not a session's.
+pub const MAX_LIFETIME_SECS: i64 = 7 * 24 * 3600;
+
 /// The audience every accepted token carries (Supabase's).
 pub const AUDIENCE: &str = "authenticated";
 
@@ -41,6 +46,13 @@ pub struct Claims {
     /// Email, when the issuer includes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// Not before, unix seconds, when the issuer sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    /// A random id: two sessions of one user issued in the same second are still two tokens,
+    /// so that logging one out leaves the other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 /// Verifies (and, for built-in sessions and tests, issues) session tokens.
@@ -94,6 +106,8 @@ impl Jwt {
             aud: AUDIENCE.to_owned(),
             iss: self.issuer.clone(),
             email: email.map(str::to_owned),
+            nbf: None,
+            jti: Some(Uuid::new_v4().simple().to_string()),
         };
         encode(
             &Header::new(Algorithm::HS256),
@@ -155,6 +169,12 @@ pub(crate) fn check_claims(
     if data.claims.exp + LEEWAY_SECS < now {
         return Err(AuthError("the token has expired".into()));
     }
+    if data.claims.exp > now.saturating_add(MAX_LIFETIME_SECS) {
+        return Err(AuthError("the token expires implausibly late".into()));
+    }
+    if data.claims.nbf.is_some_and(|nbf| nbf > now + LEEWAY_SECS) {
+        return Err(AuthError("the token is not valid yet".into()));
+    }
     let user =
         Uuid::parse_str(&data.claims.sub).map_err(|_| AuthError("sub is not a user id".into()))?;
     Ok((UserId(user), data.claims))
@@ -206,18 +226,15 @@ impl FromRequestParts<AppState> for AuthUser {
                 "a valid session token is required",
             )
         };
-        let bearer = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let token = bearer
-            .or_else(|| session_cookie(&parts.headers))
-            .ok_or_else(unauthorized)?;
-        let (user, claims) = verify(state, token.trim()).await.map_err(|e| {
+        let token = presented(&parts.headers).ok_or_else(unauthorized)?;
+        let (user, claims) = verify(state, token).await.map_err(|e| {
             tracing::debug!(error = %e, "token refused");
             unauthorized()
         })?;
+        if state.revoked.contains(token) {
+            tracing::debug!("an ended session was presented");
+            return Err(unauthorized());
+        }
         // First sight of a user: a starter profile. A user this process has seen has one.
         if state.known_users.contains(user) {
             return Ok(AuthUser(user));
@@ -304,6 +321,16 @@ async fn verify(state: &AppState, token: &str) -> Result<(UserId, Claims), AuthE
 /// the dashboard are plain navigations without an `Authorization` header).
 pub const SESSION_COOKIE: &str = "revpilot_session";
 
+/// The session token a request carries: `Authorization: Bearer`, else the session cookie.
+fn presented(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| session_cookie(headers))
+        .map(str::trim)
+}
+
 fn session_cookie(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers
         .get_all(axum::http::header::COOKIE)
@@ -375,14 +402,44 @@ pub(crate) fn issue_session(
 ) -> Result<(String, i64, String), AuthError> {
     let exp = (state.clock)().timestamp() + SESSION_SECS;
     let token = jwt.issue(user, Some(email), exp)?;
-    let cookie =
-        format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={SESSION_SECS}");
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={SESSION_SECS}{}",
+        secure(state)
+    );
     Ok((token, exp, cookie))
+}
+
+/// `; Secure` when the app is served over https (`REVPILOT_APP_URL`): the browser then never
+/// sends the session over plain http.
+fn secure(state: &AppState) -> &'static str {
+    if state.app_url.scheme() == "https" {
+        "; Secure"
+    } else {
+        ""
+    }
 }
 
 /// The `Set-Cookie` value that ends a browser session.
 pub const CLEAR_SESSION_COOKIE: &str =
     "revpilot_session=; HttpOnly; SameSite=Lax; Path=/; Max-Age=0";
+
+/// [`CLEAR_SESSION_COOKIE`], `Secure` as the session cookie is.
+pub(crate) fn clear_session_cookie(state: &AppState) -> String {
+    format!("{CLEAR_SESSION_COOKIE}{}", secure(state))
+}
+
+/// Ends the session the request carries (bearer or cookie), when it is a valid one: its token
+/// is refused from then on (see [`crate::guard::Revoked`]).
+pub(crate) async fn end_session(state: &AppState, headers: &axum::http::HeaderMap) {
+    let Some(token) = presented(headers) else {
+        return;
+    };
+    if let Ok((_, claims)) = verify(state, token).await {
+        state
+            .revoked
+            .revoke(token, claims.exp, (state.clock)().timestamp());
+    }
+}
 
 fn session(state: &AppState, jwt: &Jwt, user: UserId, email: &str) -> Response {
     match issue_session(state, jwt, user, email) {
@@ -399,6 +456,40 @@ fn session(state: &AppState, jwt: &Jwt, user: UserId, email: &str) -> Response {
     }
 }
 
+/// The client's address: the TCP peer's, unless the peer is one of the trusted proxies
+/// (`REVPILOT_TRUSTED_PROXIES`, none by default): then the address its `X-Forwarded-For` names,
+/// read from the right past every trusted proxy (a client can put anything at the left of that
+/// header, never at its right). With no trusted proxy the header is ignored.
+pub fn client_behind(
+    peer: std::net::IpAddr,
+    headers: &axum::http::HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> std::net::IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect::<Vec<_>>();
+    for hop in hops.into_iter().rev() {
+        match hop.trim().parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !trusted.contains(&ip) {
+                    break;
+                }
+            }
+            // Garbage: the last trusted hop's view is all there is.
+            Err(_) => break,
+        }
+    }
+    client
+}
+
 /// The client's address, when the server was started with connection info (`main.rs` is).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub Option<std::net::IpAddr>);
@@ -408,30 +499,152 @@ impl FromRequestParts<AppState> for ClientAddr {
 
     async fn from_request_parts(
         parts: &mut Parts,
-        _: &AppState,
+        state: &AppState,
     ) -> Result<Self, std::convert::Infallible> {
-        Ok(ClientAddr(
-            parts
-                .extensions
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|c| c.0.ip()),
-        ))
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        Ok(ClientAddr(peer.map(|p| {
+            client_behind(p, &parts.headers, &state.trusted_proxies)
+        })))
     }
 }
 
+/// The longest email accepted (RFC 5321's path limit).
+pub const MAX_EMAIL: usize = 254;
+
 /// Refuses sign-up and log-in without `JWT_SECRET`; otherwise spends one attempt of the client's
-/// and one of the email's budget (before any hashing).
+/// budget, then (for an email of a possible length only: the key is built after the check) one of
+/// the email's, all before any hashing. An IPv6 client is keyed by its /64, which one host
+/// usually holds whole.
 fn attempt(state: &AppState, client: ClientAddr, email: &str) -> Result<(), AuthFailure> {
     if state.jwt.is_none() {
         return Err(AuthFailure::Unavailable);
     }
-    let by_email = format!("email:{}", email.trim().to_lowercase());
-    let by_client = client.0.map(|ip| format!("ip:{ip}"));
-    let spent = |key: &String| state.attempts.check_key(key).is_err();
-    if by_client.as_ref().is_some_and(spent) | spent(&by_email) {
+    if let Some(ip) = client.0
+        && !state.attempts.check(&client_key(ip))
+    {
+        return Err(AuthFailure::TooMany);
+    }
+    let email = email.trim();
+    if email.len() > MAX_EMAIL {
+        return Err(AuthFailure::Invalid(
+            "email must look like name@domain (at most 254 characters)",
+        ));
+    }
+    if !state
+        .attempts
+        .check(&format!("email:{}", email.to_lowercase()))
+    {
         return Err(AuthFailure::TooMany);
     }
     Ok(())
+}
+
+/// The rate-limit key of a client address.
+fn client_key(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => format!("ip:{v4}"),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("ip:{v4}"),
+            None => {
+                let s = v6.segments();
+                format!("ip6:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
+/// Runs `f` (an argon2 hash or verification: ~19 MiB and tens of milliseconds each) on one of
+/// the server's hashing threads once one is free (`REVPILOT_AUTH_CONCURRENCY` of them), waiting
+/// at most `REVPILOT_AUTH_WAIT_MS`: however many clients try at once, memory and threads stay
+/// bounded, and the ones that cannot be served soon are told to come back.
+///
+/// The threads are dedicated, not tokio's blocking pool: each freed 19 MiB block stays in the
+/// allocator's arena of the thread that used it, so a pool of dozens of threads would keep
+/// dozens of blocks (measured: 657 MiB after 200 logins with 2 slots on the blocking pool).
+async fn hashing<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AuthFailure> {
+    let limits = &state.auth_limits;
+    let slot = match tokio::time::timeout(limits.wait, limits.slots.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(_)) | Err(_) => {
+            metrics::counter!("revpilot_auth_busy_total").increment(1);
+            return Err(AuthFailure::Busy);
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: HashJob = Box::new(move || {
+        let _ = tx.send(f());
+        drop(slot);
+    });
+    if limits.pool().send(job).is_err() {
+        return Err(logged(&"the hashing threads are gone"));
+    }
+    rx.await.map_err(|e| logged(&e))
+}
+
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// How many argon2 computations run at once, and how long a request waits for a slot.
+#[derive(Debug, Clone)]
+pub struct AuthLimits {
+    /// The slots (one per hashing thread).
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// The longest wait for a slot before answering 503.
+    pub wait: std::time::Duration,
+    threads: usize,
+    pool: Arc<std::sync::OnceLock<std::sync::mpsc::Sender<HashJob>>>,
+}
+
+impl AuthLimits {
+    /// `concurrency` hashes at once, waiting at most `wait`.
+    pub fn new(concurrency: usize, wait: std::time::Duration) -> Self {
+        AuthLimits {
+            slots: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+            wait,
+            threads: concurrency.max(1),
+            pool: Arc::default(),
+        }
+    }
+
+    /// The hashing threads' queue, started on first use.
+    fn pool(&self) -> &std::sync::mpsc::Sender<HashJob> {
+        self.pool.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
+            let rx = Arc::new(Mutex::new(rx));
+            for i in 0..self.threads {
+                let rx = rx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("revpilot-hash-{i}"))
+                    .spawn(move || {
+                        loop {
+                            let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                            match job {
+                                Ok(job) => job(),
+                                // Every sender is gone: the state was dropped.
+                                Err(_) => break,
+                            }
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "a hashing thread did not start");
+                }
+            }
+            tx
+        })
+    }
+}
+
+impl Default for AuthLimits {
+    /// One slot per core (at least two), two seconds' wait.
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        AuthLimits::new(cores.max(2), std::time::Duration::from_secs(2))
+    }
 }
 
 /// Why sign-up or log-in did not give a session.
@@ -439,6 +652,8 @@ fn attempt(state: &AppState, client: ClientAddr, email: &str) -> Result<(), Auth
 pub(crate) enum AuthFailure {
     /// Too many attempts from this address or for this email.
     TooMany,
+    /// Every hashing slot stayed busy for the whole wait.
+    Busy,
     /// No `JWT_SECRET`.
     Unavailable,
     /// Malformed email or password.
@@ -459,6 +674,11 @@ impl AuthFailure {
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 "too many attempts; try again in a minute",
+            ),
+            AuthFailure::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the server is busy; try again in a few seconds",
             ),
             AuthFailure::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -486,7 +706,14 @@ impl AuthFailure {
 
     fn response(&self) -> Response {
         let (status, code, message) = self.parts();
-        crate::error(status, code, message)
+        let mut r = crate::error(status, code, message);
+        if matches!(self, AuthFailure::Busy) {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("2"),
+            );
+        }
+        r
     }
 }
 
@@ -503,9 +730,8 @@ pub(crate) async fn create_account(
 ) -> Result<(UserId, String), AuthFailure> {
     attempt(state, client, &c.email)?;
     let email = check(&c).map_err(AuthFailure::Invalid)?;
-    let hash = match tokio::task::spawn_blocking(move || hash_password(&c.password)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => return Err(logged(&e)),
+    let hash = match hashing(state, move || hash_password(&c.password)).await? {
+        Ok(h) => h,
         Err(e) => return Err(logged(&e)),
     };
     let user = UserId(Uuid::new_v4());
@@ -535,13 +761,15 @@ pub(crate) async fn authenticate(
         .await
         .map_err(|e| logged(&e))?;
     let (user, hash) = match found {
-        Some((u, h)) => (Some(u), h),
-        None => (None, DUMMY_HASH.clone()),
+        Some((u, h)) => (Some(u), Some(h)),
+        None => (None, None),
     };
     let password = c.password;
-    let ok = tokio::task::spawn_blocking(move || password_matches(&password, &hash))
-        .await
-        .unwrap_or(false);
+    // The placeholder hash, too, is made in a hashing slot (once, on first use).
+    let ok = hashing(state, move || {
+        password_matches(&password, hash.as_deref().unwrap_or(&DUMMY_HASH))
+    })
+    .await?;
     match (user, ok) {
         (Some(user), true) => Ok((user, email)),
         _ => Err(AuthFailure::Wrong),
@@ -634,5 +862,40 @@ mod tests {
             .issue(user, None, 1_000)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(strict.verify(&own, 900).map(|v| v.0), Ok(user));
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_or_valid_for_ever_is_refused() {
+        let j = jwt(None);
+        let user = UserId(Uuid::new_v4());
+        let now = 1_700_000_000;
+        let sign = |exp: i64, nbf: Option<i64>| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &Claims {
+                    sub: user.to_string(),
+                    exp,
+                    aud: AUDIENCE.to_owned(),
+                    iss: None,
+                    email: None,
+                    nbf,
+                    jti: None,
+                },
+                &EncodingKey::from_secret(b"a-unit-test-secret-of-32-bytes-or-more"),
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        assert!(j.verify(&sign(now + 3_600, None), now).is_ok());
+        assert!(j.verify(&sign(now + 3_600, Some(now)), now).is_ok());
+        assert!(
+            j.verify(&sign(now + 3_600, Some(now + 600)), now).is_err(),
+            "nbf in the future"
+        );
+        // exp in 9999.
+        assert!(j.verify(&sign(253_402_300_799, None), now).is_err());
+        assert!(
+            j.verify(&sign(now + MAX_LIFETIME_SECS + 60, None), now)
+                .is_err()
+        );
     }
 }

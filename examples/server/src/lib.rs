@@ -14,9 +14,11 @@ pub mod auth;
 pub mod charts;
 pub mod connect;
 pub mod demo;
+pub mod guard;
 pub mod jwks;
 pub mod openapi;
 pub mod pages;
+pub mod serve;
 pub mod telemetry;
 
 use std::sync::Arc;
@@ -29,7 +31,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use revpilot_core::billing::Catalog;
 use revpilot_core::insights::narrative::{LlmProvider, LocalProvider};
 use revpilot_core::ports::UserId;
@@ -68,10 +69,20 @@ pub struct AppState {
     /// Where the app is served (Checkout's return URLs).
     pub app_url: Url,
     /// Per-user budget on the expensive routes (insights, scenarios).
-    pub expensive: Arc<DefaultKeyedRateLimiter<UserId>>,
+    pub expensive: Arc<guard::KeyedBudget<UserId>>,
     /// Budget of sign-up and log-in attempts, per client address and per email: each attempt
-    /// costs an argon2 hash, and a password is not to be guessed at speed.
-    pub attempts: Arc<DefaultKeyedRateLimiter<String>>,
+    /// costs an argon2 hash, and a password is not to be guessed at speed. Its map of keys is
+    /// bounded ([`guard::KeyedBudget`]).
+    pub attempts: Arc<guard::KeyedBudget<String>>,
+    /// How many argon2 hashes run at once, and how long a sign-up or log-in waits for a slot.
+    pub auth_limits: auth::AuthLimits,
+    /// Sessions ended by logging out.
+    pub revoked: Arc<guard::Revoked>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (`REVPILOT_TRUSTED_PROXIES`);
+    /// empty by default: the TCP peer is the client.
+    pub trusted_proxies: Arc<Vec<std::net::IpAddr>>,
+    /// Series computations that no memo answers, at once (`/api/metrics`' expensive ranges).
+    pub series_slots: Arc<tokio::sync::Semaphore>,
     /// Connect OAuth; `None` when not configured.
     pub connect: Option<Arc<revpilot_stripe::connect::Connect>>,
     /// The Connect webhook's secrets; `None` refuses it.
@@ -109,11 +120,18 @@ pub const ATTEMPTS_PER_MINUTE: u32 = 10;
 /// Calls per user and minute on the expensive routes.
 pub const EXPENSIVE_PER_MINUTE: u32 = 30;
 
+/// Keys (client addresses and emails) the sign-up and log-in budget remembers at most.
+pub const ATTEMPT_KEYS: usize = 100_000;
+
+/// Users the expensive routes' budget remembers at most.
+pub const EXPENSIVE_KEYS: usize = 100_000;
+
+/// Series computed at once when no memo has them (`/api/metrics`); others wait.
+pub const SERIES_AT_ONCE: usize = 2;
+
 impl AppState {
     /// State over `store` with the system clock.
     pub fn new(store: Arc<dyn Store>, billing_webhook: Option<WebhookConfig>) -> Self {
-        let per_minute =
-            std::num::NonZeroU32::new(EXPENSIVE_PER_MINUTE).unwrap_or(std::num::NonZeroU32::MIN);
         AppState {
             store,
             billing_webhook,
@@ -125,10 +143,18 @@ impl AppState {
             llm: Arc::new(LocalProvider),
             stripe: None,
             app_url: Url::parse("http://127.0.0.1:3000/").unwrap_or_else(|_| unreachable!()),
-            expensive: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
-            attempts: Arc::new(RateLimiter::keyed(Quota::per_minute(
-                std::num::NonZeroU32::new(ATTEMPTS_PER_MINUTE).unwrap_or(std::num::NonZeroU32::MIN),
-            ))),
+            expensive: Arc::new(guard::KeyedBudget::per_minute(
+                EXPENSIVE_PER_MINUTE,
+                EXPENSIVE_KEYS,
+            )),
+            attempts: Arc::new(guard::KeyedBudget::per_minute(
+                ATTEMPTS_PER_MINUTE,
+                ATTEMPT_KEYS,
+            )),
+            auth_limits: auth::AuthLimits::default(),
+            revoked: Arc::default(),
+            trusted_proxies: Arc::default(),
+            series_slots: Arc::new(tokio::sync::Semaphore::new(SERIES_AT_ONCE)),
             connect: None,
             connect_webhook_secrets: None,
             stripe_api_base: Url::parse("https://api.stripe.com/")
@@ -145,8 +171,14 @@ impl AppState {
 /// The largest request body accepted (Stripe events are far smaller).
 pub const BODY_LIMIT: usize = 1024 * 1024;
 
-/// The router.
+/// The router. Installs the Prometheus recorder (once per process), so that every request is
+/// counted from the start.
 pub fn app(state: AppState) -> Router {
+    let _ = telemetry::prometheus();
+    let headers = guard::security_headers().map(|(name, value)| {
+        tower_http::set_header::SetResponseHeaderLayer::if_not_present(name, value)
+    });
+    let [csp, frames, sniff, referrer] = headers;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/webhooks/stripe-billing", post(stripe_billing))
@@ -181,7 +213,15 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(telemetry::render))
         .route("/api/openapi.json", get(openapi::document))
         .route_layer(axum::middleware::from_fn(telemetry::track))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::same_origin,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(csp)
+        .layer(frames)
+        .layer(sniff)
+        .layer(referrer)
         .with_state(state)
 }
 

@@ -84,6 +84,22 @@ struct Args {
     /// The job queue's name (the workers' `REVPILOT_QUEUE`).
     #[arg(long, env = "REVPILOT_QUEUE", default_value = revpilot_worker::queue::QUEUE)]
     queue: String,
+    /// Reverse proxies whose `X-Forwarded-For` names the client, comma-separated IP addresses
+    /// (default none: the TCP peer is the client, for rate limits).
+    #[arg(long, env = "REVPILOT_TRUSTED_PROXIES")]
+    trusted_proxies: Option<String>,
+    /// Seconds a client has to send a request's whole header (slow clients are cut off).
+    #[arg(long, env = "REVPILOT_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Connections open at once; past it new ones wait in the kernel's backlog.
+    #[arg(long, env = "REVPILOT_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Password hashes (argon2, ~19 MiB each) computed at once; default one per core, at least 2.
+    #[arg(long, env = "REVPILOT_AUTH_CONCURRENCY")]
+    auth_concurrency: Option<usize>,
+    /// Milliseconds a sign-up or log-in waits for a hashing slot before answering 503.
+    #[arg(long, env = "REVPILOT_AUTH_WAIT_MS", default_value_t = 2000)]
+    auth_wait_ms: u64,
     /// MiB of rebuilt accounts kept in memory; past it the oldest are dropped and rebuilt on
     /// their next request.
     #[arg(long, env = "REVPILOT_ACCOUNTS_MB", default_value_t = revpilot_server::accounts::DEFAULT_BUDGET_BYTES >> 20)]
@@ -96,6 +112,30 @@ fn random_base64(n: usize) -> Option<String> {
     let mut bytes = vec![0u8; n];
     getrandom::fill(&mut bytes).ok()?;
     Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// The shortest `CRON_SECRET` accepted, bytes (a guessable one would let anyone trigger syncs).
+const MIN_CRON_SECRET: usize = 32;
+
+/// Creates a new SQLite database file readable by its owner only (0600; SQLite gives its `-wal`
+/// and `-shm` files the same mode): it holds encrypted Stripe tokens, password hashes and
+/// customers' data. An existing file keeps its mode.
+fn private_sqlite_file(url: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = path.split('?').next().unwrap_or(path);
+    if path.is_empty() || path.starts_with(':') || std::path::Path::new(path).exists() {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -111,6 +151,8 @@ async fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
+    // Before anything is counted, so that nothing is lost.
+    let _ = revpilot_server::telemetry::prometheus();
 
     let catalog = match revpilot_worker::load_catalog(args.catalog.as_deref()) {
         Ok(c) => c,
@@ -149,6 +191,11 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("REVPILOT_ENCRYPTION_KEY: {e}")),
     };
     let postgres = database_url.starts_with("postgres");
+    if !postgres && let Err(e) = private_sqlite_file(&database_url) {
+        return fail(format!(
+            "DATABASE_URL: cannot create the database file: {e}"
+        ));
+    }
     let (store, queue) = match revpilot_worker::open(&database_url, keys, &args.queue).await {
         Ok(x) => x,
         Err(e) => return fail(e),
@@ -232,15 +279,42 @@ async fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
+    // Bound before the app's URL is known: its default is the address actually bound (with
+    // `--bind 127.0.0.1:0`, the port the system chose), which is the origin browsers post from.
+    let listener = match tokio::net::TcpListener::bind(args.bind).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", args.bind)),
+    };
+    let bound = listener.local_addr().unwrap_or(args.bind);
     let app_url = args
         .app_url
         .clone()
-        .unwrap_or_else(|| format!("http://{}/", args.bind));
+        .unwrap_or_else(|| format!("http://{bound}/"));
     let app_url = match url::Url::parse(&app_url) {
         Ok(u) => u,
         Err(e) => return fail(format!("REVPILOT_APP_URL {app_url:?}: {e}")),
     };
     let mut state = AppState::new(store.clone(), webhook);
+    let mut trusted = Vec::new();
+    for p in args
+        .trusted_proxies
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        match p.parse::<std::net::IpAddr>() {
+            Ok(ip) => trusted.push(ip),
+            Err(e) => return fail(format!("REVPILOT_TRUSTED_PROXIES {p:?}: {e}")),
+        }
+    }
+    state.trusted_proxies = Arc::new(trusted);
+    state.auth_limits = revpilot_server::auth::AuthLimits::new(
+        args.auth_concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
+        Duration::from_millis(args.auth_wait_ms),
+    );
     state.accounts = Arc::new(
         revpilot_server::accounts::Accounts::default()
             .with_budget(args.accounts_mb.saturating_mul(1 << 20)),
@@ -286,11 +360,14 @@ async fn main() -> ExitCode {
                 .map(|x| SecretString::from(x.trim().to_owned()))
                 .collect()
         });
-    state.cron_secret = args
-        .cron_secret
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .map(|s| SecretString::from(s.to_owned()));
+    state.cron_secret = match args.cron_secret.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) if s.len() < MIN_CRON_SECRET => {
+            return fail(format!(
+                "CRON_SECRET must be at least {MIN_CRON_SECRET} bytes (e.g. openssl rand -hex 32)"
+            ));
+        }
+        other => other.map(|s| SecretString::from(s.to_owned())),
+    };
     state.app_url = app_url;
     state.jobs = Some(Arc::new(queue.clone()));
     let worker = with_worker.then(|| {
@@ -314,11 +391,6 @@ async fn main() -> ExitCode {
         (stop, run, scheduler)
     });
 
-    let listener = match tokio::net::TcpListener::bind(args.bind).await {
-        Ok(l) => l,
-        Err(e) => return fail(format!("cannot listen on {}: {e}", args.bind)),
-    };
-    let bound = listener.local_addr().unwrap_or(args.bind);
     if args.demo {
         let password = random_base64(12).unwrap_or_else(|| "demo-password".to_owned());
         let started = std::time::Instant::now();
@@ -336,12 +408,17 @@ async fn main() -> ExitCode {
         }
     }
     tracing::info!("listening on http://{bound}");
-    let serve = axum::serve(
+    let limits = revpilot_server::serve::ServeLimits {
+        header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
+        max_connections: args.max_connections.max(1),
+    };
+    let served = revpilot_server::serve::serve(
         listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+        app(state),
+        limits,
+        revpilot_worker::shutdown_signal(),
     )
-    .with_graceful_shutdown(revpilot_worker::shutdown_signal());
-    let served = serve.await;
+    .await;
     if let Some((stop, run, scheduler)) = worker {
         // Take no new job; finish the ones in hand.
         scheduler.abort();

@@ -1,7 +1,9 @@
 //! The dashboard: server-rendered HTML (askama, auto-escaped; every Stripe-sourced string is
 //! untrusted) with inline SVG charts, over the same functions as the JSON API. A page without a
-//! valid session redirects to `/login`. Forms post with the session cookie, which is `SameSite=Lax`
-//! so another site cannot post them on a user's behalf.
+//! valid session redirects to `/login`. Forms post with the session cookie (`SameSite=Lax`, and
+//! `Secure` on https); every post must also come from the app's own origin
+//! ([`crate::guard::cross_origin`]), so a page of another site, or of another port of the same
+//! host, cannot post them on a user's behalf, nor log a user into another account.
 
 use askama::Template;
 use axum::Form;
@@ -18,7 +20,7 @@ use revpilot_core::ports::{Connection, ConnectionId, InsightRecord, Tier, UserId
 use rust_decimal::Decimal;
 
 use crate::auth::{
-    AuthFailure, AuthUser, CLEAR_SESSION_COOKIE, ClientAddr, Credentials, issue_session,
+    AuthFailure, AuthUser, ClientAddr, Credentials, clear_session_cookie, issue_session,
 };
 use crate::charts::{self, BarChart, HEIGHT, HeatMap, LineChart, WIDTH};
 use crate::{AppState, api, internal};
@@ -150,12 +152,14 @@ pub(crate) async fn signup_submit(
     }
 }
 
-/// `POST /logout`.
-pub(crate) async fn logout() -> Response {
+/// `POST /logout`: ends the session on the server (its token is refused from now on) and in the
+/// browser.
+pub(crate) async fn logout(State(state): State<AppState>, headers: header::HeaderMap) -> Response {
+    crate::auth::end_session(&state, &headers).await;
     (
         StatusCode::SEE_OTHER,
         [
-            (header::SET_COOKIE, CLEAR_SESSION_COOKIE.to_owned()),
+            (header::SET_COOKIE, clear_session_cookie(&state)),
             (header::LOCATION, "/login".to_owned()),
         ],
     )

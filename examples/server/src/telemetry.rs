@@ -19,8 +19,9 @@ const BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
-/// The process's Prometheus recorder, installed on first use; `None` when another recorder was
-/// installed first (an embedding application's): then `/metrics` says so.
+/// The process's Prometheus recorder, installed on first use ([`crate::app`] makes that the
+/// router's construction, before any request); `None` when another recorder was installed first
+/// (an embedding application's): then `/metrics` says so.
 pub fn prometheus() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
@@ -28,7 +29,10 @@ pub fn prometheus() -> Option<PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), BUCKETS)
                 .ok()?;
             match builder.install_recorder() {
-                Ok(h) => Some(h),
+                Ok(h) => {
+                    describe();
+                    Some(h)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "no Prometheus recorder: /metrics is unavailable");
                     None
@@ -38,19 +42,79 @@ pub fn prometheus() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// Every metric's `# HELP` line (the recorder renders what is described to it).
+fn describe() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_histogram!(
+        "revpilot_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to answer a request, by method and route template."
+    );
+    describe_counter!(
+        "revpilot_http_requests_total",
+        "Requests answered, by method, route template and status."
+    );
+    describe_counter!(
+        "revpilot_billing_webhooks_total",
+        "Billing webhook deliveries, by outcome (stored, duplicate, ignored, refused)."
+    );
+    describe_counter!(
+        "revpilot_insight_generations_total",
+        "Insight generations, by the provider that wrote them (provider or local_fallback)."
+    );
+    describe_counter!(
+        "revpilot_syncs_total",
+        "Connection syncs run by this process's worker, by status."
+    );
+    describe_counter!(
+        "revpilot_jobs_total",
+        "Background jobs run by this process's worker, by kind and outcome."
+    );
+    describe_counter!(
+        "revpilot_cross_origin_refused_total",
+        "State-changing requests refused because they came from another site."
+    );
+    describe_counter!(
+        "revpilot_auth_busy_total",
+        "Sign-ups and log-ins answered 503 because every password-hashing slot stayed busy."
+    );
+    describe_counter!(
+        "revpilot_metrics_busy_total",
+        "Metrics requests answered 503 because every series-computation slot stayed busy."
+    );
+}
+
+/// The method as a label: one of the standard methods or `other`, so that a client inventing
+/// methods cannot add series to the metrics.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 /// Counts and times one request (a `route_layer`, so the route template is known).
 pub(crate) async fn track(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let start = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     metrics::histogram!(
         "revpilot_http_request_duration_seconds",
-        "method" => method.clone(),
+        "method" => method,
         "route" => route.clone()
     )
     .record(start.elapsed().as_secs_f64());

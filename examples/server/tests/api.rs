@@ -29,6 +29,9 @@ use uuid::Uuid;
 
 const SECRET: &str = "a-test-jwt-secret-of-at-least-32-bytes!";
 
+/// The origin of `AppState::new`'s default app URL, which the tests' browsers post from.
+const APP_ORIGIN: &str = "http://127.0.0.1:3000";
+
 fn now() -> DateTime<Utc> {
     // The synthetic export covers 2023-01 to 2024-03.
     Utc.with_ymd_and_hms(2024, 2, 20, 12, 0, 0).unwrap()
@@ -157,9 +160,21 @@ impl World {
         credential: Option<(&str, String)>,
         body: Option<(&str, String)>,
     ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        self.send_with(method, uri, credential.as_slice(), body)
+            .await
+    }
+
+    /// One request through the router with `headers` and an optional `(content type, body)`.
+    async fn send_with(
+        &self,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, String)],
+        body: Option<(&str, String)>,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
         let mut req = Request::builder().method(method).uri(uri);
-        if let Some((name, value)) = credential {
-            req = req.header(name, value);
+        for (name, value) in headers {
+            req = req.header(*name, value);
         }
         let body = match body {
             Some((content_type, b)) => {
@@ -609,9 +624,7 @@ async fn checkout_without_stripe_and_oversized_bodies_get_json_errors() {
 #[tokio::test]
 async fn expensive_routes_have_a_per_user_budget() {
     let w = world_with(|state| {
-        state.expensive = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(
-            std::num::NonZeroU32::new(2).unwrap(),
-        )));
+        state.expensive = Arc::new(revpilot_server::guard::KeyedBudget::per_minute(2, 1_000));
     })
     .await;
     let (alice, conn) = w.connected("acct_rate_a").await;
@@ -750,11 +763,19 @@ impl World {
         token: Option<&str>,
         form: Option<&str>,
     ) -> (StatusCode, axum::http::HeaderMap, String) {
+        // What a browser sends on the app's own pages: where the request comes from.
+        let mut headers = vec![
+            ("origin", APP_ORIGIN.to_owned()),
+            ("sec-fetch-site", "same-origin".to_owned()),
+        ];
+        if let Some(t) = token {
+            headers.push(("cookie", format!("theme=dark; revpilot_session={t}")));
+        }
         let (status, headers, bytes) = self
-            .send(
+            .send_with(
                 method,
                 uri,
-                token.map(|t| ("cookie", format!("theme=dark; revpilot_session={t}"))),
+                &headers,
                 form.map(|f| ("application/x-www-form-urlencoded", f.to_owned())),
             )
             .await;
@@ -1444,4 +1465,405 @@ async fn supabase_sessions_verify_against_the_jwks_and_nothing_else() {
         )
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
+
+/// An optional `(content type, body)`.
+type FormBody = Option<(&'static str, String)>;
+
+/// Rows in the tables a forged request could change.
+async fn footprint(store: &SqliteStore) -> Vec<i64> {
+    let mut counts = Vec::new();
+    for table in [
+        "usage_events",
+        "insights",
+        "user_credentials",
+        "user_profiles",
+        "oauth_states",
+    ] {
+        counts.push(
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+                .fetch_one(store.pool())
+                .await
+                .unwrap(),
+        );
+    }
+    counts
+}
+
+#[tokio::test]
+async fn every_form_and_route_refuses_other_sites_and_changes_nothing() {
+    let w = world().await;
+    let (user, conn) = w.connected("acct_csrf").await;
+    w.store.set_last_synced(conn, now()).await.unwrap();
+    let token = w.token(user);
+    let creds = json!({"email": "mallory@example.com", "password": "mallory's password"});
+    let (status, _) = w
+        .call("POST", "/api/auth/signup", None, Some(creds.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let form = "application/x-www-form-urlencoded";
+    let json_type = "application/json";
+    let routes: Vec<(&str, String, FormBody)> = vec![
+        (
+            "POST",
+            "/login".into(),
+            Some((
+                form,
+                "email=mallory%40example.com&password=mallory%27s+password".into(),
+            )),
+        ),
+        (
+            "POST",
+            "/signup".into(),
+            Some((
+                form,
+                "email=victim2%40example.com&password=a+long+password".into(),
+            )),
+        ),
+        ("POST", "/logout".into(), Some((form, String::new()))),
+        (
+            "POST",
+            "/insights".into(),
+            Some((form, format!("connection={conn}"))),
+        ),
+        (
+            "POST",
+            "/pricing/checkout".into(),
+            Some((form, "tier=professional".into())),
+        ),
+        (
+            "POST",
+            "/api/auth/login".into(),
+            Some((json_type, creds.to_string())),
+        ),
+        (
+            "POST",
+            "/api/auth/signup".into(),
+            Some((
+                json_type,
+                json!({"email": "victim3@example.com", "password": "a long password"}).to_string(),
+            )),
+        ),
+        ("POST", format!("/api/insights?connectionId={conn}"), None),
+        (
+            "POST",
+            "/api/scenarios".into(),
+            Some((
+                json_type,
+                json!({"connectionId": conn.to_string(), "priceChangePct": "10"}).to_string(),
+            )),
+        ),
+        (
+            "POST",
+            "/api/create-checkout".into(),
+            Some((json_type, json!({"tier": "professional"}).to_string())),
+        ),
+        ("GET", "/api/stripe/connect".into(), None),
+    ];
+    // Another site, another port of the same host (same-site), an opaque origin, and a browser
+    // that says so only in `Sec-Fetch-Site`.
+    let forgeries: Vec<Vec<(&str, String)>> = vec![
+        vec![("origin", "https://evil.example".into())],
+        vec![("origin", "http://127.0.0.1:3001".into())],
+        vec![("origin", "null".into())],
+        vec![("sec-fetch-site", "cross-site".into())],
+        vec![
+            ("sec-fetch-site", "same-site".into()),
+            ("origin", "http://127.0.0.1:3001".into()),
+        ],
+    ];
+    let before = footprint(&w.store).await;
+    for (method, uri, body) in &routes {
+        for forged in &forgeries {
+            let mut headers = forged.clone();
+            headers.push(("cookie", format!("revpilot_session={token}")));
+            let (status, response_headers, bytes) =
+                w.send_with(method, uri, &headers, body.clone()).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{method} {uri} {forged:?}");
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body["error"]["code"], "cross_origin");
+            assert!(
+                !response_headers.contains_key("set-cookie"),
+                "{method} {uri}: no session given or taken"
+            );
+        }
+    }
+    assert_eq!(footprint(&w.store).await, before, "nothing changed");
+    // The forged logouts did not end the session.
+    assert_eq!(
+        w.call("GET", "/api/usage/current", Some(&token), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // The forged signups made no account.
+    let (status, _) = w
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"email": "victim2@example.com", "password": "a long password"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // The same forms from the app's own pages work.
+    let (status, headers, _) = w
+        .page(
+            "POST",
+            "/login",
+            None,
+            Some("email=mallory%40example.com&password=mallory%27s+password"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(headers.contains_key("set-cookie"));
+    let (status, _, _) = w
+        .page(
+            "POST",
+            "/insights",
+            Some(&token),
+            Some(&format!("connection={conn}")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    // Webhooks are other servers' calls: an Origin does not matter there (the signature does).
+    let (status, _, _) = w
+        .send_with(
+            "POST",
+            "/api/webhooks/stripe-billing",
+            &[("origin", "https://evil.example".into())],
+            Some((json_type, "{}".into())),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn every_page_carries_the_security_headers() {
+    let w = world().await;
+    let (user, conn) = w.connected("acct_headers").await;
+    w.store.set_last_synced(conn, now()).await.unwrap();
+    let token = w.token(user);
+    let mut seen = Vec::new();
+    for path in [
+        "/login",
+        "/signup",
+        "/dashboard",
+        "/insights",
+        "/usage",
+        "/pricing",
+        "/",
+        "/no-such-page",
+    ] {
+        for session in [None, Some(token.as_str())] {
+            seen.push((path.to_owned(), w.page("GET", path, session, None).await.1));
+        }
+    }
+    for (path, (method, body)) in [
+        ("/api/usage/current", ("GET", None)),
+        ("/healthz", ("GET", None)),
+        ("/metrics", ("GET", None)),
+        (
+            "/login",
+            (
+                "POST",
+                Some(("application/x-www-form-urlencoded", "email=x".to_owned())),
+            ),
+        ),
+    ] {
+        seen.push((
+            path.to_owned(),
+            w.send(
+                method,
+                path,
+                Some(("authorization", format!("Bearer {token}"))),
+                body,
+            )
+            .await
+            .1,
+        ));
+    }
+    for (path, headers) in seen {
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+        assert!(csp.contains("default-src 'self'"), "{path}: {csp}");
+        assert_eq!(headers["x-frame-options"], "DENY", "{path}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(headers["referrer-policy"], "same-origin", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn the_session_cookie_is_secure_when_the_app_is_served_over_https() {
+    for (app_url, secure) in [
+        ("https://app.example/", true),
+        ("http://127.0.0.1:3000/", false),
+    ] {
+        let w = world_with(|s| s.app_url = url::Url::parse(app_url).unwrap()).await;
+        let origin = app_url.trim_end_matches('/').to_owned();
+        let (status, headers, _) = w
+            .send_with(
+                "POST",
+                "/signup",
+                &[("origin", origin.clone())],
+                Some((
+                    "application/x-www-form-urlencoded",
+                    "email=sec%40example.com&password=a+long+password".into(),
+                )),
+            )
+            .await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{app_url}");
+        let cookie = headers["set-cookie"].to_str().unwrap();
+        assert_eq!(cookie.contains("; Secure"), secure, "{cookie}");
+        let token = cookie
+            .strip_prefix("revpilot_session=")
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned();
+        let (_, headers, _) = w
+            .send_with(
+                "POST",
+                "/logout",
+                &[
+                    ("origin", origin),
+                    ("cookie", format!("revpilot_session={token}")),
+                ],
+                None,
+            )
+            .await;
+        let cleared = headers["set-cookie"].to_str().unwrap();
+        assert!(cleared.contains("Max-Age=0"));
+        assert_eq!(cleared.contains("; Secure"), secure, "{cleared}");
+    }
+}
+
+#[tokio::test]
+async fn logging_out_ends_the_session_on_the_server() {
+    let w = world().await;
+    let (status, headers, _) = w
+        .page(
+            "POST",
+            "/signup",
+            None,
+            Some("email=leave%40example.com&password=a+long+password"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let cookie = headers["set-cookie"].to_str().unwrap();
+    let token = cookie
+        .strip_prefix("revpilot_session=")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    // A second session of the same user, issued in the same second (the clock is fixed).
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"email": "leave@example.com", "password": "a long password"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let other = body["token"].as_str().unwrap().to_owned();
+    assert_ne!(other, token);
+    for t in [&token, &other] {
+        assert_eq!(
+            w.call("GET", "/api/usage/current", Some(t), None).await.0,
+            StatusCode::OK
+        );
+    }
+    let (status, headers, _) = w.page("POST", "/logout", Some(&token), Some("")).await;
+    assert_eq!(
+        (status, &headers["location"]),
+        (StatusCode::SEE_OTHER, &"/login".parse().unwrap())
+    );
+    // The same token, as a bearer or a cookie, is refused from now on...
+    assert_eq!(
+        w.call("GET", "/api/usage/current", Some(&token), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, headers, _) = w.page("GET", "/dashboard", Some(&token), None).await;
+    assert_eq!(
+        (status, &headers["location"]),
+        (StatusCode::SEE_OTHER, &"/login".parse().unwrap())
+    );
+    // ...and the other session goes on.
+    assert_eq!(
+        w.call("GET", "/api/usage/current", Some(&other), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(w.state.revoked.len(), 1);
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_has_its_own_budget_and_otherwise_the_header_is_ignored()
+{
+    let proxy: std::net::IpAddr = [10, 0, 0, 1].into();
+    let w = world_with(|s| s.trusted_proxies = Arc::new(vec![proxy])).await;
+    let login = |peer: [u8; 4], forwarded: &str, email: String| {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/api/auth/login")
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", forwarded)
+            .body(Body::from(
+                json!({"email": email, "password": "some password"}).to_string(),
+            ))
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                peer, 40_000,
+            ))));
+        let router = w.router.clone();
+        async move { router.oneshot(req).await.unwrap().status() }
+    };
+    let budget = revpilot_server::ATTEMPTS_PER_MINUTE;
+    // One client behind the proxy spends its budget (the left of the header is its own say).
+    for i in 0..budget {
+        let status = login(
+            [10, 0, 0, 1],
+            "1.2.3.4, 203.0.113.5",
+            format!("a{i}@example.com"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        login(
+            [10, 0, 0, 1],
+            "9.9.9.9, 203.0.113.5",
+            "a-last@example.com".into()
+        )
+        .await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another client behind the same proxy is not locked out.
+    assert_eq!(
+        login([10, 0, 0, 1], "203.0.113.6", "b@example.com".into()).await,
+        StatusCode::UNAUTHORIZED
+    );
+    // A peer that is no trusted proxy cannot pick its address with the header.
+    for i in 0..budget {
+        let status = login(
+            [10, 0, 0, 9],
+            &format!("198.51.100.{i}"),
+            format!("c{i}@example.com"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        login([10, 0, 0, 9], "198.51.100.200", "c-last@example.com".into()).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }

@@ -842,7 +842,17 @@ pub async fn oauth_states<S: UserStore + OAuthStateStore + ?Sized>(store: &S) {
         .put_state("state-1", user, t(10, 1))
         .await
         .expect("put");
-    let taken = join_all((0..5).map(|_| store.take_state("state-1", t(10, 0)))).await;
+    // Another user's presentation does not consume it.
+    let other = new_user(store, "oauth-other@example.com").await;
+    assert_eq!(
+        store
+            .take_state("state-1", other, t(10, 0))
+            .await
+            .expect("take"),
+        Some(user),
+        "the state's owner is named, and the state stays"
+    );
+    let taken = join_all((0..5).map(|_| store.take_state("state-1", user, t(10, 0)))).await;
     let some = taken
         .iter()
         .filter(|r| matches!(r, Ok(Some(u)) if *u == user))
@@ -850,7 +860,7 @@ pub async fn oauth_states<S: UserStore + OAuthStateStore + ?Sized>(store: &S) {
     assert_eq!(some, 1, "exactly one take succeeds: {taken:?}");
     assert!(
         store
-            .take_state("state-1", t(10, 0))
+            .take_state("state-1", user, t(10, 0))
             .await
             .expect("take")
             .is_none()
@@ -861,7 +871,7 @@ pub async fn oauth_states<S: UserStore + OAuthStateStore + ?Sized>(store: &S) {
         .expect("put");
     assert!(
         store
-            .take_state("state-2", t(10, 2))
+            .take_state("state-2", user, t(10, 2))
             .await
             .expect("take")
             .is_none(),
@@ -869,7 +879,7 @@ pub async fn oauth_states<S: UserStore + OAuthStateStore + ?Sized>(store: &S) {
     );
     assert!(
         store
-            .take_state("never-issued", t(10, 0))
+            .take_state("never-issued", user, t(10, 0))
             .await
             .expect("take")
             .is_none()

@@ -1,0 +1,344 @@
+//! The server's protections against abuse that are not about who the caller is: rate-limit maps
+//! that stay bounded however many keys an attacker invents, the same-origin check on every
+//! state-changing request (CSRF), the security headers of every response, and the list of
+//! sessions ended by logging out. `docs/security.md` says what each one is and how to configure
+//! it.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use url::Url;
+
+use crate::AppState;
+
+/// A keyed rate limiter whose key map stays bounded.
+///
+/// governor's keyed limiter keeps one entry per key it has seen, for ever. Here, whenever the
+/// map holds more than half of `max_keys` (at most once a second), the keys whose budget has
+/// fully come back are dropped (`retain_recent`, which changes no decision). If the map is still
+/// full after that, it starts over: an attacker who can present `max_keys` distinct live keys
+/// within one refill period gets a fresh budget for each key, which costs them `max_keys`
+/// requests each time, and the server's memory stays bounded.
+#[derive(Debug)]
+pub struct KeyedBudget<K: Hash + Eq + Clone> {
+    quota: Quota,
+    limiter: RwLock<Arc<DefaultKeyedRateLimiter<K>>>,
+    max_keys: usize,
+    last_prune: Mutex<Instant>,
+}
+
+impl<K: Hash + Eq + Clone> KeyedBudget<K> {
+    /// `per_minute` calls a minute per key, at most `max_keys` keys remembered.
+    pub fn per_minute(per_minute: u32, max_keys: usize) -> Self {
+        let quota = Quota::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN));
+        KeyedBudget {
+            quota,
+            limiter: RwLock::new(Arc::new(RateLimiter::keyed(quota))),
+            max_keys: max_keys.max(2),
+            last_prune: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn limiter(&self) -> Arc<DefaultKeyedRateLimiter<K>> {
+        self.limiter
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Spends one call of `key`'s budget: `true` when it had one left.
+    pub fn check(&self, key: &K) -> bool {
+        self.prune();
+        self.limiter().check_key(key).is_ok()
+    }
+
+    /// Keys remembered now.
+    pub fn len(&self) -> usize {
+        self.limiter().len()
+    }
+
+    /// No key remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn prune(&self) {
+        let limiter = self.limiter();
+        let len = limiter.len();
+        if len < self.max_keys / 2 {
+            return;
+        }
+        {
+            let mut last = self
+                .last_prune
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if len < self.max_keys && last.elapsed() < Duration::from_secs(1) {
+                return;
+            }
+            *last = Instant::now();
+        }
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+        if limiter.len() >= self.max_keys {
+            tracing::warn!(
+                keys = limiter.len(),
+                "a rate-limit map is full of live keys: it starts over"
+            );
+            *self.limiter.write().unwrap_or_else(PoisonError::into_inner) =
+                Arc::new(RateLimiter::keyed(self.quota));
+        }
+    }
+}
+
+// ----- cross-site requests -----
+
+/// Paths that other servers call with their own credentials (a Stripe signature, the cron's
+/// bearer secret): no browser posts them, and no session cookie acts there.
+const SERVER_TO_SERVER: &[&str] = &[
+    "/api/webhooks/stripe-billing",
+    "/api/webhooks/stripe-connect",
+    "/api/stripe/sync",
+];
+
+/// Safe navigations that still act for the user: starting a Stripe connection.
+const GUARDED_GETS: &[&str] = &["/api/stripe/connect"];
+
+/// Whether a request comes from another site and must be refused.
+///
+/// Every request that can change something (any method but GET, HEAD, OPTIONS and TRACE, and
+/// the GETs in [`GUARDED_GETS`]) must come from the app itself. Browsers say where a request
+/// comes from: `Sec-Fetch-Site` (every current browser) must be `same-origin` (or `none`, a
+/// user's own action); without it, `Origin` must be the app's origin (`REVPILOT_APP_URL`). A
+/// request with neither header is not a browser's (browsers have sent `Origin` on every
+/// cross-origin POST since 2020) and passes: scripts and API clients authenticate with a bearer
+/// token, which no other site can attach. This is Go's `http.CrossOriginProtection` algorithm.
+pub fn cross_origin(app_url: &Url, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+    let unsafe_method = !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    if !(unsafe_method || GUARDED_GETS.contains(&path)) || SERVER_TO_SERVER.contains(&path) {
+        return false;
+    }
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return !matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    match headers.get(header::ORIGIN) {
+        None => false,
+        Some(origin) => origin.as_bytes() != app_url.origin().ascii_serialization().as_bytes(),
+    }
+}
+
+/// Middleware: refuses a cross-site request with 403 before any handler runs.
+pub(crate) async fn same_origin(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if cross_origin(
+        &state.app_url,
+        request.method(),
+        request.uri().path(),
+        request.headers(),
+    ) {
+        tracing::info!(
+            path = request.uri().path(),
+            origin = ?request.headers().get(header::ORIGIN),
+            site = ?request.headers().get("sec-fetch-site"),
+            "cross-site request refused"
+        );
+        metrics::counter!("revpilot_cross_origin_refused_total").increment(1);
+        return crate::error(
+            StatusCode::FORBIDDEN,
+            "cross_origin",
+            "this request did not come from the app's own pages",
+        );
+    }
+    next.run(request).await
+}
+
+// ----- security headers -----
+
+/// The pages' Content-Security-Policy: everything from the app itself (the pages carry inline
+/// styles, no script), and no framing by any site.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; style-src 'self' 'unsafe-inline'; \
+     img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
+
+/// The headers every response carries (unless the handler set its own).
+pub fn security_headers() -> [(header::HeaderName, HeaderValue); 4] {
+    [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        ),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+        // Not `no-referrer`: with it, browsers send `Origin: null` on the app's own form posts.
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("same-origin"),
+        ),
+    ]
+}
+
+// ----- ended sessions -----
+
+/// Sessions ended by logging out, kept until they would have expired anyway.
+///
+/// A session token is valid until its `exp`; logging out puts its signature here, and
+/// [`crate::auth::AuthUser`] refuses it from then on. Entries leave when their token expires.
+/// The list lives in this process: servers behind one balancer do not share it (see
+/// `docs/security.md`).
+#[derive(Debug, Default)]
+pub struct Revoked(Mutex<HashMap<String, i64>>);
+
+impl Revoked {
+    /// Ended sessions kept at most; past it (after expired ones leave) a logout still clears the
+    /// browser's cookie but is not remembered (logged).
+    pub const CAPACITY: usize = 200_000;
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ends the session `token` (valid until `exp`, unix seconds), at `now`.
+    pub fn revoke(&self, token: &str, exp: i64, now: i64) {
+        let mut map = self.map();
+        if map.len() >= Self::CAPACITY {
+            map.retain(|_, e| *e + crate::auth::LEEWAY_SECS >= now);
+        }
+        if map.len() >= Self::CAPACITY {
+            tracing::error!("the list of ended sessions is full: a logout is not remembered");
+            return;
+        }
+        map.insert(signature(token).to_owned(), exp);
+    }
+
+    /// Whether the session `token` was ended.
+    pub fn contains(&self, token: &str) -> bool {
+        self.map().contains_key(signature(token))
+    }
+
+    /// Sessions remembered as ended.
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// None remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A JWT's signature: unique per token and short.
+fn signature(token: &str) -> &str {
+    token.rsplit('.').next().unwrap_or(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_forgets_refilled_keys_and_never_holds_more_than_its_cap() {
+        let budget = KeyedBudget::<u32>::per_minute(3, 100);
+        for key in 0..10_000 {
+            assert!(budget.check(&key), "a fresh key has a budget");
+            assert!(budget.len() <= 100, "{} keys", budget.len());
+        }
+        // A key spends its budget as before.
+        let one = KeyedBudget::<u32>::per_minute(3, 100);
+        assert!((0..3).all(|_| one.check(&7)));
+        assert!(!one.check(&7));
+    }
+
+    #[test]
+    fn only_the_apps_own_origin_may_post() {
+        let app = Url::parse("https://app.example/").unwrap_or_else(|_| unreachable!());
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        let post = Method::POST;
+        assert!(!cross_origin(&app, &post, "/login", &h(&[])), "no browser");
+        assert!(!cross_origin(
+            &app,
+            &post,
+            "/login",
+            &h(&[("origin", "https://app.example")])
+        ));
+        assert!(cross_origin(
+            &app,
+            &post,
+            "/login",
+            &h(&[("origin", "https://evil.example")])
+        ));
+        assert!(cross_origin(
+            &app,
+            &post,
+            "/login",
+            &h(&[("origin", "null")])
+        ));
+        assert!(cross_origin(
+            &app,
+            &post,
+            "/login",
+            &h(&[("origin", "https://app.example:8443")])
+        ));
+        assert!(cross_origin(
+            &app,
+            &post,
+            "/logout",
+            &h(&[
+                ("sec-fetch-site", "same-site"),
+                ("origin", "https://app.example")
+            ])
+        ));
+        assert!(!cross_origin(
+            &app,
+            &post,
+            "/logout",
+            &h(&[("sec-fetch-site", "same-origin")])
+        ));
+        assert!(!cross_origin(
+            &app,
+            &Method::GET,
+            "/dashboard",
+            &h(&[("sec-fetch-site", "cross-site")])
+        ));
+        assert!(cross_origin(
+            &app,
+            &Method::GET,
+            "/api/stripe/connect",
+            &h(&[("sec-fetch-site", "cross-site")])
+        ));
+        assert!(!cross_origin(
+            &app,
+            &post,
+            "/api/webhooks/stripe-billing",
+            &h(&[("origin", "https://evil.example")])
+        ));
+    }
+
+    #[test]
+    fn ended_sessions_are_remembered_until_they_expire() {
+        let r = Revoked::default();
+        r.revoke("h.p.sig1", 100, 50);
+        assert!(r.contains("h.p.sig1") && !r.contains("h.p.sig2"));
+    }
+}
