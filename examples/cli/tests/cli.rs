@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use revpilot_stripe::fake::FakeStripe;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 fn revpilot(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_revpilot"))
