@@ -115,7 +115,7 @@ const GUARDED_GETS: &[&str] = &["/api/stripe/connect"];
 /// Whether a request comes from another site and must be refused.
 ///
 /// Every request that can change something (any method but GET, HEAD, OPTIONS and TRACE, and
-/// the GETs in [`GUARDED_GETS`]) must come from the app itself. Browsers say where a request
+/// the GETs in `GUARDED_GETS`) must come from the app itself. Browsers say where a request
 /// comes from: `Sec-Fetch-Site` (every current browser) must be `same-origin` (or `none`, a
 /// user's own action); without it, `Origin` must be the app's origin (`REVPILOT_APP_URL`). A
 /// request with neither header is not a browser's (browsers have sent `Origin` on every
