@@ -417,11 +417,13 @@ pub enum ObjectKind {
     Product,
     /// `coupon`.
     Coupon,
+    /// `dispute`: a charge's dispute, for cash (lost ones take money back).
+    Dispute,
 }
 
 impl ObjectKind {
     /// Every kind.
-    pub const ALL: [ObjectKind; 7] = [
+    pub const ALL: [ObjectKind; 8] = [
         ObjectKind::Customer,
         ObjectKind::Subscription,
         ObjectKind::Invoice,
@@ -429,6 +431,7 @@ impl ObjectKind {
         ObjectKind::Price,
         ObjectKind::Product,
         ObjectKind::Coupon,
+        ObjectKind::Dispute,
     ];
 
     /// The stored name.
@@ -441,6 +444,7 @@ impl ObjectKind {
             ObjectKind::Price => "price",
             ObjectKind::Product => "product",
             ObjectKind::Coupon => "coupon",
+            ObjectKind::Dispute => "dispute",
         }
     }
 

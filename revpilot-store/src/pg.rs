@@ -81,6 +81,11 @@ fn migrator() -> Migrator {
             "leases",
             include_str!("../migrations/postgres/0007_leases.sql"),
         ),
+        m(
+            8,
+            "disputes cache",
+            include_str!("../migrations/postgres/0008_disputes_cache.sql"),
+        ),
     ])
 }
 
@@ -829,6 +834,7 @@ fn cache_table(kind: ObjectKind) -> &'static str {
         ObjectKind::Price => "prices_cache",
         ObjectKind::Product => "products_cache",
         ObjectKind::Coupon => "coupons_cache",
+        ObjectKind::Dispute => "disputes_cache",
     }
 }
 

@@ -82,6 +82,11 @@ fn migrator() -> Migrator {
             "leases",
             include_str!("../migrations/sqlite/0007_leases.sql"),
         ),
+        m(
+            8,
+            "disputes cache",
+            include_str!("../migrations/sqlite/0008_disputes_cache.sql"),
+        ),
     ])
 }
 
@@ -815,6 +820,7 @@ fn cache_table(kind: ObjectKind) -> &'static str {
         ObjectKind::Price => "prices_cache",
         ObjectKind::Product => "products_cache",
         ObjectKind::Coupon => "coupons_cache",
+        ObjectKind::Dispute => "disputes_cache",
     }
 }
 

@@ -1,6 +1,7 @@
 //! The export file: one JSON object whose keys (`customers`, `subscriptions`, `invoices`,
 //! `charges`, `prices`, `coupons`, `events`, `disputes`) each hold a list of Stripe API objects exactly as
-//! Stripe's list endpoints return them. A missing key is an empty list; other keys are ignored.
+//! Stripe's list endpoints return them. A missing key is an empty list; `exported_at` (unix
+//! seconds, written by `revpilot export`) dates the data; other keys are ignored.
 //!
 //! Reading never builds a JSON tree of the whole file: the top level is split into borrowed raw
 //! slices, and each object is parsed into its tolerant type on its own, on every core, so an
@@ -32,6 +33,8 @@ pub struct Export {
     pub events: Vec<Event>,
     /// Disputes of the charges, with their balance transactions.
     pub disputes: Vec<Dispute>,
+    /// When the export was made (unix seconds), if it says: what the data is known up to.
+    pub exported_at: Option<i64>,
 }
 
 /// Why an export cannot be read.
@@ -74,6 +77,8 @@ struct Raw<'a> {
     events: Vec<&'a RawValue>,
     #[serde(borrow, default)]
     disputes: Vec<&'a RawValue>,
+    #[serde(default)]
+    exported_at: Option<i64>,
 }
 
 /// Parses `raws` into `T`s on up to `threads` threads, keeping their order; the first error (in
@@ -130,6 +135,7 @@ impl Export {
             coupons: parse_all("coupon", &raw.coupons, threads)?,
             events: parse_all("event", &raw.events, threads)?,
             disputes: parse_all("dispute", &raw.disputes, threads)?,
+            exported_at: raw.exported_at,
         })
     }
 }
@@ -172,7 +178,8 @@ impl Export {
             prices: parse_all("price", of(ObjectKind::Price), threads)?,
             coupons: parse_all("coupon", of(ObjectKind::Coupon), threads)?,
             events: Vec::new(),
-            disputes: Vec::new(),
+            disputes: parse_all("dispute", of(ObjectKind::Dispute), threads)?,
+            exported_at: None,
         })
     }
 }
@@ -205,6 +212,9 @@ pub struct RawExport {
     /// Disputes.
     #[serde(default)]
     pub disputes: Vec<Box<RawValue>>,
+    /// When the export was made (unix seconds): the data's as-of instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exported_at: Option<i64>,
 }
 
 impl RawExport {
@@ -229,6 +239,7 @@ impl RawExport {
             (ObjectKind::Charge, &self.charges),
             (ObjectKind::Price, &self.prices),
             (ObjectKind::Coupon, &self.coupons),
+            (ObjectKind::Dispute, &self.disputes),
         ];
         let mut out = Vec::new();
         for (kind, list) in lists {

@@ -255,7 +255,10 @@ pub fn rebuild(export: &Export) -> Rebuilt {
     Rebuilt {
         account,
         issues: cx.issues,
-        as_of: (cx.as_of > 0).then(|| instant(cx.as_of)).flatten(),
+        as_of: export
+            .exported_at
+            .and_then(instant)
+            .or_else(|| (cx.as_of > 0).then(|| instant(cx.as_of)).flatten()),
     }
 }
 

@@ -127,15 +127,19 @@ struct Stream {
     path: &'static str,
     /// Older API shape served where `path` 404s (localstripe has plans, not prices).
     fallback: Option<&'static str>,
+    /// A server without this list (its first page 404s) has none of these objects: localstripe
+    /// has no disputes. Stripe itself always has the list.
+    optional: bool,
     params: &'static [(&'static str, &'static str)],
 }
 
-const STREAMS: [Stream; 7] = [
+const STREAMS: [Stream; 8] = [
     Stream {
         name: "price",
         kind: ObjectKind::Price,
         path: "/v1/prices",
         fallback: Some("/v1/plans"),
+        optional: false,
         params: &[("expand[]", "data.tiers")],
     },
     Stream {
@@ -143,6 +147,7 @@ const STREAMS: [Stream; 7] = [
         kind: ObjectKind::Product,
         path: "/v1/products",
         fallback: None,
+        optional: false,
         params: &[],
     },
     Stream {
@@ -150,6 +155,7 @@ const STREAMS: [Stream; 7] = [
         kind: ObjectKind::Coupon,
         path: "/v1/coupons",
         fallback: None,
+        optional: false,
         params: &[],
     },
     Stream {
@@ -157,6 +163,7 @@ const STREAMS: [Stream; 7] = [
         kind: ObjectKind::Customer,
         path: "/v1/customers",
         fallback: None,
+        optional: false,
         params: &[],
     },
     Stream {
@@ -164,6 +171,7 @@ const STREAMS: [Stream; 7] = [
         kind: ObjectKind::Subscription,
         path: "/v1/subscriptions",
         fallback: None,
+        optional: false,
         params: &[("status", "all")],
     },
     Stream {
@@ -171,6 +179,7 @@ const STREAMS: [Stream; 7] = [
         kind: ObjectKind::Invoice,
         path: "/v1/invoices",
         fallback: None,
+        optional: false,
         params: &[],
     },
     Stream {
@@ -178,6 +187,15 @@ const STREAMS: [Stream; 7] = [
         kind: ObjectKind::Charge,
         path: "/v1/charges",
         fallback: None,
+        optional: false,
+        params: &[],
+    },
+    Stream {
+        name: "dispute",
+        kind: ObjectKind::Dispute,
+        path: "/v1/disputes",
+        fallback: None,
+        optional: true,
         params: &[],
     },
 ];
@@ -523,8 +541,12 @@ impl Syncer {
                 Ok(page) => page,
                 Err(e) => {
                     let mut p = lock();
-                    p.release(i);
                     let first = p.segments.len() == 1 && seg.after.is_none();
+                    if e.is_not_found() && first && stream.optional {
+                        p.page_done(i, None, false);
+                        continue;
+                    }
+                    p.release(i);
                     if e.is_not_found()
                         && first
                         && p.path.is_none()
@@ -778,7 +800,8 @@ async fn complete(client: &Client, kind: ObjectKind, raw: &RawValue) -> Result<S
 }
 
 /// Every object of the account behind `client`, as `revpilot export` writes it: each list
-/// complete (nested lines and refunds included), discounts expanded where the server can.
+/// complete (nested lines and refunds included), discounts expanded where the server can, and
+/// `exported_at` the instant the listing began (the data's as-of instant).
 ///
 /// # Errors
 /// [`SyncError::Api`] when Stripe fails after retries; [`SyncError::Invalid`] for an object
@@ -787,7 +810,12 @@ pub async fn export_account(
     client: &Client,
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<RawExport, SyncError> {
-    let mut out = RawExport::default();
+    // Everything up to the start of the listing is in it; later changes may be missed by lists
+    // already read.
+    let mut out = RawExport {
+        exported_at: Some(Utc::now().timestamp()),
+        ..RawExport::default()
+    };
     for stream in STREAMS.iter().filter(|s| s.kind != ObjectKind::Product) {
         let mut params: Vec<(&str, String)> = stream
             .params
@@ -806,6 +834,7 @@ pub async fn export_account(
                     path = stream.fallback.unwrap_or(stream.path);
                     continue;
                 }
+                Err(e) if e.is_not_found() && stream.optional && after.is_none() => break,
                 // A server that cannot expand discounts (localstripe) lists them as ids.
                 Err(ApiError::Rejected { status: 400, .. })
                     if params.len() > stream.params.len() && after.is_none() =>
@@ -843,6 +872,7 @@ pub async fn export_account(
             ObjectKind::Subscription => out.subscriptions = items,
             ObjectKind::Invoice => out.invoices = items,
             ObjectKind::Charge => out.charges = items,
+            ObjectKind::Dispute => out.disputes = items,
             ObjectKind::Product => {}
         }
     }

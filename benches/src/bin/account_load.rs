@@ -116,14 +116,8 @@ async fn seed(customers: usize) -> (PathBuf, UserId, ConnectionId) {
         let mut page = Vec::new();
         let file = std::fs::File::open(&export).unwrap();
         for_each_object(file, |kind, json| {
-            let kind = match kind {
-                "customer" => ObjectKind::Customer,
-                "subscription" => ObjectKind::Subscription,
-                "invoice" => ObjectKind::Invoice,
-                "charge" => ObjectKind::Charge,
-                "price" => ObjectKind::Price,
-                "coupon" => ObjectKind::Coupon,
-                _ => return Ok(()),
+            let Some(kind) = ObjectKind::parse(kind) else {
+                return Ok(());
             };
             let id: Id<'_> =
                 serde_json::from_slice(json).map_err(|e| ExportError::Shape(e.to_string()))?;

@@ -427,6 +427,27 @@ fn metrics_stop_at_the_data_as_of_instant() {
     let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
     let last = doc["series"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["date"], newest.date_naive().to_string());
+    // An export that says when it was made is known up to then, past its newest object.
+    let dir = tempfile::tempdir().unwrap();
+    let stamped = dir.path().join("stamped.json");
+    let mut export: Value =
+        serde_json::from_slice(&std::fs::read(sample()).unwrap()).unwrap();
+    let made = newest + chrono::Duration::days(20);
+    export["exported_at"] = made.timestamp().into();
+    std::fs::write(&stamped, serde_json::to_vec(&export).unwrap()).unwrap();
+    let o = revpilot(&[
+        "metrics",
+        "--input",
+        stamped.to_str().unwrap(),
+        "--from",
+        "2023-01-01",
+        "--to",
+        &after,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let last = doc["series"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["date"], made.date_naive().to_string());
     // The table says it.
     let o = revpilot(&[
         "metrics",

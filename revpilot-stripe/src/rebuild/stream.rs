@@ -97,7 +97,10 @@ pub fn rebuild_reader<R: Read>(
         (read, parts)
     });
     // The error nearest the start of the input wins, wherever it was found.
-    let mut first: Option<(u64, ExportError)> = read.err();
+    let (exported_at, mut first) = match read {
+        Ok(stamp) => (stamp, None),
+        Err(e) => (None, Some(e)),
+    };
     for part in &parts {
         if let Some((at, e)) = &part.error
             && first.as_ref().is_none_or(|(f, _)| at < f)
@@ -108,7 +111,11 @@ pub fn rebuild_reader<R: Read>(
     if let Some((_, e)) = first {
         return Err(e);
     }
-    Ok(assemble(parts))
+    let mut rebuilt = assemble(parts);
+    if let Some(at) = exported_at.and_then(super::instant) {
+        rebuilt.as_of = Some(at);
+    }
+    Ok(rebuilt)
 }
 
 /// Calls `each` with every object of an export read from `reader`, in input order, as its kind
@@ -145,7 +152,7 @@ pub fn for_each_object<R: Read + Send>(
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         result?;
-        read.map_err(|(_, e)| e)
+        read.map(|_| ()).map_err(|(_, e)| e)
     })
 }
 
@@ -291,6 +298,7 @@ impl Kind {
             ObjectKind::Charge => Kind::Charge,
             ObjectKind::Price => Kind::Price,
             ObjectKind::Coupon => Kind::Coupon,
+            ObjectKind::Dispute => Kind::Dispute,
             ObjectKind::Product => return None,
         })
     }
@@ -338,14 +346,14 @@ struct Batch {
 }
 
 /// Reads `reader` to its end in batches, cutting each into elements for the workers. Stops
-/// early when a worker met an error.
+/// early when a worker met an error. Returns the export's `exported_at`, if it has one.
 fn split_all<R: Read>(
     reader: &mut R,
     batch_bytes: usize,
     work: &mpsc::SyncSender<Batch>,
     free: &mpsc::Receiver<Vec<u8>>,
     stop: &AtomicBool,
-) -> Result<(), (u64, ExportError)> {
+) -> Result<Option<i64>, (u64, ExportError)> {
     let mut splitter = Splitter::default();
     let mut buf = vec![0u8; batch_bytes];
     let (mut filled, mut base, mut eof) = (0usize, 0u64, false);
@@ -363,7 +371,7 @@ fn split_all<R: Read>(
             .feed(&buf[..filled], base, eof, &mut elements)
             .map_err(|e| (e.offset(), ExportError::from(e)))?;
         if stop.load(Ordering::Relaxed) {
-            return Ok(());
+            return Ok(splitter.exported_at);
         }
         if eof {
             if !elements.is_empty() {
@@ -373,7 +381,7 @@ fn split_all<R: Read>(
                     elements,
                 });
             }
-            return Ok(());
+            return Ok(splitter.exported_at);
         }
         // The unread tail moves to the next buffer; one element larger than a buffer doubles it.
         let tail = filled - consumed;
@@ -397,7 +405,7 @@ fn split_all<R: Read>(
             })
             .is_err()
         {
-            return Ok(());
+            return Ok(splitter.exported_at);
         }
         base += consumed as u64;
         buf = next;
@@ -432,6 +440,10 @@ enum At {
 struct Splitter {
     at: At,
     seen: HashSet<&'static str>,
+    /// The key being read is `exported_at`.
+    stamp: bool,
+    /// The export's `exported_at` (unix seconds), once read.
+    exported_at: Option<i64>,
 }
 
 /// Why the splitter stopped, with the input offset.
@@ -516,6 +528,7 @@ impl Splitter {
                     let key: String = serde_json::from_slice(&buf[i..end])
                         .map_err(|e| SplitError::Shape(at_byte(i), format!("key: {e}")))?;
                     let kind = Kind::of_key(&key);
+                    self.stamp = key == "exported_at";
                     if let Some(k) = kind
                         && !self.seen.insert(k.name())
                     {
@@ -549,8 +562,18 @@ impl Splitter {
                     let Some(end) = value_end(buf, i, eof) else {
                         return self.incomplete(i, eof, base, None);
                     };
-                    serde_json::from_slice::<serde::de::IgnoredAny>(&buf[i..end])
-                        .map_err(|e| SplitError::Shape(at_byte(i), e.to_string()))?;
+                    if self.stamp {
+                        self.exported_at = serde_json::from_slice::<Option<i64>>(&buf[i..end])
+                            .map_err(|e| {
+                                SplitError::Shape(
+                                    at_byte(i),
+                                    format!("\"exported_at\" is not unix seconds: {e}"),
+                                )
+                            })?;
+                    } else {
+                        serde_json::from_slice::<serde::de::IgnoredAny>(&buf[i..end])
+                            .map_err(|e| SplitError::Shape(at_byte(i), e.to_string()))?;
+                    }
                     self.at = At::AfterValue;
                     i = end;
                 }

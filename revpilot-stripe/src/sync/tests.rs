@@ -591,3 +591,78 @@ async fn a_deauthorization_event_deactivates_the_connection() {
     );
     assert!(e.store.tokens(e.user, e.conn).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn disputes_are_synced_and_a_lost_one_takes_its_cash_back() {
+    let fake = account(None).await;
+    let dispute = |status: &str, balance: Value| {
+        json!({"id": "dp_1", "object": "dispute", "charge": "ch_0000", "amount": 1000,
+               "currency": "usd", "created": T0 + 100, "status": status,
+               "balance_transactions": balance})
+    };
+    fake.set("/v1/disputes", vec![dispute("needs_response", json!([]))]);
+    let e = env().await;
+    let syncer = Syncer::new(client(&fake.uri(), 1000), ports(&e.store));
+    let (status, outcome) = syncer.run(&job(&e, None), &quiet()).await.unwrap();
+    assert_eq!(status, SyncStatus::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.objects.get("dispute"), Some(&1));
+    let cash = |rebuilt: &crate::rebuild::Rebuilt| -> Vec<(i64, String)> {
+        rebuilt
+            .account
+            .payments
+            .iter()
+            .find(|p| p.id == "ch_0000")
+            .unwrap()
+            .disputes
+            .iter()
+            .map(|m| (m.at.timestamp(), m.amount.to_string()))
+            .collect()
+    };
+    let open = crate::rebuild::stream::rebuild_cached(e.store.as_ref(), e.user, e.conn, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        cash(&open),
+        vec![(T0 + 100, "-1000".to_owned())],
+        "Stripe withdraws a disputed amount when the dispute opens"
+    );
+    // The dispute is lost: the event carries it with its withdrawal and fee.
+    let later = Utc::now().timestamp() + 5;
+    let lost = dispute(
+        "lost",
+        json!([{"id": "txn_dp", "object": "balance_transaction", "amount": -1000, "fee": 1500,
+                "currency": "usd", "created": T0 + 200}]),
+    );
+    fake.push(
+        "/v1/events",
+        vec![json!({"id": "evt_dp", "type": "charge.dispute.closed", "created": later,
+                    "data": {"object": lost}})],
+    );
+    let (status, outcome) = syncer.run(&job(&e, None), &quiet()).await.unwrap();
+    assert_eq!(status, SyncStatus::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.objects.get("event"), Some(&1));
+    let closed = crate::rebuild::stream::rebuild_cached(e.store.as_ref(), e.user, e.conn, 100)
+        .await
+        .unwrap();
+    assert_eq!(cash(&closed), vec![(T0 + 200, "-2500".to_owned())]);
+}
+
+#[tokio::test]
+async fn a_server_without_disputes_syncs_everything_else() {
+    // localstripe has no /v1/disputes: the list 404s, and the account simply has none.
+    let fake = account(None).await;
+    let e = env().await;
+    let (status, outcome) = Syncer::new(client(&fake.uri(), 1000), ports(&e.store))
+        .run(&job(&e, None), &quiet())
+        .await
+        .unwrap();
+    assert_eq!(status, SyncStatus::Succeeded, "{outcome:?}");
+    assert!(
+        fake.received()
+            .await
+            .iter()
+            .any(|u| u.starts_with("/v1/disputes")),
+        "the disputes list was asked for"
+    );
+    assert_eq!(outcome.objects.get("customer"), Some(&250));
+}

@@ -292,3 +292,33 @@ fn every_object_is_visited_once_in_input_order() {
     let e = for_each_object(&br#"{"customers": [{"id": 1}"#[..], |_, _| Ok(()));
     assert!(matches!(e, Err(ExportError::Truncated { .. })), "{e:?}");
 }
+
+#[test]
+fn the_export_time_dates_the_data_in_both_paths() {
+    let lists = lists(3, 6, 11);
+    let mut map: serde_json::Map<String, Value> = lists
+        .iter()
+        .map(|(k, l)| ((*k).to_owned(), Value::Array(l.clone())))
+        .collect();
+    let plain = both(&serde_json::to_vec(&map).unwrap(), 128, 2).0;
+    let newest = plain.as_of.expect("objects carry instants");
+    let made = newest.timestamp() + 86_400;
+    // Before the lists and after them: the stamp is found wherever it is.
+    for first in [true, false] {
+        let mut stamped = serde_json::Map::new();
+        if first {
+            stamped.insert("exported_at".into(), made.into());
+        }
+        stamped.extend(map.clone());
+        if !first {
+            stamped.insert("exported_at".into(), made.into());
+        }
+        let (streamed, simple) = both(&serde_json::to_vec(&stamped).unwrap(), 64, 2);
+        assert_eq!(streamed, simple);
+        assert_eq!(streamed.as_of.map(|t| t.timestamp()), Some(made));
+        assert_eq!(streamed.account, plain.account);
+    }
+    map.insert("exported_at".into(), "yesterday".into());
+    let e = error(&serde_json::to_string(&map).unwrap());
+    assert!(e.contains("\"exported_at\" is not unix seconds"), "{e}");
+}
