@@ -83,8 +83,8 @@ fn migrator() -> Migrator {
         ),
         m(
             8,
-            "disputes cache",
-            include_str!("../migrations/postgres/0008_disputes_cache.sql"),
+            "disputes cache, partial snapshots",
+            include_str!("../migrations/postgres/0008_disputes_and_partial_snapshots.sql"),
         ),
     ])
 }
@@ -987,7 +987,7 @@ fn cached_objects(rows: &[PgRow], kind: ObjectKind) -> StoreResult<Vec<CachedObj
 const SNAPSHOT_COLUMNS: &str = "snapshot_date, period_start, mrr_start, mrr, arr, total_revenue, customers_start, \
      total_customers, active_subscriptions, churned_customers, arpu, ltv, customer_churn_rate, \
      revenue_churn_rate, net_revenue_churn_rate, new_mrr, expansion_mrr, contraction_mrr, churned_mrr, \
-     reactivation_mrr, fx_mrr, quick_ratio, nrr, grr";
+     reactivation_mrr, fx_mrr, quick_ratio, nrr, grr, partial";
 
 fn snapshot_row(r: &PgRow) -> StoreResult<SeriesRow> {
     let d = |i: usize| r.try_get::<Decimal, _>(i).map_err(backend);
@@ -1021,7 +1021,7 @@ fn snapshot_row(r: &PgRow) -> StoreResult<SeriesRow> {
         quick_ratio: o(21)?,
         nrr: o(22)?,
         grr: o(23)?,
-        partial: false,
+        partial: r.try_get(24).map_err(backend)?,
     })
 }
 
@@ -1045,7 +1045,7 @@ impl SnapshotStore for PgStore {
             let sql = format!(
                 "INSERT INTO metrics_snapshots (id, stripe_connection_id, created_at, {SNAPSHOT_COLUMNS})
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                         $19, $20, $21, $22, $23, $24, $25, $26, $27)
+                         $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)
                  ON CONFLICT (stripe_connection_id, snapshot_date) DO UPDATE SET
                    period_start = excluded.period_start, mrr_start = excluded.mrr_start, mrr = excluded.mrr,
                    arr = excluded.arr, total_revenue = excluded.total_revenue,
@@ -1058,7 +1058,7 @@ impl SnapshotStore for PgStore {
                    expansion_mrr = excluded.expansion_mrr, contraction_mrr = excluded.contraction_mrr,
                    churned_mrr = excluded.churned_mrr, reactivation_mrr = excluded.reactivation_mrr,
                    fx_mrr = excluded.fx_mrr, quick_ratio = excluded.quick_ratio, nrr = excluded.nrr,
-                   grr = excluded.grr, created_at = excluded.created_at"
+                   grr = excluded.grr, partial = excluded.partial, created_at = excluded.created_at"
             );
             sqlx::query(AssertSqlSafe(sql))
                 .bind(Uuid::new_v4())
@@ -1088,6 +1088,7 @@ impl SnapshotStore for PgStore {
                 .bind(od(r.quick_ratio))
                 .bind(od(r.nrr))
                 .bind(od(r.grr))
+                .bind(r.partial)
                 .execute(&mut *tx)
                 .await
                 .map_err(backend)?;

@@ -465,10 +465,17 @@ impl Runner {
             .as_deref()
             .and_then(|c| Currency::parse(c).ok())
             .unwrap_or(Currency::USD);
-        let report = Engine::new(&account, Rules::default(), currency)
-            .series(&SeriesRequest::new(day, day, Granularity::Day))
-            .map_err(|e| JobError::Metrics(e.to_string()))?;
-        Ok(report.rows)
+        // The day's row is known only up to the last sync: a day it does not reach has no row
+        // yet, and one it reaches only in part is stored as partial.
+        let mut engine = Engine::new(&account, Rules::default(), currency);
+        if let Some(at) = connection.last_synced_at {
+            engine = engine.with_as_of(at);
+        }
+        match engine.series(&SeriesRequest::new(day, day, Granularity::Day)) {
+            Ok(report) => Ok(report.rows),
+            Err(revpilot_core::metrics::Error::AfterAsOf { .. }) => Ok(Vec::new()),
+            Err(e) => Err(JobError::Metrics(e.to_string())),
+        }
     }
 
     async fn close_periods(&self, day: NaiveDate) -> Result<Done, JobError> {

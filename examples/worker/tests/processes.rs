@@ -17,7 +17,7 @@ use revpilot_worker::Queue;
 use secrecy::SecretString;
 use uuid::Uuid;
 
-const CRON: &str = "cron-secret-processes";
+const CRON: &str = "cron-secret-of-the-process-test-0123456789";
 const CONNECTIONS: usize = 20;
 
 mod common;

@@ -316,6 +316,21 @@ async fn try_execute_task_steps_through_the_jobs() {
     let rows = db.store.snapshots(user, c, day, day).await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].date, day);
+    assert!(rows[0].partial, "today is known only up to the sync");
+    let yesterday = day.pred_opt().unwrap();
+    r.try_execute_task(&Job::Snapshot { day: yesterday })
+        .await
+        .unwrap();
+    let rows = db.store.snapshots(user, c, yesterday, yesterday).await.unwrap();
+    assert!(!rows[0].partial, "yesterday ended before the sync");
+    // A day the data does not reach yet has no row.
+    let tomorrow = day.succ_opt().unwrap();
+    assert_eq!(
+        r.try_execute_task(&Job::Snapshot { day: tomorrow })
+            .await
+            .unwrap(),
+        Done::Snapshots(0)
+    );
     // No billing account: the billing jobs say so and do nothing.
     for job in [Job::Inbox, Job::CloseBillingPeriods { day }] {
         assert!(matches!(

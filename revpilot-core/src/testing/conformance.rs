@@ -712,7 +712,9 @@ pub async fn snapshots<S: UserStore + ConnectionStore + SnapshotStore + ?Sized>(
             .expect("read"),
         rows[1..4].to_vec()
     );
-    let replaced = snapshot_row(d(3), Decimal::new(42, 0));
+    // A row taken before its day was over says so, and a later one replaces it.
+    let mut replaced = snapshot_row(d(3), Decimal::new(42, 0));
+    replaced.partial = true;
     store
         .upsert_snapshots(conn, std::slice::from_ref(&replaced))
         .await

@@ -6,3 +6,6 @@ CREATE TABLE disputes_cache (
     data                 TEXT NOT NULL,
     PRIMARY KEY (stripe_connection_id, stripe_id)
 ) STRICT, WITHOUT ROWID;
+
+-- A snapshot taken before its day was over (the data's as-of instant inside it) says so.
+ALTER TABLE metrics_snapshots ADD COLUMN partial INTEGER NOT NULL DEFAULT 0;
