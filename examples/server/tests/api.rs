@@ -395,7 +395,7 @@ async fn metrics_are_the_engines_numbers_on_the_synced_data() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(monthly["rows"].as_array().unwrap().len(), 13);
 
-    // Issue #18: nothing past the data's as-of instant (the sync's time, today here): a range
+    // Nothing past the data's as-of instant (the sync's time, today here): a range
     // reaching past it is cut with the answer saying so, and one wholly after it is refused.
     let synced = body["asOf"].as_str().unwrap().to_owned();
     assert!(synced.starts_with("2024-02-20"), "{synced}");
