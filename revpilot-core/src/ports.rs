@@ -513,6 +513,66 @@ pub trait ObjectCache: Send + Sync {
     ) -> StoreResult<Vec<CachedObject>>;
 }
 
+/// What a stored derivation of a connection's account was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DerivedStamp {
+    /// The generation its rows were written under: rows of other generations are never read.
+    pub generation: Uuid,
+    /// The rebuild's rules version when it was written: another version is rebuilt.
+    pub version: u32,
+    /// The connection's last sync at the time (`None`: never synced).
+    pub synced_at: Option<DateTime<Utc>>,
+    /// The newest instant the cached objects carried.
+    pub as_of: Option<DateTime<Utc>>,
+}
+
+/// One row of a derived account: the compact history of one customer (`key` is its id; `""`
+/// holds what belongs to no customer), as the adapter that derived it serialised it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DerivedRow {
+    /// Customer id.
+    pub key: String,
+    /// The serialised history.
+    pub data: String,
+}
+
+/// A connection's rebuilt account, kept by customer: derived from the object cache so that a
+/// process loads the compact account instead of re-reading every cached Stripe object. A
+/// derivation is written under a new generation and becomes visible only when published, so a
+/// writer killed half-way leaves the previous one readable.
+#[async_trait]
+pub trait DerivedStore: Send + Sync {
+    /// The published derivation's stamp, if any.
+    async fn derived_stamp(&self, connection: ConnectionId) -> StoreResult<Option<DerivedStamp>>;
+
+    /// Writes rows under `generation` (not yet visible); a row written again replaces itself.
+    async fn write_derived(
+        &self,
+        connection: ConnectionId,
+        generation: Uuid,
+        rows: &[DerivedRow],
+    ) -> StoreResult<()>;
+
+    /// Makes `stamp`'s generation the published one, and deletes the rows of every other
+    /// generation, in one transaction.
+    async fn publish_derived(
+        &self,
+        connection: ConnectionId,
+        stamp: &DerivedStamp,
+    ) -> StoreResult<()>;
+
+    /// At most `limit` rows of `generation` of the user's connection whose key sorts after
+    /// `after`, by key; empty for another user's connection.
+    async fn derived_page(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        generation: Uuid,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<DerivedRow>>;
+}
+
 /// Metric snapshots: one series row per connection and day.
 #[async_trait]
 pub trait SnapshotStore: Send + Sync {

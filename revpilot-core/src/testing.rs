@@ -46,6 +46,8 @@ struct State {
     processed: BTreeMap<String, DateTime<Utc>>,
     objects: BTreeMap<(ConnectionId, ObjectKind, String), CachedObject>,
     snapshots: BTreeMap<(ConnectionId, NaiveDate), SeriesRow>,
+    derived: BTreeMap<(ConnectionId, Uuid, String), String>,
+    derived_stamps: BTreeMap<ConnectionId, crate::ports::DerivedStamp>,
     connections: BTreeMap<ConnectionId, StoredConnection>,
     states: HashMap<String, (UserId, DateTime<Utc>)>,
     cursors: BTreeMap<(ConnectionId, String), String>,
@@ -510,6 +512,76 @@ impl ObjectCache for MemoryStore {
             .take_while(|((c, k, _), _)| *c == connection && *k == kind)
             .take(limit)
             .map(|(_, o)| o.clone())
+            .collect())
+    }
+}
+
+#[async_trait]
+impl crate::ports::DerivedStore for MemoryStore {
+    async fn derived_stamp(
+        &self,
+        connection: ConnectionId,
+    ) -> StoreResult<Option<crate::ports::DerivedStamp>> {
+        Ok(self.lock()?.derived_stamps.get(&connection).cloned())
+    }
+
+    async fn write_derived(
+        &self,
+        connection: ConnectionId,
+        generation: Uuid,
+        rows: &[crate::ports::DerivedRow],
+    ) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        if !s.connections.contains_key(&connection) {
+            return Err(StoreError::NotFound("connection"));
+        }
+        for r in rows {
+            s.derived
+                .insert((connection, generation, r.key.clone()), r.data.clone());
+        }
+        Ok(())
+    }
+
+    async fn publish_derived(
+        &self,
+        connection: ConnectionId,
+        stamp: &crate::ports::DerivedStamp,
+    ) -> StoreResult<()> {
+        let mut s = self.lock()?;
+        if !s.connections.contains_key(&connection) {
+            return Err(StoreError::NotFound("connection"));
+        }
+        s.derived
+            .retain(|(c, g, _), _| *c != connection || *g == stamp.generation);
+        s.derived_stamps.insert(connection, stamp.clone());
+        Ok(())
+    }
+
+    async fn derived_page(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        generation: Uuid,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::ports::DerivedRow>> {
+        use std::ops::Bound;
+        let s = self.lock()?;
+        if !s.owns(user, connection) {
+            return Ok(Vec::new());
+        }
+        let from = match after {
+            Some(k) => Bound::Excluded((connection, generation, k.to_owned())),
+            None => Bound::Included((connection, generation, String::new())),
+        };
+        Ok(s.derived
+            .range((from, Bound::Unbounded))
+            .take_while(|((c, g, _), _)| *c == connection && *g == generation)
+            .take(limit)
+            .map(|((_, _, key), data)| crate::ports::DerivedRow {
+                key: key.clone(),
+                data: data.clone(),
+            })
             .collect())
     }
 }

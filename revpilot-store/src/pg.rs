@@ -86,6 +86,11 @@ fn migrator() -> Migrator {
             "disputes cache, partial snapshots",
             include_str!("../migrations/postgres/0008_disputes_and_partial_snapshots.sql"),
         ),
+        m(
+            9,
+            "derived accounts",
+            include_str!("../migrations/postgres/0009_derived_accounts.sql"),
+        ),
     ])
 }
 
@@ -1805,5 +1810,122 @@ impl revpilot_core::ports::LeaseStore for PgStore {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl revpilot_core::ports::DerivedStore for PgStore {
+    async fn derived_stamp(
+        &self,
+        connection: ConnectionId,
+    ) -> StoreResult<Option<revpilot_core::ports::DerivedStamp>> {
+        type Stamp = (Uuid, i32, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+        let row: Option<Stamp> = sqlx::query_as(
+            "SELECT generation, version, synced_at, as_of FROM derived_accounts
+             WHERE stripe_connection_id = $1",
+        )
+        .bind(connection.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        row.map(|(generation, version, synced_at, as_of)| {
+            Ok(revpilot_core::ports::DerivedStamp {
+                generation,
+                version: u32::try_from(version)
+                    .map_err(|_| StoreError::Invalid(format!("derived version {version}")))?,
+                synced_at,
+                as_of,
+            })
+        })
+        .transpose()
+    }
+
+    async fn write_derived(
+        &self,
+        connection: ConnectionId,
+        generation: Uuid,
+        rows: &[revpilot_core::ports::DerivedRow],
+    ) -> StoreResult<()> {
+        let mut tx = self.write_for_connection(connection).await?;
+        for chunk in rows.chunks(BATCH) {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO derived_customers (stripe_connection_id, generation, key, data) ",
+            );
+            qb.push_values(chunk, |mut b, r| {
+                b.push_bind(connection.0)
+                    .push_bind(generation)
+                    .push_bind(&r.key)
+                    .push_bind(&r.data);
+            });
+            qb.push(
+                " ON CONFLICT (stripe_connection_id, generation, key) DO UPDATE SET data = excluded.data",
+            );
+            qb.build().execute(&mut *tx).await.map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn publish_derived(
+        &self,
+        connection: ConnectionId,
+        stamp: &revpilot_core::ports::DerivedStamp,
+    ) -> StoreResult<()> {
+        let version = i32::try_from(stamp.version)
+            .map_err(|_| StoreError::Invalid(format!("derived version {}", stamp.version)))?;
+        let mut tx = self.write_for_connection(connection).await?;
+        sqlx::query(
+            "INSERT INTO derived_accounts
+               (stripe_connection_id, generation, version, synced_at, as_of, published_at)
+             VALUES ($1, $2, $3, $4, $5, now())
+             ON CONFLICT (stripe_connection_id) DO UPDATE SET generation = excluded.generation,
+               version = excluded.version, synced_at = excluded.synced_at, as_of = excluded.as_of,
+               published_at = excluded.published_at",
+        )
+        .bind(connection.0)
+        .bind(stamp.generation)
+        .bind(version)
+        .bind(stamp.synced_at)
+        .bind(stamp.as_of)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        sqlx::query(
+            "DELETE FROM derived_customers WHERE stripe_connection_id = $1 AND generation <> $2",
+        )
+        .bind(connection.0)
+        .bind(stamp.generation)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn derived_page(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        generation: Uuid,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<revpilot_core::ports::DerivedRow>> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT d.key, d.data FROM derived_customers d
+             JOIN stripe_connections c ON c.id = d.stripe_connection_id
+             WHERE d.stripe_connection_id = $1 AND c.user_id = $2 AND d.generation = $3
+               AND ($4::text IS NULL OR d.key > $4)
+             ORDER BY d.key LIMIT $5",
+        )
+        .bind(connection.0)
+        .bind(user.0)
+        .bind(generation)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, data)| revpilot_core::ports::DerivedRow { key, data })
+            .collect())
     }
 }

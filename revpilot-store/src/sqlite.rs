@@ -87,6 +87,11 @@ fn migrator() -> Migrator {
             "disputes cache, partial snapshots",
             include_str!("../migrations/sqlite/0008_disputes_and_partial_snapshots.sql"),
         ),
+        m(
+            9,
+            "derived accounts",
+            include_str!("../migrations/sqlite/0009_derived_accounts.sql"),
+        ),
     ])
 }
 
@@ -1803,5 +1808,124 @@ impl revpilot_core::ports::LeaseStore for SqliteStore {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl revpilot_core::ports::DerivedStore for SqliteStore {
+    async fn derived_stamp(
+        &self,
+        connection: ConnectionId,
+    ) -> StoreResult<Option<revpilot_core::ports::DerivedStamp>> {
+        let row: Option<(String, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT generation, version, synced_at, as_of FROM derived_accounts
+             WHERE stripe_connection_id = $1",
+        )
+        .bind(connection.0.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        row.map(|(generation, version, synced_at, as_of)| {
+            Ok(revpilot_core::ports::DerivedStamp {
+                generation: uuid(&generation)?,
+                version: u32::try_from(version)
+                    .map_err(|_| StoreError::Invalid(format!("derived version {version}")))?,
+                synced_at: opt_instant(synced_at)?,
+                as_of: opt_instant(as_of)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn write_derived(
+        &self,
+        connection: ConnectionId,
+        generation: Uuid,
+        rows: &[revpilot_core::ports::DerivedRow],
+    ) -> StoreResult<()> {
+        let (conn, generation) = (connection.0.to_string(), generation.to_string());
+        let mut tx = self.write_for_connection(connection).await?;
+        for chunk in rows.chunks(BATCH) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO derived_customers (stripe_connection_id, generation, key, data) ",
+            );
+            qb.push_values(chunk, |mut b, r| {
+                b.push_bind(&conn)
+                    .push_bind(&generation)
+                    .push_bind(&r.key)
+                    .push_bind(&r.data);
+            });
+            qb.push(
+                " ON CONFLICT (stripe_connection_id, generation, key) DO UPDATE SET data = excluded.data",
+            );
+            qb.build().execute(&mut *tx).await.map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn publish_derived(
+        &self,
+        connection: ConnectionId,
+        stamp: &revpilot_core::ports::DerivedStamp,
+    ) -> StoreResult<()> {
+        let (conn, generation) = (connection.0.to_string(), stamp.generation.to_string());
+        let mut tx = self.write_for_connection(connection).await?;
+        sqlx::query(
+            "INSERT INTO derived_accounts
+               (stripe_connection_id, generation, version, synced_at, as_of, published_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (stripe_connection_id) DO UPDATE SET generation = excluded.generation,
+               version = excluded.version, synced_at = excluded.synced_at, as_of = excluded.as_of,
+               published_at = excluded.published_at",
+        )
+        .bind(&conn)
+        .bind(&generation)
+        .bind(i64::from(stamp.version))
+        .bind(stamp.synced_at.map(micros))
+        .bind(stamp.as_of.map(micros))
+        .bind(micros(Utc::now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        sqlx::query(
+            "DELETE FROM derived_customers WHERE stripe_connection_id = $1 AND generation <> $2",
+        )
+        .bind(&conn)
+        .bind(&generation)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn derived_page(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        generation: Uuid,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<revpilot_core::ports::DerivedRow>> {
+        // Keyset pages on the primary key; an empty key sorts first, so the first page starts
+        // below it.
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT d.key, d.data FROM derived_customers d
+             JOIN stripe_connections c ON c.id = d.stripe_connection_id
+             WHERE d.stripe_connection_id = $1 AND c.user_id = $2 AND d.generation = $3
+               AND ($4 IS NULL OR d.key > $4)
+             ORDER BY d.key LIMIT $5",
+        )
+        .bind(connection.0.to_string())
+        .bind(user.0.to_string())
+        .bind(generation.to_string())
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, data)| revpilot_core::ports::DerivedRow { key, data })
+            .collect())
     }
 }

@@ -1191,6 +1191,7 @@ fn dispute_moves(
     out
 }
 
+pub mod derived;
 pub mod stream;
 
 #[cfg(test)]

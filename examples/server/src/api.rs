@@ -16,7 +16,8 @@ use revpilot_core::metrics::{Granularity, SeriesRequest};
 use revpilot_core::ports::{Connection, Tier, UserId};
 use revpilot_core::{Anomaly, Currency};
 use revpilot_stripe::billing::{CheckoutError, CheckoutSession, create_checkout};
-use revpilot_stripe::rebuild::stream::{CACHE_PAGE, CachedRebuildError, rebuild_cached};
+use revpilot_stripe::rebuild::derived::load_account;
+use revpilot_stripe::rebuild::stream::CachedRebuildError;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
@@ -87,7 +88,8 @@ pub(crate) async fn owned(
 }
 
 /// The connection's account: this process's copy when it was built at the connection's last
-/// sync, else rebuilt from what the sync cached (see [`crate::accounts`]).
+/// sync, else the store's derivation at that sync, else rebuilt from what the sync cached (see
+/// [`crate::accounts`] and `revpilot_stripe::rebuild::derived`).
 pub(crate) async fn account(
     state: &AppState,
     user: UserId,
@@ -108,7 +110,7 @@ pub(crate) async fn account(
     {
         return Ok(loaded);
     }
-    let rebuilt = rebuild_cached(state.store.as_ref(), user, connection.id, CACHE_PAGE)
+    let rebuilt = load_account(state.store.as_ref(), user, connection)
         .await
         .map_err(|e| {
             tracing::error!(connection = %connection.id, error = %e, "cached account unreadable");

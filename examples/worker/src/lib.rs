@@ -31,7 +31,7 @@ use revpilot_core::ports::{
 use revpilot_core::{Account, Currency, Rules};
 use revpilot_stripe::billing::{Processor, invoice_overage, overage_key};
 use revpilot_stripe::client::{Client, ClientConfig};
-use revpilot_stripe::rebuild::stream::{CACHE_PAGE, rebuild_cached};
+use revpilot_stripe::rebuild::derived::{derive_account, load_account};
 use revpilot_stripe::sync::{SyncJob, SyncPorts, Syncer};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,7 @@ pub trait Store:
     + BillingStore
     + ConnectionStore
     + ObjectCache
+    + revpilot_core::ports::DerivedStore
     + SyncStateStore
     + SnapshotStore
     + InsightStore
@@ -67,6 +68,7 @@ impl<T> Store for T where
         + BillingStore
         + ConnectionStore
         + ObjectCache
+        + revpilot_core::ports::DerivedStore
         + SyncStateStore
         + SnapshotStore
         + InsightStore
@@ -397,6 +399,23 @@ impl Runner {
                 outcome.error.unwrap_or_else(|| "the sync failed".into()),
             ));
         }
+        if status == revpilot_core::ports::SyncStatus::Succeeded
+            && let Some(c) = self.store.connection(user, connection).await?
+        {
+            // Derived now, while the lease keeps other syncs out, so that the next request
+            // reads the compact account instead of rebuilding it from every cached object. A
+            // failure here costs only that: the next load rebuilds.
+            let derived = match &self.accounts {
+                Some(accounts) => accounts.account(&c).await.map(drop),
+                None => derive_account(self.store.as_ref(), user, &c)
+                    .await
+                    .map(drop)
+                    .map_err(|e| JobError::Metrics(e.to_string())),
+            };
+            if let Err(e) = derived {
+                tracing::warn!(%connection, error = %e, "the synced account was not derived");
+            }
+        }
         Ok(Done::Synced(status.as_str().to_owned()))
     }
 
@@ -449,15 +468,10 @@ impl Runner {
         let account = match &self.accounts {
             Some(accounts) => accounts.account(connection).await?,
             None => Arc::new(
-                rebuild_cached(
-                    self.store.as_ref(),
-                    connection.user,
-                    connection.id,
-                    CACHE_PAGE,
-                )
-                .await
-                .map_err(|e| JobError::Metrics(e.to_string()))?
-                .account,
+                load_account(self.store.as_ref(), connection.user, connection)
+                    .await
+                    .map_err(|e| JobError::Metrics(e.to_string()))?
+                    .account,
             ),
         };
         let currency = connection

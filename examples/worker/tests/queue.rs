@@ -301,6 +301,19 @@ async fn try_execute_task_steps_through_the_jobs() {
         r.try_execute_task(&sync).await.unwrap(),
         Done::Synced("succeeded".into())
     );
+    // The synced account was derived at the sync's time: the next load reads it.
+    let synced = db.store.connection(user, c).await.unwrap().unwrap();
+    let stamp = revpilot_core::ports::DerivedStore::derived_stamp(db.store.as_ref(), c)
+        .await
+        .unwrap()
+        .expect("derived after the sync");
+    assert_eq!(stamp.synced_at, synced.last_synced_at);
+    assert!(
+        revpilot_stripe::rebuild::derived::load_account(db.store.as_ref(), user, &synced)
+            .await
+            .unwrap()
+            .derived
+    );
     // The lease was given back: another holder takes it at once.
     assert!(
         db.store

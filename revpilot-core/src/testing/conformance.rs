@@ -690,6 +690,81 @@ pub fn snapshot_row(date: NaiveDate, mrr: Decimal) -> SeriesRow {
     }
 }
 
+/// Derived accounts: rows of a generation are invisible until it is published, a publish drops
+/// every other generation, pages follow the key, isolated by owner.
+pub async fn derived<S: UserStore + ConnectionStore + crate::ports::DerivedStore + ?Sized>(
+    store: &S,
+) {
+    use crate::ports::{DerivedRow, DerivedStamp};
+    let owner = new_user(store, "derived@example.com").await;
+    let stranger = new_user(store, "derived-stranger@example.com").await;
+    let conn = new_connection(store, owner, "acct_derived").await;
+    let row = |k: &str, d: &str| DerivedRow {
+        key: k.to_owned(),
+        data: d.to_owned(),
+    };
+    assert_eq!(store.derived_stamp(conn).await.expect("stamp"), None);
+    let first = Uuid::new_v4();
+    let rows = vec![row("", "{}"), row("cus_a", "a1"), row("cus_b", "b1"), row("cus_c", "c1")];
+    store
+        .write_derived(conn, first, &rows)
+        .await
+        .expect("write");
+    let stamp = DerivedStamp {
+        generation: first,
+        version: 3,
+        synced_at: Some(Utc.with_ymd_and_hms(2024, 3, 1, 12, 0, 0).unwrap()),
+        as_of: Some(Utc.with_ymd_and_hms(2024, 3, 1, 11, 59, 58).unwrap()),
+    };
+    store.publish_derived(conn, &stamp).await.expect("publish");
+    assert_eq!(
+        store.derived_stamp(conn).await.expect("stamp"),
+        Some(stamp.clone())
+    );
+    let page = |after: Option<&'static str>, limit| {
+        store.derived_page(owner, conn, first, after, limit)
+    };
+    assert_eq!(page(None, 2).await.expect("page"), rows[..2].to_vec());
+    assert_eq!(page(Some("cus_a"), 10).await.expect("page"), rows[2..].to_vec());
+    assert!(
+        store
+            .derived_page(stranger, conn, first, None, 10)
+            .await
+            .expect("page")
+            .is_empty()
+    );
+    // A second generation, written half-way: the first stays published and readable.
+    let second = Uuid::new_v4();
+    store
+        .write_derived(conn, second, &[row("cus_a", "a2")])
+        .await
+        .expect("write");
+    assert_eq!(
+        store.derived_stamp(conn).await.expect("stamp"),
+        Some(stamp.clone())
+    );
+    assert_eq!(page(None, 10).await.expect("page"), rows);
+    // Written again, a row replaces itself; published, the old generation is gone.
+    store
+        .write_derived(conn, second, &[row("cus_a", "a3"), row("cus_d", "d3")])
+        .await
+        .expect("write");
+    let next = DerivedStamp {
+        generation: second,
+        ..stamp
+    };
+    store.publish_derived(conn, &next).await.expect("publish");
+    assert_eq!(store.derived_stamp(conn).await.expect("stamp"), Some(next));
+    assert!(page(None, 10).await.expect("page").is_empty());
+    assert_eq!(
+        store
+            .derived_page(owner, conn, second, None, 10)
+            .await
+            .expect("page"),
+        vec![row("cus_a", "a3"), row("cus_d", "d3")]
+    );
+}
+
 /// Snapshots upsert by (connection, date), read back exactly, isolated by owner.
 pub async fn snapshots<S: UserStore + ConnectionStore + SnapshotStore + ?Sized>(store: &S) {
     let owner = new_user(store, "snap@example.com").await;
@@ -1457,7 +1532,8 @@ where
         + BillingStore
         + crate::ports::InsightStore
         + crate::ports::CredentialStore
-        + crate::ports::LeaseStore,
+        + crate::ports::LeaseStore
+        + crate::ports::DerivedStore,
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = S>,
 {
@@ -1469,6 +1545,7 @@ where
     webhook_inbox(&fresh().await).await;
     object_cache(&fresh().await).await;
     snapshots(&fresh().await).await;
+    derived(&fresh().await).await;
     connections(&fresh().await).await;
     oauth_states(&fresh().await).await;
     sync_state(&fresh().await).await;
