@@ -7,9 +7,11 @@
 //!    every object in the connection's cache (read from the file one batch at a time).
 //! 2. Starts `target/release/revpilot-server` on that store; its scheduler queues the daily
 //!    snapshot, which needs the same account as the first request.
-//! 3. Times the first `/api/metrics`, a second one (served from the server's copy), and one after
-//!    a sync is recorded (the account is built again); reads the server's peak RSS (`VmHWM`) and
-//!    its RSS after each.
+//! 3. Times the first `/api/metrics` (nothing derived yet: rebuilt from the cache, then derived),
+//!    a second one (served from the server's copy), one after a sync is recorded (rebuilt and
+//!    derived again), and the first of a new server process (read from the derivation, as every
+//!    load after a sync is: the worker derives the account when its sync ends); reads the
+//!    server's peak RSS (`VmHWM`) and its RSS after each.
 //!
 //! `cargo build --release -p revpilot-server && cargo run --release -p revpilot-benches --bin account_load [-- CUSTOMERS]`
 //! (default 100,000). Targets: the first answer within 10 s, the server's peak RSS at most 2 GiB.
@@ -179,25 +181,15 @@ fn gib(b: u64) -> f64 {
     b as f64 / f64::from(1u32 << 30)
 }
 
-#[tokio::main]
-async fn main() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let customers: usize = std::env::args()
-        .nth(1)
-        .map_or(100_000, |c| c.parse().unwrap());
-    let (db, user, conn) = seed(customers).await;
-    let binary = root().join("target/release/revpilot-server");
-    assert!(
-        binary.exists(),
-        "build it first: cargo build --release -p revpilot-server"
-    );
+/// Starts the server on the store at `db`, and waits until it answers.
+async fn start(binary: &Path, db: &Path) -> (Server, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let server = Server(
-        Command::new(&binary)
+        Command::new(binary)
             .env("DATABASE_URL", format!("sqlite://{}", db.display()))
             .env("REVPILOT_BIND", format!("127.0.0.1:{port}"))
             .env("REVPILOT_ENCRYPTION_KEY", KEYS)
@@ -207,24 +199,51 @@ async fn main() {
             .spawn()
             .unwrap(),
     );
-    let pid = server.0.id();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     while client.get(format!("{base}/healthz")).send().await.is_err() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (server, base)
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let customers: usize = std::env::args()
+        .nth(1)
+        .map_or(100_000, |c| c.parse().unwrap());
+    let (db, user, conn) = seed(customers).await;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let binary = target.join("release/revpilot-server");
+    assert!(
+        binary.exists(),
+        "build it first: cargo build --release -p revpilot-server"
+    );
+    let (server, base) = start(&binary, &db).await;
+    let pid = server.0.id();
+    let client = reqwest::Client::new();
     let (_, idle) = memory(pid);
     let token = Jwt::new(SecretString::from(JWT_SECRET), None)
         .unwrap()
         .issue(user, None, Utc::now().timestamp() + 3_600)
         .unwrap();
-    let url = format!(
-        "{base}/api/metrics?connectionId={}&from=2023-01-01&to=2024-12-31&granularity=month",
-        conn.0
-    );
-    let get = || async {
+    let url = |base: &str| {
+        format!(
+            "{base}/api/metrics?connectionId={}&from=2023-01-01&to=2024-12-31&granularity=month",
+            conn.0
+        )
+    };
+    let (client, token, url) = (&client, &token, &url);
+    let get = |base: String| async move {
         let started = Instant::now();
-        let r = client.get(&url).bearer_auth(&token).send().await.unwrap();
+        let r = client
+            .get(url(&base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "{}", r.status());
         let body: serde_json::Value = r.json().await.unwrap();
         let rows = body["rows"].as_array().map_or(0, Vec::len);
@@ -234,14 +253,14 @@ async fn main() {
         "{customers} customers over {MONTHS} months; server RSS when ready {:.2} GiB",
         gib(idle)
     );
-    let (first, rows) = get().await;
+    let (first, rows) = get(base.clone()).await;
     let (peak, rss) = memory(pid);
     println!(
         "first /api/metrics:  {first:6.2} s ({rows} rows)   server peak RSS {:.2} GiB, RSS after {:.2} GiB",
         gib(peak),
         gib(rss)
     );
-    let (second, _) = get().await;
+    let (second, _) = get(base.clone()).await;
     println!("second /api/metrics: {second:6.3} s");
 
     // A sync recorded: the next request builds the account again.
@@ -250,10 +269,22 @@ async fn main() {
         .unwrap();
     store.set_last_synced(conn, Utc::now()).await.unwrap();
     tokio::time::sleep(revpilot_server::accounts::ROW_TTL + Duration::from_millis(50)).await;
-    let (after_sync, _) = get().await;
+    let (after_sync, _) = get(base.clone()).await;
     let (peak, rss) = memory(pid);
     println!(
         "after a sync:        {after_sync:6.2} s   server peak RSS {:.2} GiB, RSS after {:.2} GiB",
+        gib(peak),
+        gib(rss)
+    );
+    drop(server);
+
+    // A new server process on the same store: the account derived at that sync is read back.
+    let (server, base) = start(&binary, &db).await;
+    let pid = server.0.id();
+    let (derived, rows) = get(base.clone()).await;
+    let (peak, rss) = memory(pid);
+    println!(
+        "new server, derived: {derived:6.2} s ({rows} rows)   server peak RSS {:.2} GiB, RSS after {:.2} GiB",
         gib(peak),
         gib(rss)
     );

@@ -430,8 +430,7 @@ fn metrics_stop_at_the_data_as_of_instant() {
     // An export that says when it was made is known up to then, past its newest object.
     let dir = tempfile::tempdir().unwrap();
     let stamped = dir.path().join("stamped.json");
-    let mut export: Value =
-        serde_json::from_slice(&std::fs::read(sample()).unwrap()).unwrap();
+    let mut export: Value = serde_json::from_slice(&std::fs::read(sample()).unwrap()).unwrap();
     let made = newest + chrono::Duration::days(20);
     export["exported_at"] = made.timestamp().into();
     std::fs::write(&stamped, serde_json::to_vec(&export).unwrap()).unwrap();

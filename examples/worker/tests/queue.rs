@@ -334,7 +334,11 @@ async fn try_execute_task_steps_through_the_jobs() {
     r.try_execute_task(&Job::Snapshot { day: yesterday })
         .await
         .unwrap();
-    let rows = db.store.snapshots(user, c, yesterday, yesterday).await.unwrap();
+    let rows = db
+        .store
+        .snapshots(user, c, yesterday, yesterday)
+        .await
+        .unwrap();
     assert!(!rows[0].partial, "yesterday ended before the sync");
     // A day the data does not reach yet has no row.
     let tomorrow = day.succ_opt().unwrap();

@@ -705,7 +705,12 @@ pub async fn derived<S: UserStore + ConnectionStore + crate::ports::DerivedStore
     };
     assert_eq!(store.derived_stamp(conn).await.expect("stamp"), None);
     let first = Uuid::new_v4();
-    let rows = vec![row("", "{}"), row("cus_a", "a1"), row("cus_b", "b1"), row("cus_c", "c1")];
+    let rows = vec![
+        row("", "{}"),
+        row("cus_a", "a1"),
+        row("cus_b", "b1"),
+        row("cus_c", "c1"),
+    ];
     store
         .write_derived(conn, first, &rows)
         .await
@@ -721,11 +726,13 @@ pub async fn derived<S: UserStore + ConnectionStore + crate::ports::DerivedStore
         store.derived_stamp(conn).await.expect("stamp"),
         Some(stamp.clone())
     );
-    let page = |after: Option<&'static str>, limit| {
-        store.derived_page(owner, conn, first, after, limit)
-    };
+    let page =
+        |after: Option<&'static str>, limit| store.derived_page(owner, conn, first, after, limit);
     assert_eq!(page(None, 2).await.expect("page"), rows[..2].to_vec());
-    assert_eq!(page(Some("cus_a"), 10).await.expect("page"), rows[2..].to_vec());
+    assert_eq!(
+        page(Some("cus_a"), 10).await.expect("page"),
+        rows[2..].to_vec()
+    );
     assert!(
         store
             .derived_page(stranger, conn, first, None, 10)

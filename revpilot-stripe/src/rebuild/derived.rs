@@ -218,16 +218,15 @@ async fn read<S: DerivedStore + ?Sized>(
     let mut parsing: VecDeque<tokio::task::JoinHandle<Parsed>> = VecDeque::new();
     let mut shares: Vec<OwnedShare> = Vec::new();
     let mut after: Option<String> = None;
-    let collect = |done: Result<Parsed, tokio::task::JoinError>, shares: &mut Vec<OwnedShare>| {
-        match done {
+    let collect =
+        |done: Result<Parsed, tokio::task::JoinError>, shares: &mut Vec<OwnedShare>| match done {
             Ok(Some(page)) => {
                 shares.extend(page);
                 true
             }
             Ok(None) => false,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
-    };
+        };
     loop {
         let rows = store
             .derived_page(

@@ -635,8 +635,10 @@ async fn disputes_are_synced_and_a_lost_one_takes_its_cash_back() {
     );
     fake.push(
         "/v1/events",
-        vec![json!({"id": "evt_dp", "type": "charge.dispute.closed", "created": later,
-                    "data": {"object": lost}})],
+        vec![
+            json!({"id": "evt_dp", "type": "charge.dispute.closed", "created": later,
+                    "data": {"object": lost}}),
+        ],
     );
     let (status, outcome) = syncer.run(&job(&e, None), &quiet()).await.unwrap();
     assert_eq!(status, SyncStatus::Succeeded, "{outcome:?}");

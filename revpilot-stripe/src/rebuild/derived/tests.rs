@@ -87,7 +87,13 @@ async fn a_sync_or_another_rebuild_makes_it_stale() {
     // A later sync changed a customer: the next load rebuilds and sees it.
     let later = Utc::now() + TimeDelta::seconds(5);
     let mut customer = store
-        .objects_page(user, conn, revpilot_core::ports::ObjectKind::Customer, None, 1)
+        .objects_page(
+            user,
+            conn,
+            revpilot_core::ports::ObjectKind::Customer,
+            None,
+            1,
+        )
         .await
         .unwrap()
         .remove(0);
@@ -95,7 +101,10 @@ async fn a_sync_or_another_rebuild_makes_it_stale() {
     value["address"] = serde_json::json!({"country": "NZ"});
     customer.data = value.to_string();
     customer.version = later;
-    store.upsert_objects(conn, &[customer.clone()]).await.unwrap();
+    store
+        .upsert_objects(conn, &[customer.clone()])
+        .await
+        .unwrap();
     store.set_last_synced(conn, later).await.unwrap();
     let c = connection(&store, user, conn).await;
     let after = load_account(&store, user, &c).await.expect("loaded");
