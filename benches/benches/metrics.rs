@@ -1,6 +1,6 @@
 //! Run with: `cargo bench -p revpilot-benches --bench metrics`
 //!
-//! The issue #2 target: the daily series over 730 days for an account of 1,000,000 customers
+//! The engine's target: the daily series over 730 days for an account of 1,000,000 customers
 //! (about 10 million timeline entries), against a baseline measured in the same run (one pass
 //! reading every timeline entry). Sizes 250k and 1M show the cost grows with entries, and 730 vs
 //! 3,650 days show it barely grows with days.

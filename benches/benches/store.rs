@@ -1,6 +1,6 @@
 //! Run with: `cargo bench -p revpilot-benches --bench store`
 //!
-//! The issue #3 targets: bulk upsert of 100,000 cached subscriptions at >= 20,000 rows/s on SQLite
+//! The store's targets: bulk upsert of 100,000 cached subscriptions at >= 20,000 rows/s on SQLite
 //! and PostgreSQL, and a usage limit check-and-record under 1 ms median on SQLite. Each is
 //! measured against a baseline in the same run: one `SELECT 1` round trip on the same pool.
 //! PostgreSQL is measured when `REVPILOT_TEST_POSTGRES_URL` is set.

@@ -13,6 +13,11 @@
 //!
 //! Timeouts, connection errors, 429 and 5xx are retried with jittered exponential backoff, a
 //! bounded number of times; other statuses are not.
+//!
+//! # Features
+//!
+//! None: everything is always built.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::time::Duration;
 

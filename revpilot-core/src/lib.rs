@@ -1,6 +1,6 @@
 //! RevPilot's pure domain logic: a Stripe-agnostic account model, an exact revenue-metrics engine
-//! with switchable vendor rule profiles, and (in later issues) tiers, usage, billing math and the
-//! ports adapters implement.
+//! with switchable vendor rule profiles, tiers, usage, billing math, insights and scenarios, and
+//! the ports adapters implement.
 //!
 //! This crate does no I/O: no async runtime, no HTTP, no SQL. Everything here is a plain function
 //! over data, so any number it produces can be reproduced from its inputs.
@@ -24,6 +24,14 @@
 //! let report = engine.series(&SeriesRequest::new(day, day, Granularity::Month)).unwrap();
 //! assert_eq!(Currency::USD.round(report.rows[0].mrr).to_string(), "58.00"); // 2 x $29
 //! ```
+//!
+//! # Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `synth` | a deterministic synthetic-account generator ([`synth`]) shared by tests, benches and the demo |
+//! | `testing` | in-memory implementations of every storage port ([`testing::MemoryStore`]) and the conformance suite adapters run |
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod anomaly;
 pub mod billing;
@@ -36,8 +44,10 @@ pub mod params;
 pub mod ports;
 pub mod rules;
 #[cfg(feature = "synth")]
+#[cfg_attr(docsrs, doc(cfg(feature = "synth")))]
 pub mod synth;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 pub use anomaly::Anomaly;

@@ -1010,3 +1010,49 @@ pub trait LeaseStore: Send + Sync {
     /// Gives the lease up if `holder` holds it (another holder's lease is left alone).
     async fn release_lease(&self, key: &str, holder: &str) -> StoreResult<()>;
 }
+
+/// Every storage port, as one object: `Arc<dyn Store>` holds any store that implements them
+/// all (`revpilot_store`'s SQLite or PostgreSQL store, the `testing` feature's `MemoryStore`), which
+/// is what a server or a worker passes around.
+pub trait Store:
+    UserStore
+    + UsageStore
+    + WebhookInbox
+    + BillingStore
+    + ConnectionStore
+    + ObjectCache
+    + DerivedStore
+    + SyncStateStore
+    + SnapshotStore
+    + InsightStore
+    + CredentialStore
+    + OAuthStateStore
+    + LeaseStore
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Store for T where
+    T: UserStore
+        + UsageStore
+        + WebhookInbox
+        + BillingStore
+        + ConnectionStore
+        + ObjectCache
+        + DerivedStore
+        + SyncStateStore
+        + SnapshotStore
+        + InsightStore
+        + CredentialStore
+        + OAuthStateStore
+        + LeaseStore
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The clock use cases read (injectable for tests).
+pub type Clock = std::sync::Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;

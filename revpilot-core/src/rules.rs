@@ -31,7 +31,7 @@ pub enum ChurnTiming {
 #[serde(rename_all = "snake_case")]
 pub enum ChurnRateRule {
     /// Customers paying at the start of the period with at least one churn movement in it, each
-    /// once (issue #8's rule).
+    /// once.
     PayingAtStart,
     /// Customers with a churn movement in the period and no new or reactivation movement in it:
     /// anyone who (re)started inside the period is ignored, even if they were also paying at its

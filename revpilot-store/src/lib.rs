@@ -15,6 +15,14 @@
 //! an older cached object never overwrites a newer one, and an unchanged one is not rewritten;
 //! every read of a connection's data takes its owner; money is stored exactly (decimal text);
 //! Stripe tokens are stored only encrypted, bound to their connection and user.
+//!
+//! # Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `sqlite` | (default) [`SqliteStore`]: sqlx with bundled SQLite, nothing to install |
+//! | `postgres` | [`PgStore`]: PostgreSQL, for many servers and workers on one database |
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod crypto;
 #[cfg(feature = "postgres")]
@@ -24,8 +32,10 @@ mod sqlite;
 
 pub use crypto::{KeyError, KeyRing, Sealed};
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use pg::PgStore;
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;
 
 /// Why a store cannot be opened.

@@ -15,7 +15,8 @@
 mod checkout;
 
 pub use checkout::{
-    CheckoutError, CheckoutSession, OverageInvoiced, create_checkout, invoice_overage, overage_key,
+    CheckoutError, CheckoutSession, OverageInvoiced, ReturnUrls, create_checkout, invoice_overage,
+    overage_key,
 };
 
 use std::sync::Arc;

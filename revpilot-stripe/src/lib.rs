@@ -1,5 +1,5 @@
 //! Stripe adapter for RevPilot: tolerant object types, the export file, the history rebuild,
-//! Connect OAuth and a complete, resumable sync (issue #4), billing webhooks (issue #5).
+//! Connect OAuth and a complete, resumable sync, billing webhooks.
 //!
 //! - [`objects`]: RevPilot's own tolerant types for the Stripe objects it reads, which accept
 //!   today's API shapes and the older ones.
@@ -7,7 +7,14 @@
 //! - [`rebuild`]: Stripe objects -> the core's account timeline (pure).
 //! - [`client`], [`connect`], [`sync`]: HTTP with Stripe's retry rules, Connect OAuth, the sync.
 //! - [`webhook`]: `Stripe-Signature` verification (any `v1`, any secret, constant time).
-
+//!
+//! # Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `fake` | a Stripe-shaped fake server ([`fake`], wiremock) for tests and benchmarks |
+//! | `synth` | a deterministic Stripe-shaped export generator ([`synth`]) for tests, benchmarks and sample data |
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![recursion_limit = "256"]
 
 pub mod billing;
@@ -15,10 +22,12 @@ pub mod client;
 pub mod connect;
 pub mod export;
 #[cfg(feature = "fake")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fake")))]
 pub mod fake;
 pub mod objects;
 pub mod rebuild;
 pub mod sync;
 #[cfg(feature = "synth")]
+#[cfg_attr(docsrs, doc(cfg(feature = "synth")))]
 pub mod synth;
 pub mod webhook;

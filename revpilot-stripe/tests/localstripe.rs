@@ -266,7 +266,10 @@ async fn localstripe_takes_the_checkout_customer_and_the_overage_items_once() {
         .unwrap();
 
     // The customer is created (with the user's email and id); the session endpoint is missing.
-    let app = url::Url::parse("http://127.0.0.1:3000").unwrap();
+    let app = revpilot_stripe::billing::ReturnUrls {
+        success: url::Url::parse("http://127.0.0.1:3000/dashboard?upgraded=true").unwrap(),
+        cancel: url::Url::parse("http://127.0.0.1:3000/pricing").unwrap(),
+    };
     let err = create_checkout(&c, &store, &catalog, user, Tier::Professional, &app, now)
         .await
         .unwrap_err();

@@ -1,6 +1,6 @@
 //! Run with: `cargo run --release -p revpilot-benches --bin series_1m [-- CUSTOMERS]`
 //!
-//! One end-to-end run of the issue #2 target: the daily series over 730 days for a synthetic
+//! One end-to-end run of the engine's target: the daily series over 730 days for a synthetic
 //! account of 1,000,000 customers, with wall times and the process's peak memory. Criterion
 //! (`cargo bench -p revpilot-benches`) measures the same at smaller sizes with statistics.
 

@@ -369,10 +369,9 @@ const CLI_USER: UserId = UserId(uuid::Uuid::from_u128(
 ));
 
 fn sync(api_key: String, api_base: &str, db: &str, rate: u32) -> Result<()> {
-    let keys = match std::env::var("REVPILOT_KEYS") {
-        Ok(spec) => {
-            KeyRing::parse(&spec).map_err(|e| Failure::Input(format!("REVPILOT_KEYS: {e}")))?
-        }
+    let keys = match std::env::var("REVPILOT_ENCRYPTION_KEY") {
+        Ok(spec) => KeyRing::parse(&spec)
+            .map_err(|e| Failure::Input(format!("REVPILOT_ENCRYPTION_KEY: {e}")))?,
         // The key is only needed by the CLI to store the token it is given on every run.
         Err(_) => {
             let mut key = [0u8; 32];

@@ -79,7 +79,7 @@ fn metrics_json_has_the_documented_shape_and_adds_up() {
         "{total} vs {last}"
     );
     // The sample's plan changes take effect at renewals without proration: each is dated by the
-    // invoice that first bills it, and said (issue #18); nothing else is odd.
+    // invoice that first bills it, and said; nothing else is odd.
     let anomalies = doc["anomalies"].as_array().unwrap();
     assert!(
         anomalies
@@ -368,7 +368,7 @@ fn sync_into_a_sqlite_file_then_incrementally() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
 
-/// Issue #18: no row past the data's as-of instant (the export's newest object, or `--as-of`);
+/// No row past the data's as-of instant (the export's newest object, or `--as-of`);
 /// the cut is said, the last row is flagged partial, and a range wholly after it is refused.
 #[test]
 fn metrics_stop_at_the_data_as_of_instant() {

@@ -15,7 +15,7 @@ use revpilot_core::insights::scenario::{RunError, Scenario, run_metered};
 use revpilot_core::metrics::{Granularity, SeriesRequest};
 use revpilot_core::ports::{Connection, Tier, UserId};
 use revpilot_core::{Anomaly, Currency};
-use revpilot_stripe::billing::{CheckoutError, CheckoutSession, create_checkout};
+use revpilot_stripe::billing::{CheckoutError, CheckoutSession, ReturnUrls, create_checkout};
 use revpilot_stripe::rebuild::derived::load_account;
 use revpilot_stripe::rebuild::stream::CachedRebuildError;
 use rust_decimal::Decimal;
@@ -473,7 +473,10 @@ pub(crate) async fn checkout_session(
         &state.catalog,
         user,
         tier,
-        &state.app_url,
+        &ReturnUrls {
+            success: app_page(&state.app_url, "/dashboard?upgraded=true"),
+            cancel: app_page(&state.app_url, "/pricing"),
+        },
         (state.clock)(),
     )
     .await
@@ -514,4 +517,9 @@ pub(crate) async fn checkout(
         Ok(session) => Json(json!({ "id": session.id, "url": session.url })).into_response(),
         Err(r) => r,
     }
+}
+
+/// A page of this app at `path` (a query allowed).
+fn app_page(app_url: &url::Url, path: &str) -> url::Url {
+    app_url.join(path).unwrap_or_else(|_| app_url.clone())
 }

@@ -1,12 +1,10 @@
 //! The RevPilot example server, as a library: [`app`] builds the router over an [`AppState`], so
 //! tests drive it without a socket and `main.rs` only reads configuration and serves it.
 //!
-//! Built so far: the Stripe billing webhook (`POST /api/webhooks/stripe-billing`) and the
-//! in-process worker that applies stored billing events (issue #5); built-in accounts and JWT
-//! sessions (`/api/auth/signup`, `/api/auth/login`) and the JSON API over the library
-//! (`/api/metrics`, `/api/insights`, `/api/scenarios`, `/api/usage/current`,
-//! `/api/create-checkout`). Issue #7 continues with Connect, the job queue, the dashboard and
-//! the demo.
+//! It serves the JSON API over the library (`/api/metrics`, `/api/insights`, `/api/scenarios`,
+//! `/api/usage/current`, `/api/create-checkout`, Connect, the cron's sync trigger), the Stripe
+//! billing webhook (`POST /api/webhooks/stripe-billing`), built-in accounts and JWT sessions,
+//! the dashboard pages, and the demo; by default the worker runs in the same process.
 
 pub mod accounts;
 pub mod api;

@@ -1,4 +1,4 @@
-//! What one anonymous client can make the server spend (issue #16, findings 1, 2, 3, 5 and 6):
+//! What one anonymous client can make the server spend (docs/security.md):
 //! bounded abuse loops against a real `revpilot-server --demo` process on loopback, each
 //! reporting the process's RSS before and after (and its peak), and checking that the server
 //! stays under [`RSS_LIMIT_MIB`] while legitimate requests still answer. The method-label loop
@@ -246,7 +246,7 @@ async fn many_addresses_guessing_at_once_hash_a_few_passwords_at_a_time() {
     );
     // Not yet under RSS_LIMIT_MIB: with 2 slots the peak measured 390 to 450 MiB (without the
     // slots, 200 hashes of 19 MiB at once: ~4 GiB; 17.7 GiB in the issue's run). Where the rest
-    // goes is not found yet (issue #16, finding 2); this bound catches unbounded hashing.
+    // goes is not found yet; this bound catches unbounded hashing.
     let peak = server.peak_mib();
     assert!(peak < 768, "peak RSS {peak} MiB");
     assert!(max_threads < 64, "{max_threads} threads");

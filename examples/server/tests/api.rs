@@ -801,7 +801,7 @@ async fn the_dashboard_shows_the_apis_numbers_and_escapes_stripe_strings() {
     w.store.set_last_synced(conn, now()).await.unwrap();
     let (status, _, html) = w.page("GET", "/dashboard", Some(&token), None).await;
     assert_eq!(status, StatusCode::OK, "{html}");
-    // Issue #18: the dashboard says what its figures run to.
+    // The dashboard says what its figures run to.
     assert!(
         html.contains("Figures as of <span data-as-of=\"2024-02-20 12:00 UTC\">"),
         "{html}"

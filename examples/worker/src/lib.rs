@@ -24,9 +24,7 @@ use chrono::{DateTime, Months, NaiveDate, Utc};
 use revpilot_core::billing::{Catalog, metering, usage_period};
 use revpilot_core::metrics::{Engine, Granularity, SeriesRequest};
 use revpilot_core::ports::{
-    BillingStore, Connection, ConnectionId, ConnectionStore, CredentialStore, InsightStore,
-    LeaseStore, Meter, OAuthStateStore, ObjectCache, Period, SnapshotStore, StoreError,
-    SyncStateStore, UsageStore, UserId, UserProfile, UserStore, WebhookInbox,
+    Connection, ConnectionId, Meter, Period, StoreError, UserId, UserProfile,
 };
 use revpilot_core::{Account, Currency, Rules};
 use revpilot_stripe::billing::{Processor, invoice_overage, overage_key};
@@ -39,50 +37,7 @@ use url::Url;
 
 pub use queue::{Queue, QueueError};
 
-/// Every port the server and the worker use, as one object: `Arc<dyn Store>` holds a SQLite or
-/// PostgreSQL store.
-pub trait Store:
-    UserStore
-    + UsageStore
-    + WebhookInbox
-    + BillingStore
-    + ConnectionStore
-    + ObjectCache
-    + revpilot_core::ports::DerivedStore
-    + SyncStateStore
-    + SnapshotStore
-    + InsightStore
-    + CredentialStore
-    + OAuthStateStore
-    + LeaseStore
-    + Send
-    + Sync
-    + 'static
-{
-}
-
-impl<T> Store for T where
-    T: UserStore
-        + UsageStore
-        + WebhookInbox
-        + BillingStore
-        + ConnectionStore
-        + ObjectCache
-        + revpilot_core::ports::DerivedStore
-        + SyncStateStore
-        + SnapshotStore
-        + InsightStore
-        + CredentialStore
-        + OAuthStateStore
-        + LeaseStore
-        + Send
-        + Sync
-        + 'static
-{
-}
-
-/// The clock jobs read (injectable for tests).
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+pub use revpilot_core::ports::{Clock, Store};
 
 /// A unit of background work. Serialized as JSON in the queue's table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -139,7 +139,7 @@ fn minor_to_native(minor: Decimal, digits: u32) -> Option<i64> {
     scaled_native(minor, 1, digits, 1, 1)
 }
 
-/// `(num, den)` with monthly = per-period x num / den (issue #2's normalisation).
+/// `(num, den)` with monthly = per-period x num / den (the engine's normalisation).
 pub(crate) fn month_factor(interval: Interval, count: u32) -> (i128, i128) {
     let c = i128::from(count.max(1));
     match interval {

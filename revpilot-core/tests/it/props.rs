@@ -531,7 +531,7 @@ fn steady_account(seed: u64, base: usize, churn_pct: u64) -> Account {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(6))]
 
-    /// Issue #18: on a steady account, LTV (ARPA over the trailing six months' churn) moves
+    /// On a steady account, LTV (ARPA over the trailing six months' churn) moves
     /// less than 20 % from one month to the next, where the row rate's LTV swings with each
     /// month's noise.
     #[test]

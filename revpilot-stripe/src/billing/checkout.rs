@@ -56,11 +56,19 @@ fn read<T: serde::de::DeserializeOwned>(path: &str, body: &[u8]) -> Result<T, Ap
     })
 }
 
+/// Where Stripe's Checkout sends the user back: pages of the embedding application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReturnUrls {
+    /// After a completed payment (the example server's `/dashboard?upgraded=true`).
+    pub success: Url,
+    /// When the user cancels (the example server's `/pricing`).
+    pub cancel: Url,
+}
+
 /// Starts an upgrade of `user` to `tier`: creates the user's Stripe customer if they have none
 /// (idempotency key `customer:{user}`, so a retried or doubled request makes one), then a
 /// Checkout Session in subscription mode for the tier's price, with `client_reference_id` = the
-/// user id and the tier in the metadata. Stripe sends the user back to
-/// `{app_url}/dashboard?upgraded=true`, or to `{app_url}/pricing` when they cancel.
+/// user id and the tier in the metadata. Stripe sends the user back to `urls`.
 ///
 /// # Errors
 /// [`CheckoutError`]: unknown user, a free tier, no configured price, Stripe or the store.
@@ -70,7 +78,7 @@ pub async fn create_checkout<S: UserStore + ?Sized>(
     catalog: &Catalog,
     user: UserId,
     tier: Tier,
-    app_url: &Url,
+    urls: &ReturnUrls,
     now: DateTime<Utc>,
 ) -> Result<CheckoutSession, CheckoutError> {
     if catalog.plan(tier).price == 0 {
@@ -103,12 +111,6 @@ pub async fn create_checkout<S: UserStore + ?Sized>(
                 .unwrap_or(created.id)
         }
     };
-    let join = |path: &str| {
-        app_url
-            .join(path)
-            .map(String::from)
-            .unwrap_or_else(|_| format!("{}{path}", app_url.as_str().trim_end_matches('/')))
-    };
     let form = vec![
         ("mode", "subscription".to_owned()),
         ("customer", customer),
@@ -122,8 +124,8 @@ pub async fn create_checkout<S: UserStore + ?Sized>(
             tier.as_str().to_owned(),
         ),
         ("subscription_data[metadata][user_id]", user.to_string()),
-        ("success_url", join("/dashboard?upgraded=true")),
-        ("cancel_url", join("/pricing")),
+        ("success_url", urls.success.to_string()),
+        ("cancel_url", urls.cancel.to_string()),
     ];
     let body = client
         .post("/v1/checkout/sessions", &form, &idempotency_key())

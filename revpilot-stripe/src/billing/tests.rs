@@ -663,7 +663,7 @@ async fn checkout_creates_the_customer_once_then_a_subscription_session() {
         .await;
     let w = world();
     let user = w.user("ada@example.com").await;
-    let app = Url::parse("https://app.example.com/").unwrap();
+    let app = urls();
     let c = client(&server);
     let session = create_checkout(
         &c,
@@ -948,4 +948,12 @@ async fn no_overage_sends_nothing() {
         .unwrap();
     assert_eq!(done, OverageInvoiced::default());
     assert!(server.received_requests().await.unwrap().is_empty());
+}
+
+/// The example server's return pages.
+fn urls() -> ReturnUrls {
+    ReturnUrls {
+        success: Url::parse("https://app.example.com/dashboard?upgraded=true").unwrap(),
+        cancel: Url::parse("https://app.example.com/pricing").unwrap(),
+    }
 }

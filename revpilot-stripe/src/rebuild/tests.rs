@@ -612,7 +612,7 @@ fn unreadable_objects_are_reported_and_left_out() {
     assert_eq!(mrr(&r, 2024, 1, 20), "10.00");
 }
 
-/// Issue #18: a change made without proration, older than the events, is dated by the next
+/// A change made without proration, older than the events, is dated by the next
 /// invoice that bills it, and the rebuild says so, naming the subscription and the invoice.
 #[test]
 fn a_change_dated_only_by_the_next_invoice_is_reported() {
@@ -680,7 +680,7 @@ fn revenue(r: &Rebuilt, month: u32) -> String {
         .to_string()
 }
 
-/// Issue #18: a lost dispute takes its amount and fee out of cash on its date; a won one gives
+/// A lost dispute takes its amount and fee out of cash on its date; a won one gives
 /// them back when it is reinstated; an inquiry moves nothing; MRR never moves.
 #[test]
 fn disputes_move_cash_not_mrr() {
