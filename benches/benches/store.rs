@@ -72,6 +72,7 @@ fn subscriptions() -> Vec<CachedObject> {
                 i % 20 + 1,
                 "x".repeat(400)
             ),
+            customer: Some(format!("cus_{i:08}")),
         })
         .collect()
 }

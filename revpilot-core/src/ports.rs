@@ -466,6 +466,11 @@ pub struct CachedObject {
     pub version: DateTime<Utc>,
     /// The object as Stripe sent it.
     pub data: String,
+    /// The customer the object belongs to, when it has one: a customer's own id; a
+    /// subscription's, invoice's or charge's `customer`. The cache indexes it, so that one
+    /// customer's objects can be read without the rest.
+    #[serde(default)]
+    pub customer: Option<String>,
 }
 
 /// What a bulk upsert did.
@@ -511,6 +516,41 @@ pub trait ObjectCache: Send + Sync {
         after: Option<&str>,
         limit: usize,
     ) -> StoreResult<Vec<CachedObject>>;
+
+    /// At most `limit` cached objects of `kind` of the user's connection inserted or changed at
+    /// or after `since` (the store's clock when it wrote them), by Stripe id after `after`:
+    /// what a sync changed since a derivation read the cache. Empty for another user's
+    /// connection.
+    async fn objects_written_since(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        since: DateTime<Utc>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<CachedObject>>;
+
+    /// The cached objects of `kind` of the user's connection that belong to one of
+    /// `customers` (`""` stands for objects of no customer), by Stripe id. Empty for another
+    /// user's connection.
+    async fn objects_of_customers(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        customers: &[String],
+    ) -> StoreResult<Vec<CachedObject>>;
+
+    /// The cached objects of `kind` of the user's connection with one of these Stripe ids, by
+    /// Stripe id. Empty for another user's connection.
+    async fn objects_by_ids(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        ids: &[String],
+    ) -> StoreResult<Vec<CachedObject>>;
 }
 
 /// What a stored derivation of a connection's account was built from.
@@ -524,6 +564,9 @@ pub struct DerivedStamp {
     pub synced_at: Option<DateTime<Utc>>,
     /// The newest instant the cached objects carried.
     pub as_of: Option<DateTime<Utc>>,
+    /// When the derivation began reading the cache: objects written after it (less a margin
+    /// for writes in flight) are what a later update rebuilds.
+    pub cache_read_at: DateTime<Utc>,
 }
 
 /// One row of a derived account: the compact history of one customer (`key` is its id; `""`
@@ -554,12 +597,14 @@ pub trait DerivedStore: Send + Sync {
     ) -> StoreResult<()>;
 
     /// Makes `stamp`'s generation the published one, and deletes the rows of every other
-    /// generation, in one transaction.
+    /// generation, in one transaction. With `replacing`, only when that generation is the one
+    /// published now (an update of it in place); returns whether it published.
     async fn publish_derived(
         &self,
         connection: ConnectionId,
         stamp: &DerivedStamp,
-    ) -> StoreResult<()>;
+        replacing: Option<Uuid>,
+    ) -> StoreResult<bool>;
 
     /// At most `limit` rows of `generation` of the user's connection whose key sorts after
     /// `after`, by key; empty for another user's connection.

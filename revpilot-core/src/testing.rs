@@ -45,6 +45,8 @@ struct State {
     inbox: BTreeMap<String, PendingEvent>,
     processed: BTreeMap<String, DateTime<Utc>>,
     objects: BTreeMap<(ConnectionId, ObjectKind, String), CachedObject>,
+    /// When each cached object was last inserted or changed.
+    written: HashMap<(ConnectionId, ObjectKind, String), DateTime<Utc>>,
     snapshots: BTreeMap<(ConnectionId, NaiveDate), SeriesRow>,
     derived: BTreeMap<(ConnectionId, Uuid, String), String>,
     derived_stamps: BTreeMap<ConnectionId, crate::ports::DerivedStamp>,
@@ -460,10 +462,12 @@ impl ObjectCache for MemoryStore {
             let key = (connection, o.kind, o.stripe_id.clone());
             match s.objects.get(&key) {
                 None => {
+                    s.written.insert(key.clone(), Utc::now());
                     s.objects.insert(key, o.clone());
                     stats.inserted += 1;
                 }
                 Some(old) if o.version > old.version && o.data != old.data => {
+                    s.written.insert(key.clone(), Utc::now());
                     s.objects.insert(key, o.clone());
                     stats.updated += 1;
                 }
@@ -514,6 +518,74 @@ impl ObjectCache for MemoryStore {
             .map(|(_, o)| o.clone())
             .collect())
     }
+
+    async fn objects_written_since(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        since: DateTime<Utc>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<CachedObject>> {
+        let s = self.lock()?;
+        if !s.owns(user, connection) {
+            return Ok(Vec::new());
+        }
+        Ok(s.objects
+            .iter()
+            .filter(|((c, k, id), _)| {
+                *c == connection && *k == kind && after.is_none_or(|a| id.as_str() > a)
+            })
+            .filter(|(key, _)| s.written.get(*key).is_some_and(|w| *w >= since))
+            .take(limit)
+            .map(|(_, o)| o.clone())
+            .collect())
+    }
+
+    async fn objects_of_customers(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        customers: &[String],
+    ) -> StoreResult<Vec<CachedObject>> {
+        let s = self.lock()?;
+        if !s.owns(user, connection) {
+            return Ok(Vec::new());
+        }
+        Ok(s.objects
+            .iter()
+            .filter(|((c, k, _), o)| {
+                *c == connection
+                    && *k == kind
+                    && customers
+                        .iter()
+                        .any(|x| *x == o.customer.as_deref().unwrap_or(""))
+            })
+            .map(|(_, o)| o.clone())
+            .collect())
+    }
+
+    async fn objects_by_ids(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        ids: &[String],
+    ) -> StoreResult<Vec<CachedObject>> {
+        let s = self.lock()?;
+        if !s.owns(user, connection) {
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<&String> = ids.iter().collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| s.objects.get(&(connection, kind, id.clone())).cloned())
+            .collect())
+    }
 }
 
 #[async_trait]
@@ -546,15 +618,21 @@ impl crate::ports::DerivedStore for MemoryStore {
         &self,
         connection: ConnectionId,
         stamp: &crate::ports::DerivedStamp,
-    ) -> StoreResult<()> {
+        replacing: Option<Uuid>,
+    ) -> StoreResult<bool> {
         let mut s = self.lock()?;
         if !s.connections.contains_key(&connection) {
             return Err(StoreError::NotFound("connection"));
         }
+        if let Some(g) = replacing
+            && s.derived_stamps.get(&connection).map(|x| x.generation) != Some(g)
+        {
+            return Ok(false);
+        }
         s.derived
             .retain(|(c, g, _), _| *c != connection || *g == stamp.generation);
         s.derived_stamps.insert(connection, stamp.clone());
-        Ok(())
+        Ok(true)
     }
 
     async fn derived_page(

@@ -906,18 +906,22 @@ impl ObjectCache for PgStore {
                     continue;
                 }
                 let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-                    "INSERT INTO {table} (stripe_connection_id, stripe_id, version, data) "
+                    "INSERT INTO {table} (stripe_connection_id, stripe_id, version, data, customer_id, written_at) "
                 ));
+                let written = Utc::now();
                 qb.push_values(last.values(), |mut b, o| {
                     b.push_bind(conn)
                         .push_bind(&o.stripe_id)
                         .push_bind(o.version)
-                        .push_bind(&o.data);
+                        .push_bind(&o.data)
+                        .push_bind(&o.customer)
+                        .push_bind(written);
                 });
                 // The guard keeps a concurrent older write from winning.
                 qb.push(format!(
                     " ON CONFLICT (stripe_connection_id, stripe_id) DO UPDATE SET version = excluded.version, \
-                     data = excluded.data WHERE {table}.version < excluded.version"
+                     data = excluded.data, customer_id = excluded.customer_id, written_at = excluded.written_at \
+                     WHERE {table}.version < excluded.version"
                 ));
                 qb.build().execute(&mut *tx).await.map_err(backend)?;
             }
@@ -933,7 +937,7 @@ impl ObjectCache for PgStore {
         kind: ObjectKind,
     ) -> StoreResult<Vec<CachedObject>> {
         let sql = format!(
-            "SELECT o.stripe_id, o.version, o.data FROM {} o
+            "SELECT o.stripe_id, o.version, o.data, o.customer_id FROM {} o
              JOIN stripe_connections c ON c.id = o.stripe_connection_id
              WHERE o.stripe_connection_id = $1 AND c.user_id = $2 ORDER BY o.stripe_id",
             cache_table(kind)
@@ -957,7 +961,7 @@ impl ObjectCache for PgStore {
     ) -> StoreResult<Vec<CachedObject>> {
         // Keyset pages on the primary key (connection, stripe id).
         let sql = format!(
-            "SELECT o.stripe_id, o.version, o.data FROM {} o
+            "SELECT o.stripe_id, o.version, o.data, o.customer_id FROM {} o
              JOIN stripe_connections c ON c.id = o.stripe_connection_id
              WHERE o.stripe_connection_id = $1 AND c.user_id = $2 AND o.stripe_id > $3
              ORDER BY o.stripe_id LIMIT $4",
@@ -973,6 +977,98 @@ impl ObjectCache for PgStore {
             .map_err(backend)?;
         cached_objects(&rows, kind)
     }
+
+    async fn objects_written_since(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        since: DateTime<Utc>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<CachedObject>> {
+        let sql = format!(
+            "SELECT o.stripe_id, o.version, o.data, o.customer_id FROM {} o
+             JOIN stripe_connections c ON c.id = o.stripe_connection_id
+             WHERE o.stripe_connection_id = $1 AND c.user_id = $2 AND o.written_at >= $3
+               AND o.stripe_id > $4
+             ORDER BY o.stripe_id LIMIT $5",
+            cache_table(kind)
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(connection.0)
+            .bind(user.0)
+            .bind(since)
+            .bind(after.unwrap_or(""))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        cached_objects(&rows, kind)
+    }
+
+    async fn objects_of_customers(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        customers: &[String],
+    ) -> StoreResult<Vec<CachedObject>> {
+        self.objects_where(user, connection, kind, "customer_id", customers)
+            .await
+    }
+
+    async fn objects_by_ids(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        ids: &[String],
+    ) -> StoreResult<Vec<CachedObject>> {
+        self.objects_where(user, connection, kind, "stripe_id", ids)
+            .await
+    }
+}
+
+impl PgStore {
+    /// The user's cached objects of `kind` whose `column` is one of `values`, by Stripe id.
+    async fn objects_where(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        column: &str,
+        values: &[String],
+    ) -> StoreResult<Vec<CachedObject>> {
+        let mut out = Vec::new();
+        for chunk in values.chunks(BATCH) {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+                "SELECT o.stripe_id, o.version, o.data, o.customer_id FROM {} o
+                 JOIN stripe_connections c ON c.id = o.stripe_connection_id
+                 WHERE o.stripe_connection_id = ",
+                cache_table(kind)
+            ));
+            qb.push_bind(connection.0)
+                .push(" AND c.user_id = ")
+                .push_bind(user.0)
+                .push(format!(" AND (o.{column} IN ("));
+            let mut list = qb.separated(", ");
+            for v in chunk {
+                list.push_bind(v);
+            }
+            list.push_unseparated(")");
+            // `""` stands for objects of no customer.
+            if column == "customer_id" && chunk.iter().any(String::is_empty) {
+                qb.push(" OR o.customer_id IS NULL");
+            }
+            qb.push(")");
+            let rows = qb.build().fetch_all(&self.pool).await.map_err(backend)?;
+            out.extend(cached_objects(&rows, kind)?);
+        }
+        out.sort_by(|a, b| a.stripe_id.cmp(&b.stripe_id));
+        out.dedup_by(|a, b| a.stripe_id == b.stripe_id);
+        Ok(out)
+    }
 }
 
 /// Rows of `stripe_id, version, data` as cached objects of `kind`.
@@ -984,6 +1080,7 @@ fn cached_objects(rows: &[PgRow], kind: ObjectKind) -> StoreResult<Vec<CachedObj
                 stripe_id: r.try_get(0).map_err(backend)?,
                 version: instant(r.try_get(1).map_err(backend)?)?,
                 data: r.try_get(2).map_err(backend)?,
+                customer: r.try_get(3).map_err(backend)?,
             })
         })
         .collect()
@@ -1819,22 +1916,29 @@ impl revpilot_core::ports::DerivedStore for PgStore {
         &self,
         connection: ConnectionId,
     ) -> StoreResult<Option<revpilot_core::ports::DerivedStamp>> {
-        type Stamp = (Uuid, i32, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+        type Stamp = (
+            Uuid,
+            i32,
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+            DateTime<Utc>,
+        );
         let row: Option<Stamp> = sqlx::query_as(
-            "SELECT generation, version, synced_at, as_of FROM derived_accounts
+            "SELECT generation, version, synced_at, as_of, cache_read_at FROM derived_accounts
              WHERE stripe_connection_id = $1",
         )
         .bind(connection.0)
         .fetch_optional(&self.pool)
         .await
         .map_err(backend)?;
-        row.map(|(generation, version, synced_at, as_of)| {
+        row.map(|(generation, version, synced_at, as_of, cache_read_at)| {
             Ok(revpilot_core::ports::DerivedStamp {
                 generation,
                 version: u32::try_from(version)
                     .map_err(|_| StoreError::Invalid(format!("derived version {version}")))?,
                 synced_at,
                 as_of,
+                cache_read_at,
             })
         })
         .transpose()
@@ -1869,23 +1973,40 @@ impl revpilot_core::ports::DerivedStore for PgStore {
         &self,
         connection: ConnectionId,
         stamp: &revpilot_core::ports::DerivedStamp,
-    ) -> StoreResult<()> {
+        replacing: Option<Uuid>,
+    ) -> StoreResult<bool> {
         let version = i32::try_from(stamp.version)
             .map_err(|_| StoreError::Invalid(format!("derived version {}", stamp.version)))?;
         let mut tx = self.write_for_connection(connection).await?;
+        if let Some(g) = replacing {
+            let current = sqlx::query(
+                "SELECT 1 FROM derived_accounts WHERE stripe_connection_id = $1 AND generation = $2
+                 FOR UPDATE",
+            )
+            .bind(connection.0)
+            .bind(g)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+            if current.is_none() {
+                return Ok(false);
+            }
+        }
         sqlx::query(
             "INSERT INTO derived_accounts
-               (stripe_connection_id, generation, version, synced_at, as_of, published_at)
-             VALUES ($1, $2, $3, $4, $5, now())
+               (stripe_connection_id, generation, version, synced_at, as_of, cache_read_at,
+                published_at)
+             VALUES ($1, $2, $3, $4, $5, $6, now())
              ON CONFLICT (stripe_connection_id) DO UPDATE SET generation = excluded.generation,
                version = excluded.version, synced_at = excluded.synced_at, as_of = excluded.as_of,
-               published_at = excluded.published_at",
+               cache_read_at = excluded.cache_read_at, published_at = excluded.published_at",
         )
         .bind(connection.0)
         .bind(stamp.generation)
         .bind(version)
         .bind(stamp.synced_at)
         .bind(stamp.as_of)
+        .bind(stamp.cache_read_at)
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
@@ -1897,7 +2018,8 @@ impl revpilot_core::ports::DerivedStore for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-        tx.commit().await.map_err(backend)
+        tx.commit().await.map_err(backend)?;
+        Ok(true)
     }
 
     async fn derived_page(

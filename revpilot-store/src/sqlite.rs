@@ -893,16 +893,20 @@ impl ObjectCache for SqliteStore {
                     continue;
                 }
                 let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-                    "INSERT INTO {table} (stripe_connection_id, stripe_id, version, data) "
+                    "INSERT INTO {table} (stripe_connection_id, stripe_id, version, data, customer_id, written_at) "
                 ));
+                let written = micros(Utc::now());
                 qb.push_values(last.values(), |mut b, o| {
                     b.push_bind(&conn)
                         .push_bind(&o.stripe_id)
                         .push_bind(micros(o.version))
-                        .push_bind(&o.data);
+                        .push_bind(&o.data)
+                        .push_bind(&o.customer)
+                        .push_bind(written);
                 });
                 qb.push(
-                    " ON CONFLICT (stripe_connection_id, stripe_id) DO UPDATE SET version = excluded.version, data = excluded.data",
+                    " ON CONFLICT (stripe_connection_id, stripe_id) DO UPDATE SET version = excluded.version, data = excluded.data, \
+                     customer_id = excluded.customer_id, written_at = excluded.written_at",
                 );
                 qb.build().execute(&mut *tx).await.map_err(backend)?;
             }
@@ -918,7 +922,7 @@ impl ObjectCache for SqliteStore {
         kind: ObjectKind,
     ) -> StoreResult<Vec<CachedObject>> {
         let sql = format!(
-            "SELECT o.stripe_id, o.version, o.data FROM {} o
+            "SELECT o.stripe_id, o.version, o.data, o.customer_id FROM {} o
              JOIN stripe_connections c ON c.id = o.stripe_connection_id
              WHERE o.stripe_connection_id = $1 AND c.user_id = $2 ORDER BY o.stripe_id",
             cache_table(kind)
@@ -942,7 +946,7 @@ impl ObjectCache for SqliteStore {
     ) -> StoreResult<Vec<CachedObject>> {
         // Keyset pages on the primary key (connection, stripe id).
         let sql = format!(
-            "SELECT o.stripe_id, o.version, o.data FROM {} o
+            "SELECT o.stripe_id, o.version, o.data, o.customer_id FROM {} o
              JOIN stripe_connections c ON c.id = o.stripe_connection_id
              WHERE o.stripe_connection_id = $1 AND c.user_id = $2 AND o.stripe_id > $3
              ORDER BY o.stripe_id LIMIT $4",
@@ -958,6 +962,98 @@ impl ObjectCache for SqliteStore {
             .map_err(backend)?;
         cached_objects(&rows, kind)
     }
+
+    async fn objects_written_since(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        since: DateTime<Utc>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<CachedObject>> {
+        let sql = format!(
+            "SELECT o.stripe_id, o.version, o.data, o.customer_id FROM {} o
+             JOIN stripe_connections c ON c.id = o.stripe_connection_id
+             WHERE o.stripe_connection_id = $1 AND c.user_id = $2 AND o.written_at >= $3
+               AND o.stripe_id > $4
+             ORDER BY o.stripe_id LIMIT $5",
+            cache_table(kind)
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(connection.0.to_string())
+            .bind(user.0.to_string())
+            .bind(micros(since))
+            .bind(after.unwrap_or(""))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        cached_objects(&rows, kind)
+    }
+
+    async fn objects_of_customers(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        customers: &[String],
+    ) -> StoreResult<Vec<CachedObject>> {
+        self.objects_where(user, connection, kind, "customer_id", customers)
+            .await
+    }
+
+    async fn objects_by_ids(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        ids: &[String],
+    ) -> StoreResult<Vec<CachedObject>> {
+        self.objects_where(user, connection, kind, "stripe_id", ids)
+            .await
+    }
+}
+
+impl SqliteStore {
+    /// The user's cached objects of `kind` whose `column` is one of `values`, by Stripe id.
+    async fn objects_where(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+        kind: ObjectKind,
+        column: &str,
+        values: &[String],
+    ) -> StoreResult<Vec<CachedObject>> {
+        let mut out = Vec::new();
+        for chunk in values.chunks(BATCH) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+                "SELECT o.stripe_id, o.version, o.data, o.customer_id FROM {} o
+                 JOIN stripe_connections c ON c.id = o.stripe_connection_id
+                 WHERE o.stripe_connection_id = ",
+                cache_table(kind)
+            ));
+            qb.push_bind(connection.0.to_string())
+                .push(" AND c.user_id = ")
+                .push_bind(user.0.to_string())
+                .push(format!(" AND (o.{column} IN ("));
+            let mut list = qb.separated(", ");
+            for v in chunk {
+                list.push_bind(v);
+            }
+            list.push_unseparated(")");
+            // `""` stands for objects of no customer.
+            if column == "customer_id" && chunk.iter().any(String::is_empty) {
+                qb.push(" OR o.customer_id IS NULL");
+            }
+            qb.push(")");
+            let rows = qb.build().fetch_all(&self.pool).await.map_err(backend)?;
+            out.extend(cached_objects(&rows, kind)?);
+        }
+        out.sort_by(|a, b| a.stripe_id.cmp(&b.stripe_id));
+        out.dedup_by(|a, b| a.stripe_id == b.stripe_id);
+        Ok(out)
+    }
 }
 
 /// Rows of `stripe_id, version, data` as cached objects of `kind`.
@@ -969,6 +1065,7 @@ fn cached_objects(rows: &[SqliteRow], kind: ObjectKind) -> StoreResult<Vec<Cache
                 stripe_id: r.try_get(0).map_err(backend)?,
                 version: instant(r.try_get(1).map_err(backend)?)?,
                 data: r.try_get(2).map_err(backend)?,
+                customer: r.try_get(3).map_err(backend)?,
             })
         })
         .collect()
@@ -1817,21 +1914,22 @@ impl revpilot_core::ports::DerivedStore for SqliteStore {
         &self,
         connection: ConnectionId,
     ) -> StoreResult<Option<revpilot_core::ports::DerivedStamp>> {
-        let row: Option<(String, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
-            "SELECT generation, version, synced_at, as_of FROM derived_accounts
+        let row: Option<(String, i64, Option<i64>, Option<i64>, i64)> = sqlx::query_as(
+            "SELECT generation, version, synced_at, as_of, cache_read_at FROM derived_accounts
              WHERE stripe_connection_id = $1",
         )
         .bind(connection.0.to_string())
         .fetch_optional(&self.pool)
         .await
         .map_err(backend)?;
-        row.map(|(generation, version, synced_at, as_of)| {
+        row.map(|(generation, version, synced_at, as_of, read_at)| {
             Ok(revpilot_core::ports::DerivedStamp {
                 generation: uuid(&generation)?,
                 version: u32::try_from(version)
                     .map_err(|_| StoreError::Invalid(format!("derived version {version}")))?,
                 synced_at: opt_instant(synced_at)?,
                 as_of: opt_instant(as_of)?,
+                cache_read_at: instant(read_at)?,
             })
         })
         .transpose()
@@ -1867,22 +1965,38 @@ impl revpilot_core::ports::DerivedStore for SqliteStore {
         &self,
         connection: ConnectionId,
         stamp: &revpilot_core::ports::DerivedStamp,
-    ) -> StoreResult<()> {
+        replacing: Option<Uuid>,
+    ) -> StoreResult<bool> {
         let (conn, generation) = (connection.0.to_string(), stamp.generation.to_string());
         let mut tx = self.write_for_connection(connection).await?;
+        if let Some(g) = replacing {
+            let current = sqlx::query(
+                "SELECT 1 FROM derived_accounts WHERE stripe_connection_id = $1 AND generation = $2",
+            )
+            .bind(&conn)
+            .bind(g.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+            if current.is_none() {
+                return Ok(false);
+            }
+        }
         sqlx::query(
             "INSERT INTO derived_accounts
-               (stripe_connection_id, generation, version, synced_at, as_of, published_at)
-             VALUES ($1, $2, $3, $4, $5, $6)
+               (stripe_connection_id, generation, version, synced_at, as_of, cache_read_at,
+                published_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (stripe_connection_id) DO UPDATE SET generation = excluded.generation,
                version = excluded.version, synced_at = excluded.synced_at, as_of = excluded.as_of,
-               published_at = excluded.published_at",
+               cache_read_at = excluded.cache_read_at, published_at = excluded.published_at",
         )
         .bind(&conn)
         .bind(&generation)
         .bind(i64::from(stamp.version))
         .bind(stamp.synced_at.map(micros))
         .bind(stamp.as_of.map(micros))
+        .bind(micros(stamp.cache_read_at))
         .bind(micros(Utc::now()))
         .execute(&mut *tx)
         .await
@@ -1895,7 +2009,8 @@ impl revpilot_core::ports::DerivedStore for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-        tx.commit().await.map_err(backend)
+        tx.commit().await.map_err(backend)?;
+        Ok(true)
     }
 
     async fn derived_page(

@@ -227,7 +227,7 @@ impl RawExport {
         &self,
         version: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<revpilot_core::ports::CachedObject>, ExportError> {
-        use revpilot_core::ports::{CachedObject, ObjectKind};
+        use revpilot_core::ports::ObjectKind;
         #[derive(Deserialize)]
         struct Id {
             id: String,
@@ -251,15 +251,59 @@ impl RawExport {
                         problem: e.to_string(),
                     })
                 })?;
-                out.push(CachedObject {
-                    kind,
-                    stripe_id: id.id,
-                    version,
-                    data: raw.get().to_owned(),
-                });
+                out.push(cached_object(kind, id.id, version, raw.get().to_owned()));
             }
         }
         Ok(out)
+    }
+}
+
+/// A Stripe object as the cache keeps it, with the customer it belongs to (see
+/// [`customer_of`]).
+pub fn cached_object(
+    kind: revpilot_core::ports::ObjectKind,
+    stripe_id: String,
+    version: chrono::DateTime<chrono::Utc>,
+    data: String,
+) -> revpilot_core::ports::CachedObject {
+    let customer = customer_of(kind, &stripe_id, &data);
+    revpilot_core::ports::CachedObject {
+        kind,
+        stripe_id,
+        version,
+        data,
+        customer,
+    }
+}
+
+/// The customer an object belongs to: a customer's own id; a subscription's, invoice's or
+/// charge's `customer` (an id, or an expanded customer); nothing for the other kinds or when the
+/// field is absent or unreadable.
+pub fn customer_of(
+    kind: revpilot_core::ports::ObjectKind,
+    stripe_id: &str,
+    json: &str,
+) -> Option<String> {
+    use revpilot_core::ports::ObjectKind;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Ref {
+        Id(String),
+        Object { id: String },
+    }
+    #[derive(Deserialize)]
+    struct Owner {
+        #[serde(default)]
+        customer: Option<Ref>,
+    }
+    match kind {
+        ObjectKind::Customer => Some(stripe_id.to_owned()),
+        ObjectKind::Subscription | ObjectKind::Invoice | ObjectKind::Charge => {
+            match serde_json::from_str::<Owner>(json).ok()?.customer? {
+                Ref::Id(id) | Ref::Object { id } => Some(id),
+            }
+        }
+        _ => None,
     }
 }
 

@@ -31,7 +31,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::client::{ApiError, Client};
-use crate::export::RawExport;
+use crate::export::{RawExport, cached_object};
 
 mod plan;
 use plan::{Plan, Take};
@@ -565,12 +565,7 @@ impl Syncer {
                 let data = self.complete(stream.kind, raw).await?;
                 let head: Head = parse_raw(stream.name, raw)?;
                 last = Some((head.id.clone(), head.created));
-                objects.push(CachedObject {
-                    kind: stream.kind,
-                    stripe_id: head.id,
-                    version: now,
-                    data,
-                });
+                objects.push(cached_object(stream.kind, head.id, now, data));
             }
             let stored = match self.store(job, &objects).await {
                 Ok(n) => n,
@@ -663,16 +658,8 @@ impl Syncer {
             let version = DateTime::from_timestamp(head.created, 0).unwrap_or_else(Utc::now);
             let data = self.complete(kind, &head.data.object).await?;
             let id: Head = parse_raw("event object", &head.data.object)?;
-            self.store(
-                job,
-                &[CachedObject {
-                    kind,
-                    stripe_id: id.id,
-                    version,
-                    data,
-                }],
-            )
-            .await?;
+            self.store(job, &[cached_object(kind, id.id, version, data)])
+                .await?;
             total += 1;
             state
                 .set_cursor(

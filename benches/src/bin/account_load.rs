@@ -123,12 +123,12 @@ async fn seed(customers: usize) -> (PathBuf, UserId, ConnectionId) {
             };
             let id: Id<'_> =
                 serde_json::from_slice(json).map_err(|e| ExportError::Shape(e.to_string()))?;
-            page.push(CachedObject {
+            page.push(revpilot_stripe::export::cached_object(
                 kind,
-                stripe_id: id.id.into_owned(),
-                version: now,
-                data: String::from_utf8_lossy(json).into_owned(),
-            });
+                id.id.into_owned(),
+                now,
+                String::from_utf8_lossy(json).into_owned(),
+            ));
             if page.len() == 5_000 {
                 tx.blocking_send(std::mem::take(&mut page)).unwrap();
             }

@@ -280,6 +280,16 @@ impl Accounts {
             .map(|e| e.loaded.clone())
     }
 
+    /// The account this process holds for the user's connection, whatever sync it was built
+    /// at: the base a derivation's update patches.
+    pub fn previous(&self, user: UserId, connection: ConnectionId) -> Option<Arc<Loaded>> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(&connection)
+            .filter(|e| e.user == user)
+            .map(|e| e.loaded.clone())
+    }
+
     /// Keeps the account built at `stamp`, replacing an older one.
     pub fn put(
         &self,

@@ -110,19 +110,25 @@ pub(crate) async fn account(
     {
         return Ok(loaded);
     }
-    let rebuilt = load_account(state.store.as_ref(), user, connection)
-        .await
-        .map_err(|e| {
-            tracing::error!(connection = %connection.id, error = %e, "cached account unreadable");
-            match e {
-                CachedRebuildError::Store(e) => internal(&e),
-                _ => error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "unreadable_data",
-                    "a synced Stripe object cannot be read; sync the connection again",
-                ),
-            }
-        })?;
+    let previous = state.accounts.previous(user, connection.id);
+    let rebuilt = load_account(
+        state.store.as_ref(),
+        user,
+        connection,
+        previous.as_ref().map(|p| p.account.as_ref()),
+    )
+    .await
+    .map_err(|e| {
+        tracing::error!(connection = %connection.id, error = %e, "cached account unreadable");
+        match e {
+            CachedRebuildError::Store(e) => internal(&e),
+            _ => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "unreadable_data",
+                "a synced Stripe object cannot be read; sync the connection again",
+            ),
+        }
+    })?;
     state.accounts.built();
     let currency = connection
         .currency

@@ -29,7 +29,7 @@ use revpilot_core::ports::{
 use revpilot_core::{Account, Currency, Rules};
 use revpilot_stripe::billing::{Processor, invoice_overage, overage_key};
 use revpilot_stripe::client::{Client, ClientConfig};
-use revpilot_stripe::rebuild::derived::{derive_account, load_account};
+use revpilot_stripe::rebuild::derived::load_account;
 use revpilot_stripe::sync::{SyncJob, SyncPorts, Syncer};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -357,12 +357,13 @@ impl Runner {
         if status == revpilot_core::ports::SyncStatus::Succeeded
             && let Some(c) = self.store.connection(user, connection).await?
         {
-            // Derived now, while the lease keeps other syncs out, so that the next request
-            // reads the compact account instead of rebuilding it from every cached object. A
-            // failure here costs only that: the next load rebuilds.
+            // Derived now (updated with what the sync changed), while the lease keeps other
+            // syncs out, so that the next request reads the compact account instead of
+            // rebuilding it from every cached object. A failure here costs only that: the next
+            // load does it.
             let derived = match &self.accounts {
                 Some(accounts) => accounts.account(&c).await.map(drop),
-                None => derive_account(self.store.as_ref(), user, &c)
+                None => load_account(self.store.as_ref(), user, &c, None)
                     .await
                     .map(drop)
                     .map_err(|e| JobError::Metrics(e.to_string())),
@@ -423,7 +424,7 @@ impl Runner {
         let account = match &self.accounts {
             Some(accounts) => accounts.account(connection).await?,
             None => Arc::new(
-                load_account(self.store.as_ref(), connection.user, connection)
+                load_account(self.store.as_ref(), connection.user, connection, None)
                     .await
                     .map_err(|e| JobError::Metrics(e.to_string()))?
                     .account,

@@ -309,10 +309,11 @@ async fn try_execute_task_steps_through_the_jobs() {
         .expect("derived after the sync");
     assert_eq!(stamp.synced_at, synced.last_synced_at);
     assert!(
-        revpilot_stripe::rebuild::derived::load_account(db.store.as_ref(), user, &synced)
+        revpilot_stripe::rebuild::derived::load_account(db.store.as_ref(), user, &synced, None)
             .await
             .unwrap()
-            .derived
+            .source
+            == revpilot_stripe::rebuild::derived::Source::Derived
     );
     // The lease was given back: another holder takes it at once.
     assert!(

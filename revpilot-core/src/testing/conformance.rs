@@ -507,6 +507,98 @@ fn object(kind: ObjectKind, id: &str, version: DateTime<Utc>, data: &str) -> Cac
         stripe_id: id.to_owned(),
         version,
         data: data.to_owned(),
+        customer: None,
+    }
+}
+
+/// What a sync changed, one customer's objects, objects by id: each read takes the owner.
+pub async fn object_cache_reads<S: UserStore + ConnectionStore + ObjectCache + ?Sized>(store: &S) {
+    let owner = new_user(store, "reads@example.com").await;
+    let stranger = new_user(store, "reads-stranger@example.com").await;
+    let conn = new_connection(store, owner, "acct_reads").await;
+    let of = |kind, id: &str, customer: Option<&str>, data: &str| CachedObject {
+        customer: customer.map(str::to_owned),
+        ..object(kind, id, t(9, 1), data)
+    };
+    let first = vec![
+        of(ObjectKind::Customer, "cus_a", Some("cus_a"), "{}"),
+        of(ObjectKind::Customer, "cus_b", Some("cus_b"), "{}"),
+        of(ObjectKind::Charge, "ch_1", Some("cus_a"), "{}"),
+        of(ObjectKind::Charge, "ch_2", Some("cus_b"), "{}"),
+        of(ObjectKind::Charge, "ch_3", None, "{}"),
+        of(ObjectKind::Charge, "ch_4", Some("cus_a"), "{}"),
+    ];
+    store.upsert_objects(conn, &first).await.expect("upsert");
+    let ids = |objects: Vec<CachedObject>| -> Vec<String> {
+        objects.into_iter().map(|o| o.stripe_id).collect()
+    };
+    let mine = store
+        .objects_of_customers(owner, conn, ObjectKind::Charge, &["cus_a".to_owned()])
+        .await
+        .expect("read");
+    assert_eq!(
+        mine.iter()
+            .map(|o| o.customer.as_deref())
+            .collect::<Vec<_>>(),
+        vec![Some("cus_a"), Some("cus_a")],
+        "the customer reads back"
+    );
+    assert_eq!(ids(mine), ["ch_1", "ch_4"]);
+    assert_eq!(
+        ids(store
+            .objects_by_ids(
+                owner,
+                conn,
+                ObjectKind::Charge,
+                &["ch_3".into(), "ch_9".into(), "ch_2".into()]
+            )
+            .await
+            .expect("read")),
+        ["ch_2", "ch_3"]
+    );
+    // Written since: only what a later write inserted or changed, paged by id.
+    let mark = chrono::Utc::now();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut later = vec![
+        of(
+            ObjectKind::Charge,
+            "ch_2",
+            Some("cus_b"),
+            r#"{"refunded":true}"#,
+        ),
+        of(ObjectKind::Charge, "ch_5", Some("cus_b"), "{}"),
+        of(ObjectKind::Charge, "ch_6", Some("cus_c"), "{}"),
+        // Unchanged: not written again.
+        of(ObjectKind::Charge, "ch_1", Some("cus_a"), "{}"),
+    ];
+    for o in &mut later {
+        o.version = t(9, 2);
+    }
+    store.upsert_objects(conn, &later).await.expect("upsert");
+    let since = |after: Option<&'static str>, limit| {
+        store.objects_written_since(owner, conn, ObjectKind::Charge, mark, after, limit)
+    };
+    assert_eq!(ids(since(None, 2).await.expect("read")), ["ch_2", "ch_5"]);
+    assert_eq!(ids(since(Some("ch_5"), 10).await.expect("read")), ["ch_6"]);
+    assert!(
+        store
+            .objects_written_since(owner, conn, ObjectKind::Customer, mark, None, 10)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    for read in [
+        store
+            .objects_written_since(stranger, conn, ObjectKind::Charge, mark, None, 10)
+            .await,
+        store
+            .objects_of_customers(stranger, conn, ObjectKind::Charge, &["cus_a".to_owned()])
+            .await,
+        store
+            .objects_by_ids(stranger, conn, ObjectKind::Charge, &["ch_1".to_owned()])
+            .await,
+    ] {
+        assert!(read.expect("read").is_empty());
     }
 }
 
@@ -720,8 +812,14 @@ pub async fn derived<S: UserStore + ConnectionStore + crate::ports::DerivedStore
         version: 3,
         synced_at: Some(Utc.with_ymd_and_hms(2024, 3, 1, 12, 0, 0).unwrap()),
         as_of: Some(Utc.with_ymd_and_hms(2024, 3, 1, 11, 59, 58).unwrap()),
+        cache_read_at: Utc.with_ymd_and_hms(2024, 3, 1, 12, 0, 1).unwrap(),
     };
-    store.publish_derived(conn, &stamp).await.expect("publish");
+    assert!(
+        store
+            .publish_derived(conn, &stamp, None)
+            .await
+            .expect("publish")
+    );
     assert_eq!(
         store.derived_stamp(conn).await.expect("stamp"),
         Some(stamp.clone())
@@ -760,7 +858,23 @@ pub async fn derived<S: UserStore + ConnectionStore + crate::ports::DerivedStore
         generation: second,
         ..stamp
     };
-    store.publish_derived(conn, &next).await.expect("publish");
+    // An update in place of a generation no longer published does not publish.
+    assert!(
+        !store
+            .publish_derived(conn, &next, Some(Uuid::new_v4()))
+            .await
+            .expect("publish")
+    );
+    assert_eq!(
+        store.derived_stamp(conn).await.expect("stamp"),
+        Some(stamp.clone())
+    );
+    assert!(
+        store
+            .publish_derived(conn, &next, Some(first))
+            .await
+            .expect("publish")
+    );
     assert_eq!(store.derived_stamp(conn).await.expect("stamp"), Some(next));
     assert!(page(None, 10).await.expect("page").is_empty());
     assert_eq!(
@@ -1551,6 +1665,7 @@ where
     usage_reservations(&fresh().await).await;
     webhook_inbox(&fresh().await).await;
     object_cache(&fresh().await).await;
+    object_cache_reads(&fresh().await).await;
     snapshots(&fresh().await).await;
     derived(&fresh().await).await;
     connections(&fresh().await).await;

@@ -6,6 +6,7 @@ CREATE TABLE derived_accounts (
     version              INTEGER NOT NULL,
     synced_at            TIMESTAMPTZ,
     as_of                TIMESTAMPTZ,
+    cache_read_at        TIMESTAMPTZ NOT NULL,
     published_at         TIMESTAMPTZ NOT NULL
 );
 CREATE TABLE derived_customers (
@@ -15,3 +16,44 @@ CREATE TABLE derived_customers (
     data                 TEXT NOT NULL,
     PRIMARY KEY (stripe_connection_id, generation, key)
 );
+
+-- The cache knows each object's customer and when it was last written, so that after a sync
+-- only the customers whose objects changed are rebuilt.
+ALTER TABLE customers_cache ADD COLUMN customer_id TEXT;
+ALTER TABLE customers_cache ADD COLUMN written_at TIMESTAMPTZ NOT NULL DEFAULT 'epoch';
+CREATE INDEX customers_cache_written ON customers_cache (stripe_connection_id, written_at);
+ALTER TABLE subscriptions_cache ADD COLUMN customer_id TEXT;
+ALTER TABLE subscriptions_cache ADD COLUMN written_at TIMESTAMPTZ NOT NULL DEFAULT 'epoch';
+CREATE INDEX subscriptions_cache_written ON subscriptions_cache (stripe_connection_id, written_at);
+ALTER TABLE invoices_cache ADD COLUMN customer_id TEXT;
+ALTER TABLE invoices_cache ADD COLUMN written_at TIMESTAMPTZ NOT NULL DEFAULT 'epoch';
+CREATE INDEX invoices_cache_written ON invoices_cache (stripe_connection_id, written_at);
+ALTER TABLE charges_cache ADD COLUMN customer_id TEXT;
+ALTER TABLE charges_cache ADD COLUMN written_at TIMESTAMPTZ NOT NULL DEFAULT 'epoch';
+CREATE INDEX charges_cache_written ON charges_cache (stripe_connection_id, written_at);
+ALTER TABLE prices_cache ADD COLUMN customer_id TEXT;
+ALTER TABLE prices_cache ADD COLUMN written_at TIMESTAMPTZ NOT NULL DEFAULT 'epoch';
+CREATE INDEX prices_cache_written ON prices_cache (stripe_connection_id, written_at);
+ALTER TABLE products_cache ADD COLUMN customer_id TEXT;
+ALTER TABLE products_cache ADD COLUMN written_at TIMESTAMPTZ NOT NULL DEFAULT 'epoch';
+CREATE INDEX products_cache_written ON products_cache (stripe_connection_id, written_at);
+ALTER TABLE coupons_cache ADD COLUMN customer_id TEXT;
+ALTER TABLE coupons_cache ADD COLUMN written_at TIMESTAMPTZ NOT NULL DEFAULT 'epoch';
+CREATE INDEX coupons_cache_written ON coupons_cache (stripe_connection_id, written_at);
+ALTER TABLE disputes_cache ADD COLUMN customer_id TEXT;
+ALTER TABLE disputes_cache ADD COLUMN written_at TIMESTAMPTZ NOT NULL DEFAULT 'epoch';
+CREATE INDEX disputes_cache_written ON disputes_cache (stripe_connection_id, written_at);
+UPDATE customers_cache SET customer_id = stripe_id;
+CREATE INDEX customers_cache_customer ON customers_cache (stripe_connection_id, customer_id);
+UPDATE subscriptions_cache SET customer_id = CASE jsonb_typeof(data::jsonb -> 'customer')
+    WHEN 'string' THEN data::jsonb ->> 'customer'
+    WHEN 'object' THEN data::jsonb -> 'customer' ->> 'id' END;
+CREATE INDEX subscriptions_cache_customer ON subscriptions_cache (stripe_connection_id, customer_id);
+UPDATE invoices_cache SET customer_id = CASE jsonb_typeof(data::jsonb -> 'customer')
+    WHEN 'string' THEN data::jsonb ->> 'customer'
+    WHEN 'object' THEN data::jsonb -> 'customer' ->> 'id' END;
+CREATE INDEX invoices_cache_customer ON invoices_cache (stripe_connection_id, customer_id);
+UPDATE charges_cache SET customer_id = CASE jsonb_typeof(data::jsonb -> 'customer')
+    WHEN 'string' THEN data::jsonb ->> 'customer'
+    WHEN 'object' THEN data::jsonb -> 'customer' ->> 'id' END;
+CREATE INDEX charges_cache_customer ON charges_cache (stripe_connection_id, customer_id);

@@ -15,7 +15,7 @@ use revpilot_core::ports::{
 use revpilot_core::testing::conformance;
 use revpilot_store::{Error, KeyError, KeyRing, SqliteStore};
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::Row;
+use sqlx::{AssertSqlSafe, Row};
 use tempfile::TempDir;
 use uuid::Uuid;
 
@@ -281,6 +281,45 @@ async fn a_database_of_an_older_version_migrates_forward() {
     .execute(&pool)
     .await
     .unwrap();
+    // Objects cached by the old version: their customer is read out of their JSON.
+    let conn = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO stripe_connections (id, user_id, stripe_account_id, created_at, updated_at)
+         VALUES ($1, $2, 'acct_old', 0, 0)",
+    )
+    .bind(conn.to_string())
+    .bind(user.to_string())
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (table, id, data) in [
+        ("customers_cache", "cus_old", r#"{"id":"cus_old"}"#),
+        (
+            "subscriptions_cache",
+            "sub_old",
+            r#"{"id":"sub_old","customer":"cus_old"}"#,
+        ),
+        (
+            "charges_cache",
+            "ch_old",
+            r#"{"id":"ch_old","customer":{"id":"cus_old"}}"#,
+        ),
+        (
+            "charges_cache",
+            "ch_guest",
+            r#"{"id":"ch_guest","customer":null}"#,
+        ),
+    ] {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {table} (stripe_connection_id, stripe_id, version, data) VALUES ($1, $2, 0, $3)"
+        )))
+        .bind(conn.to_string())
+        .bind(id)
+        .bind(data)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
     pool.close().await;
 
     let store = SqliteStore::connect(path.to_str().unwrap(), keys())
@@ -331,6 +370,33 @@ async fn a_database_of_an_older_version_migrates_forward() {
             .await
             .unwrap();
     assert!(index.is_some());
+    let store = &store;
+    let of = |kind, customer: &'static str| async move {
+        store
+            .objects_of_customers(
+                UserId(user),
+                ConnectionId(conn),
+                kind,
+                &[customer.to_owned()],
+            )
+            .await
+    };
+    let ids = |objects: Vec<CachedObject>| -> Vec<String> {
+        objects.into_iter().map(|o| o.stripe_id).collect()
+    };
+    assert_eq!(
+        ids(of(ObjectKind::Customer, "cus_old").await.unwrap()),
+        ["cus_old"]
+    );
+    assert_eq!(
+        ids(of(ObjectKind::Subscription, "cus_old").await.unwrap()),
+        ["sub_old"]
+    );
+    assert_eq!(
+        ids(of(ObjectKind::Charge, "cus_old").await.unwrap()),
+        ["ch_old"]
+    );
+    assert_eq!(ids(of(ObjectKind::Charge, "").await.unwrap()), ["ch_guest"]);
 }
 
 const CRASH_ENV: &str = "REVPILOT_CRASH_CHILD_DB";
@@ -352,6 +418,7 @@ async fn crash_child() {
                 stripe_id: format!("sub_{batch:05}_{i:05}"),
                 version: Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap(),
                 data: format!(r#"{{"batch":{batch},"i":{i},"pad":"{}"}}"#, "x".repeat(200)),
+                customer: None,
             })
             .collect();
         store.upsert_objects(conn, &objects).await.unwrap();

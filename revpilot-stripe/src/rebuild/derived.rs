@@ -4,22 +4,30 @@
 //! rows are a small fraction of that).
 //!
 //! A derivation is current when it was built by this build's rebuild ([`RULES_VERSION`]) at the
-//! connection's last sync; otherwise [`load_account`] rebuilds from the cache and derives again.
-//! Rows are written under a new generation and published at the end, so a derivation killed
-//! half-way leaves the previous one readable (and stale, so the next load derives again).
+//! connection's last sync. After a sync it is **updated**: only the customers whose cached
+//! objects were written since it read the cache are rebuilt (with every price, coupon and
+//! dispute) and their rows replaced, with the shared row of payments of no customer; a changed
+//! price or coupon, or more than [`UPDATE_MAX_CUSTOMERS`] customers (see [`LoadOptions`]),
+//! rebuild everything. An object never changes owner, except a charge of no customer given one
+//! (Stripe allows that change only), which the shared row's rebuild covers. A full derivation writes its rows
+//! under a new generation and publishes it at the end, so one killed half-way leaves the
+//! previous one readable; an update rewrites rows of the published generation and publishes
+//! only if that generation is still the published one. Killed, either leaves the derivation
+//! stale, so the next load does it again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use revpilot_core::model::{Account, Customer, Payment, Price, Subscription};
 use revpilot_core::ports::{
-    Connection, DerivedRow, DerivedStamp, DerivedStore, ObjectCache, StoreError, UserId,
+    CachedObject, Connection, DerivedRow, DerivedStamp, DerivedStore, ObjectCache, ObjectKind,
+    StoreError, UserId,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::stream::{CACHE_PAGE, CachedRebuildError, rebuild_cached};
+use super::stream::{CACHE_PAGE, CachedRebuildError, Rebuilder, rebuild_cached};
 
 /// The version of what the rebuild builds from the same objects: a hash of its source, so any
 /// change to the rebuild makes every stored derivation stale (it is derived again on its next
@@ -43,6 +51,33 @@ const fn fnv1a(bytes: &[u8], mut hash: u32) -> u32 {
 /// Derived rows written per store call.
 const DERIVED_PAGE: usize = 2_000;
 
+/// An update rebuilds at most this many customers by default; more rebuild everything.
+pub const UPDATE_MAX_CUSTOMERS: usize = 25_000;
+
+/// How [`load_account_with`] updates a derivation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Writes this long before a derivation read the cache may still have been in flight (or
+    /// come from a clock that runs behind): an update reads back this far. Reading an object
+    /// again changes nothing. Default 5 minutes.
+    pub write_slack: TimeDelta,
+    /// An update rebuilds at most this many customers; more rebuild everything. Default
+    /// [`UPDATE_MAX_CUSTOMERS`].
+    pub update_max_customers: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            write_slack: TimeDelta::minutes(5),
+            update_max_customers: UPDATE_MAX_CUSTOMERS,
+        }
+    }
+}
+
+/// Customers per read of their objects.
+const CUSTOMERS_PER_READ: usize = 500;
+
 /// A connection's account, and where it came from.
 #[derive(Debug)]
 pub struct LoadedAccount {
@@ -51,8 +86,22 @@ pub struct LoadedAccount {
     /// The newest instant the cached objects carry (the data's as-of when nothing better is
     /// known).
     pub as_of: Option<DateTime<Utc>>,
-    /// Read from a current derivation (`false`: rebuilt from the cache and derived again).
-    pub derived: bool,
+    /// How it was made.
+    pub source: Source,
+}
+
+/// How a [`LoadedAccount`] was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Read from the current derivation.
+    Derived,
+    /// The derivation was updated: this many customers were rebuilt from the cache.
+    Updated {
+        /// Customers rebuilt.
+        customers: usize,
+    },
+    /// Rebuilt from the whole cache, and derived again.
+    Rebuilt,
 }
 
 /// One customer's share of the account, as a row stores it.
@@ -73,8 +122,12 @@ struct OwnedShare {
     payments: Vec<Payment>,
 }
 
-/// The account of the user's `connection`: its current derivation when there is one, else
-/// rebuilt from the cache (and derived for the next load).
+/// The account of the user's `connection`: its current derivation when there is one, else the
+/// derivation updated with what changed since (see the module's documentation), else rebuilt
+/// from the cache (and derived for the next load).
+///
+/// `previous` is the account this process already holds for the connection, if any (it need
+/// not be current): an update patches it instead of reading every derived row back.
 ///
 /// # Errors
 /// [`CachedRebuildError`]: the store failed, or a cached object cannot be read.
@@ -82,13 +135,34 @@ pub async fn load_account<S: ObjectCache + DerivedStore + ?Sized>(
     store: &S,
     user: UserId,
     connection: &Connection,
+    previous: Option<&Account>,
+) -> Result<LoadedAccount, CachedRebuildError> {
+    load_account_with(store, user, connection, previous, &LoadOptions::default()).await
+}
+
+/// [`load_account`] with its options.
+///
+/// # Errors
+/// [`CachedRebuildError`]: the store failed, or a cached object cannot be read.
+pub async fn load_account_with<S: ObjectCache + DerivedStore + ?Sized>(
+    store: &S,
+    user: UserId,
+    connection: &Connection,
+    previous: Option<&Account>,
+    options: &LoadOptions,
 ) -> Result<LoadedAccount, CachedRebuildError> {
     for _ in 0..3 {
         let Some(stamp) = store.derived_stamp(connection.id).await? else {
             break;
         };
-        if !is_current(&stamp, connection) {
+        if stamp.version != RULES_VERSION || connection.last_synced_at.is_none() {
             break;
+        }
+        if !is_current(&stamp, connection) {
+            match update(store, user, connection, &stamp, previous, options).await? {
+                Some(loaded) => return Ok(loaded),
+                None => break,
+            }
         }
         let Some(account) = read(store, user, connection, &stamp).await? else {
             break;
@@ -100,10 +174,227 @@ pub async fn load_account<S: ObjectCache + DerivedStore + ?Sized>(
         return Ok(LoadedAccount {
             account,
             as_of: stamp.as_of,
-            derived: true,
+            source: Source::Derived,
         });
     }
     derive_account(store, user, connection).await
+}
+
+/// Brings the published derivation `stamp` up to the connection's last sync by rebuilding only
+/// the customers whose objects were written since it read the cache. `None` when everything
+/// must be rebuilt instead (or another process published a new derivation meanwhile).
+async fn update<S: ObjectCache + DerivedStore + ?Sized>(
+    store: &S,
+    user: UserId,
+    connection: &Connection,
+    stamp: &DerivedStamp,
+    previous: Option<&Account>,
+    options: &LoadOptions,
+) -> Result<Option<LoadedAccount>, CachedRebuildError> {
+    let started = Utc::now();
+    let since = stamp.cache_read_at - options.write_slack;
+    // A changed price or coupon can change any customer.
+    for kind in [ObjectKind::Price, ObjectKind::Coupon] {
+        if !store
+            .objects_written_since(user, connection.id, kind, since, None, 1)
+            .await?
+            .is_empty()
+        {
+            return Ok(None);
+        }
+    }
+    // The shared row is always rebuilt: a charge of no customer may since have been given one
+    // (the only change of owner Stripe allows), and it must leave that row.
+    let mut dirty: BTreeSet<String> = BTreeSet::from([String::new()]);
+    let mut disputed: Vec<String> = Vec::new();
+    for kind in [
+        ObjectKind::Customer,
+        ObjectKind::Subscription,
+        ObjectKind::Invoice,
+        ObjectKind::Charge,
+        ObjectKind::Dispute,
+    ] {
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .objects_written_since(
+                    user,
+                    connection.id,
+                    kind,
+                    since,
+                    after.as_deref(),
+                    CACHE_PAGE,
+                )
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.stripe_id.clone());
+            for o in &page {
+                if kind == ObjectKind::Dispute {
+                    disputed.extend(charge_of(o));
+                    continue;
+                }
+                // A charge of no customer lives in the shared row `""`.
+                dirty.insert(o.customer.clone().unwrap_or_default());
+            }
+            if dirty.len() > options.update_max_customers {
+                return Ok(None);
+            }
+            if page.len() < CACHE_PAGE {
+                break;
+            }
+        }
+    }
+    // A dispute changes its charge's customer.
+    for ids in disputed.chunks(CUSTOMERS_PER_READ) {
+        for charge in store
+            .objects_by_ids(user, connection.id, ObjectKind::Charge, ids)
+            .await?
+        {
+            dirty.insert(charge.customer.unwrap_or_default());
+        }
+    }
+    if dirty.len() > options.update_max_customers {
+        return Ok(None);
+    }
+    // The dirty customers, rebuilt with every price, coupon and dispute.
+    let mut rebuilder = Rebuilder::new();
+    for kind in [ObjectKind::Price, ObjectKind::Coupon, ObjectKind::Dispute] {
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .objects_page(user, connection.id, kind, after.as_deref(), CACHE_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.stripe_id.clone());
+            add(&mut rebuilder, &page)?;
+            if page.len() < CACHE_PAGE {
+                break;
+            }
+        }
+    }
+    let keys: Vec<String> = dirty.into_iter().collect();
+    for chunk in keys.chunks(CUSTOMERS_PER_READ) {
+        for kind in [
+            ObjectKind::Customer,
+            ObjectKind::Subscription,
+            ObjectKind::Invoice,
+            ObjectKind::Charge,
+        ] {
+            let objects = store
+                .objects_of_customers(user, connection.id, kind, chunk)
+                .await?;
+            add(&mut rebuilder, &objects)?;
+        }
+    }
+    let rebuilt = rebuilder.finish();
+    let mut part = rebuilt.account;
+    sort(&mut part);
+    // Their rows, an empty one for a customer with nothing left, in place.
+    let shares: HashMap<&str, Share<'_>> = shares(&part).into_iter().collect();
+    let mut rows = Vec::with_capacity(keys.len());
+    for key in &keys {
+        let data = match shares.get(key.as_str()) {
+            Some(share) => serde_json::to_string(share),
+            None => serde_json::to_string(&empty()),
+        }
+        .map_err(|e| StoreError::Invalid(format!("serialising customer {key}: {e}")))?;
+        rows.push(DerivedRow {
+            key: key.clone(),
+            data,
+        });
+    }
+    drop(shares);
+    for chunk in rows.chunks(DERIVED_PAGE) {
+        store
+            .write_derived(connection.id, stamp.generation, chunk)
+            .await?;
+    }
+    drop(rows);
+    let account = match previous {
+        Some(previous) => patch(previous, &keys, part),
+        None => match read(store, user, connection, stamp).await? {
+            Some(account) => account,
+            None => return Ok(None),
+        },
+    };
+    let as_of = stamp.as_of.max(rebuilt.as_of);
+    let published = store
+        .publish_derived(
+            connection.id,
+            &DerivedStamp {
+                generation: stamp.generation,
+                version: RULES_VERSION,
+                synced_at: connection.last_synced_at,
+                as_of,
+                cache_read_at: started,
+            },
+            Some(stamp.generation),
+        )
+        .await?;
+    if !published {
+        return Ok(None);
+    }
+    Ok(Some(LoadedAccount {
+        account,
+        as_of,
+        source: Source::Updated {
+            customers: keys.iter().filter(|k| !k.is_empty()).count(),
+        },
+    }))
+}
+
+fn add(rebuilder: &mut Rebuilder, objects: &[CachedObject]) -> Result<(), CachedRebuildError> {
+    for o in objects {
+        rebuilder.add(o.kind, o.data.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The charge a cached dispute is of.
+fn charge_of(dispute: &CachedObject) -> Option<String> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Ref {
+        Id(String),
+        Object { id: String },
+    }
+    #[derive(Deserialize)]
+    struct D {
+        charge: Option<Ref>,
+    }
+    match serde_json::from_str::<D>(&dispute.data).ok()?.charge? {
+        Ref::Id(id) | Ref::Object { id } => Some(id),
+    }
+}
+
+/// `previous` with the customers `keys` replaced by what `part` holds of them.
+fn patch(previous: &Account, keys: &[String], part: Account) -> Account {
+    let dirty: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    let mut account = Account {
+        customers: previous
+            .customers
+            .iter()
+            .filter(|c| !dirty.contains(c.id.as_str()))
+            .cloned()
+            .collect(),
+        subscriptions: previous
+            .subscriptions
+            .iter()
+            .filter(|s| !dirty.contains(s.customer.as_str()))
+            .cloned()
+            .collect(),
+        payments: previous
+            .payments
+            .iter()
+            .filter(|p| !dirty.contains(p.customer.as_deref().unwrap_or("")))
+            .cloned()
+            .collect(),
+    };
+    account.customers.extend(part.customers);
+    account.subscriptions.extend(part.subscriptions);
+    account.payments.extend(part.payments);
+    sort(&mut account);
+    account
 }
 
 /// Rebuilds the account of the user's `connection` from the cache and stores it as the
@@ -116,6 +407,7 @@ pub async fn derive_account<S: ObjectCache + DerivedStore + ?Sized>(
     user: UserId,
     connection: &Connection,
 ) -> Result<LoadedAccount, CachedRebuildError> {
+    let started = Utc::now();
     let rebuilt = rebuild_cached(store, user, connection.id, CACHE_PAGE).await?;
     let mut account = rebuilt.account;
     sort(&mut account);
@@ -146,13 +438,15 @@ pub async fn derive_account<S: ObjectCache + DerivedStore + ?Sized>(
                 version: RULES_VERSION,
                 synced_at: connection.last_synced_at,
                 as_of: rebuilt.as_of,
+                cache_read_at: started,
             },
+            None,
         )
         .await?;
     Ok(LoadedAccount {
         account,
         as_of: rebuilt.as_of,
-        derived: false,
+        source: Source::Rebuilt,
     })
 }
 

@@ -29,6 +29,14 @@ async fn seeded(customers: usize) -> (MemoryStore, UserId, ConnectionId) {
     (store, user, conn)
 }
 
+/// Updates that read back exactly to the derivation's read (the tests' writes are ordered).
+fn exact() -> LoadOptions {
+    LoadOptions {
+        write_slack: TimeDelta::zero(),
+        ..LoadOptions::default()
+    }
+}
+
 async fn connection(store: &MemoryStore, user: UserId, conn: ConnectionId) -> Connection {
     store
         .connection(user, conn)
@@ -51,13 +59,13 @@ async fn oracle(store: &MemoryStore, user: UserId, conn: ConnectionId) -> Accoun
 async fn a_derivation_reads_back_the_rebuilt_account_while_current() {
     let (store, user, conn) = seeded(60).await;
     let c = connection(&store, user, conn).await;
-    let first = load_account(&store, user, &c).await.expect("loaded");
-    assert!(!first.derived, "nothing derived yet: rebuilt");
+    let first = load_account(&store, user, &c, None).await.expect("loaded");
+    assert_eq!(first.source, Source::Rebuilt, "nothing derived yet");
     let expected = oracle(&store, user, conn).await;
     assert!(!expected.subscriptions.is_empty());
     assert_eq!(first.account, expected);
-    let second = load_account(&store, user, &c).await.expect("loaded");
-    assert!(second.derived, "read from the derivation");
+    let second = load_account(&store, user, &c, None).await.expect("loaded");
+    assert_eq!(second.source, Source::Derived);
     assert_eq!(second.account, expected);
     assert_eq!(second.as_of, first.as_of);
     // Prices are shared again, as the rebuild shares them.
@@ -83,7 +91,8 @@ async fn a_derivation_reads_back_the_rebuilt_account_while_current() {
 async fn a_sync_or_another_rebuild_makes_it_stale() {
     let (store, user, conn) = seeded(20).await;
     let c = connection(&store, user, conn).await;
-    load_account(&store, user, &c).await.expect("derived");
+    load_account(&store, user, &c, None).await.expect("derived");
+    std::thread::sleep(std::time::Duration::from_millis(3));
     // A later sync changed a customer: the next load rebuilds and sees it.
     let later = Utc::now() + TimeDelta::seconds(5);
     let mut customer = store
@@ -107,8 +116,15 @@ async fn a_sync_or_another_rebuild_makes_it_stale() {
         .unwrap();
     store.set_last_synced(conn, later).await.unwrap();
     let c = connection(&store, user, conn).await;
-    let after = load_account(&store, user, &c).await.expect("loaded");
-    assert!(!after.derived, "stale at the new sync: rebuilt");
+    let after = load_account_with(&store, user, &c, None, &exact())
+        .await
+        .expect("loaded");
+    assert_eq!(
+        after.source,
+        Source::Updated { customers: 1 },
+        "stale at the new sync: the changed customer is rebuilt"
+    );
+    assert_eq!(after.account, oracle(&store, user, conn).await);
     let changed = after
         .account
         .customers
@@ -116,19 +132,25 @@ async fn a_sync_or_another_rebuild_makes_it_stale() {
         .find(|x| x.id == customer.stripe_id)
         .unwrap();
     assert_eq!(changed.country.as_deref(), Some("NZ"));
-    assert!(load_account(&store, user, &c).await.unwrap().derived);
+    assert_eq!(
+        load_account(&store, user, &c, None).await.unwrap().source,
+        Source::Derived
+    );
     // A derivation written by another build of the rebuild is not read.
     let mut stamp = store.derived_stamp(conn).await.unwrap().unwrap();
     stamp.version = RULES_VERSION.wrapping_add(1);
-    store.publish_derived(conn, &stamp).await.unwrap();
-    assert!(!load_account(&store, user, &c).await.unwrap().derived);
+    store.publish_derived(conn, &stamp, None).await.unwrap();
+    assert_eq!(
+        load_account(&store, user, &c, None).await.unwrap().source,
+        Source::Rebuilt
+    );
 }
 
 #[tokio::test]
 async fn a_half_written_derivation_is_never_read_and_a_broken_one_is_rebuilt() {
     let (store, user, conn) = seeded(20).await;
     let c = connection(&store, user, conn).await;
-    load_account(&store, user, &c).await.expect("derived");
+    load_account(&store, user, &c, None).await.expect("derived");
     let expected = oracle(&store, user, conn).await;
     // A writer killed after its first rows: never published, so the published one stands.
     store
@@ -142,8 +164,8 @@ async fn a_half_written_derivation_is_never_read_and_a_broken_one_is_rebuilt() {
         )
         .await
         .unwrap();
-    let read = load_account(&store, user, &c).await.unwrap();
-    assert!(read.derived);
+    let read = load_account(&store, user, &c, None).await.unwrap();
+    assert_eq!(read.source, Source::Derived);
     assert_eq!(read.account, expected);
     // A row that cannot be read (written by an incompatible build): rebuilt from the cache.
     let stamp = store.derived_stamp(conn).await.unwrap().unwrap();
@@ -158,10 +180,13 @@ async fn a_half_written_derivation_is_never_read_and_a_broken_one_is_rebuilt() {
         )
         .await
         .unwrap();
-    let read = load_account(&store, user, &c).await.unwrap();
-    assert!(!read.derived);
+    let read = load_account(&store, user, &c, None).await.unwrap();
+    assert_eq!(read.source, Source::Rebuilt);
     assert_eq!(read.account, expected);
-    assert!(load_account(&store, user, &c).await.unwrap().derived);
+    assert_eq!(
+        load_account(&store, user, &c, None).await.unwrap().source,
+        Source::Derived
+    );
 }
 
 #[tokio::test]
@@ -170,6 +195,190 @@ async fn a_connection_never_synced_is_always_rebuilt() {
     let (store, user, conn) = MemoryStore::with_connection("acct_new", now).await;
     let c = connection(&store, user, conn).await;
     assert!(c.last_synced_at.is_none());
-    assert!(!load_account(&store, user, &c).await.unwrap().derived);
-    assert!(!load_account(&store, user, &c).await.unwrap().derived);
+    for _ in 0..2 {
+        assert_eq!(
+            load_account(&store, user, &c, None).await.unwrap().source,
+            Source::Rebuilt
+        );
+    }
+}
+
+/// One change a sync can bring.
+#[derive(Debug, Clone)]
+enum Change {
+    /// A customer moves country.
+    Country(usize),
+    /// A subscription ends, `days` after its start.
+    Cancel(usize, i64),
+    /// A customer pays again (a copy of one of their charges, a month later).
+    Charge(usize),
+    /// A new customer with a copy of another's subscription.
+    NewCustomer(usize),
+    /// A charge is disputed and lost.
+    Dispute(usize),
+    /// A price's nickname changes: every customer may change.
+    Price(usize),
+    /// A payment of no customer (a copy of a charge, without its customer).
+    Guest(usize),
+}
+
+fn change() -> impl proptest::strategy::Strategy<Value = Change> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0usize..1000).prop_map(Change::Country),
+        (0usize..1000, 1i64..200).prop_map(|(i, d)| Change::Cancel(i, d)),
+        (0usize..1000).prop_map(Change::Charge),
+        (0usize..1000).prop_map(Change::NewCustomer),
+        (0usize..1000).prop_map(Change::Dispute),
+        (0usize..1000).prop_map(Change::Price),
+        (0usize..1000).prop_map(Change::Guest),
+    ]
+}
+
+/// The objects `changes` write, from what the cache holds.
+async fn apply(
+    store: &MemoryStore,
+    user: UserId,
+    conn: ConnectionId,
+    changes: &[Change],
+    version: DateTime<Utc>,
+    round: usize,
+) -> bool {
+    use revpilot_core::ports::ObjectKind as K;
+    use serde_json::{Value, json};
+    let all = |kind| async move {
+        store
+            .objects(user, conn, kind)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|o| serde_json::from_str::<Value>(&o.data).expect("json"))
+            .collect::<Vec<Value>>()
+    };
+    let (customers, subs, charges, prices) = (
+        all(K::Customer).await,
+        all(K::Subscription).await,
+        all(K::Charge).await,
+        all(K::Price).await,
+    );
+    let pick = |list: &[Value], i: usize| list[i % list.len()].clone();
+    let mut out: Vec<(K, Value)> = Vec::new();
+    let mut global = false;
+    for (i, c) in changes.iter().enumerate() {
+        // Ids are new in every round: Stripe never reuses one.
+        let n = format!("{round}_{i}");
+        match c {
+            Change::Country(i) => {
+                let mut x = pick(&customers, *i);
+                let country = ["NZ", "FR", "BR"][i % 3];
+                x["address"] = json!({ "country": country });
+                out.push((K::Customer, x));
+            }
+            Change::Cancel(i, days) => {
+                let mut x = pick(&subs, *i);
+                let at = x["start_date"]
+                    .as_i64()
+                    .or(x["created"].as_i64())
+                    .unwrap_or(0)
+                    + days * 86_400;
+                x["status"] = json!("canceled");
+                x["canceled_at"] = json!(at);
+                x["ended_at"] = json!(at);
+                out.push((K::Subscription, x));
+            }
+            Change::Charge(i) => {
+                let mut x = pick(&charges, *i);
+                x["id"] = json!(format!("ch_new_{n}"));
+                x["created"] = json!(x["created"].as_i64().unwrap_or(0) + 30 * 86_400);
+                out.push((K::Charge, x));
+            }
+            Change::NewCustomer(i) => {
+                let mut s = pick(&subs, *i);
+                let mut x = customers
+                    .iter()
+                    .find(|c| c["id"] == s["customer"])
+                    .cloned()
+                    .expect("the subscription's customer");
+                let id = format!("cus_new_{n}");
+                x["id"] = json!(id);
+                s["id"] = json!(format!("sub_new_{n}"));
+                s["customer"] = json!(id);
+                out.push((K::Customer, x));
+                out.push((K::Subscription, s));
+            }
+            Change::Dispute(i) => {
+                let ch = pick(&charges, *i);
+                out.push((
+                    K::Dispute,
+                    json!({"id": format!("dp_{n}"), "object": "dispute", "charge": ch["id"],
+                           "amount": ch["amount"], "currency": ch["currency"],
+                           "created": ch["created"].as_i64().unwrap_or(0) + 86_400,
+                           "status": "lost", "balance_transactions": []}),
+                ));
+            }
+            Change::Guest(i) => {
+                let mut x = pick(&charges, *i);
+                x["id"] = json!(format!("ch_guest_{n}"));
+                x["customer"] = Value::Null;
+                out.push((K::Charge, x));
+            }
+            Change::Price(i) => {
+                let mut x = pick(&prices, *i);
+                x["nickname"] = json!(format!("renamed {n}"));
+                out.push((K::Price, x));
+                global = true;
+            }
+        }
+    }
+    let objects: Vec<CachedObject> = out
+        .into_iter()
+        .map(|(kind, v)| {
+            let id = v["id"].as_str().expect("id").to_owned();
+            crate::export::cached_object(kind, id, version, v.to_string())
+        })
+        .collect();
+    store.upsert_objects(conn, &objects).await.expect("written");
+    global
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// After any changes a sync brings, the updated derivation is exactly the account a full
+    /// rebuild makes, whether the update patches the account in hand or reads its rows back.
+    #[test]
+    fn an_update_after_a_sync_equals_a_full_rebuild(
+        customers in 3usize..30,
+        rounds in proptest::collection::vec(proptest::collection::vec(change(), 1..6), 1..4),
+        patch_in_hand in proptest::bool::ANY,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let (store, user, conn) = seeded(customers).await;
+            let c = connection(&store, user, conn).await;
+            let mut held = load_account(&store, user, &c, None).await.expect("derived").account;
+            let mut synced = Utc::now();
+            for (round, changes) in rounds.iter().enumerate() {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                synced += TimeDelta::seconds(10);
+                let global = apply(&store, user, conn, changes, synced, round).await;
+                store.set_last_synced(conn, synced).await.expect("synced");
+                let c = connection(&store, user, conn).await;
+                let previous = patch_in_hand.then_some(&held);
+                let loaded = load_account_with(&store, user, &c, previous, &exact())
+                    .await
+                    .expect("updated");
+                assert_eq!(loaded.account, oracle(&store, user, conn).await, "{changes:?}");
+                if global {
+                    assert_eq!(loaded.source, Source::Rebuilt);
+                } else {
+                    assert!(matches!(loaded.source, Source::Updated { .. }), "{:?}", loaded.source);
+                }
+                let again = load_account(&store, user, &c, None).await.expect("read");
+                assert_eq!(again.source, Source::Derived);
+                assert_eq!(again.account, loaded.account);
+                held = loaded.account;
+            }
+        });
+    }
 }

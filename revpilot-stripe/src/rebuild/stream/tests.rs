@@ -252,6 +252,7 @@ async fn a_cache_read_page_by_page_rebuilds_the_same_account() {
         stripe_id: "ch_bad".into(),
         version: now,
         data: r#"{"id": "ch_bad", "currency": "usd"}"#.into(),
+        customer: None,
     };
     store.upsert_objects(conn, &[bad]).await.expect("cached");
     let e = rebuild_cached(&store, user, conn, 7)
