@@ -8,10 +8,11 @@
 //! 2. Starts `target/release/revpilot-server` on that store; its scheduler queues the daily
 //!    snapshot, which needs the same account as the first request.
 //! 3. Times the first `/api/metrics` (nothing derived yet: rebuilt from the cache, then derived),
-//!    a second one (served from the server's copy), one after a sync is recorded (rebuilt and
-//!    derived again), and the first of a new server process (read from the derivation, as every
-//!    load after a sync is: the worker derives the account when its sync ends); reads the
-//!    server's peak RSS (`VmHWM`) and its RSS after each.
+//!    a second one (served from the server's copy), how long after a sync that changed 1 % of
+//!    the customers the answer reflects it (the derived account is updated with those customers
+//!    only), and the first of a new server process (read from the derivation, as every load
+//!    after a sync is: the worker updates the derivation when its sync ends); reads the server's
+//!    peak RSS (`VmHWM`) and its RSS after each.
 //!
 //! `cargo build --release -p revpilot-server && cargo run --release -p revpilot-benches --bin account_load [-- CUSTOMERS]`
 //! (default 100,000). Targets: the first answer within 10 s, the server's peak RSS at most 2 GiB.
@@ -145,6 +146,17 @@ async fn seed(customers: usize) -> (PathBuf, UserId, ConnectionId) {
     }
     reading.join().unwrap();
     store.set_last_synced(conn, now).await.unwrap();
+    // As an account synced a day ago: its objects were written then, not within the minutes an
+    // update reads back.
+    for kind in ObjectKind::ALL {
+        let table = format!("{}s_cache", kind.as_str());
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {table} SET written_at = written_at - 86400000000"
+        )))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
     println!(
         "seeded {stored} objects in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -247,32 +259,65 @@ async fn main() {
         assert!(r.status().is_success(), "{}", r.status());
         let body: serde_json::Value = r.json().await.unwrap();
         let rows = body["rows"].as_array().map_or(0, Vec::len);
-        (started.elapsed().as_secs_f64(), rows)
+        (
+            started.elapsed().as_secs_f64(),
+            rows,
+            body["rows"][rows.saturating_sub(1)]["mrr"].clone(),
+        )
     };
     println!(
         "{customers} customers over {MONTHS} months; server RSS when ready {:.2} GiB",
         gib(idle)
     );
-    let (first, rows) = get(base.clone()).await;
+    let (first, rows, mrr_before) = get(base.clone()).await;
     let (peak, rss) = memory(pid);
     println!(
         "first /api/metrics:  {first:6.2} s ({rows} rows)   server peak RSS {:.2} GiB, RSS after {:.2} GiB",
         gib(peak),
         gib(rss)
     );
-    let (second, _) = get(base.clone()).await;
+    let (second, ..) = get(base.clone()).await;
     println!("second /api/metrics: {second:6.3} s");
 
-    // A sync recorded: the next request builds the account again.
+    // A sync that changed 1 % of the customers (their subscriptions canceled today): the next
+    // requests see it once the server's connection row is re-read (`ROW_TTL`) and the derived
+    // account is updated with those customers only.
     let store = SqliteStore::connect(db.to_str().unwrap(), KeyRing::parse(KEYS).unwrap())
         .await
         .unwrap();
+    let now = Utc::now();
+    let changed: Vec<CachedObject> = store
+        .objects_page(user, conn, ObjectKind::Subscription, None, customers / 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| {
+            let mut v: serde_json::Value = serde_json::from_str(&o.data).unwrap();
+            v["status"] = "canceled".into();
+            v["canceled_at"] = now.timestamp().into();
+            v["ended_at"] = now.timestamp().into();
+            revpilot_stripe::export::cached_object(o.kind, o.stripe_id, now, v.to_string())
+        })
+        .collect();
+    store.upsert_objects(conn, &changed).await.unwrap();
     store.set_last_synced(conn, Utc::now()).await.unwrap();
-    tokio::time::sleep(revpilot_server::accounts::ROW_TTL + Duration::from_millis(50)).await;
-    let (after_sync, _) = get(base.clone()).await;
+    let synced = Instant::now();
+    let (update, reflected) = loop {
+        let (took, _, mrr) = get(base.clone()).await;
+        if mrr != mrr_before {
+            break (took, synced.elapsed().as_secs_f64());
+        }
+        assert!(
+            synced.elapsed() < Duration::from_secs(300),
+            "the change never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let (peak, rss) = memory(pid);
     println!(
-        "after a sync:        {after_sync:6.2} s   server peak RSS {:.2} GiB, RSS after {:.2} GiB",
+        "after a sync changing {} customers: reflected {reflected:6.2} s after it ended (the updating request {update:6.2} s; connection rows are re-read after {:.1} s)   server peak RSS {:.2} GiB, RSS after {:.2} GiB",
+        changed.len(),
+        revpilot_server::accounts::ROW_TTL.as_secs_f64(),
         gib(peak),
         gib(rss)
     );
@@ -281,7 +326,7 @@ async fn main() {
     // A new server process on the same store: the account derived at that sync is read back.
     let (server, base) = start(&binary, &db).await;
     let pid = server.0.id();
-    let (derived, rows) = get(base.clone()).await;
+    let (derived, rows, _) = get(base.clone()).await;
     let (peak, rss) = memory(pid);
     println!(
         "new server, derived: {derived:6.2} s ({rows} rows)   server peak RSS {:.2} GiB, RSS after {:.2} GiB",
