@@ -297,6 +297,7 @@ pub(crate) async fn generate_insights(
         &analysis,
         Uuid::new_v4(),
         (state.clock)(),
+        tokio::time::sleep(state.insight_deadline),
     )
     .await
     .inspect(|g| {

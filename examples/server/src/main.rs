@@ -104,6 +104,10 @@ struct Args {
     /// their next request.
     #[arg(long, env = "REVPILOT_ACCOUNTS_MB", default_value_t = revpilot_server::accounts::DEFAULT_BUDGET_BYTES >> 20)]
     accounts_mb: usize,
+    /// Seconds one insight generation may wait for the model, every attempt together; past it
+    /// the local narrative stands in (and the generation is not counted).
+    #[arg(long, env = "REVPILOT_INSIGHT_DEADLINE_SECS", default_value_t = 30)]
+    insight_deadline_secs: u64,
 }
 
 /// `n` random bytes as base64 (`None` when the system's random source fails).
@@ -323,6 +327,7 @@ async fn main() -> ExitCode {
     state.jwks = jwks;
     state.catalog = Arc::new(catalog.clone());
     state.llm = llm;
+    state.insight_deadline = Duration::from_secs(args.insight_deadline_secs.max(1));
     state.stripe = stripe.map(|(c, _)| c);
     if let Some(base) = &args.stripe_api_base {
         match url::Url::parse(base) {

@@ -579,6 +579,93 @@ async fn insights_and_scenarios_are_generated_metered_and_refused_at_the_limit()
 }
 
 #[tokio::test]
+async fn a_model_that_lies_stalls_or_fails_shows_only_computed_numbers_within_the_deadline() {
+    use revpilot_ai::{OpenAiConfig, OpenAiProvider};
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let model = MockServer::start().await;
+    let mut config =
+        OpenAiConfig::new(&format!("{}/internal-llm/v1", model.uri()), "gpt-x").unwrap();
+    config.min_delay = std::time::Duration::from_millis(5);
+    // As reported: a minute per attempt, three attempts; the generation's deadline is what
+    // bounds the wait.
+    config.timeout = std::time::Duration::from_secs(60);
+    let provider = OpenAiProvider::new(config).unwrap();
+    let deadline = std::time::Duration::from_secs(1);
+    let w = world_with(|s| {
+        s.llm = Arc::new(provider);
+        s.insight_deadline = deadline;
+    })
+    .await;
+    let (user, conn) = w.connected("acct_llm").await;
+    w.store.set_last_synced(conn, now()).await.unwrap();
+    let token = w.token(user);
+    let uri = format!("/api/insights?connectionId={conn}");
+    let lie = "MRR is $1,000,000,000 and will grow 500 %";
+    let insights: Vec<Value> = revpilot_core::insights::InsightKind::ALL
+        .iter()
+        .map(|k| json!({"kind": k, "title": "Revenue", "summary": lie, "figure_ids": ["mrr"]}))
+        .collect();
+    let lying = ResponseTemplate::new(200).set_body_json(json!({
+        "choices": [{"message": {"role": "assistant",
+                                 "content": json!({"insights": insights}).to_string()}}]
+    }));
+    for (name, response, says) in [
+        ("lies", lying.clone(), "writes 1000000000"),
+        (
+            "stalls",
+            lying.set_delay(std::time::Duration::from_secs(75)),
+            "no answer within the deadline",
+        ),
+        (
+            "fails",
+            ResponseTemplate::new(500).set_body_string("upstream http://10.0.0.7:8000 down"),
+            "answered 500",
+        ),
+    ] {
+        model.reset().await;
+        Mock::given(method("POST"))
+            .and(path("/internal-llm/v1/chat/completions"))
+            .respond_with(response)
+            .mount(&model)
+            .await;
+        let started = std::time::Instant::now();
+        let (status, body) = w.call("POST", &uri, Some(&token), None).await;
+        let waited = started.elapsed();
+        assert_eq!(status, StatusCode::OK, "{name}: {body}");
+        assert!(
+            waited < deadline + std::time::Duration::from_millis(800),
+            "{name}: the user waited {waited:?}"
+        );
+        let fallback = body["fallback"].as_str().unwrap();
+        assert!(fallback.contains(says), "{name}: {fallback}");
+        let text = body.to_string();
+        for leak in [
+            "1,000,000,000",
+            "500 %",
+            "internal-llm",
+            "127.0.0.1",
+            "10.0.0.7",
+        ] {
+            assert!(!text.contains(leak), "{name}: {leak:?} in {text}");
+        }
+        let (_, _, html) = w.page("GET", "/insights", Some(&token), None).await;
+        for leak in ["1,000,000,000", "500 %", "internal-llm", "127.0.0.1"] {
+            assert!(!html.contains(leak), "{name}: {leak:?} on /insights");
+        }
+        assert!(html.contains("written by local"), "{name}");
+    }
+    // The three generations fell back to the local narrative: none is counted (a starter's
+    // five are all left), so none is billed past a limit either.
+    let (_, usage) = w
+        .call("GET", "/api/usage/current", Some(&token), None)
+        .await;
+    assert_eq!(usage["ai_insight"]["used"], 0, "{usage}");
+    assert_eq!(usage["ai_insight"]["remaining"], 5, "{usage}");
+}
+
+#[tokio::test]
 async fn checkout_without_stripe_and_oversized_bodies_get_json_errors() {
     let w = world().await;
     let (user, _) = w.connected("acct_c").await;
