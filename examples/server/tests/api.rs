@@ -987,6 +987,70 @@ async fn no_data_yet_only_while_the_first_sync_runs_and_pages_need_a_session() {
         html.contains("http-equiv=\"refresh\""),
         "it refreshes until the sync is done"
     );
+    assert!(html.contains("data-first-sync=\"queued\""), "{html}");
+
+    // A first sync that failed or paused says so, why, and what to do; it does not claim to
+    // be running, nor refresh for ever.
+    use revpilot_core::ports::{RunOutcome, SyncStateStore, SyncStatus};
+    let (user, conn) = w.connected("acct_stopped").await;
+    for (i, (status, error, says, action)) in [
+        (
+            SyncStatus::Failed,
+            "/v1/subscriptions failed after 5 attempts: error sending request for url \
+             (http://10.1.2.3:8443/v1/subscriptions)",
+            "/v1/subscriptions failed after 5 attempts",
+            "/api/stripe/connect",
+        ),
+        (
+            SyncStatus::Failed,
+            "storage: error returned from database: UNIQUE constraint failed: customers_cache.id",
+            "RevPilot could not store the data",
+            "/api/stripe/connect",
+        ),
+        (
+            SyncStatus::Paused,
+            "transaction_volume limit reached; sync paused until the next period or an upgrade",
+            "transaction_volume limit reached",
+            "/pricing",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let at = now() + chrono::Duration::seconds(10 * i as i64);
+        let run = w.store.start_run(conn, at).await.unwrap();
+        let (_, _, html) = w
+            .page("GET", "/dashboard", Some(&w.token(user)), None)
+            .await;
+        assert!(html.contains("data-first-sync=\"running\""), "{html}");
+        let outcome = RunOutcome {
+            error: Some(error.to_owned()),
+            ..RunOutcome::default()
+        };
+        w.store
+            .finish_run(run, status, &outcome, at + chrono::Duration::seconds(1))
+            .await
+            .unwrap();
+        let (code, _, html) = w
+            .page("GET", "/dashboard", Some(&w.token(user)), None)
+            .await;
+        assert_eq!(code, StatusCode::OK);
+        let s = status.as_str();
+        assert!(
+            html.contains(&format!("data-first-sync=\"{s}\"")),
+            "{s}: {html}"
+        );
+        assert!(!html.contains("is running"), "{s}: {html}");
+        assert!(!html.contains("http-equiv=\"refresh\""), "{s}");
+        assert!(html.contains(says), "{s}: the reason is shown: {html}");
+        assert!(
+            html.contains(&format!("href=\"{action}\"")),
+            "{s}: what to do"
+        );
+        for hidden in ["10.1.2.3", "UNIQUE constraint", "customers_cache"] {
+            assert!(!html.contains(hidden), "{s}: {hidden:?} shown");
+        }
+    }
 
     for path in ["/dashboard", "/insights", "/usage", "/pricing"] {
         for token in [None, Some("not-a-token")] {
