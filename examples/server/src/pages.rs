@@ -612,6 +612,7 @@ pub(crate) async fn usage(
                 "Transactions synced",
                 &u.transaction_volume,
             ),
+            meter("scenario", "What-if scenarios", &u.scenario),
         ],
         bill: vec![
             ("Plan".to_owned(), cents(u.bill.base, c)),

@@ -666,6 +666,77 @@ async fn a_model_that_lies_stalls_or_fails_shows_only_computed_numbers_within_th
 }
 
 #[tokio::test]
+async fn the_scenario_meter_is_shown_and_its_limit_answers_before_the_history() {
+    let w = world().await;
+    let (user, _) = w.connected("acct_meter").await;
+    let token = w.token(user);
+    // A second account, synced but empty: no history to run a scenario on.
+    let empty = w
+        .store
+        .save_connection(
+            NewConnection {
+                user,
+                stripe_account_id: "acct_empty".into(),
+                business_name: None,
+                currency: Some("usd".into()),
+                tokens: Tokens {
+                    access_token: SecretString::from("sk_test_y"),
+                    refresh_token: None,
+                },
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    w.store.set_last_synced(empty.id, now()).await.unwrap();
+    let scenario = json!({"connectionId": empty.id.to_string(), "priceChangePct": "10"});
+    // Starter: no scenarios at all, so 402 whatever the data.
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/scenarios",
+            Some(&token),
+            Some(scenario.clone()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    assert_eq!(body["error"]["code"], "upgrade_required");
+    let (_, usage) = w
+        .call("GET", "/api/usage/current", Some(&token), None)
+        .await;
+    assert_eq!(usage["scenario"]["used"], 0, "{usage}");
+    assert_eq!(usage["scenario"]["limit"], 0, "{usage}");
+    assert_eq!(usage["scenario"]["hard_limit"], true, "{usage}");
+    // Professional: the history's own error answers (the limit is not reached).
+    w.store
+        .set_plan(
+            user,
+            &PlanChange {
+                tier: Tier::Professional,
+                subscription_status: Some("active".into()),
+                stripe_customer_id: None,
+                stripe_subscription_id: None,
+                current_period_start: None,
+                current_period_end: None,
+                limits: Catalog::default().plan(Tier::Professional).limits,
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    let (status, body) = w
+        .call("POST", "/api/scenarios", Some(&token), Some(scenario))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (_, _, html) = w.page("GET", "/usage", Some(&token), None).await;
+    assert!(
+        html.contains("data-meter=\"scenario\" data-used=\"0\""),
+        "{html}"
+    );
+    assert!(html.contains("What-if scenarios"));
+}
+
+#[tokio::test]
 async fn checkout_without_stripe_and_oversized_bodies_get_json_errors() {
     let w = world().await;
     let (user, _) = w.connected("acct_c").await;

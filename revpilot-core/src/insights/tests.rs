@@ -813,6 +813,16 @@ mod narrative_tests {
                 .await
                 .is_err()
         );
+        // Without history, the limit still answers first: "upgrade", not "not enough history".
+        for who in [starter, pro] {
+            let err = run_metered(&store, &c, who, None, &[], &raise, "s1", now)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, RunError::Usage(UsageError::UpgradeRequired { .. })),
+                "{err}"
+            );
+        }
         let business = user(&store, Tier::Business).await;
         for i in 0..20 {
             run_metered(
