@@ -130,6 +130,7 @@ async fn fakellm_answers_and_its_429_falls_back_to_the_local_narrative() {
         &analysis,
         Uuid::new_v4(),
         now,
+        std::future::pending(),
     )
     .await
     .unwrap();
@@ -144,6 +145,7 @@ async fn fakellm_answers_and_its_429_falls_back_to_the_local_narrative() {
         &analysis,
         Uuid::new_v4(),
         now,
+        std::future::pending(),
     )
     .await
     .unwrap();

@@ -8,7 +8,7 @@ use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{Duration, NaiveDate};
-use revpilot_core::billing::{UsageError, current_usage};
+use revpilot_core::billing::{UsageError, check_scenario, current_usage};
 use revpilot_core::insights::analyze;
 use revpilot_core::insights::narrative::{GenerateError, Generated, generate};
 use revpilot_core::insights::scenario::{RunError, Scenario, run_metered};
@@ -305,6 +305,7 @@ pub(crate) async fn generate_insights(
         &analysis,
         Uuid::new_v4(),
         (state.clock)(),
+        tokio::time::sleep(state.insight_deadline),
     )
     .await
     .inspect(|g| {
@@ -395,6 +396,10 @@ pub(crate) async fn scenarios(
         Ok(c) => c,
         Err(r) => return r,
     };
+    // The limit answers before the account is built or its history read (402, not 400).
+    if let Err(e) = check_scenario(state.store.as_ref(), user, (state.clock)()).await {
+        return usage_error(&e);
+    }
     let loaded = match account(&state, user, &connection).await {
         Ok(a) => a,
         Err(r) => return r,

@@ -62,6 +62,10 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     /// The insights narrator (the local templates by default).
     pub llm: Arc<dyn LlmProvider>,
+    /// How long one insight generation may wait for the narrator, every ask and retry
+    /// together (`REVPILOT_INSIGHT_DEADLINE_SECS`, default [`INSIGHT_DEADLINE`]); past it the
+    /// local narrative stands in.
+    pub insight_deadline: std::time::Duration,
     /// The company's own Stripe account (checkout); `None` when billing is not configured.
     pub stripe: Option<Client>,
     /// Where the app is served (Checkout's return URLs).
@@ -112,6 +116,9 @@ pub struct DemoLogin {
     pub password: String,
 }
 
+/// The default deadline of one insight generation: a user never waits longer for a model.
+pub const INSIGHT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sign-up and log-in attempts per minute, per client address and per email.
 pub const ATTEMPTS_PER_MINUTE: u32 = 10;
 
@@ -139,6 +146,7 @@ impl AppState {
             jwks: None,
             catalog: Arc::new(Catalog::default()),
             llm: Arc::new(LocalProvider),
+            insight_deadline: INSIGHT_DEADLINE,
             stripe: None,
             app_url: Url::parse("http://127.0.0.1:3000/").unwrap_or_else(|_| unreachable!()),
             expensive: Arc::new(guard::KeyedBudget::per_minute(

@@ -104,6 +104,16 @@ struct Args {
     /// their next request.
     #[arg(long, env = "REVPILOT_ACCOUNTS_MB", default_value_t = revpilot_server::accounts::DEFAULT_BUDGET_BYTES >> 20)]
     accounts_mb: usize,
+    /// Seconds one insight generation may wait for the model, every attempt together; past it
+    /// the local narrative stands in (and the generation is not counted).
+    #[arg(long, env = "REVPILOT_INSIGHT_DEADLINE_SECS", default_value_t = 30)]
+    insight_deadline_secs: u64,
+    /// Seconds a shutdown may take: after the first SIGTERM or Ctrl-C the server stops
+    /// accepting, the in-process worker's jobs in hand may finish for most of it and then go
+    /// back to the queue; past it the process exits. A second signal exits at once.
+    #[arg(long, env = "REVPILOT_SHUTDOWN_GRACE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    shutdown_grace_secs: u64,
 }
 
 /// `n` random bytes as base64 (`None` when the system's random source fails).
@@ -151,6 +161,12 @@ async fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
+    let guard = match revpilot_worker::ShutdownGuard::install(Duration::from_secs(
+        args.shutdown_grace_secs,
+    )) {
+        Ok(g) => g,
+        Err(e) => return fail(format!("signal handlers: {e}")),
+    };
     // Before anything is counted, so that nothing is lost.
     let _ = revpilot_server::telemetry::prometheus();
 
@@ -323,6 +339,7 @@ async fn main() -> ExitCode {
     state.jwks = jwks;
     state.catalog = Arc::new(catalog.clone());
     state.llm = llm;
+    state.insight_deadline = Duration::from_secs(args.insight_deadline_secs.max(1));
     state.stripe = stripe.map(|(c, _)| c);
     if let Some(base) = &args.stripe_api_base {
         match url::Url::parse(base) {
@@ -384,9 +401,14 @@ async fn main() -> ExitCode {
             "server-worker-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let run = tokio::spawn(queue.clone().run(Arc::new(runner), id, async move {
-            let _ = stopped.await;
-        }));
+        let run = tokio::spawn(queue.clone().run(
+            Arc::new(runner),
+            id,
+            async move {
+                let _ = stopped.await;
+            },
+            guard.drain(),
+        ));
         tracing::info!("running the job worker in this process");
         (stop, run, scheduler)
     });
@@ -420,7 +442,9 @@ async fn main() -> ExitCode {
     )
     .await;
     if let Some((stop, run, scheduler)) = worker {
-        // Take no new job; finish the ones in hand.
+        // Take no new job; let the ones in hand finish for most of the grace period, then hand
+        // them back to the queue (the guard's watchdog ends the process at the grace period
+        // whatever happens here).
         scheduler.abort();
         let _ = stop.send(());
         match run.await {

@@ -201,7 +201,11 @@ struct DashboardPage {
     /// The instant the figures run to, when known; rows of a period ending after it are partial.
     data_as_of: Option<String>,
     sync_status: Option<String>,
+    /// The page refreshes itself (a first sync is queued or running).
     pending: bool,
+    /// Before the first successful sync: what the first sync is doing, or why it stopped and
+    /// what to do.
+    first_sync: Option<FirstSync>,
     kpis: Vec<Kpi>,
     as_of: NaiveDate,
     currency: String,
@@ -210,6 +214,83 @@ struct DashboardPage {
     heat: Option<HeatMap>,
     width: f64,
     height: f64,
+}
+
+/// The state of an account that has no data yet, as the dashboard says it.
+struct FirstSync {
+    /// `queued`, `running`, `failed` or `paused`.
+    status: &'static str,
+    /// One sentence: what is happening.
+    headline: String,
+    /// The stored reason of a failed or paused run, as shown.
+    reason: Option<String>,
+    /// What the user can do.
+    action: &'static str,
+    /// A link for it: (href, text).
+    link: Option<(&'static str, &'static str)>,
+}
+
+/// Longest stored reason shown, in characters.
+const MAX_REASON: usize = 300;
+
+/// A run's stored reason as the dashboard shows it: a storage error is not described (it is
+/// RevPilot's, and may hold SQL), addresses are left out (a proxy's URL is configuration, not
+/// the user's business), and it is cut at [`MAX_REASON`] characters.
+fn shown_reason(reason: &str) -> String {
+    if reason.starts_with("storage") {
+        return "RevPilot could not store the data".to_owned();
+    }
+    let text = reason
+        .split(' ')
+        .map(|w| if w.contains("://") { "[address]" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ");
+    if text.chars().count() > MAX_REASON {
+        format!("{}...", text.chars().take(MAX_REASON).collect::<String>())
+    } else {
+        text
+    }
+}
+
+/// What the dashboard says before the first successful sync, from the latest run.
+fn first_sync(run: Option<&revpilot_core::ports::SyncRun>) -> FirstSync {
+    use revpilot_core::ports::SyncStatus;
+    let reason = run
+        .and_then(|r| r.outcome.error.as_deref())
+        .map(shown_reason);
+    match run.map(|r| r.status) {
+        None => FirstSync {
+            status: "queued",
+            headline: "The first sync of this account is queued.".to_owned(),
+            reason: None,
+            action: "This page refreshes by itself.",
+            link: None,
+        },
+        Some(SyncStatus::Running | SyncStatus::Succeeded) => FirstSync {
+            status: "running",
+            headline: "The first sync of this account is running.".to_owned(),
+            reason: None,
+            action: "This page refreshes by itself.",
+            link: None,
+        },
+        Some(SyncStatus::Failed) => FirstSync {
+            status: "failed",
+            headline: "The first sync of this account failed.".to_owned(),
+            reason,
+            action: "RevPilot tries again by itself, resuming where it stopped, and syncs every \
+                     day. If it keeps failing, connect the Stripe account again.",
+            link: Some(("/api/stripe/connect", "Connect Stripe again")),
+        },
+        Some(SyncStatus::Paused) => FirstSync {
+            status: "paused",
+            headline: "The first sync of this account is paused: your plan's transaction \
+                       volume for this period is used up."
+                .to_owned(),
+            reason,
+            action: "Upgrade to go on now; otherwise it resumes at the start of the next period.",
+            link: Some(("/pricing", "See the plans")),
+        },
+    }
 }
 
 /// The KPI tiles, from the last row of the default `/api/metrics` series (90 days, daily).
@@ -287,6 +368,7 @@ pub(crate) async fn dashboard(
         data_as_of: None,
         sync_status: None,
         pending: false,
+        first_sync: None,
         kpis: Vec::new(),
         as_of: api::today(&state),
         currency: String::new(),
@@ -304,12 +386,16 @@ pub(crate) async fn dashboard(
         .business_name
         .clone()
         .unwrap_or_else(|| connection.stripe_account_id.clone());
-    match state.store.last_run(user, connection.id).await {
-        Ok(run) => page.sync_status = run.map(|r| r.status.as_str().to_owned()),
+    let run = match state.store.last_run(user, connection.id).await {
+        Ok(run) => run,
         Err(e) => return internal(&e),
-    }
+    };
+    page.sync_status = run.as_ref().map(|r| r.status.as_str().to_owned());
     let Some(synced) = connection.last_synced_at else {
-        page.pending = true;
+        let first = first_sync(run.as_ref());
+        // Refresh while something is under way; a stopped sync waits for the user.
+        page.pending = matches!(first.status, "queued" | "running");
+        page.first_sync = Some(first);
         return render(&page);
     };
     page.last_sync = synced.format("%Y-%m-%d %H:%M UTC").to_string();
@@ -526,6 +612,7 @@ pub(crate) async fn usage(
                 "Transactions synced",
                 &u.transaction_volume,
             ),
+            meter("scenario", "What-if scenarios", &u.scenario),
         ],
         bill: vec![
             ("Plan".to_owned(), cents(u.bill.base, c)),

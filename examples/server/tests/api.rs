@@ -579,6 +579,164 @@ async fn insights_and_scenarios_are_generated_metered_and_refused_at_the_limit()
 }
 
 #[tokio::test]
+async fn a_model_that_lies_stalls_or_fails_shows_only_computed_numbers_within_the_deadline() {
+    use revpilot_ai::{OpenAiConfig, OpenAiProvider};
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let model = MockServer::start().await;
+    let mut config =
+        OpenAiConfig::new(&format!("{}/internal-llm/v1", model.uri()), "gpt-x").unwrap();
+    config.min_delay = std::time::Duration::from_millis(5);
+    // As reported: a minute per attempt, three attempts; the generation's deadline is what
+    // bounds the wait.
+    config.timeout = std::time::Duration::from_secs(60);
+    let provider = OpenAiProvider::new(config).unwrap();
+    let deadline = std::time::Duration::from_secs(1);
+    let w = world_with(|s| {
+        s.llm = Arc::new(provider);
+        s.insight_deadline = deadline;
+    })
+    .await;
+    let (user, conn) = w.connected("acct_llm").await;
+    w.store.set_last_synced(conn, now()).await.unwrap();
+    let token = w.token(user);
+    let uri = format!("/api/insights?connectionId={conn}");
+    let lie = "MRR is $1,000,000,000 and will grow 500 %";
+    let insights: Vec<Value> = revpilot_core::insights::InsightKind::ALL
+        .iter()
+        .map(|k| json!({"kind": k, "title": "Revenue", "summary": lie, "figure_ids": ["mrr"]}))
+        .collect();
+    let lying = ResponseTemplate::new(200).set_body_json(json!({
+        "choices": [{"message": {"role": "assistant",
+                                 "content": json!({"insights": insights}).to_string()}}]
+    }));
+    for (name, response, says) in [
+        ("lies", lying.clone(), "writes 1000000000"),
+        (
+            "stalls",
+            lying.set_delay(std::time::Duration::from_secs(75)),
+            "no answer within the deadline",
+        ),
+        (
+            "fails",
+            ResponseTemplate::new(500).set_body_string("upstream http://10.0.0.7:8000 down"),
+            "answered 500",
+        ),
+    ] {
+        model.reset().await;
+        Mock::given(method("POST"))
+            .and(path("/internal-llm/v1/chat/completions"))
+            .respond_with(response)
+            .mount(&model)
+            .await;
+        let started = std::time::Instant::now();
+        let (status, body) = w.call("POST", &uri, Some(&token), None).await;
+        let waited = started.elapsed();
+        assert_eq!(status, StatusCode::OK, "{name}: {body}");
+        assert!(
+            waited < deadline + std::time::Duration::from_millis(800),
+            "{name}: the user waited {waited:?}"
+        );
+        let fallback = body["fallback"].as_str().unwrap();
+        assert!(fallback.contains(says), "{name}: {fallback}");
+        let text = body.to_string();
+        for leak in [
+            "1,000,000,000",
+            "500 %",
+            "internal-llm",
+            "127.0.0.1",
+            "10.0.0.7",
+        ] {
+            assert!(!text.contains(leak), "{name}: {leak:?} in {text}");
+        }
+        let (_, _, html) = w.page("GET", "/insights", Some(&token), None).await;
+        for leak in ["1,000,000,000", "500 %", "internal-llm", "127.0.0.1"] {
+            assert!(!html.contains(leak), "{name}: {leak:?} on /insights");
+        }
+        assert!(html.contains("written by local"), "{name}");
+    }
+    // The three generations fell back to the local narrative: none is counted (a starter's
+    // five are all left), so none is billed past a limit either.
+    let (_, usage) = w
+        .call("GET", "/api/usage/current", Some(&token), None)
+        .await;
+    assert_eq!(usage["ai_insight"]["used"], 0, "{usage}");
+    assert_eq!(usage["ai_insight"]["remaining"], 5, "{usage}");
+}
+
+#[tokio::test]
+async fn the_scenario_meter_is_shown_and_its_limit_answers_before_the_history() {
+    let w = world().await;
+    let (user, _) = w.connected("acct_meter").await;
+    let token = w.token(user);
+    // A second account, synced but empty: no history to run a scenario on.
+    let empty = w
+        .store
+        .save_connection(
+            NewConnection {
+                user,
+                stripe_account_id: "acct_empty".into(),
+                business_name: None,
+                currency: Some("usd".into()),
+                tokens: Tokens {
+                    access_token: SecretString::from("sk_test_y"),
+                    refresh_token: None,
+                },
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    w.store.set_last_synced(empty.id, now()).await.unwrap();
+    let scenario = json!({"connectionId": empty.id.to_string(), "priceChangePct": "10"});
+    // Starter: no scenarios at all, so 402 whatever the data.
+    let (status, body) = w
+        .call(
+            "POST",
+            "/api/scenarios",
+            Some(&token),
+            Some(scenario.clone()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    assert_eq!(body["error"]["code"], "upgrade_required");
+    let (_, usage) = w
+        .call("GET", "/api/usage/current", Some(&token), None)
+        .await;
+    assert_eq!(usage["scenario"]["used"], 0, "{usage}");
+    assert_eq!(usage["scenario"]["limit"], 0, "{usage}");
+    assert_eq!(usage["scenario"]["hard_limit"], true, "{usage}");
+    // Professional: the history's own error answers (the limit is not reached).
+    w.store
+        .set_plan(
+            user,
+            &PlanChange {
+                tier: Tier::Professional,
+                subscription_status: Some("active".into()),
+                stripe_customer_id: None,
+                stripe_subscription_id: None,
+                current_period_start: None,
+                current_period_end: None,
+                limits: Catalog::default().plan(Tier::Professional).limits,
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    let (status, body) = w
+        .call("POST", "/api/scenarios", Some(&token), Some(scenario))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (_, _, html) = w.page("GET", "/usage", Some(&token), None).await;
+    assert!(
+        html.contains("data-meter=\"scenario\" data-used=\"0\""),
+        "{html}"
+    );
+    assert!(html.contains("What-if scenarios"));
+}
+
+#[tokio::test]
 async fn checkout_without_stripe_and_oversized_bodies_get_json_errors() {
     let w = world().await;
     let (user, _) = w.connected("acct_c").await;
@@ -900,6 +1058,70 @@ async fn no_data_yet_only_while_the_first_sync_runs_and_pages_need_a_session() {
         html.contains("http-equiv=\"refresh\""),
         "it refreshes until the sync is done"
     );
+    assert!(html.contains("data-first-sync=\"queued\""), "{html}");
+
+    // A first sync that failed or paused says so, why, and what to do; it does not claim to
+    // be running, nor refresh for ever.
+    use revpilot_core::ports::{RunOutcome, SyncStateStore, SyncStatus};
+    let (user, conn) = w.connected("acct_stopped").await;
+    for (i, (status, error, says, action)) in [
+        (
+            SyncStatus::Failed,
+            "/v1/subscriptions failed after 5 attempts: error sending request for url \
+             (http://10.1.2.3:8443/v1/subscriptions)",
+            "/v1/subscriptions failed after 5 attempts",
+            "/api/stripe/connect",
+        ),
+        (
+            SyncStatus::Failed,
+            "storage: error returned from database: UNIQUE constraint failed: customers_cache.id",
+            "RevPilot could not store the data",
+            "/api/stripe/connect",
+        ),
+        (
+            SyncStatus::Paused,
+            "transaction_volume limit reached; sync paused until the next period or an upgrade",
+            "transaction_volume limit reached",
+            "/pricing",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let at = now() + chrono::Duration::seconds(10 * i as i64);
+        let run = w.store.start_run(conn, at).await.unwrap();
+        let (_, _, html) = w
+            .page("GET", "/dashboard", Some(&w.token(user)), None)
+            .await;
+        assert!(html.contains("data-first-sync=\"running\""), "{html}");
+        let outcome = RunOutcome {
+            error: Some(error.to_owned()),
+            ..RunOutcome::default()
+        };
+        w.store
+            .finish_run(run, status, &outcome, at + chrono::Duration::seconds(1))
+            .await
+            .unwrap();
+        let (code, _, html) = w
+            .page("GET", "/dashboard", Some(&w.token(user)), None)
+            .await;
+        assert_eq!(code, StatusCode::OK);
+        let s = status.as_str();
+        assert!(
+            html.contains(&format!("data-first-sync=\"{s}\"")),
+            "{s}: {html}"
+        );
+        assert!(!html.contains("is running"), "{s}: {html}");
+        assert!(!html.contains("http-equiv=\"refresh\""), "{s}");
+        assert!(html.contains(says), "{s}: the reason is shown: {html}");
+        assert!(
+            html.contains(&format!("href=\"{action}\"")),
+            "{s}: what to do"
+        );
+        for hidden in ["10.1.2.3", "UNIQUE constraint", "customers_cache"] {
+            assert!(!html.contains(hidden), "{s}: {hidden:?} shown");
+        }
+    }
 
     for path in ["/dashboard", "/insights", "/usage", "/pricing"] {
         for token in [None, Some("not-a-token")] {

@@ -273,7 +273,9 @@ impl Runner {
         {
             return Err(JobError::Busy(connection));
         }
-        // Renew the lease while the sync runs; stop renewing when it ends.
+        // Renew the lease while the sync runs; stop renewing when it ends, also when the sync
+        // is dropped mid-way (a shutdown past its drain): the guard's drop stops the renewal
+        // and releases the lease, which otherwise stayed held as long as the process lived.
         let renew = {
             let store = self.store.clone();
             let (key, holder, clock, lease) =
@@ -295,9 +297,15 @@ impl Runner {
                 }
             })
         };
+        let mut guard = LeaseGuard {
+            renew,
+            release: Some((self.store.clone(), key, holder)),
+        };
         let result = self.sync_held(user, connection, stripe_account_id).await;
-        renew.abort();
-        if let Err(e) = self.store.release_lease(&key, &holder).await {
+        guard.renew.abort();
+        if let Some((store, key, holder)) = guard.release.take()
+            && let Err(e) = store.release_lease(&key, &holder).await
+        {
             tracing::warn!(%key, error = %e, "lease not released; it runs out by itself");
         }
         result
@@ -609,6 +617,27 @@ pub fn spawn_scheduler(queue: Queue, clock: Clock, every: Duration) -> tokio::ta
     })
 }
 
+/// A sync's lease while it runs: dropped before the sync ends (the job was cancelled), it stops
+/// the renewal and releases the lease on a task of its own.
+struct LeaseGuard {
+    renew: tokio::task::JoinHandle<()>,
+    /// The store, key and holder, until released.
+    release: Option<(Arc<dyn Store>, String, String)>,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.renew.abort();
+        if let Some((store, key, holder)) = self.release.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = store.release_lease(&key, &holder).await;
+            });
+        }
+    }
+}
+
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -628,5 +657,78 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+/// The default grace period of a shutdown (`REVPILOT_SHUTDOWN_GRACE_SECS`).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Exit status of a process ended by a second signal or by its grace period running out.
+pub const FORCED_EXIT: i32 = 1;
+
+/// Bounds a process's shutdown, whatever state its runtime is in. Installed once at start:
+/// - a **second** SIGTERM or Ctrl-C ends the process at once: the exit is made in the signal
+///   handler itself (signal-hook), so it works even when every runtime thread is stuck;
+/// - once the first signal has arrived, a plain thread (not a task: it needs no runtime) ends
+///   the process [`grace`](Self::grace) later if it is still running.
+///
+/// The orderly part (stop serving, let the jobs in hand finish or hand them back to the queue:
+/// [`Queue::run`]) happens within that time; this is what guarantees the end.
+#[derive(Debug, Clone)]
+pub struct ShutdownGuard {
+    signalled: Arc<std::sync::atomic::AtomicBool>,
+    grace: Duration,
+}
+
+impl ShutdownGuard {
+    /// Registers the signal actions and starts the watchdog thread.
+    ///
+    /// # Errors
+    /// The system's error when a signal action cannot be registered.
+    pub fn install(grace: Duration) -> std::io::Result<ShutdownGuard> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let signalled = Arc::new(AtomicBool::new(false));
+        #[cfg(unix)]
+        for sig in signal_hook::consts::TERM_SIGNALS {
+            // Order matters: the exit checks the flag before the flag is set, so the first
+            // signal only arms it and the second one exits.
+            signal_hook::flag::register_conditional_shutdown(
+                *sig,
+                FORCED_EXIT,
+                Arc::clone(&signalled),
+            )?;
+            signal_hook::flag::register(*sig, Arc::clone(&signalled))?;
+        }
+        let flag = Arc::clone(&signalled);
+        std::thread::Builder::new()
+            .name("shutdown-watchdog".into())
+            .spawn(move || {
+                while !flag.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                std::thread::sleep(grace);
+                eprintln!(
+                    "shutdown: still running {} s after the signal; exiting",
+                    grace.as_secs_f64()
+                );
+                std::process::exit(FORCED_EXIT);
+            })?;
+        Ok(ShutdownGuard { signalled, grace })
+    }
+
+    /// The grace period.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// Whether the first signal has arrived.
+    pub fn signalled(&self) -> bool {
+        self.signalled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How long the orderly part may let jobs in hand run before handing them back: most of
+    /// the grace period, leaving time to hand them back and exit before the watchdog fires.
+    pub fn drain(&self) -> Duration {
+        self.grace.mul_f64(0.8)
     }
 }

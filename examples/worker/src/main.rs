@@ -1,6 +1,8 @@
 //! `revpilot-worker`: runs the jobs of the RevPilot queue (syncs, the billing inbox, daily
 //! snapshots, end-of-period overage) from the store's database until Ctrl-C or SIGTERM, then
-//! finishes the jobs in hand and exits. Run as many as needed against one PostgreSQL database.
+//! lets the jobs in hand finish or hands them back to the queue, and exits within
+//! `REVPILOT_SHUTDOWN_GRACE_SECS` (a second signal exits at once). Run as many as needed
+//! against one PostgreSQL database.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +12,9 @@ use std::time::Duration;
 use clap::Parser;
 use revpilot_store::KeyRing;
 use revpilot_stripe::client::{Client, ClientConfig};
-use revpilot_worker::{Runner, open, queue::QUEUE, shutdown_signal, spawn_scheduler};
+use revpilot_worker::{
+    Runner, ShutdownGuard, open, queue::QUEUE, shutdown_signal, spawn_scheduler,
+};
 use secrecy::SecretString;
 
 /// The RevPilot example worker.
@@ -48,6 +52,12 @@ struct Args {
     #[arg(long, env = "REVPILOT_SYNC_LEASE_SECS", default_value_t = 120,
           value_parser = clap::value_parser!(u64).range(3..))]
     lease_secs: u64,
+    /// Seconds a shutdown may take: after the first SIGTERM or Ctrl-C, jobs in hand may finish
+    /// for most of it, then go back to the queue; past it the process exits. A second signal
+    /// exits at once.
+    #[arg(long, env = "REVPILOT_SHUTDOWN_GRACE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    shutdown_grace_secs: u64,
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -64,6 +74,10 @@ async fn main() -> ExitCode {
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
+    let guard = match ShutdownGuard::install(Duration::from_secs(args.shutdown_grace_secs)) {
+        Ok(g) => g,
+        Err(e) => return fail(format!("signal handlers: {e}")),
+    };
     let catalog = match revpilot_worker::load_catalog(args.catalog.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -117,7 +131,12 @@ async fn main() -> ExitCode {
     );
     tracing::info!(%id, queue = %args.queue, "worker started");
     let result = queue
-        .run(Arc::new(runner), id.clone(), shutdown_signal())
+        .run(
+            Arc::new(runner),
+            id.clone(),
+            shutdown_signal(),
+            guard.drain(),
+        )
         .await;
     scheduler.abort();
     match result {

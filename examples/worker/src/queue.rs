@@ -144,18 +144,84 @@ impl Queue {
     }
 
     /// Runs a worker named `name` on this queue until `shutdown` completes; then it takes no
-    /// new job, finishes the ones in hand, and returns. A job that fails is retried with
-    /// exponential backoff; one that a killed worker held is taken again by another once the
-    /// dead worker's heartbeat is missed.
+    /// new job and lets the ones in hand finish for at most `drain`. Jobs still in hand then
+    /// (a stalled call, a retry waiting out its backoff) are dropped and handed back to the
+    /// queue at once ([`Queue::requeue_held`]), for another worker or the next start. A job
+    /// that fails is retried with exponential backoff; one that a killed worker held is taken
+    /// again by another once the dead worker's heartbeat is missed.
     ///
     /// # Errors
-    /// [`QueueError::Worker`] when the backend fails.
+    /// [`QueueError::Worker`] when the backend fails; [`QueueError::Push`] when jobs cannot be
+    /// handed back.
     pub async fn run<F>(
         self,
         runner: Arc<Runner>,
         name: String,
         shutdown: F,
+        drain: Duration,
     ) -> Result<(), QueueError>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            let _ = stopping.send(());
+        };
+        let mut worker = Box::pin(self.clone().work(runner, name.clone(), signal));
+        tokio::select! {
+            done = &mut worker => return done,
+            _ = stopped => {}
+        }
+        match tokio::time::timeout(drain, &mut worker).await {
+            Ok(done) => done,
+            Err(_) => {
+                // Dropping the worker drops the jobs in hand (apalis polls them within it).
+                drop(worker);
+                let n = self.requeue_held(&name).await?;
+                tracing::warn!(
+                    jobs = n,
+                    drain_secs = drain.as_secs_f64(),
+                    "jobs still in hand at the end of the drain were handed back to the queue"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Hands the jobs that the worker `name` holds (taken or running) back to the queue as
+    /// pending, at once, without counting an attempt: a shutdown is not the job's failure.
+    /// Every job is safe to run again (ARCHITECTURE.md: cursors, idempotency keys). Returns
+    /// how many.
+    ///
+    /// # Errors
+    /// [`QueueError::Push`] when the database refuses.
+    pub async fn requeue_held(&self, name: &str) -> Result<u64, QueueError> {
+        let done = match self {
+            Queue::Sqlite(s) => sqlx::query(
+                "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, \
+                 done_at = NULL, last_result = '{\"Err\": \"Handed back at shutdown\"}' \
+                 WHERE lock_by = ?1 AND status IN ('Running', 'Queued')",
+            )
+            .bind(name)
+            .execute(s.pool())
+            .await
+            .map(|r| r.rows_affected()),
+            Queue::Postgres(s) => sqlx::query(
+                "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, \
+                 done_at = NULL, last_result = '{\"Err\": \"Handed back at shutdown\"}' \
+                 WHERE lock_by = $1 AND status IN ('Running', 'Queued')",
+            )
+            .bind(name)
+            .execute(s.pool())
+            .await
+            .map(|r| r.rows_affected()),
+        };
+        done.map_err(|e| QueueError::Push(format!("handing jobs back: {e}")))
+    }
+
+    /// The apalis worker itself, until `shutdown`, then until its jobs in hand are done.
+    async fn work<F>(self, runner: Arc<Runner>, name: String, shutdown: F) -> Result<(), QueueError>
     where
         F: Future<Output = ()> + Send + 'static,
     {

@@ -1,7 +1,9 @@
 //! Two `revpilot-server` and two `revpilot-worker` processes on one PostgreSQL database: 20
 //! connections, a cron trigger through each server, and every connection synced exactly once
 //! per trigger, never twice at once, by both workers, with no job lost or run twice; the
-//! workers' schedulers push each day's jobs once between them.
+//! workers' schedulers push each day's jobs once between them. And a server whose billing-inbox
+//! jobs keep failing, signalled while they are retried with both cores busy: it exits within
+//! its grace period with no job left held, and a second SIGTERM exits at once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::collections::BTreeMap;
@@ -17,7 +19,8 @@ use revpilot_worker::Queue;
 use secrecy::SecretString;
 use uuid::Uuid;
 
-const CRON: &str = "cron-secret-of-the-process-test-0123456789";
+// At least 32 bytes, as the server requires.
+const CRON: &str = "cron-secret-processes-0123456789abcdef";
 const CONNECTIONS: usize = 20;
 
 mod common;
@@ -200,4 +203,205 @@ async fn two_servers_and_two_workers_sync_each_connection_once_per_trigger() {
         .execute(&plain)
         .await
         .unwrap();
+}
+
+/// One `revpilot-server --with-worker` on SQLite whose billing-inbox jobs keep failing (every
+/// subscription fetch answers 500 after a pause), with both cores kept busy by spinning
+/// threads: a SIGTERM while the jobs are being retried ends the process within its grace
+/// period, and the jobs it held are back in the queue, not left running for a dead worker. A
+/// second SIGTERM ends a shutdown that would otherwise wait out a long grace period at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_retried_jobs_ends_the_server_within_its_grace_and_a_second_at_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use revpilot_store::SqliteStore;
+    use wiremock::matchers::{method, path_regex};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    const SECRET: &str = "whsec_shutdown";
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shutdown.db");
+    let database_url = format!("sqlite://{}", file.display());
+    // A user whose Stripe customer the events name.
+    let store = SqliteStore::connect(file.to_str().unwrap(), KeyRing::parse(KEY).unwrap())
+        .await
+        .unwrap();
+    let user = UserId(Uuid::new_v4());
+    store
+        .create_user(user, None, Tier::Starter, Limits::default(), Utc::now())
+        .await
+        .unwrap();
+    store
+        .set_stripe_customer(user, "cus_shutdown", Utc::now())
+        .await
+        .unwrap();
+    drop(store);
+    // Stripe cannot return the subscriptions yet.
+    let stripe = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path_regex("^/v1/subscriptions/"))
+        .respond_with(
+            ResponseTemplate::new(500)
+                .set_body_string("{\"error\":{\"type\":\"api_error\"}}")
+                .set_delay(Duration::from_millis(1500)),
+        )
+        .mount(&stripe)
+        .await;
+
+    // Both cores busy for the whole test.
+    let spin = Arc::new(AtomicBool::new(true));
+    let spinners: Vec<_> = (0..std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .map(|_| {
+            let spin = Arc::clone(&spin);
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while spin.load(Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005) + 1);
+                }
+            })
+        })
+        .collect();
+
+    let http = reqwest::Client::new();
+    let start = |grace: u64| {
+        let port = free_port();
+        let child = Command::new(server_binary())
+            .env("DATABASE_URL", &database_url)
+            .env("REVPILOT_ENCRYPTION_KEY", KEY)
+            .env("STRIPE_SECRET_KEY", "sk_test_shutdown")
+            .env("STRIPE_WEBHOOK_SECRET", SECRET)
+            .env("STRIPE_API_BASE", stripe.uri())
+            .env("REVPILOT_SHUTDOWN_GRACE_SECS", grace.to_string())
+            .env("RUST_LOG", "warn")
+            .args(["--bind", &format!("127.0.0.1:{port}"), "--with-worker"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        (child, format!("http://127.0.0.1:{port}"))
+    };
+    let wait_up = async |server: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http.get(format!("{server}/healthz")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "the server did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let post_events = async |server: &str, from: usize| {
+        for i in from..from + 6 {
+            let event = serde_json::json!({
+                "id": format!("evt_shutdown_{i}"), "object": "event", "type": "invoice.paid",
+                "created": Utc::now().timestamp(), "livemode": false,
+                "data": {"object": {"id": format!("in_{i}"), "object": "invoice",
+                    "customer": "cus_shutdown", "subscription": format!("sub_{i}"),
+                    "currency": "usd", "created": Utc::now().timestamp(), "status": "paid",
+                    "lines": {"object": "list", "data": [], "has_more": false}}}
+            })
+            .to_string();
+            let header = revpilot_stripe::webhook::signature_header(
+                event.as_bytes(),
+                SECRET,
+                Utc::now().timestamp(),
+            );
+            let res = http
+                .post(format!("{server}/api/webhooks/stripe-billing"))
+                .header("stripe-signature", header)
+                .header("content-type", "application/json")
+                .body(event)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+        }
+    };
+    let fetches = async || stripe.received_requests().await.unwrap_or_default().len();
+    let term = |child: &std::process::Child| {
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM");
+    };
+    let exits_within = |child: &mut std::process::Child, within: Duration| {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // Three shutdowns with a 3 s grace, each while the inbox jobs are failing and retried.
+    let grace = Duration::from_secs(3);
+    for round in 0..3 {
+        let (child, server) = start(grace.as_secs());
+        let mut children = Processes(vec![child]);
+        wait_up(&server).await;
+        let before = fetches().await;
+        post_events(&server, round * 6).await;
+        // Retrying: several fetches have failed since the events arrived.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while fetches().await < before + 3 {
+            assert!(Instant::now() < deadline, "the inbox jobs did not run");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let signalled = Instant::now();
+        term(&children.0[0]);
+        let status = exits_within(&mut children.0[0], grace + Duration::from_secs(3));
+        let took = signalled.elapsed();
+        assert!(
+            status.is_some(),
+            "round {round}: still running {took:?} after SIGTERM (grace {grace:?})"
+        );
+        // The jobs it held are back in the queue for another worker, not left running.
+        let pool = sqlx::SqlitePool::connect(&database_url).await.unwrap();
+        let held: Vec<(String, String)> = sqlx::query_as(
+            "SELECT status, lock_by FROM Jobs WHERE status IN ('Running', 'Queued')",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(held.is_empty(), "round {round}: jobs left held: {held:?}");
+        pool.close().await;
+    }
+
+    // A second SIGTERM ends a shutdown whose grace (120 s) would let a stalled job run on.
+    stripe.reset().await;
+    Mock::given(method("GET"))
+        .and(path_regex("^/v1/subscriptions/"))
+        .respond_with(ResponseTemplate::new(500).set_delay(Duration::from_secs(90)))
+        .mount(&stripe)
+        .await;
+    let (child, server) = start(120);
+    let mut children = Processes(vec![child]);
+    wait_up(&server).await;
+    let before = fetches().await;
+    post_events(&server, 100).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fetches().await < before + 1 {
+        assert!(Instant::now() < deadline, "the inbox jobs did not run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    term(&children.0[0]);
+    std::thread::sleep(Duration::from_millis(300));
+    let second = Instant::now();
+    term(&children.0[0]);
+    let status = exits_within(&mut children.0[0], Duration::from_secs(3));
+    assert!(
+        status.is_some(),
+        "still running {:?} after the second SIGTERM",
+        second.elapsed()
+    );
+
+    spin.store(false, Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
 }

@@ -144,6 +144,7 @@ async fn queue_survives_restarts_and_retries_a_busy_lease(db: Db) {
         async move {
             let _ = stopped.await;
         },
+        Duration::from_secs(30),
     ));
     // Busy at first: retried with backoff, and run once the lease ran out.
     assert_eq!(
@@ -197,13 +198,14 @@ async fn a_stopped_worker_finishes_the_job_in_hand(db: Db) {
     let mut r = Runner::new(db.store.clone(), "w-stop");
     r.stripe_api_base = url::Url::parse(&slow.uri()).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(
-        db.queue
-            .clone()
-            .run(Arc::new(r), "w-stop".into(), async move {
-                let _ = stopped.await;
-            }),
-    );
+    let worker = tokio::spawn(db.queue.clone().run(
+        Arc::new(r),
+        "w-stop".into(),
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(30),
+    ));
     db.queue
         .push(
             &Job::Sync {
@@ -249,6 +251,134 @@ async fn sqlite_a_stopped_worker_finishes_the_job_in_hand() {
 async fn postgres_a_stopped_worker_finishes_the_job_in_hand() {
     if let Some(db) = postgres().await {
         a_stopped_worker_finishes_the_job_in_hand(db).await;
+    }
+}
+
+/// A worker told to stop while its job stalls past the drain hands the job back to the queue
+/// and returns; another worker then takes it and finishes it.
+async fn a_job_stalled_past_the_drain_goes_back_to_the_queue(db: Db) {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The account's first request stalls for a minute; the next ones answer at once.
+    let stripe = MockServer::start().await;
+    let account = json!({"id": "acct_stall", "object": "account"});
+    Mock::given(method("GET"))
+        .and(path("/v1/account"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(account.clone())
+                .set_delay(Duration::from_secs(60)),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/account"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(account))
+        .with_priority(2)
+        .mount(&stripe)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .with_priority(3)
+        .mount(&stripe)
+        .await;
+    let (user, c) = connection(db.store.as_ref(), "acct_stall").await;
+    let runner = |name: &str| {
+        let mut r = Runner::new(db.store.clone(), name);
+        r.stripe_api_base = url::Url::parse(&stripe.uri()).unwrap();
+        // A lease long enough that the next worker could not wait it out: the dropped sync
+        // must release it.
+        r.lease = Duration::from_secs(600);
+        Arc::new(r)
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let drain = Duration::from_millis(800);
+    let worker = tokio::spawn(db.queue.clone().run(
+        runner("w-stall"),
+        "w-stall".into(),
+        async move {
+            let _ = stopped.await;
+        },
+        drain,
+    ));
+    db.queue
+        .push(
+            &Job::Sync {
+                user,
+                connection: c,
+                stripe_account_id: "acct_stall".into(),
+            },
+            "sync:stall",
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stripe
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the job did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopping = Instant::now();
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("the worker returns after its drain, not after the stalled call")
+        .unwrap()
+        .unwrap();
+    let took = stopping.elapsed();
+    assert!(
+        took < drain + Duration::from_secs(2),
+        "stopping took {took:?}"
+    );
+    assert!(
+        db.store
+            .last_run(user, c)
+            .await
+            .unwrap()
+            .is_none_or(|r| r.finished_at.is_none()),
+        "the stalled sync did not finish in the first worker"
+    );
+    // Another worker takes the job handed back and finishes it.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let other = tokio::spawn(db.queue.clone().run(
+        runner("w-next"),
+        "w-next".into(),
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(30),
+    ));
+    assert_eq!(
+        finished(db.store.as_ref(), user, c, Duration::from_secs(20)).await,
+        "succeeded"
+    );
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), other)
+        .await
+        .expect("the worker stops")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_job_stalled_past_the_drain_goes_back_to_the_queue() {
+    a_job_stalled_past_the_drain_goes_back_to_the_queue(sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_job_stalled_past_the_drain_goes_back_to_the_queue() {
+    if let Some(db) = postgres().await {
+        a_job_stalled_past_the_drain_goes_back_to_the_queue(db).await;
     }
 }
 
@@ -653,13 +783,14 @@ async fn the_ended_periods_overage_is_invoiced_once_through_the_queue() {
     db.queue.push(&close, "close:test").await.unwrap();
     db.queue.push(&close, "close:test").await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(
-        db.queue
-            .clone()
-            .run(r.clone(), "billing".into(), async move {
-                let _ = stopped.await;
-            }),
-    );
+    let worker = tokio::spawn(db.queue.clone().run(
+        r.clone(),
+        "billing".into(),
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(30),
+    ));
     let items = || async {
         let body = client
             .get("/v1/invoiceitems", &[("customer", customer.clone())])

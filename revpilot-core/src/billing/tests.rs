@@ -545,6 +545,23 @@ async fn scenario_runs_count_against_the_monthly_limit_on_every_tier() {
             }
         }
         assert_eq!(Some(ok), Some(allowed.unwrap_or(runs)), "{tier:?}");
+        // The usage shows the meter, always as a hard limit, and check_scenario agrees.
+        let u = current_usage(&store, &c, user, now).await.unwrap();
+        assert_eq!(
+            (u.scenario.used, u.scenario.limit, u.scenario.remaining),
+            (
+                u64::from(allowed.unwrap_or(runs)),
+                allowed.map(u64::from),
+                allowed.map(|_| 0)
+            ),
+            "{tier:?}"
+        );
+        assert_eq!(u.scenario.hard_limit, allowed.is_some(), "{tier:?}");
+        assert_eq!(
+            check_scenario(&store, user, now).await.is_ok(),
+            allowed.is_none(),
+            "{tier:?}"
+        );
         // The next month starts again.
         let april = at(2024, 4, 2);
         let next = record_scenario(&store, &c, user, "april", None, april).await;

@@ -163,6 +163,8 @@ pub struct CurrentUsage {
     pub ai_insight: MeterUsage,
     /// Transaction volume.
     pub transaction_volume: MeterUsage,
+    /// What-if scenario runs: always a hard limit (scenarios have no overage).
+    pub scenario: MeterUsage,
     /// The bill so far.
     pub bill: Bill,
 }
@@ -187,18 +189,35 @@ pub async fn current_usage<S: UserStore + UsageStore + ?Sized>(
     let profile = profile(store, user).await?;
     let period = usage_period(&profile, now);
     let hard = !catalog.plan(profile.tier).overage;
-    let meter = async |meter: Meter, limit: Option<u64>| -> Result<MeterUsage, UsageError> {
-        let used = store.used(user, meter, period).await?;
-        Ok(MeterUsage {
-            meter,
-            used,
-            limit,
-            remaining: limit.map(|l| l.saturating_sub(used)),
-            hard_limit: hard && limit.is_some(),
-        })
-    };
-    let ai = meter(Meter::AiInsight, profile.limits.ai_insights.map(u64::from)).await?;
-    let tx = meter(Meter::TransactionVolume, profile.limits.transaction_volume).await?;
+    let meter =
+        async |meter: Meter, limit: Option<u64>, hard: bool| -> Result<MeterUsage, UsageError> {
+            let used = store.used(user, meter, period).await?;
+            Ok(MeterUsage {
+                meter,
+                used,
+                limit,
+                remaining: limit.map(|l| l.saturating_sub(used)),
+                hard_limit: hard && limit.is_some(),
+            })
+        };
+    let ai = meter(
+        Meter::AiInsight,
+        profile.limits.ai_insights.map(u64::from),
+        hard,
+    )
+    .await?;
+    let tx = meter(
+        Meter::TransactionVolume,
+        profile.limits.transaction_volume,
+        hard,
+    )
+    .await?;
+    let scenario = meter(
+        Meter::Scenario,
+        profile.limits.scenarios.map(u64::from),
+        true,
+    )
+    .await?;
     let bill = bill(
         catalog,
         profile.tier,
@@ -214,6 +233,7 @@ pub async fn current_usage<S: UserStore + UsageStore + ?Sized>(
         period,
         ai_insight: ai,
         transaction_volume: tx,
+        scenario,
         bill,
     })
 }
@@ -272,6 +292,37 @@ pub async fn record_scenario<S: UserStore + UsageStore + ?Sized>(
         false,
     )
     .await
+}
+
+/// Whether the user may run one more what-if scenario now, without recording anything: the
+/// limit answers before the scenario's own data is looked at, so a user with no scenarios
+/// left hears "upgrade" rather than, say, "not enough history". [`record_scenario`] still
+/// enforces the limit atomically.
+///
+/// # Errors
+/// [`UsageError::UpgradeRequired`] at the limit; [`UsageError::UnknownUser`]; the store's
+/// error.
+pub async fn check_scenario<S: UserStore + UsageStore + ?Sized>(
+    store: &S,
+    user: UserId,
+    now: DateTime<Utc>,
+) -> Result<(), UsageError> {
+    let profile = profile(store, user).await?;
+    let Some(limit) = profile.limits.scenarios.map(u64::from) else {
+        return Ok(());
+    };
+    let used = store
+        .used(user, Meter::Scenario, usage_period(&profile, now))
+        .await?;
+    if used >= limit {
+        return Err(UsageError::UpgradeRequired {
+            tier: profile.tier,
+            meter: Meter::Scenario,
+            limit,
+            used,
+        });
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -2,6 +2,9 @@
 //! template narrative, and [`generate`], which meters, asks, validates, falls back and stores.
 
 use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::pin;
+use std::task::Poll;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -15,7 +18,8 @@ use crate::money::Currency;
 use crate::ports::{ConnectionId, InsightRecord, InsightStore, UsageStore, UserId, UserStore};
 
 /// What a provider may see: aggregates only. No customer ids, names, emails or metadata ever
-/// reach it; plan ids (Stripe price ids) appear only inside figure labels.
+/// reach it, nor any plan's Stripe price id: plans are "plan 1", "plan 2", ... in the labels
+/// ([`Analysis::facts`]), and the stored records carry the full labels for display.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Facts {
     /// Reporting currency.
@@ -29,13 +33,46 @@ pub struct Facts {
 }
 
 impl Analysis {
-    /// The aggregates a provider may see.
+    /// The aggregates a provider may see. A plan's figures are labelled by its rank only
+    /// (`plan 2: MRR`): its price id is text from Stripe, which anyone who can create a price
+    /// on the connected account chooses (`plan_IGNORE_ALL_PREVIOUS_INSTRUCTIONS`), so it never
+    /// reaches a model. [`Analysis::figures`] keep the full labels, which the stored records
+    /// carry for display.
     pub fn facts(&self) -> Facts {
+        let figures = self
+            .figures
+            .iter()
+            .map(|f| Figure {
+                label: self.neutral_label(f),
+                ..f.clone()
+            })
+            .collect();
         Facts {
             currency: self.currency,
             as_of: self.as_of,
-            figures: self.figures.clone(),
+            figures,
             figures_by_kind: self.figures_by_kind.clone(),
+        }
+    }
+
+    /// `f`'s label without its plan's price id: `plan {n} ({price}): ...` becomes `plan {n}:
+    /// ...`. The plan is found by the figure's id (`plan_{n}_...`), never by searching the text.
+    fn neutral_label(&self, f: &Figure) -> String {
+        let rank =
+            f.id.strip_prefix("plan_")
+                .and_then(|rest| rest.split('_').next())
+                .and_then(|n| n.parse::<usize>().ok());
+        let Some(n) = rank else {
+            return f.label.clone();
+        };
+        let Some(plan) = n.checked_sub(1).and_then(|i| self.plans.get(i)) else {
+            return f.label.clone();
+        };
+        let named = format!("plan {n} ({}):", plan.plan);
+        match f.label.strip_prefix(&named) {
+            Some(rest) => format!("plan {n}:{rest}"),
+            // Every plan figure's label starts so; anything else keeps no text of the plan's.
+            None => format!("plan {n}"),
         }
     }
 }
@@ -81,7 +118,10 @@ pub const MAX_TITLE: usize = 120;
 pub const MAX_SUMMARY: usize = 1_200;
 
 /// Checks an answer: exactly one insight of each of the five kinds, non-empty title and summary
-/// within their lengths, at least one cited figure, and every cited id one of `facts`' figures.
+/// within their lengths, at least one cited figure, every cited id one of `facts`' figures, and
+/// every number in the title and summary one of the cited figures' values as displayed (or an
+/// [`ALLOWED_NUMBERS`] horizon, a plan's rank, the day analysed): a model that cites `mrr`
+/// and writes another MRR is refused.
 ///
 /// # Errors
 /// [`LlmError::Invalid`] naming the first problem.
@@ -108,8 +148,18 @@ pub fn validate(insights: &[Insight], facts: &Facts) -> Result<(), LlmError> {
         }
         if let Some(bad) = i.figure_ids.iter().find(|id| !ids.contains(id.as_str())) {
             return Err(LlmError::Invalid(format!(
-                "{k}: cites {bad:?}, which is not a computed figure"
+                "{k}: cites {}, which is not a computed figure",
+                quoted_id(bad)
             )));
+        }
+        let cited: Vec<&Figure> = facts
+            .figures
+            .iter()
+            .filter(|f| i.figure_ids.contains(&f.id))
+            .collect();
+        for text in [&i.title, &i.summary] {
+            check_numbers(text, &cited, facts)
+                .map_err(|why| LlmError::Invalid(format!("{k}: {why}")))?;
         }
     }
     if let Some(missing) = InsightKind::ALL.into_iter().find(|k| !seen.contains(k)) {
@@ -119,6 +169,157 @@ pub fn validate(insights: &[Insight], facts: &Facts) -> Result<(), LlmError> {
         )));
     }
     Ok(())
+}
+
+/// A cited id as the error names it: quoted when it looks like an id, otherwise not at all
+/// (the error reaches the stored note, and a model's text is not to be shown there).
+fn quoted_id(id: &str) -> String {
+    if id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        format!("{id:?}")
+    } else {
+        "an id".to_owned()
+    }
+}
+
+/// Numbers an insight may write without citing them: the horizons and windows the engine
+/// computes over (3, 6 and 12 months; 30 and 90 days), the interval's level (95 %), the
+/// percentiles it reports (25th, 50th, 75th) and the health score's scale (of 100). Plan ranks
+/// ("plan 2") are allowed up to the number of plans, and the day analysed as `YYYY-MM-DD`.
+pub const ALLOWED_NUMBERS: [u32; 10] = [3, 6, 12, 25, 30, 50, 75, 90, 95, 100];
+
+/// Words that scale a number; a narrative that uses one is refused, whatever its numbers.
+const SCALE_WORDS: [&str; 6] = [
+    "hundred", "thousand", "million", "billion", "trillion", "lakh",
+];
+
+/// Letters that may follow a number directly: ordinals (`25th`) and multiples (`3x`).
+const NUMBER_SUFFIXES: [&str; 5] = ["st", "nd", "rd", "th", "x"];
+
+/// Checks that every number in `text` is one of `cited`'s values as displayed (money rounded to
+/// the currency's minor unit, the sign aside), one of [`ALLOWED_NUMBERS`], a plan's rank after
+/// "plan", or the day analysed. Thousands separators (`1,234.50`) are read as such. A number
+/// with a scale (`3k`, `2 million`) or a digit outside ASCII is refused.
+fn check_numbers(text: &str, cited: &[&Figure], facts: &Facts) -> Result<(), String> {
+    // Figure ids (`plan_2_churn_rate_90d`) and the day analysed hold digits that are not
+    // claims; both are the engine's own text.
+    let mut text = text.to_owned();
+    let mut ids: Vec<&str> = facts.figures.iter().map(|f| f.id.as_str()).collect();
+    ids.sort_by_key(|id| std::cmp::Reverse(id.len()));
+    for id in ids {
+        if text.contains(id) {
+            text = text.replace(id, " ");
+        }
+    }
+    let day = facts.as_of.format("%Y-%m-%d").to_string();
+    let text = text.replace(&day, " ");
+    if let Some(c) = text.chars().find(|c| c.is_numeric() && !c.is_ascii_digit()) {
+        return Err(format!(
+            "writes the digit {c:?}, which is not a computed figure"
+        ));
+    }
+    let lower = text.to_ascii_lowercase();
+    if let Some(w) = lower
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .find(|w| SCALE_WORDS.contains(w))
+    {
+        return Err(format!(
+            "writes {w:?}: numbers must be written as the figures are"
+        ));
+    }
+    let plans = plan_count(facts);
+    let shown: Vec<Decimal> = cited
+        .iter()
+        .flat_map(|f| {
+            let v = f.value.abs().normalize();
+            match f.unit {
+                Unit::Money => [v, facts.currency.round(f.value).abs().normalize()],
+                _ => [v, v],
+            }
+        })
+        .collect();
+    let b = lower.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if !b[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut digits = String::new();
+        while i < b.len() && b[i].is_ascii_digit() {
+            digits.push(b[i] as char);
+            i += 1;
+        }
+        // Thousands groups: a comma and exactly three digits.
+        while b.get(i) == Some(&b',')
+            && b.get(i + 1..i + 4)
+                .is_some_and(|g| g.iter().all(u8::is_ascii_digit))
+            && !b.get(i + 4).is_some_and(u8::is_ascii_digit)
+        {
+            digits.push_str(&lower[i + 1..i + 4]);
+            i += 4;
+        }
+        if b.get(i) == Some(&b'.') && b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+            digits.push('.');
+            i += 1;
+            while i < b.len() && b[i].is_ascii_digit() {
+                digits.push(b[i] as char);
+                i += 1;
+            }
+        }
+        let suffix: String = lower[i..]
+            .chars()
+            .take_while(char::is_ascii_alphabetic)
+            .collect();
+        if !suffix.is_empty() && !NUMBER_SUFFIXES.contains(&suffix.as_str()) {
+            return Err(format!(
+                "writes {}{suffix}: numbers must be written as the figures are",
+                clip(&digits)
+            ));
+        }
+        let value = digits.parse::<Decimal>().ok().map(|d| d.normalize());
+        let ok = value.is_some_and(|v| {
+            shown.contains(&v)
+                || ALLOWED_NUMBERS.iter().any(|a| Decimal::from(*a) == v)
+                || (lower[..start].trim_end().ends_with("plan")
+                    && v.fract().is_zero()
+                    && v >= Decimal::ONE
+                    && v <= Decimal::from(plans))
+        });
+        if !ok {
+            return Err(format!(
+                "writes {}, which is not one of the figures it cites",
+                clip(&digits)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The number of plans: the figures `plan_{n}_mrr`.
+fn plan_count(facts: &Facts) -> usize {
+    facts
+        .figures
+        .iter()
+        .filter(|f| {
+            f.id.strip_prefix("plan_")
+                .and_then(|r| r.strip_suffix("_mrr"))
+                .is_some_and(|n| n.parse::<usize>().is_ok())
+        })
+        .count()
+}
+
+/// At most 24 characters of a number, for an error message.
+fn clip(s: &str) -> String {
+    if s.len() <= 24 {
+        s.to_owned()
+    } else {
+        format!("{}...", &s[..24])
+    }
 }
 
 /// A figure's value as text: money with the currency code, percentages with `%`.
@@ -213,11 +414,7 @@ pub fn local_narrative(facts: &Facts) -> Vec<Insight> {
     });
 
     // Plans by expansion rate.
-    let plan_count = facts
-        .figures
-        .iter()
-        .filter(|f| f.id.starts_with("plan_") && f.id.ends_with("_mrr"))
-        .count();
+    let plan_count = plan_count(facts);
     let mut best: Option<(usize, Decimal)> = None;
     for n in 1..=plan_count {
         if let Some(f) = get(&format!("plan_{n}_expansion_rate_90d"))
@@ -269,13 +466,13 @@ pub fn local_narrative(facts: &Facts) -> Vec<Insight> {
                  Its customers pay a median of {} (25th to 75th percentile {} to {}); check \
                  whether its price or packaging fits them. Discounts cost {} of MRR ({} of \
                  list price).",
-                val(&format!("plan_{n}_contraction_rate_90d")).unwrap_or_else(|| "0 %".into()),
-                val(&format!("plan_{n}_churn_rate_90d")).unwrap_or_else(|| "0 %".into()),
+                val(&format!("plan_{n}_contraction_rate_90d")).unwrap_or_else(|| "none".into()),
+                val(&format!("plan_{n}_churn_rate_90d")).unwrap_or_else(|| "none".into()),
                 val(&format!("plan_{n}_arpa_median")).unwrap_or_default(),
                 val(&format!("plan_{n}_arpa_p25")).unwrap_or_default(),
                 val(&format!("plan_{n}_arpa_p75")).unwrap_or_default(),
                 val("discount_leakage_mrr").unwrap_or_default(),
-                val("discount_leakage_share").unwrap_or_else(|| "0 %".into()),
+                val("discount_leakage_share").unwrap_or_else(|| "none".into()),
             ),
             vec![
                 format!("plan_{n}_contraction_rate_90d"),
@@ -369,10 +566,18 @@ pub enum GenerateError {
     Usage(#[from] UsageError),
 }
 
-/// Generates and stores one set of insights for `user` about `analysis`, metered as one
-/// `ai_insight` (keyed by the generation id): reserved before asking, committed once stored,
-/// released when storing fails. An invalid answer is asked for once more; when the provider
-/// stays invalid or unavailable, the local narrative is used and `fallback` says why.
+/// Generates and stores one set of insights for `user` about `analysis`. An invalid answer is
+/// asked for once more; when the provider stays invalid or unavailable, or `deadline`
+/// completes first (the whole generation's deadline: every ask and retry together), the local
+/// narrative is used and `fallback` says why. The provider's call is dropped at the deadline,
+/// so nobody waits for it.
+///
+/// Metering: one `ai_insight` (keyed by the generation id) is reserved before asking, so the
+/// hard limit refuses before any provider call. It is committed when the provider's answer is
+/// used, or when the provider *is* the local narrative ([`LocalProvider`], no model
+/// configured). When the local narrative only stood in for a failed model, the reservation is
+/// released: the user is not charged for a model answer they did not get (`docs/insights.md`).
+/// It is released too when storing fails.
 ///
 /// # Errors
 /// [`GenerateError::Usage`]: the hard limit (nothing is asked), an unknown user, the store.
@@ -386,34 +591,32 @@ pub async fn generate<S: UserStore + UsageStore + InsightStore + ?Sized>(
     analysis: &Analysis,
     generation: Uuid,
     now: DateTime<Utc>,
+    deadline: impl Future<Output = ()> + Send,
 ) -> Result<Generated, GenerateError> {
     let key = generation.to_string();
     reserve_insight(store, catalog, user, &key, connection, now).await?;
     let facts = analysis.facts();
-    let mut fallback = None;
-    let mut answer = None;
-    for _ in 0..2 {
-        match provider.narrate(&facts).await {
-            Ok(insights) => match validate(&insights, &facts) {
-                Ok(()) => {
-                    answer = Some(insights);
-                    break;
-                }
-                Err(e) => fallback = Some(e.to_string()),
-            },
-            Err(e @ LlmError::Invalid(_)) => fallback = Some(e.to_string()),
-            Err(e @ LlmError::Unavailable(_)) => {
-                fallback = Some(e.to_string());
-                break;
+    let asked = async {
+        let mut why = String::new();
+        for _ in 0..2 {
+            match provider.narrate(&facts).await {
+                Ok(insights) => match validate(&insights, &facts) {
+                    Ok(()) => return Ok(insights),
+                    Err(e) => why = e.to_string(),
+                },
+                Err(e @ LlmError::Invalid(_)) => why = e.to_string(),
+                Err(e @ LlmError::Unavailable(_)) => return Err(e.to_string()),
             }
         }
-    }
-    let (insights, provider_name) = match answer {
-        Some(a) => {
-            fallback = None;
-            (a, provider.name())
-        }
-        None => (local_narrative(&facts), "local".to_owned()),
+        Err(why)
+    };
+    let answer = match within(asked, deadline).await {
+        Some(answer) => answer,
+        None => Err("no answer within the deadline".to_owned()),
+    };
+    let (insights, provider_name, fallback) = match answer {
+        Ok(a) => (a, provider.name(), None),
+        Err(why) => (local_narrative(&facts), "local".to_owned(), Some(why)),
     };
     let note = fallback.as_ref().map(|why| {
         format!(
@@ -447,10 +650,31 @@ pub async fn generate<S: UserStore + UsageStore + InsightStore + ?Sized>(
         let _ = release_insight(store, user, &key).await;
         return Err(GenerateError::Usage(UsageError::Store(e)));
     }
-    commit_insight(store, user, &key).await?;
+    if note.is_some() {
+        release_insight(store, user, &key).await?;
+    } else {
+        commit_insight(store, user, &key).await?;
+    }
     Ok(Generated {
         generation,
         records,
         fallback: note,
     })
+}
+
+/// `work`'s output, or `None` when `deadline` completes first (`work` is then dropped). Both
+/// are polled in turn by hand, since this crate has no runtime.
+async fn within<T>(work: impl Future<Output = T>, deadline: impl Future<Output = ()>) -> Option<T> {
+    let mut work = pin!(work);
+    let mut deadline = pin!(deadline);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }

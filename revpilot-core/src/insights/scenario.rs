@@ -191,6 +191,8 @@ pub async fn run_metered<S>(
 where
     S: crate::ports::UserStore + crate::ports::UsageStore + ?Sized,
 {
+    // The limit first: a user with no runs left is told to upgrade, whatever the data.
+    crate::billing::check_scenario(store, user, now).await?;
     let rates = Rates::from_rows(rows)?;
     let start = rows.last().map(|r| r.mrr).unwrap_or_default();
     // Validates before anything is counted.
