@@ -382,3 +382,49 @@ proptest::proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn an_update_killed_half_way_is_done_again_by_the_next_load() {
+    let (store, user, conn) = seeded(12).await;
+    let c = connection(&store, user, conn).await;
+    load_account(&store, user, &c, None).await.expect("derived");
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    let later = Utc::now() + TimeDelta::seconds(5);
+    assert!(
+        !apply(
+            &store,
+            user,
+            conn,
+            &[Change::Cancel(3, 40), Change::Charge(5)],
+            later,
+            0
+        )
+        .await
+    );
+    store.set_last_synced(conn, later).await.unwrap();
+    // The killed update had rewritten one customer's row (here: emptied it) and published
+    // nothing: the derivation is stale, and the next load does the update again.
+    let stamp = store.derived_stamp(conn).await.unwrap().unwrap();
+    let victim = oracle(&store, user, conn).await.customers[3].id.clone();
+    store
+        .write_derived(
+            conn,
+            stamp.generation,
+            &[DerivedRow {
+                key: victim,
+                data: "{}".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    let c = connection(&store, user, conn).await;
+    let loaded = load_account_with(&store, user, &c, None, &exact())
+        .await
+        .unwrap();
+    assert!(
+        matches!(loaded.source, Source::Updated { .. }),
+        "{:?}",
+        loaded.source
+    );
+    assert_eq!(loaded.account, oracle(&store, user, conn).await);
+}
