@@ -226,6 +226,20 @@ async fn main() {
         .nth(1)
         .map_or(100_000, |c| c.parse().unwrap());
     let (db, user, conn) = seed(customers).await;
+    // Nothing derived yet, as on the first start after an upgrade: the first request rebuilds.
+    {
+        let store = SqliteStore::connect(db.to_str().unwrap(), KeyRing::parse(KEYS).unwrap())
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM derived_accounts")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM derived_customers")
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     let binary = target.join("release/revpilot-server");
@@ -286,16 +300,28 @@ async fn main() {
         .await
         .unwrap();
     let now = Utc::now();
+    // A different 1 % each run, canceled within the reported range.
+    let from = format!("sub_{:07}", fastrand::usize(..customers * 98 / 100));
+    let ended = chrono::TimeZone::with_ymd_and_hms(&Utc, 2024, 6, 1, 0, 0, 0)
+        .unwrap()
+        .timestamp()
+        + fastrand::i64(..86_400 * 90);
     let changed: Vec<CachedObject> = store
-        .objects_page(user, conn, ObjectKind::Subscription, None, customers / 100)
+        .objects_page(
+            user,
+            conn,
+            ObjectKind::Subscription,
+            Some(&from),
+            customers / 100,
+        )
         .await
         .unwrap()
         .into_iter()
         .map(|o| {
             let mut v: serde_json::Value = serde_json::from_str(&o.data).unwrap();
             v["status"] = "canceled".into();
-            v["canceled_at"] = now.timestamp().into();
-            v["ended_at"] = now.timestamp().into();
+            v["canceled_at"] = ended.into();
+            v["ended_at"] = ended.into();
             revpilot_stripe::export::cached_object(o.kind, o.stripe_id, now, v.to_string())
         })
         .collect();
