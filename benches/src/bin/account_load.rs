@@ -206,7 +206,10 @@ async fn start(binary: &Path, db: &Path) -> (Server, String) {
             .env("REVPILOT_BIND", format!("127.0.0.1:{port}"))
             .env("REVPILOT_ENCRYPTION_KEY", KEYS)
             .env("JWT_SECRET", JWT_SECRET)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),

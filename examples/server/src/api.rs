@@ -111,6 +111,7 @@ pub(crate) async fn account(
         return Ok(loaded);
     }
     let previous = state.accounts.previous(user, connection.id);
+    let started = std::time::Instant::now();
     let rebuilt = load_account(
         state.store.as_ref(),
         user,
@@ -129,6 +130,12 @@ pub(crate) async fn account(
             ),
         }
     })?;
+    tracing::info!(
+        connection = %connection.id,
+        source = ?rebuilt.source,
+        ms = started.elapsed().as_millis() as u64,
+        "account loaded"
+    );
     state.accounts.built();
     let currency = connection
         .currency

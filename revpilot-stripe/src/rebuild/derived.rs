@@ -256,6 +256,7 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
     if dirty.len() > options.update_max_customers {
         return Ok(None);
     }
+    tracing::debug!(customers = dirty.len(), ms = ms(started), "derived update: changes found");
     // The dirty customers, rebuilt with every price, coupon and dispute.
     let mut rebuilder = Rebuilder::new();
     for kind in [ObjectKind::Price, ObjectKind::Coupon, ObjectKind::Dispute] {
@@ -287,6 +288,7 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
         }
     }
     let rebuilt = rebuilder.finish();
+    tracing::debug!(ms = ms(started), "derived update: customers rebuilt");
     let mut part = rebuilt.account;
     sort(&mut part);
     // Their rows, an empty one for a customer with nothing left, in place.
@@ -310,6 +312,7 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
             .await?;
     }
     drop(rows);
+    tracing::debug!(ms = ms(started), "derived update: rows written");
     let account = match previous {
         Some(previous) => patch(previous, &keys, part),
         None => match read(store, user, connection, stamp).await? {
@@ -317,6 +320,7 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
             None => return Ok(None),
         },
     };
+    tracing::debug!(ms = ms(started), "derived update: account patched");
     let as_of = stamp.as_of.max(rebuilt.as_of);
     let published = store
         .publish_derived(
@@ -341,6 +345,10 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
             customers: keys.iter().filter(|k| !k.is_empty()).count(),
         },
     }))
+}
+
+fn ms(since: DateTime<Utc>) -> i64 {
+    (Utc::now() - since).num_milliseconds()
 }
 
 fn add(rebuilder: &mut Rebuilder, objects: &[CachedObject]) -> Result<(), CachedRebuildError> {
