@@ -34,15 +34,19 @@ CREATE INDEX charges_cache_written ON charges_cache (stripe_connection_id, writt
 ALTER TABLE prices_cache ADD COLUMN customer_id TEXT;
 ALTER TABLE prices_cache ADD COLUMN written_at INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX prices_cache_written ON prices_cache (stripe_connection_id, written_at);
+CREATE INDEX prices_cache_customer ON prices_cache (stripe_connection_id, customer_id);
 ALTER TABLE products_cache ADD COLUMN customer_id TEXT;
 ALTER TABLE products_cache ADD COLUMN written_at INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX products_cache_written ON products_cache (stripe_connection_id, written_at);
+CREATE INDEX products_cache_customer ON products_cache (stripe_connection_id, customer_id);
 ALTER TABLE coupons_cache ADD COLUMN customer_id TEXT;
 ALTER TABLE coupons_cache ADD COLUMN written_at INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX coupons_cache_written ON coupons_cache (stripe_connection_id, written_at);
+CREATE INDEX coupons_cache_customer ON coupons_cache (stripe_connection_id, customer_id);
 ALTER TABLE disputes_cache ADD COLUMN customer_id TEXT;
 ALTER TABLE disputes_cache ADD COLUMN written_at INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX disputes_cache_written ON disputes_cache (stripe_connection_id, written_at);
+CREATE INDEX disputes_cache_customer ON disputes_cache (stripe_connection_id, customer_id);
 UPDATE customers_cache SET customer_id = stripe_id;
 CREATE INDEX customers_cache_customer ON customers_cache (stripe_connection_id, customer_id);
 UPDATE subscriptions_cache SET customer_id = CASE json_type(data, '$.customer')
