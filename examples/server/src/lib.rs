@@ -393,14 +393,17 @@ impl revpilot_worker::AccountSource for SharedAccounts {
         &self,
         connection: &revpilot_core::ports::Connection,
     ) -> Result<Arc<revpilot_core::Account>, revpilot_worker::JobError> {
-        api::account(&self.0, connection.user, connection)
-            .await
-            .map(|loaded| loaded.account.clone())
-            .map_err(|_| {
-                revpilot_worker::JobError::Metrics(format!(
-                    "the account of connection {} cannot be rebuilt (see the log)",
-                    connection.id
-                ))
-            })
+        let loaded = api::account(&self.0, connection.user, connection).await;
+        if loaded.is_ok() {
+            // The worker's row is fresh (its sync just recorded its finish): requests use it
+            // at once instead of their row kept for `ROW_TTL`.
+            self.0.accounts.keep_row(connection);
+        }
+        loaded.map(|loaded| loaded.account.clone()).map_err(|_| {
+            revpilot_worker::JobError::Metrics(format!(
+                "the account of connection {} cannot be rebuilt (see the log)",
+                connection.id
+            ))
+        })
     }
 }

@@ -1393,6 +1393,71 @@ async fn requests_and_the_snapshot_job_arriving_together_share_one_build() {
     );
 }
 
+/// After a sync, the in-process worker brings the account up to date (the derivation updated
+/// with what the sync changed) and the very next request serves it, without building again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_brings_the_account_up_to_date_for_the_next_request() {
+    let w = world().await;
+    let (user, conn) = w.connected("acct_after_sync").await;
+    let token = w.token(user);
+    let mrr = |body: &Value| body["rows"].as_array().unwrap().last().unwrap()["mrr"].clone();
+    let uri = format!("/api/metrics?connectionId={conn}");
+    let (_, before) = w.call("GET", &uri, Some(&token), None).await;
+    // A sync cancels one subscription and records its finish.
+    let sub = w
+        .store
+        .objects_page(
+            user,
+            conn,
+            revpilot_core::ports::ObjectKind::Subscription,
+            None,
+            1,
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    let mut v: Value = serde_json::from_str(&sub.data).unwrap();
+    let ended = chrono::NaiveDate::from_ymd_opt(2024, 1, 10)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp();
+    v["status"] = "canceled".into();
+    v["canceled_at"] = ended.into();
+    v["ended_at"] = ended.into();
+    let later = now() + chrono::Duration::hours(1);
+    w.store
+        .upsert_objects(
+            conn,
+            &[revpilot_stripe::export::cached_object(
+                sub.kind,
+                sub.stripe_id,
+                later,
+                v.to_string(),
+            )],
+        )
+        .await
+        .unwrap();
+    w.store.set_last_synced(conn, later).await.unwrap();
+    // The worker's job after the sync (here its snapshot, which loads the same account).
+    let builds = w.state.accounts.builds();
+    let runner = w.state.runner("after-sync");
+    runner
+        .try_execute_task(&revpilot_worker::Job::Snapshot { day: job_day() })
+        .await
+        .unwrap();
+    assert_eq!(w.state.accounts.builds(), builds + 1);
+    // No wait for the row TTL: the next request already serves the synced account.
+    let (_, after) = w.call("GET", &uri, Some(&token), None).await;
+    assert_ne!(mrr(&after), mrr(&before), "the cancellation shows");
+    assert_eq!(
+        w.state.accounts.builds(),
+        builds + 1,
+        "served, not built again"
+    );
+}
+
 fn job_day() -> chrono::NaiveDate {
     chrono::NaiveDate::from_ymd_opt(2024, 2, 19).unwrap()
 }
