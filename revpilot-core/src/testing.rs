@@ -835,6 +835,8 @@ impl OAuthStateStore for MemoryStore {
         expires_at: DateTime<Utc>,
     ) -> StoreResult<()> {
         let mut s = self.lock()?;
+        let now = Utc::now();
+        s.states.retain(|_, (_, expires)| *expires > now);
         if s.states.contains_key(state) {
             return Err(StoreError::Conflict("OAuth state".into()));
         }

@@ -1415,6 +1415,12 @@ impl OAuthStateStore for SqliteStore {
         user: UserId,
         expires_at: DateTime<Utc>,
     ) -> StoreResult<()> {
+        // Expired states go as new ones come, whether or not their callback ever does.
+        sqlx::query("DELETE FROM oauth_states WHERE expires_at <= $1")
+            .bind(micros(Utc::now()))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         sqlx::query("INSERT INTO oauth_states (state, user_id, expires_at) VALUES ($1, $2, $3)")
             .bind(state)
             .bind(user.0.to_string())

@@ -399,6 +399,31 @@ async fn a_database_of_an_older_version_migrates_forward() {
     assert_eq!(ids(of(ObjectKind::Charge, "").await.unwrap()), ["ch_guest"]);
 }
 
+/// Expired OAuth states go as new ones are stored, though no callback ever came for them.
+#[tokio::test]
+async fn expired_oauth_states_are_deleted_without_their_callbacks() {
+    use revpilot_core::ports::OAuthStateStore;
+    let dir = TempDir::new().unwrap();
+    let store = fresh(&dir).await;
+    let (user, _) = owner_with_connection(&store, "acct_states", "sk_states").await;
+    let gone = Utc::now() - chrono::Duration::minutes(1);
+    for n in 0..1_000 {
+        store
+            .put_state(&format!("old-{n}"), user, gone)
+            .await
+            .unwrap();
+    }
+    store
+        .put_state("fresh", user, Utc::now() + chrono::Duration::minutes(10))
+        .await
+        .unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM oauth_states")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 1, "only the state that can still be used is kept");
+}
+
 const CRASH_ENV: &str = "REVPILOT_CRASH_CHILD_DB";
 const CRASH_BATCH: usize = 2_000;
 
