@@ -308,6 +308,24 @@ impl Runner {
         {
             tracing::warn!(%key, error = %e, "lease not released; it runs out by itself");
         }
+        if matches!(&result, Ok(Done::Synced(s)) if s == "succeeded")
+            && let Some(c) = self.store.connection(user, connection).await?
+        {
+            // Derived now (updated with what the sync changed), so that the next request reads
+            // the compact account instead of rebuilding it from every cached object. After the
+            // lease is given back: the next sync need not wait for it, and an update tolerates
+            // writes made while it runs. A failure here costs only that: the next load does it.
+            let derived = match &self.accounts {
+                Some(accounts) => accounts.account(&c).await.map(drop),
+                None => load_account(self.store.as_ref(), user, &c, None)
+                    .await
+                    .map(drop)
+                    .map_err(|e| JobError::Metrics(e.to_string())),
+            };
+            if let Err(e) = derived {
+                tracing::warn!(%connection, error = %e, "the synced account was not derived");
+            }
+        }
         result
     }
 
@@ -361,24 +379,6 @@ impl Runner {
             return Err(JobError::Stripe(
                 outcome.error.unwrap_or_else(|| "the sync failed".into()),
             ));
-        }
-        if status == revpilot_core::ports::SyncStatus::Succeeded
-            && let Some(c) = self.store.connection(user, connection).await?
-        {
-            // Derived now (updated with what the sync changed), while the lease keeps other
-            // syncs out, so that the next request reads the compact account instead of
-            // rebuilding it from every cached object. A failure here costs only that: the next
-            // load does it.
-            let derived = match &self.accounts {
-                Some(accounts) => accounts.account(&c).await.map(drop),
-                None => load_account(self.store.as_ref(), user, &c, None)
-                    .await
-                    .map(drop)
-                    .map_err(|e| JobError::Metrics(e.to_string())),
-            };
-            if let Err(e) = derived {
-                tracing::warn!(%connection, error = %e, "the synced account was not derived");
-            }
         }
         Ok(Done::Synced(status.as_str().to_owned()))
     }
