@@ -1,7 +1,7 @@
 //! A real browser on the demo: the `revpilot-server --demo` process, and Debian's Chromium
 //! (headless) logging in through `/demo` and rendering `/dashboard`. The KPI tiles and the MRR
-//! line's points in the DOM Chromium built must equal `/api/metrics`; a screenshot is saved to
-//! `target/browser/dashboard.png`.
+//! line's points in the DOM Chromium built must equal `/api/metrics`; a screenshot of every page
+//! at 1,400 and 390 px is saved to `target/browser/{page}-{width}.png`.
 //!
 //! Chromium comes from `REVPILOT_TEST_CHROMIUM` (scripts/test sets it when `/usr/bin/chromium`
 //! exists). Without it the test says it was skipped, unless `REVPILOT_TEST_REQUIRE_CHROMIUM` is
@@ -60,6 +60,11 @@ fn demo_server() -> (Server, String, String, String) {
 }
 
 fn chromium(binary: &Path, profile: &Path, args: &[&str]) -> String {
+    chromium_at(binary, profile, "1100,1800", args)
+}
+
+/// [`chromium`] with a window of `size` (`"width,height"`).
+fn chromium_at(binary: &Path, profile: &Path, size: &str, args: &[&str]) -> String {
     let out = Command::new(binary)
         .args([
             "--headless",
@@ -69,8 +74,8 @@ fn chromium(binary: &Path, profile: &Path, args: &[&str]) -> String {
             "--disable-component-update",
             "--disable-sync",
             "--no-first-run",
-            "--window-size=1100,1800",
         ])
+        .arg(format!("--window-size={size}"))
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
         .output()
@@ -213,22 +218,35 @@ async fn chromium_shows_the_demo_dashboard_with_the_apis_numbers() {
         "cohort cells"
     );
 
-    // A screenshot for people to look at.
+    // Screenshots of every page, at a desktop's width and a phone's, for people to look at:
+    // `target/browser/{page}-{width}.png`.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/browser");
     std::fs::create_dir_all(&dir).unwrap();
-    let shot = dir.join("dashboard.png");
-    let _ = std::fs::remove_file(&shot);
-    chromium(
-        &binary,
-        profile.path(),
-        &[
-            &format!("--screenshot={}", shot.display()),
-            &format!("{base}/dashboard"),
-        ],
-    );
-    let png = std::fs::read(&shot).unwrap();
-    assert!(
-        png.starts_with(b"\x89PNG") && png.len() > 20_000,
-        "a real picture"
-    );
+    for page in [
+        "dashboard",
+        "insights",
+        "usage",
+        "pricing",
+        "login",
+        "signup",
+    ] {
+        for (width, height) in [(1400, 1800), (390, 1800)] {
+            let shot = dir.join(format!("{page}-{width}.png"));
+            let _ = std::fs::remove_file(&shot);
+            chromium_at(
+                &binary,
+                profile.path(),
+                &format!("{width},{height}"),
+                &[
+                    &format!("--screenshot={}", shot.display()),
+                    &format!("{base}/{page}"),
+                ],
+            );
+            let png = std::fs::read(&shot).unwrap();
+            assert!(
+                png.starts_with(b"\x89PNG") && png.len() > 10_000,
+                "a real picture of /{page} at {width} px"
+            );
+        }
+    }
 }
