@@ -256,7 +256,11 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
     if dirty.len() > options.update_max_customers {
         return Ok(None);
     }
-    tracing::debug!(customers = dirty.len(), ms = ms(started), "derived update: changes found");
+    tracing::debug!(
+        customers = dirty.len(),
+        ms = ms(started),
+        "derived update: changes found"
+    );
     // The dirty customers, rebuilt with every price, coupon and dispute.
     let mut rebuilder = Rebuilder::new();
     for kind in [ObjectKind::Price, ObjectKind::Coupon, ObjectKind::Dispute] {
