@@ -16,20 +16,23 @@
 //!
 //! `cargo build --release -p revpilot-server && cargo run --release -p revpilot-benches --bin account_load [-- CUSTOMERS]`
 //! (default 100,000). Targets: the first answer within 10 s, the server's peak RSS at most 2 GiB.
+//! With `REVPILOT_BENCH_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test` the account is
+//! stored in a schema of that PostgreSQL database instead, and the server runs on it.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use revpilot_core::billing::Catalog;
+use revpilot_core::ports::Store;
 use revpilot_core::ports::{
-    CachedObject, ConnectionId, ConnectionStore, NewConnection, ObjectCache, ObjectKind, Tier,
-    Tokens, UserId, UserStore,
+    CachedObject, ConnectionId, NewConnection, ObjectKind, Tier, Tokens, UserId,
 };
 use revpilot_server::auth::Jwt;
-use revpilot_store::{KeyRing, SqliteStore};
+use revpilot_store::{KeyRing, PgStore, SqliteStore};
 use revpilot_stripe::export::ExportError;
 use revpilot_stripe::rebuild::stream::for_each_object;
 use secrecy::SecretString;
@@ -62,11 +65,91 @@ fn export_file(customers: usize) -> PathBuf {
     path
 }
 
-/// The seeded store: its path, the user and the connection.
-async fn seed(customers: usize) -> (PathBuf, UserId, ConnectionId) {
+/// Where the account is stored: a SQLite file (the default), or a schema of the PostgreSQL
+/// database at `REVPILOT_BENCH_POSTGRES_URL`.
+enum Db {
+    Sqlite(PathBuf),
+    Postgres { url: String, schema: String },
+}
+
+impl Db {
+    fn new(customers: usize) -> Db {
+        match std::env::var("REVPILOT_BENCH_POSTGRES_URL") {
+            Ok(url) => Db::Postgres {
+                url,
+                schema: format!("bench_{customers}x{MONTHS}"),
+            },
+            Err(_) => {
+                Db::Sqlite(root().join(format!("target/bench-data/store-{customers}x{MONTHS}.db")))
+            }
+        }
+    }
+
+    /// The server's `DATABASE_URL`.
+    fn url(&self) -> String {
+        match self {
+            Db::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Db::Postgres { url, schema } => {
+                format!("{url}?options=-c%20search_path%3D{schema}%2Cpublic")
+            }
+        }
+    }
+
+    /// Where the seeded user and connection are written down.
+    fn ids(&self) -> PathBuf {
+        match self {
+            Db::Sqlite(path) => path.with_extension("ids"),
+            Db::Postgres { schema, .. } => root().join(format!("target/bench-data/{schema}.ids")),
+        }
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        let keys = KeyRing::parse(KEYS).unwrap();
+        match self {
+            Db::Sqlite(path) => Arc::new(
+                SqliteStore::connect(path.to_str().unwrap(), keys)
+                    .await
+                    .unwrap(),
+            ),
+            Db::Postgres { url, schema } => Arc::new(
+                PgStore::connect_in_schema(url, Some(schema), keys)
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+
+    /// Runs `sql` (in the right dialect) on the store.
+    async fn exec(&self, sqlite: &str, postgres: &str) {
+        let keys = KeyRing::parse(KEYS).unwrap();
+        match self {
+            Db::Sqlite(path) => {
+                let store = SqliteStore::connect(path.to_str().unwrap(), keys)
+                    .await
+                    .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sqlite.to_owned()))
+                    .execute(store.pool())
+                    .await
+                    .unwrap();
+            }
+            Db::Postgres { url, schema } => {
+                let store = PgStore::connect_in_schema(url, Some(schema), keys)
+                    .await
+                    .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(postgres.to_owned()))
+                    .execute(store.pool())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// The seeded store, the user and the connection.
+async fn seed(customers: usize) -> (Db, UserId, ConnectionId) {
     let export = export_file(customers);
-    let db = root().join(format!("target/bench-data/store-{customers}x{MONTHS}.db"));
-    let ids = db.with_extension("ids");
+    let db = Db::new(customers);
+    let ids = db.ids();
     if let Ok(text) = std::fs::read_to_string(&ids) {
         let (u, c) = text.trim().split_once(' ').unwrap();
         return (
@@ -75,10 +158,16 @@ async fn seed(customers: usize) -> (PathBuf, UserId, ConnectionId) {
             ConnectionId(c.parse().unwrap()),
         );
     }
-    let _ = std::fs::remove_file(&db);
-    let store = SqliteStore::connect(db.to_str().unwrap(), KeyRing::parse(KEYS).unwrap())
-        .await
-        .unwrap();
+    match &db {
+        Db::Sqlite(path) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Db::Postgres { schema, .. } => {
+            db.exec("", &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .await;
+        }
+    }
+    let store = db.open().await;
     let user = UserId(uuid::Uuid::new_v4());
     let now = Utc::now();
     store
@@ -150,12 +239,11 @@ async fn seed(customers: usize) -> (PathBuf, UserId, ConnectionId) {
     // update reads back.
     for kind in ObjectKind::ALL {
         let table = format!("{}s_cache", kind.as_str());
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {table} SET written_at = written_at - 86400000000"
-        )))
-        .execute(store.pool())
-        .await
-        .unwrap();
+        db.exec(
+            &format!("UPDATE {table} SET written_at = written_at - 86400000000"),
+            &format!("UPDATE {table} SET written_at = written_at - interval '1 day'"),
+        )
+        .await;
     }
     println!(
         "seeded {stored} objects in {:.1} s",
@@ -193,8 +281,8 @@ fn gib(b: u64) -> f64 {
     b as f64 / f64::from(1u32 << 30)
 }
 
-/// Starts the server on the store at `db`, and waits until it answers.
-async fn start(binary: &Path, db: &Path) -> (Server, String) {
+/// Starts the server on the store `db`, and waits until it answers.
+async fn start(binary: &Path, db: &Db) -> (Server, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -202,7 +290,7 @@ async fn start(binary: &Path, db: &Path) -> (Server, String) {
         .port();
     let server = Server(
         Command::new(binary)
-            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env("DATABASE_URL", db.url())
             .env("REVPILOT_BIND", format!("127.0.0.1:{port}"))
             .env("REVPILOT_ENCRYPTION_KEY", KEYS)
             .env("JWT_SECRET", JWT_SECRET)
@@ -234,18 +322,9 @@ async fn main() {
         .map_or(100_000, |c| c.parse().unwrap());
     let (db, user, conn) = seed(customers).await;
     // Nothing derived yet, as on the first start after an upgrade: the first request rebuilds.
-    {
-        let store = SqliteStore::connect(db.to_str().unwrap(), KeyRing::parse(KEYS).unwrap())
-            .await
-            .unwrap();
-        sqlx::query("DELETE FROM derived_accounts")
-            .execute(store.pool())
-            .await
-            .unwrap();
-        sqlx::query("DELETE FROM derived_customers")
-            .execute(store.pool())
-            .await
-            .unwrap();
+    for table in ["derived_accounts", "derived_customers"] {
+        let sql = format!("DELETE FROM {table}");
+        db.exec(&sql, &sql).await;
     }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
@@ -303,9 +382,7 @@ async fn main() {
     // A sync that changed 1 % of the customers (their subscriptions canceled today): the next
     // requests see it once the server's connection row is re-read (`ROW_TTL`) and the derived
     // account is updated with those customers only.
-    let store = SqliteStore::connect(db.to_str().unwrap(), KeyRing::parse(KEYS).unwrap())
-        .await
-        .unwrap();
+    let store = db.open().await;
     let now = Utc::now();
     // A different 1 % each run, canceled within the reported range.
     let from = format!("sub_{:07}", fastrand::usize(..customers * 98 / 100));
