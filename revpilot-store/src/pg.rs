@@ -987,13 +987,19 @@ impl ObjectCache for PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> StoreResult<Vec<CachedObject>> {
+        // The ids come from the write-time index first (a materialised CTE): ordered by id
+        // with a limit, the planner would walk the primary key through every object of the
+        // connection to find the few written since.
         let sql = format!(
-            "SELECT o.stripe_id, o.version, o.data, o.customer_id FROM {} o
+            "WITH w AS MATERIALIZED (
+               SELECT stripe_id FROM {table}
+               WHERE stripe_connection_id = $1 AND written_at >= $3 AND stripe_id > $4)
+             SELECT o.stripe_id, o.version, o.data, o.customer_id FROM w
+             JOIN {table} o ON o.stripe_connection_id = $1 AND o.stripe_id = w.stripe_id
              JOIN stripe_connections c ON c.id = o.stripe_connection_id
-             WHERE o.stripe_connection_id = $1 AND c.user_id = $2 AND o.written_at >= $3
-               AND o.stripe_id > $4
+             WHERE c.user_id = $2
              ORDER BY o.stripe_id LIMIT $5",
-            cache_table(kind)
+            table = cache_table(kind)
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(connection.0)
