@@ -536,7 +536,7 @@ proptest! {
     /// month's noise.
     #[test]
     fn ltv_is_stable_on_a_steady_account(seed in any::<u64>(), churn_pct in 2u64..6) {
-        let account = steady_account(seed, 600, churn_pct);
+        let account = steady_account(seed, 3_000, churn_pct);
         let engine = Engine::new(&account, Rules::default(), Currency::USD);
         let from = NaiveDate::from_ymd_opt(2023, 1, 1).expect("date");
         let to = NaiveDate::from_ymd_opt(2024, 12, 31).expect("date");
