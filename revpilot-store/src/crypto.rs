@@ -11,6 +11,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 
 /// Why a key ring cannot be built from configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeyError {
     /// No key was configured.
     #[error("no encryption key configured: set REVPILOT_ENCRYPTION_KEY to `id:base64-of-32-bytes`")]

@@ -102,6 +102,7 @@ pub enum Receipt {
 
 /// Why [`receive`] refused a request.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReceiveError {
     /// Bad or missing signature: answer 400, nothing written.
     #[error(transparent)]
@@ -211,6 +212,7 @@ pub enum Outcome {
 
 /// Why processing an event failed; it stays pending and is retried.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProcessError {
     /// The stored payload cannot be read (not retried usefully, but kept).
     #[error(transparent)]

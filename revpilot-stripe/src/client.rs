@@ -79,6 +79,7 @@ impl ClientConfig {
 
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ApiError {
     /// 401: the key or token is invalid or was revoked.
     #[error("Stripe refused the credentials (401): {message}")]

@@ -65,6 +65,7 @@ impl ConnectConfig {
 
 /// Why connecting failed. Nothing was written for any of them.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConnectError {
     /// The callback has no `state`.
     #[error("the callback has no state parameter")]

@@ -39,6 +39,7 @@ pub struct Export {
 
 /// Why an export cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ExportError {
     /// The file is not a JSON object of lists.
     #[error("not an export (a JSON object of lists): {0}")]

@@ -103,6 +103,7 @@ pub enum Progress {
 
 /// Why a sync stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SyncError {
     /// Stripe failed (after retries, where retrying made sense).
     #[error(transparent)]

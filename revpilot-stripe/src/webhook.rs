@@ -22,6 +22,7 @@ pub const TOLERANCE_SECS: i64 = 300;
 
 /// Why a webhook is refused. Every variant means: answer 400, write nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SignatureError {
     /// No endpoint secret is configured.
     #[error("no webhook secret is configured")]

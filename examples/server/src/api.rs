@@ -324,7 +324,10 @@ pub(crate) async fn generate_insights(
         metrics::counter!("revpilot_insight_generations_total", "provider" => provider)
             .increment(1);
     })
-    .map_err(|GenerateError::Usage(e)| usage_error(&e))
+    .map_err(|e| match e {
+        GenerateError::Usage(e) => usage_error(&e),
+        other => internal(&other),
+    })
 }
 
 /// `POST /api/insights?connectionId=...`: generates, stores and returns one set of insights.
@@ -448,6 +451,7 @@ pub(crate) async fn scenarios(
         .into_response(),
         Err(RunError::Scenario(e)) => bad_request(e.to_string()),
         Err(RunError::Usage(e)) => usage_error(&e),
+        Err(other) => internal(&other),
     }
 }
 

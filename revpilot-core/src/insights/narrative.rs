@@ -92,6 +92,7 @@ pub struct Insight {
 
 /// Why a provider gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum LlmError {
     /// The answer does not satisfy the schema or cites figures that do not exist (worth one
     /// more try).
@@ -560,6 +561,7 @@ pub struct Generated {
 
 /// Why [`generate`] produced nothing.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum GenerateError {
     /// The usage limit (an upgrade is required), an unknown user, or the store.
     #[error(transparent)]

@@ -25,6 +25,7 @@ pub struct Scenario {
 
 /// A scenario that cannot be projected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ScenarioError {
     /// A change out of range.
     #[error("{field} must be between {min} and {max}, got {value}")]
@@ -162,6 +163,7 @@ pub fn run(
 
 /// Why a metered scenario run was refused.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RunError {
     /// The scenario is invalid (nothing is counted).
     #[error(transparent)]
