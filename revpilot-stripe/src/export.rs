@@ -287,22 +287,14 @@ pub fn customer_of(
 ) -> Option<String> {
     use revpilot_core::ports::ObjectKind;
     #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Ref {
-        Id(String),
-        Object { id: String },
-    }
-    #[derive(Deserialize)]
     struct Owner {
-        #[serde(default)]
-        customer: Option<Ref>,
+        #[serde(default, deserialize_with = "crate::objects::expandable")]
+        customer: Option<String>,
     }
     match kind {
         ObjectKind::Customer => Some(stripe_id.to_owned()),
         ObjectKind::Subscription | ObjectKind::Invoice | ObjectKind::Charge => {
-            match serde_json::from_str::<Owner>(json).ok()?.customer? {
-                Ref::Id(id) | Ref::Object { id } => Some(id),
-            }
+            serde_json::from_str::<Owner>(json).ok()?.customer
         }
         _ => None,
     }

@@ -105,7 +105,7 @@ pub enum Source {
 }
 
 /// One customer's share of the account, as a row stores it.
-#[derive(Serialize)]
+#[derive(Default, Serialize)]
 struct Share<'a> {
     customers: Vec<&'a Customer>,
     subscriptions: Vec<&'a Subscription>,
@@ -155,10 +155,12 @@ pub async fn load_account_with<S: ObjectCache + DerivedStore + ?Sized>(
         let Some(stamp) = store.derived_stamp(connection.id).await? else {
             break;
         };
+        // Only this build's derivation is read; a connection never synced has none (its cache
+        // may be seeded by other means). Current when made at the connection's last sync.
         if stamp.version != RULES_VERSION || connection.last_synced_at.is_none() {
             break;
         }
-        if !is_current(&stamp, connection) {
+        if stamp.synced_at != connection.last_synced_at {
             match update(store, user, connection, &stamp, previous, options).await? {
                 Some(loaded) => return Ok(loaded),
                 None => break,
@@ -301,7 +303,7 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
     for key in &keys {
         let data = match shares.get(key.as_str()) {
             Some(share) => serde_json::to_string(share),
-            None => serde_json::to_string(&empty()),
+            None => serde_json::to_string(&Share::default()),
         }
         .map_err(|e| StoreError::Invalid(format!("serialising customer {key}: {e}")))?;
         rows.push(DerivedRow {
@@ -365,18 +367,11 @@ fn add(rebuilder: &mut Rebuilder, objects: &[CachedObject]) -> Result<(), Cached
 /// The charge a cached dispute is of.
 fn charge_of(dispute: &CachedObject) -> Option<String> {
     #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Ref {
-        Id(String),
-        Object { id: String },
-    }
-    #[derive(Deserialize)]
     struct D {
-        charge: Option<Ref>,
+        #[serde(default, deserialize_with = "crate::objects::expandable")]
+        charge: Option<String>,
     }
-    match serde_json::from_str::<D>(&dispute.data).ok()?.charge? {
-        Ref::Id(id) | Ref::Object { id } => Some(id),
-    }
+    serde_json::from_str::<D>(&dispute.data).ok()?.charge
 }
 
 /// `previous` with the customers `keys` replaced by what `part` holds of them.
@@ -462,14 +457,6 @@ pub async fn derive_account<S: ObjectCache + DerivedStore + ?Sized>(
     })
 }
 
-/// Whether `stamp` is this build's derivation of the connection at its last sync. A connection
-/// never synced has no current derivation: its cache may be seeded by other means.
-fn is_current(stamp: &DerivedStamp, connection: &Connection) -> bool {
-    stamp.version == RULES_VERSION
-        && connection.last_synced_at.is_some()
-        && stamp.synced_at == connection.last_synced_at
-}
-
 /// Customers, subscriptions and payments by id: the order a derivation reads back in.
 fn sort(account: &mut Account) {
     account.customers.sort_by(|a, b| a.id.cmp(&b.id));
@@ -481,34 +468,23 @@ fn sort(account: &mut Account) {
 fn shares(account: &Account) -> Vec<(&str, Share<'_>)> {
     let mut by: HashMap<&str, Share<'_>> = HashMap::new();
     for c in &account.customers {
-        by.entry(c.id.as_str())
-            .or_insert_with(empty)
-            .customers
-            .push(c);
+        by.entry(c.id.as_str()).or_default().customers.push(c);
     }
     for s in &account.subscriptions {
         by.entry(s.customer.as_str())
-            .or_insert_with(empty)
+            .or_default()
             .subscriptions
             .push(s);
     }
     for p in &account.payments {
         by.entry(p.customer.as_deref().unwrap_or(""))
-            .or_insert_with(empty)
+            .or_default()
             .payments
             .push(p);
     }
     let mut rows: Vec<(&str, Share<'_>)> = by.into_iter().collect();
     rows.sort_unstable_by_key(|(key, _)| *key);
     rows
-}
-
-fn empty<'a>() -> Share<'a> {
-    Share {
-        customers: Vec::new(),
-        subscriptions: Vec::new(),
-        payments: Vec::new(),
-    }
 }
 
 /// The rows of `stamp`'s generation as an account, pages parsed on blocking threads while the
