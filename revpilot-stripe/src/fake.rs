@@ -295,26 +295,35 @@ impl LocalStripe {
             );
             return None;
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap();
-        let child = Command::new(format!("{venv}/bin/localstripe"))
-            .args(["--port", &port.to_string(), "--from-scratch"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("localstripe from {venv}: {e}"));
-        let ls = LocalStripe {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "localstripe did not start");
-            std::thread::sleep(Duration::from_millis(100));
+        // The free port is released before localstripe binds it: another process can take it
+        // in between, and localstripe then exits at once. Start it again on another port.
+        loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap();
+            let child = Command::new(format!("{venv}/bin/localstripe"))
+                .args(["--port", &port.to_string(), "--from-scratch"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("localstripe from {venv}: {e}"));
+            let mut ls = LocalStripe {
+                child,
+                base: format!("http://127.0.0.1:{port}"),
+            };
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(ls);
+                }
+                assert!(Instant::now() < deadline, "localstripe did not start");
+                if ls.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        Some(ls)
     }
 }
 
