@@ -1032,6 +1032,42 @@ pub trait CredentialStore: Send + Sync {
     /// The user with this email (case-insensitive) and their password hash; `None` when there is
     /// no such user or they have no password (a user of an external identity provider).
     async fn credentials(&self, email: &str) -> StoreResult<Option<(UserId, String)>>;
+
+    /// Ends the session `session` (an opaque id of at most [`SESSION_ID_MAX`] bytes the server
+    /// derives from its token) until `expires`, when its token would have expired anyway. Every
+    /// process sharing the store refuses it from then on. Ending one twice is not an error.
+    ///
+    /// Ended sessions whose `expires` is before `now` are forgotten, so the list holds only
+    /// sessions that could still be presented.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for an empty id or one longer than [`SESSION_ID_MAX`].
+    async fn end_session(
+        &self,
+        session: &str,
+        expires: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// Whether `session` was ended (by any process sharing the store).
+    async fn session_ended(&self, session: &str) -> StoreResult<bool>;
+}
+
+/// The longest session id [`CredentialStore::end_session`] takes.
+pub const SESSION_ID_MAX: usize = 128;
+
+/// Refuses a session id [`CredentialStore::end_session`] must not store.
+///
+/// # Errors
+/// [`StoreError::Invalid`] naming the problem.
+pub fn check_session_id(session: &str) -> StoreResult<()> {
+    if session.is_empty() || session.len() > SESSION_ID_MAX {
+        return Err(StoreError::Invalid(format!(
+            "a session id is 1 to {SESSION_ID_MAX} bytes, not {}",
+            session.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Leases: a named claim one holder keeps until a deadline, so that two workers (processes or

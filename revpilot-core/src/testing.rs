@@ -58,6 +58,7 @@ struct State {
     events: Vec<(UserId, SubscriptionEvent)>,
     insights: Vec<crate::ports::InsightRecord>,
     passwords: BTreeMap<UserId, String>,
+    ended_sessions: BTreeMap<String, DateTime<Utc>>,
     leases: HashMap<String, (String, DateTime<Utc>)>,
 }
 
@@ -1073,5 +1074,22 @@ impl crate::ports::CredentialStore for MemoryStore {
                     .is_some_and(|e| e.eq_ignore_ascii_case(email))
             })
             .and_then(|p| s.passwords.get(&p.user_id).map(|h| (p.user_id, h.clone()))))
+    }
+
+    async fn end_session(
+        &self,
+        session: &str,
+        expires: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        crate::ports::check_session_id(session)?;
+        let mut s = self.lock()?;
+        s.ended_sessions.retain(|_, e| *e >= now);
+        s.ended_sessions.insert(session.to_owned(), expires);
+        Ok(())
+    }
+
+    async fn session_ended(&self, session: &str) -> StoreResult<bool> {
+        Ok(self.lock()?.ended_sessions.contains_key(session))
     }
 }

@@ -92,6 +92,11 @@ fn migrator() -> Migrator {
             "derived accounts",
             include_str!("../migrations/sqlite/0009_derived_accounts.sql"),
         ),
+        m(
+            10,
+            "ended sessions",
+            include_str!("../migrations/sqlite/0010_ended_sessions.sql"),
+        ),
     ])
 }
 
@@ -1895,6 +1900,39 @@ impl revpilot_core::ports::CredentialStore for SqliteStore {
             Ok((UserId(uuid(&id)?), r.try_get(1).map_err(backend)?))
         })
         .transpose()
+    }
+
+    async fn end_session(
+        &self,
+        session: &str,
+        expires: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        revpilot_core::ports::check_session_id(session)?;
+        sqlx::query("DELETE FROM ended_sessions WHERE expires_at < $1")
+            .bind(micros(now))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        sqlx::query(
+            "INSERT INTO ended_sessions (session_id, expires_at) VALUES ($1, $2)
+             ON CONFLICT (session_id) DO NOTHING",
+        )
+        .bind(session)
+        .bind(micros(expires))
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn session_ended(&self, session: &str) -> StoreResult<bool> {
+        let row = sqlx::query("SELECT 1 FROM ended_sessions WHERE session_id = $1")
+            .bind(session)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(row.is_some())
     }
 }
 

@@ -231,9 +231,13 @@ impl FromRequestParts<AppState> for AuthUser {
             tracing::debug!(error = %e, "token refused");
             unauthorized()
         })?;
-        if state.revoked.contains(token) {
-            tracing::debug!("an ended session was presented");
-            return Err(unauthorized());
+        match state.store.session_ended(&session_id(token)).await {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::debug!("an ended session was presented");
+                return Err(unauthorized());
+            }
+            Err(e) => return Err(crate::internal(&e)),
         }
         // First sight of a user: a starter profile. A user this process has seen has one.
         if state.known_users.contains(user) {
@@ -361,22 +365,84 @@ static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     hash_password("an unguessable placeholder password").unwrap_or_default()
 });
 
-fn hash_password(password: &str) -> Result<String, String> {
-    use argon2::password_hash::PasswordHasher;
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes())
-        .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
+thread_local! {
+    /// The argon2 memory of this hashing thread (~19 MiB with the default parameters),
+    /// allocated on its first hash and reused by every later one. Allocating it per hash (what
+    /// `Argon2::hash_password` does) let the allocator keep up to three freed copies per arena
+    /// once other threads' small allocations split them: a storm of wrong logins left ~390 MiB
+    /// with two hashing threads. Reused, it is `REVPILOT_AUTH_CONCURRENCY` x 19 MiB for good.
+    static ARGON2_MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn password_matches(password: &str, hash: &str) -> bool {
-    use argon2::password_hash::PasswordVerifier;
-    use argon2::password_hash::phc::PasswordHash;
-    PasswordHash::new(hash).is_ok_and(|parsed| {
-        argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok()
+/// Runs `f` with `blocks` blocks of this thread's argon2 memory.
+fn with_argon2_memory<T>(blocks: usize, f: impl FnOnce(&mut [argon2::Block]) -> T) -> T {
+    ARGON2_MEMORY.with_borrow_mut(|memory| {
+        if memory.len() < blocks {
+            memory.resize(blocks, argon2::Block::new());
+        }
+        f(&mut memory[..blocks])
     })
+}
+
+/// A PHC string (`$argon2id$v=19$m=19456,t=2,p=1$salt$hash`) of `password` with argon2's
+/// default parameters and a fresh salt.
+fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
+    let argon2 = argon2::Argon2::default();
+    let params = argon2.params();
+    let salt = argon2::password_hash::try_generate_salt().map_err(|e| e.to_string())?;
+    let mut out = [0u8; argon2::Params::DEFAULT_OUTPUT_LEN];
+    with_argon2_memory(params.block_count(), |memory| {
+        argon2.hash_password_into_with_memory(password.as_bytes(), &salt, &mut out, memory)
+    })
+    .map_err(|e| e.to_string())?;
+    let phc = PasswordHash {
+        algorithm: argon2::Algorithm::default().ident(),
+        version: Some(argon2::Version::default().into()),
+        params: ParamsString::try_from(params).map_err(|e| e.to_string())?,
+        salt: Some(Salt::new(&salt).map_err(|e| e.to_string())?),
+        hash: Some(Output::new(&out).map_err(|e| e.to_string())?),
+    };
+    Ok(phc.to_string())
+}
+
+/// Whether `password` is the one `hash` (a PHC string from [`hash_password`]) was made from.
+/// A hash whose memory cost is above the default's is not verified: this server never writes
+/// one, and verifying it would grow the thread's memory for good.
+fn password_matches(password: &str, hash: &str) -> bool {
+    use argon2::password_hash::phc::{Output, PasswordHash};
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (
+        argon2::Algorithm::try_from(parsed.algorithm.as_str()),
+        argon2::Params::try_from(&parsed),
+    ) else {
+        return false;
+    };
+    let version = match parsed.version.map(argon2::Version::try_from).transpose() {
+        Ok(v) => v.unwrap_or_default(),
+        Err(_) => return false,
+    };
+    let blocks = params.block_count();
+    if blocks > argon2::Params::default().block_count() {
+        tracing::error!(
+            blocks,
+            "a stored password hash costs more memory than allowed"
+        );
+        return false;
+    }
+    let mut out = vec![0u8; expected.len()];
+    let argon2 = argon2::Argon2::new(algorithm, version, params);
+    let hashed = with_argon2_memory(blocks, |memory| {
+        argon2.hash_password_into_with_memory(password.as_bytes(), salt, &mut out, memory)
+    });
+    // `Output`'s equality is constant-time.
+    hashed.is_ok() && Output::new(&out).is_ok_and(|computed| computed == *expected)
 }
 
 /// The trimmed email, or what is wrong with the credentials.
@@ -428,17 +494,34 @@ pub(crate) fn clear_session_cookie(state: &AppState) -> String {
     format!("{CLEAR_SESSION_COOKIE}{}", secure(state))
 }
 
-/// Ends the session the request carries (bearer or cookie), when it is a valid one: its token
-/// is refused from then on (see [`crate::guard::Revoked`]).
+/// Ends the session the request carries (bearer or cookie), when it is a valid one: the store
+/// keeps its id until the token would have expired, and every server sharing the store refuses
+/// the token from then on.
 pub(crate) async fn end_session(state: &AppState, headers: &axum::http::HeaderMap) {
     let Some(token) = presented(headers) else {
         return;
     };
-    if let Ok((_, claims)) = verify(state, token).await {
-        state
-            .revoked
-            .revoke(token, claims.exp, (state.clock)().timestamp());
+    let Ok((_, claims)) = verify(state, token).await else {
+        return;
+    };
+    let Some(expires) = chrono::DateTime::from_timestamp(claims.exp + LEEWAY_SECS, 0) else {
+        return;
+    };
+    if let Err(e) = state
+        .store
+        .end_session(&session_id(token), expires, (state.clock)())
+        .await
+    {
+        // The cookie is cleared all the same; the token stays valid until it expires.
+        tracing::error!(error = %e, "an ended session could not be recorded");
     }
+}
+
+/// The id a session is ended under: the SHA-256 of its token, hex (64 bytes, whatever the token's
+/// length).
+fn session_id(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
 fn session(state: &AppState, jwt: &Jwt, user: UserId, email: &str) -> Response {
@@ -561,9 +644,9 @@ fn client_key(ip: std::net::IpAddr) -> String {
 /// at most `REVPILOT_AUTH_WAIT_MS`: however many clients try at once, memory and threads stay
 /// bounded, and the ones that cannot be served soon are told to come back.
 ///
-/// The threads are dedicated, not tokio's blocking pool: each freed 19 MiB block stays in the
-/// allocator's arena of the thread that used it, so a pool of dozens of threads would keep
-/// dozens of blocks (measured: 657 MiB after 200 logins with 2 slots on the blocking pool).
+/// The threads are dedicated, not tokio's blocking pool: each keeps its 19 MiB of argon2 memory
+/// for good (see `ARGON2_MEMORY`), so there must be exactly as many as slots (measured: 657 MiB
+/// after 200 logins with 2 slots on the blocking pool, when each hash allocated its own).
 async fn hashing<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce() -> T + Send + 'static,
@@ -839,6 +922,44 @@ mod tests {
             issuer.map(str::to_owned),
         )
         .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn password_hashes_are_standard_phc_and_reuse_the_threads_memory() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        let ours = hash_password("correct horse battery").unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            ours.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{ours}"
+        );
+        // argon2's own verifier takes it, and ours takes argon2's own hashes (older accounts).
+        assert!(
+            argon2::Argon2::default()
+                .verify_password(b"correct horse battery", ours.as_str())
+                .is_ok()
+        );
+        let theirs = argon2::Argon2::default()
+            .hash_password(b"correct horse battery")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .to_string();
+        for hash in [&ours, &theirs] {
+            assert!(password_matches("correct horse battery", hash));
+            assert!(!password_matches("correct horse battery!", hash));
+        }
+        assert_ne!(
+            ours,
+            hash_password("correct horse battery").unwrap_or_default(),
+            "salted"
+        );
+        // One thread's memory, allocated once.
+        let len = ARGON2_MEMORY.with_borrow(Vec::len);
+        assert_eq!(len, argon2::Params::default().block_count());
+        // Not hashes, or hashes asking for more memory than the default, never match.
+        let costly = "$argon2id$v=19$m=262144,t=2,p=1$c2FsdHNhbHRzYWx0$MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI";
+        for bad in ["", "plain", "$argon2id$v=19$m=19456,t=2,p=1$", costly] {
+            assert!(!password_matches("correct horse battery", bad), "{bad}");
+        }
+        assert_eq!(ARGON2_MEMORY.with_borrow(Vec::len), len);
     }
 
     #[test]

@@ -1,10 +1,8 @@
 //! The server's protections against abuse that are not about who the caller is: rate-limit maps
 //! that stay bounded however many keys an attacker invents, the same-origin check on every
-//! state-changing request (CSRF), the security headers of every response, and the list of
-//! sessions ended by logging out. `docs/security.md` says what each one is and how to configure
-//! it.
+//! state-changing request (CSRF) and the security headers of every response.
+//! `docs/security.md` says what each one is and how to configure it.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -193,60 +191,6 @@ pub fn security_headers() -> [(header::HeaderName, HeaderValue); 4] {
     ]
 }
 
-// ----- ended sessions -----
-
-/// Sessions ended by logging out, kept until they would have expired anyway.
-///
-/// A session token is valid until its `exp`; logging out puts its signature here, and
-/// [`crate::auth::AuthUser`] refuses it from then on. Entries leave when their token expires.
-/// The list lives in this process: servers behind one balancer do not share it (see
-/// `docs/security.md`).
-#[derive(Debug, Default)]
-pub struct Revoked(Mutex<HashMap<String, i64>>);
-
-impl Revoked {
-    /// Ended sessions kept at most; past it (after expired ones leave) a logout still clears the
-    /// browser's cookie but is not remembered (logged).
-    pub const CAPACITY: usize = 200_000;
-
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Ends the session `token` (valid until `exp`, unix seconds), at `now`.
-    pub fn revoke(&self, token: &str, exp: i64, now: i64) {
-        let mut map = self.map();
-        if map.len() >= Self::CAPACITY {
-            map.retain(|_, e| *e + crate::auth::LEEWAY_SECS >= now);
-        }
-        if map.len() >= Self::CAPACITY {
-            tracing::error!("the list of ended sessions is full: a logout is not remembered");
-            return;
-        }
-        map.insert(signature(token).to_owned(), exp);
-    }
-
-    /// Whether the session `token` was ended.
-    pub fn contains(&self, token: &str) -> bool {
-        self.map().contains_key(signature(token))
-    }
-
-    /// Sessions remembered as ended.
-    pub fn len(&self) -> usize {
-        self.map().len()
-    }
-
-    /// None remembered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// A JWT's signature: unique per token and short.
-fn signature(token: &str) -> &str {
-    token.rsplit('.').next().unwrap_or(token)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,12 +277,5 @@ mod tests {
             "/api/webhooks/stripe-billing",
             &h(&[("origin", "https://evil.example")])
         ));
-    }
-
-    #[test]
-    fn ended_sessions_are_remembered_until_they_expire() {
-        let r = Revoked::default();
-        r.revoke("h.p.sig1", 100, 50);
-        assert!(r.contains("h.p.sig1") && !r.contains("h.p.sig2"));
     }
 }

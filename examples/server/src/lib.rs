@@ -78,8 +78,6 @@ pub struct AppState {
     pub attempts: Arc<guard::KeyedBudget<String>>,
     /// How many argon2 hashes run at once, and how long a sign-up or log-in waits for a slot.
     pub auth_limits: auth::AuthLimits,
-    /// Sessions ended by logging out.
-    pub revoked: Arc<guard::Revoked>,
     /// Reverse proxies whose `X-Forwarded-For` names the client (`REVPILOT_TRUSTED_PROXIES`);
     /// empty by default: the TCP peer is the client.
     pub trusted_proxies: Arc<Vec<std::net::IpAddr>>,
@@ -158,7 +156,6 @@ impl AppState {
                 ATTEMPT_KEYS,
             )),
             auth_limits: auth::AuthLimits::default(),
-            revoked: Arc::default(),
             trusted_proxies: Arc::default(),
             series_slots: Arc::new(tokio::sync::Semaphore::new(SERIES_AT_ONCE)),
             connect: None,

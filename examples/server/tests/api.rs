@@ -2028,7 +2028,7 @@ async fn the_session_cookie_is_secure_when_the_app_is_served_over_https() {
 }
 
 #[tokio::test]
-async fn logging_out_ends_the_session_on_the_server() {
+async fn logging_out_ends_the_session_on_every_server_of_the_store() {
     let w = world().await;
     let (status, headers, _) = w
         .page(
@@ -2089,7 +2089,27 @@ async fn logging_out_ends_the_session_on_the_server() {
             .0,
         StatusCode::OK
     );
-    assert_eq!(w.state.revoked.len(), 1);
+    // Another server on the same database (behind the same balancer) refuses it too, and a
+    // page of the other session still answers there.
+    let mut second = AppState::new(w.store.clone(), None);
+    let t = now();
+    second.clock = Arc::new(move || t);
+    second.jwt = Some(Arc::new(w.jwt.clone()));
+    let second = app(second);
+    for (t, expected) in [(&token, StatusCode::UNAUTHORIZED), (&other, StatusCode::OK)] {
+        let response = second
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri("/api/usage/current")
+                    .header("authorization", format!("Bearer {t}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected);
+    }
 }
 
 #[tokio::test]

@@ -1474,6 +1474,49 @@ pub async fn insights<S: UserStore + ConnectionStore + crate::ports::InsightStor
     );
 }
 
+/// Ended sessions: known to every reader of the store, forgotten once past their expiry, ids
+/// bounded.
+pub async fn ended_sessions<S: crate::ports::CredentialStore + ?Sized>(store: &S) {
+    assert!(!store.session_ended("s1").await.expect("read"));
+    store
+        .end_session("s1", t(2, 0), t(1, 0))
+        .await
+        .expect("end s1");
+    store
+        .end_session("s1", t(2, 0), t(1, 1))
+        .await
+        .expect("ending one twice is not an error");
+    store
+        .end_session("s2", t(4, 0), t(1, 2))
+        .await
+        .expect("end s2");
+    assert!(store.session_ended("s1").await.expect("read"));
+    assert!(store.session_ended("s2").await.expect("read"));
+    assert!(!store.session_ended("s3").await.expect("read"));
+    // s1 expired on day 2: the next ending forgets it; s2 (expires on day 4) is kept.
+    store
+        .end_session("s3", t(5, 0), t(3, 0))
+        .await
+        .expect("end s3");
+    assert!(
+        !store.session_ended("s1").await.expect("read"),
+        "expired: forgotten"
+    );
+    assert!(store.session_ended("s2").await.expect("read"));
+    assert!(store.session_ended("s3").await.expect("read"));
+    for bad in [String::new(), "x".repeat(crate::ports::SESSION_ID_MAX + 1)] {
+        let refused = store.end_session(&bad, t(5, 0), t(3, 0)).await;
+        assert!(
+            matches!(refused, Err(StoreError::Invalid(_))),
+            "{refused:?}"
+        );
+    }
+    store
+        .end_session(&"x".repeat(crate::ports::SESSION_ID_MAX), t(5, 0), t(3, 0))
+        .await
+        .expect("the longest id");
+}
+
 /// Built-in accounts: profile and hash together, one per email whatever its case.
 pub async fn credentials<S: UserStore + crate::ports::CredentialStore + ?Sized>(store: &S) {
     let user = UserId(Uuid::new_v4());
@@ -1674,6 +1717,7 @@ where
     billing(&fresh().await).await;
     insights(&fresh().await).await;
     credentials(&fresh().await).await;
+    ended_sessions(&fresh().await).await;
     billable_users(&fresh().await).await;
     leases(&fresh().await).await;
 }
