@@ -65,6 +65,42 @@ impl Currency {
             .map(u32::from)
     }
 
+    /// `amount` (major units) rounded to the minor unit, for machines and CSV: `1234567.89`,
+    /// and `0.00`, never `-0.00`.
+    pub fn plain(&self, amount: Decimal) -> String {
+        let mut r = self.round(amount);
+        if r.is_zero() {
+            r.set_sign_positive(true);
+        }
+        r.to_string()
+    }
+
+    /// `amount` (major units) for people: rounded to the minor unit, thousands grouped, the
+    /// code after: `1,234,567.89 USD`, `123,456 JPY`, `-999.50 EUR`.
+    pub fn display(&self, amount: Decimal) -> String {
+        let v = self.round(amount);
+        let digits = self.minor_digits().unwrap_or(2) as usize;
+        let text = format!("{:.*}", digits, v.abs());
+        let (int, frac) = text.split_once('.').unwrap_or((&text, ""));
+        let mut out = String::with_capacity(text.len() + text.len() / 3 + 5);
+        if v.is_sign_negative() && !v.is_zero() {
+            out.push('-');
+        }
+        for (i, c) in int.chars().enumerate() {
+            if i > 0 && (int.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        if !frac.is_empty() {
+            out.push('.');
+            out.push_str(frac);
+        }
+        out.push(' ');
+        out.push_str(&self.as_str().to_uppercase());
+        out
+    }
+
     /// Rounds `amount` (in major units) half-even to this currency's minor unit, the one rounding
     /// reports apply. Unknown currencies round to two digits.
     pub fn round(&self, amount: Decimal) -> Decimal {
@@ -161,6 +197,18 @@ pub(crate) fn report_to_decimal(value: i128) -> Decimal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_are_written_for_people_and_for_machines() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap_or_default();
+        assert_eq!(Currency::USD.display(d("1234567.891")), "1,234,567.89 USD");
+        assert_eq!(Currency::EUR.display(d("-999.5")), "-999.50 EUR");
+        assert_eq!(Currency::USD.display(d("-0.001")), "0.00 USD");
+        assert_eq!(Currency::JPY.display(d("123456")), "123,456 JPY");
+        assert_eq!(Currency::USD.plain(d("1234567.891")), "1234567.89");
+        assert_eq!(Currency::USD.plain(d("-0.001")), "0.00");
+        assert_eq!(Currency::JPY.plain(d("-12.5")), "-12");
+    }
 
     #[test]
     fn currency_codes() {

@@ -225,6 +225,12 @@ pub enum ProcessError {
     Store(#[from] StoreError),
 }
 
+/// Billing events [`Processor::process_all`] applies per round.
+pub const INBOX_BATCH: usize = 100;
+
+/// Failures after which [`Processor::process_all`] leaves an event to an operator.
+pub const INBOX_MAX_ATTEMPTS: u32 = 10;
+
 /// Counts of one [`Processor::process_pending`] round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ProcessStats {
@@ -298,6 +304,27 @@ where
             }
         }
         Ok(stats)
+    }
+
+    /// Processes every pending event, [`INBOX_BATCH`] at a time, until a round finds fewer
+    /// (events that failed [`INBOX_MAX_ATTEMPTS`] times stay in the inbox for an operator). The
+    /// counts are summed over the rounds; `failed` ones stay pending with their attempt counted.
+    ///
+    /// # Errors
+    /// Only when the inbox itself cannot be read or marked.
+    pub async fn process_all(&self, now: DateTime<Utc>) -> Result<ProcessStats, StoreError> {
+        let mut total = ProcessStats::default();
+        loop {
+            let round = self
+                .process_pending(INBOX_BATCH, INBOX_MAX_ATTEMPTS, now)
+                .await?;
+            total.applied += round.applied;
+            total.unchanged += round.unchanged;
+            total.failed += round.failed;
+            if round.applied + round.unchanged < INBOX_BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     /// Applies one event.

@@ -20,6 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
+use crate::billing::{EventError, ReceiveError};
 use crate::client::{ApiError, Client, ClientConfig, error_message, http_client};
 
 /// Stripe's Connect base (authorize and token endpoints).
@@ -327,6 +328,70 @@ impl Connect {
             })
         })
     }
+}
+
+/// What a verified Connect webhook did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectReceipt {
+    /// `account.application.deauthorized`: the account's connection is deactivated and its
+    /// tokens erased.
+    Deauthorized {
+        /// The event.
+        event_id: String,
+        /// The `acct_...` that revoked access.
+        account: String,
+    },
+    /// Any other event: acknowledged (the next sync reads it from the Events API).
+    Acknowledged {
+        /// The event.
+        event_id: String,
+    },
+}
+
+impl ConnectReceipt {
+    /// The event's id.
+    pub fn event_id(&self) -> &str {
+        match self {
+            ConnectReceipt::Deauthorized { event_id, .. }
+            | ConnectReceipt::Acknowledged { event_id } => event_id,
+        }
+    }
+}
+
+/// Verifies a Connect webhook (signed with any of `secrets`, within Stripe's tolerance at `now`)
+/// and applies what RevPilot acts on: a deauthorization deactivates the account's connection
+/// and erases its tokens, before the 2xx.
+///
+/// # Errors
+/// [`ReceiveError`]: a bad signature or body (answer 400, nothing written), or the store (answer
+/// 5xx so Stripe delivers it again).
+pub async fn receive_connect_event<C: ConnectionStore + ?Sized>(
+    connections: &C,
+    payload: &[u8],
+    signature: Option<&str>,
+    secrets: &[SecretString],
+    now: DateTime<Utc>,
+) -> Result<ConnectReceipt, ReceiveError> {
+    crate::webhook::verify(
+        payload,
+        signature,
+        secrets,
+        now.timestamp(),
+        crate::webhook::TOLERANCE_SECS,
+    )?;
+    let event = crate::billing::parse_event(payload)?;
+    if event.event_type != "account.application.deauthorized" {
+        return Ok(ConnectReceipt::Acknowledged { event_id: event.id });
+    }
+    let Some(account) = event.account else {
+        return Err(EventError("a deauthorization without an account".into()).into());
+    };
+    connections.deactivate(&account, now).await?;
+    Ok(ConnectReceipt::Deauthorized {
+        event_id: event.id,
+        account,
+    })
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! - [`rebuild`]: Stripe objects -> the core's account timeline (pure).
 //! - [`client`], [`connect`], [`sync`]: HTTP with Stripe's retry rules, Connect OAuth, the sync.
 //! - [`webhook`]: `Stripe-Signature` verification (any `v1`, any secret, constant time).
+//! - [`jobs`]: the background use cases (sync under a lease, billing inbox, daily snapshot,
+//!   period closing and overage) and the [`jobs::Runner`] that executes them.
 //!
 //! # Features
 //!
@@ -24,6 +26,7 @@ pub mod export;
 #[cfg(feature = "fake")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fake")))]
 pub mod fake;
+pub mod jobs;
 pub mod objects;
 pub mod rebuild;
 pub mod sync;

@@ -15,15 +15,6 @@ use serde_json::{Value, json};
 
 use crate::Format;
 
-fn money(c: Currency, d: Decimal) -> String {
-    let mut r = c.round(d);
-    if r.is_zero() {
-        // No "-0.00".
-        r.set_sign_positive(true);
-    }
-    r.to_string()
-}
-
 /// A JSON object that keeps its keys in the order given.
 struct Ordered(Vec<(&'static str, Value)>);
 
@@ -61,7 +52,7 @@ struct Doc<'a> {
 
 /// The series columns, in order, for one row.
 fn columns(c: Currency, r: &SeriesRow) -> Vec<(&'static str, Value)> {
-    let m = |d: Decimal| Value::String(money(c, d));
+    let m = |d: Decimal| Value::String(c.plain(d));
     let om = |d: Option<Decimal>| d.map_or(Value::Null, m);
     vec![
         ("date", json!(r.date.to_string())),
@@ -126,7 +117,7 @@ pub(crate) fn write(
                         ("date", json!(m.date.to_string())),
                         ("customer", json!(m.customer)),
                         ("kind", json!(m.kind)),
-                        ("amount", json!(money(c, m.amount))),
+                        ("amount", json!(c.plain(m.amount))),
                     ])
                 })
                 .collect();
@@ -203,12 +194,12 @@ pub(crate) fn write(
                     out,
                     "{:<11} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>8} {:>8}",
                     date,
-                    money(c, r.mrr),
-                    money(c, r.new_mrr),
-                    money(c, r.expansion_mrr),
-                    money(c, r.contraction_mrr),
-                    money(c, r.churned_mrr),
-                    money(c, r.reactivation_mrr),
+                    c.plain(r.mrr),
+                    c.plain(r.new_mrr),
+                    c.plain(r.expansion_mrr),
+                    c.plain(r.contraction_mrr),
+                    c.plain(r.churned_mrr),
+                    c.plain(r.reactivation_mrr),
                     r.total_customers,
                     pct(r.customer_churn_rate),
                     pct(r.nrr),
@@ -245,10 +236,10 @@ pub(crate) fn explain(
         out,
         "MRR at the end of {}: {} {} under {}, {} under {} ({} customers differ)",
         diff.date,
-        money(c, diff.total_a),
+        c.plain(diff.total_a),
         c.as_str().to_uppercase(),
         a.name(),
-        money(c, diff.total_b),
+        c.plain(diff.total_b),
         b.name(),
         diff.customers.len()
     )?;
@@ -258,8 +249,8 @@ pub(crate) fn explain(
             out,
             "  {}: {} -> {} ({})",
             d.customer,
-            money(c, d.mrr_a),
-            money(c, d.mrr_b),
+            c.plain(d.mrr_a),
+            c.plain(d.mrr_b),
             causes.join(", ")
         )?;
     }

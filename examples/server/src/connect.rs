@@ -8,9 +8,8 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use revpilot_core::ports::{ConnectionId, UserId};
-use revpilot_stripe::billing::parse_event;
-use revpilot_stripe::connect::{Callback, ConnectError};
-use revpilot_stripe::webhook::{TOLERANCE_SECS, verify};
+use revpilot_stripe::billing::ReceiveError;
+use revpilot_stripe::connect::{Callback, ConnectError, receive_connect_event};
 use revpilot_worker::{Job, JobError};
 use secrecy::ExposeSecret;
 
@@ -166,28 +165,23 @@ pub(crate) async fn webhook(
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
-    let now = (state.clock)().timestamp();
-    if let Err(e) = verify(&body, signature, secrets, now, TOLERANCE_SECS) {
-        return error(StatusCode::BAD_REQUEST, "invalid_webhook", e.to_string());
-    }
-    let event = match parse_event(&body) {
-        Ok(e) => e,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_webhook", e.to_string()),
-    };
-    if event.event_type == "account.application.deauthorized" {
-        let Some(account) = event.account.as_deref() else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_webhook",
-                "a deauthorization without an account",
-            );
-        };
-        if let Err(e) = state.store.deactivate(account, (state.clock)()).await {
-            // 5xx: Stripe delivers it again.
-            return internal(&e);
+    match receive_connect_event(
+        state.store.as_ref(),
+        &body,
+        signature,
+        secrets,
+        (state.clock)(),
+    )
+    .await
+    {
+        Ok(receipt) => {
+            axum::Json(serde_json::json!({ "received": true, "event": receipt.event_id() }))
+                .into_response()
         }
+        // 5xx: Stripe delivers it again.
+        Err(ReceiveError::Store(e)) => internal(&e),
+        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_webhook", e.to_string()),
     }
-    axum::Json(serde_json::json!({ "received": true, "event": event.id })).into_response()
 }
 
 /// `POST /api/stripe/sync`, for the cron: `Authorization: Bearer $CRON_SECRET`, compared in

@@ -333,30 +333,17 @@ async fn stripe_billing(
 }
 
 /// Applies stored billing events: at once when woken, and every `interval` for retries.
-/// Each round processes until nothing is pending (events that keep failing stop after
-/// `max_attempts` and stay in the inbox for an operator).
+/// Each round is [`Processor::process_all`]: until nothing is pending.
 pub fn spawn_billing_worker(
     processor: Arc<Processor<dyn Store>>,
     wake: Arc<Notify>,
     clock: Clock,
     interval: Duration,
 ) -> JoinHandle<()> {
-    const BATCH: usize = 100;
-    const MAX_ATTEMPTS: u32 = 10;
     tokio::spawn(async move {
         loop {
-            loop {
-                match processor
-                    .process_pending(BATCH, MAX_ATTEMPTS, clock())
-                    .await
-                {
-                    Ok(stats) if stats.applied + stats.unchanged == BATCH => continue,
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "billing inbox unreadable");
-                        break;
-                    }
-                }
+            if let Err(e) = processor.process_all(clock()).await {
+                tracing::error!(error = %e, "billing inbox unreadable");
             }
             tokio::select! {
                 () = wake.notified() => {}

@@ -389,7 +389,7 @@ async fn main() -> ExitCode {
     state.jobs = Some(Arc::new(queue.clone()));
     let worker = with_worker.then(|| {
         let mut runner = state.runner("server");
-        runner.queue = Some(queue.clone());
+        runner.queue = Some(Arc::new(queue.clone()));
         let scheduler = revpilot_worker::spawn_scheduler(
             queue.clone(),
             state.clock.clone(),

@@ -36,32 +36,6 @@ fn to_login() -> Response {
     Redirect::to("/login").into_response()
 }
 
-/// `1234567.891` as `1,234,567.89` (in the currency's minor digits).
-pub fn money(v: Decimal, currency: Currency) -> String {
-    let v = currency.round(v);
-    let digits = currency.minor_digits().unwrap_or(2) as usize;
-    let text = format!("{:.*}", digits, v.abs());
-    let (int, frac) = text.split_once('.').unwrap_or((&text, ""));
-    let mut grouped = String::new();
-    for (i, c) in int.chars().enumerate() {
-        if i > 0 && (int.len() - i) % 3 == 0 {
-            grouped.push(',');
-        }
-        grouped.push(c);
-    }
-    let sign = if v.is_sign_negative() && !v.is_zero() {
-        "-"
-    } else {
-        ""
-    };
-    let code = currency.as_str().to_uppercase();
-    if frac.is_empty() {
-        format!("{sign}{grouped} {code}")
-    } else {
-        format!("{sign}{grouped}.{frac} {code}")
-    }
-}
-
 fn percent(rate: Option<Decimal>) -> Option<Decimal> {
     rate.map(|r| (r * Decimal::ONE_HUNDRED).round_dp(1))
 }
@@ -299,7 +273,7 @@ fn kpis(row: &SeriesRow, currency: Currency) -> Vec<Kpi> {
         key,
         label,
         value: v.map(|v| currency.round(v).to_string()).unwrap_or_default(),
-        display: v.map_or_else(|| "n/a".to_owned(), |v| money(v, currency)),
+        display: v.map_or_else(|| "n/a".to_owned(), |v| currency.display(v)),
     };
     let percent_kpi = |key, label, v: Option<Decimal>| Kpi {
         key,
@@ -450,7 +424,7 @@ struct InsightsPage {
 
 fn figure_value(f: &revpilot_core::insights::Figure, currency: Currency) -> String {
     match f.unit {
-        Unit::Money => money(f.value, currency),
+        Unit::Money => currency.display(f.value),
         Unit::Percent => format!("{} %", f.value),
         Unit::Points => format!("{} points", f.value),
         Unit::Count | Unit::Ratio => f.value.to_string(),
@@ -570,7 +544,7 @@ struct UsagePage {
 
 fn cents(amount: i64, currency: Currency) -> String {
     let digits = currency.minor_digits().unwrap_or(2);
-    money(Decimal::new(amount, digits), currency)
+    currency.display(Decimal::new(amount, digits))
 }
 
 /// `GET /usage`: meters with used and included amounts, and the bill so far.
@@ -740,19 +714,5 @@ pub(crate) async fn upgrade(
             )
             .await
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn money_groups_thousands_and_keeps_the_currencys_digits() {
-        let d = |s: &str| s.parse::<Decimal>().unwrap_or_default();
-        assert_eq!(money(d("1234567.891"), Currency::USD), "1,234,567.89 USD");
-        assert_eq!(money(d("-999.5"), Currency::EUR), "-999.50 EUR");
-        assert_eq!(money(d("0"), Currency::USD), "0.00 USD");
-        assert_eq!(money(d("123456"), Currency::JPY), "123,456 JPY");
     }
 }

@@ -101,7 +101,7 @@ async fn main() -> ExitCode {
     let mut runner = Runner::new(store, &id);
     runner.lease = Duration::from_secs(args.lease_secs);
     runner.catalog = Arc::new(catalog);
-    runner.queue = Some(queue.clone());
+    runner.queue = Some(Arc::new(queue.clone()));
     if let Some(base) = &args.stripe_api_base {
         match url::Url::parse(base) {
             Ok(u) => runner.stripe_api_base = u,

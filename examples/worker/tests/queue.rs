@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{TimeZone, Utc};
+use chrono::Utc;
 use revpilot_core::ports::{ConnectionId, Limits, Tier, UserId};
 use revpilot_store::{KeyRing, PgStore, SqliteStore};
 use revpilot_stripe::fake::FakeStripe;
@@ -494,35 +494,6 @@ async fn try_execute_task_steps_through_the_jobs() {
     ));
 }
 
-/// The ended billing period: the month before the one holding `at`, for a subscriber (from
-/// their period) and a free user (calendar months).
-#[test]
-fn ended_period_is_the_one_before_the_current() {
-    let t = |m, d| Utc.with_ymd_and_hms(2026, m, d, 0, 0, 0).unwrap();
-    let mut p = revpilot_core::ports::UserProfile {
-        user_id: UserId(Uuid::new_v4()),
-        email: None,
-        tier: Tier::Professional,
-        subscription_status: Some("active".into()),
-        stripe_customer_id: Some("cus_1".into()),
-        stripe_subscription_id: Some("sub_1".into()),
-        current_period_start: Some(t(3, 15)),
-        current_period_end: Some(t(4, 15)),
-        limits: Limits::default(),
-        created_at: t(1, 1),
-        updated_at: t(1, 1),
-    };
-    let e = revpilot_worker::ended_period(&p, t(3, 20)).unwrap();
-    assert_eq!((e.start, e.end), (t(2, 15), t(3, 15)));
-    // Later than the stored period: it rolls forward month by month.
-    let e = revpilot_worker::ended_period(&p, t(5, 1)).unwrap();
-    assert_eq!((e.start, e.end), (t(3, 15), t(4, 15)));
-    p.current_period_start = None;
-    p.current_period_end = None;
-    let e = revpilot_worker::ended_period(&p, t(3, 20)).unwrap();
-    assert_eq!((e.start, e.end), (t(2, 1), t(3, 1)));
-}
-
 /// An inbox job whose event cannot be applied yet (Stripe does not answer the subscription)
 /// fails, so the queue retries it; once Stripe answers, the retry applies the event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -757,7 +728,7 @@ async fn the_ended_periods_overage_is_invoiced_once_through_the_queue() {
     // Last calendar month (no subscription period: calendar months): 52 insights, 2 over the
     // professional tier's 50, at $1.00 each.
     let profile = db.store.user(user).await.unwrap().unwrap();
-    let ended = revpilot_worker::ended_period(&profile, now).unwrap();
+    let ended = revpilot_core::billing::ended_period(&profile, now).unwrap();
     db.store
         .record(
             &UsageRecord {
@@ -776,7 +747,7 @@ async fn the_ended_periods_overage_is_invoiced_once_through_the_queue() {
         .unwrap();
     let mut r = Runner::new(db.store.clone(), "billing");
     r.billing = Some(client.clone());
-    r.queue = Some(db.queue.clone());
+    r.queue = Some(Arc::new(db.queue.clone()));
     let r = Arc::new(r);
     let day = now.date_naive();
     let close = Job::CloseBillingPeriods { day };

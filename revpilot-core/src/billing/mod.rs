@@ -22,8 +22,9 @@ pub use catalog::{
     Catalog, CatalogBuilder, CatalogError, OverageRates, PriceTier, TIERS, TierPlan, price_env_var,
 };
 pub use usage::{
-    CurrentUsage, MeterUsage, UsageError, check_scenario, commit_insight, current_usage, metering,
-    record_scenario, recording_limit, release_insight, reserve_insight, usage_period,
+    CurrentUsage, MeterUsage, UsageError, check_scenario, commit_insight, current_usage,
+    ended_period, metering, record_scenario, recording_limit, release_insight, reserve_insight,
+    usage_period,
 };
 
 use serde::{Deserialize, Serialize};

@@ -353,6 +353,25 @@ fn profile(tier: Tier) -> UserProfile {
     }
 }
 
+/// The ended billing period: the one before the period holding `at`, for a subscriber (from
+/// their period, rolled forward when the renewal is late) and a free user (calendar months).
+#[test]
+fn the_ended_period_is_the_one_before_the_current() {
+    let mut p = profile(Tier::Professional);
+    p.stripe_subscription_id = Some("sub_1".into());
+    p.subscription_status = Some("active".into());
+    p.current_period_start = Some(at(2026, 3, 15));
+    p.current_period_end = Some(at(2026, 4, 15));
+    let e = ended_period(&p, at(2026, 3, 20)).unwrap();
+    assert_eq!((e.start, e.end), (at(2026, 2, 15), at(2026, 3, 15)));
+    let e = ended_period(&p, at(2026, 5, 1)).unwrap();
+    assert_eq!((e.start, e.end), (at(2026, 3, 15), at(2026, 4, 15)));
+    p.current_period_start = None;
+    p.current_period_end = None;
+    let e = ended_period(&p, at(2026, 3, 20)).unwrap();
+    assert_eq!((e.start, e.end), (at(2026, 2, 1), at(2026, 3, 1)));
+}
+
 #[test]
 fn the_usage_period_is_the_billing_period_when_subscribed_else_the_month() {
     let now = Utc.with_ymd_and_hms(2024, 3, 20, 15, 0, 0).unwrap();

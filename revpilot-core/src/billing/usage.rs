@@ -84,6 +84,19 @@ pub fn usage_period(profile: &UserProfile, now: DateTime<Utc>) -> Period {
     calendar_month(now)
 }
 
+/// The user's last billing period that ended at or before `at`: the one before the period
+/// holding `at` ([`usage_period`]), of the same length in months. `None` only before the
+/// calendar's first representable month.
+pub fn ended_period(profile: &UserProfile, at: DateTime<Utc>) -> Option<Period> {
+    let current = usage_period(profile, at);
+    let months = months_between(current.start, current.end).max(1);
+    let start = current.start.checked_sub_months(Months::new(months))?;
+    Some(Period {
+        start,
+        end: current.start,
+    })
+}
+
 fn months_between(start: DateTime<Utc>, end: DateTime<Utc>) -> u32 {
     let m = (end.year() - start.year()) * 12 + end.month0() as i32 - start.month0() as i32;
     u32::try_from(m).unwrap_or(1)
