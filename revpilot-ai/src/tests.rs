@@ -3,7 +3,9 @@
 
 use chrono::{TimeZone, Utc};
 use revpilot_core::billing::Catalog;
-use revpilot_core::insights::narrative::{generate, local_narrative, show, validate};
+use revpilot_core::insights::narrative::{
+    InsightRequest, generate, local_narrative, show, validate,
+};
 use revpilot_core::insights::{Analysis, analyze};
 use revpilot_core::metrics::Engine;
 use revpilot_core::model::{Account, Customer};
@@ -165,11 +167,13 @@ async fn malformed_json_and_invented_figures_are_invalid_then_the_local_narrativ
             &store,
             &Catalog::default(),
             &p,
-            user,
-            None,
-            &a,
-            Uuid::new_v4(),
-            now,
+            InsightRequest {
+                user,
+                connection: None,
+                analysis: &a,
+                generation: Uuid::new_v4(),
+                now,
+            },
             std::future::pending(),
         )
         .await
@@ -332,11 +336,13 @@ async fn a_model_that_cites_mrr_and_writes_its_own_numbers_is_refused() {
         &store,
         &Catalog::default(),
         &provider(&server),
-        user,
-        None,
-        &a,
-        Uuid::new_v4(),
-        now,
+        InsightRequest {
+            user,
+            connection: None,
+            analysis: &a,
+            generation: Uuid::new_v4(),
+            now,
+        },
         std::future::pending(),
     )
     .await
@@ -405,11 +411,13 @@ async fn a_stalled_model_holds_the_user_no_longer_than_the_deadline() {
         &store,
         &Catalog::default(),
         &p,
-        user,
-        None,
-        &a,
-        Uuid::new_v4(),
-        now,
+        InsightRequest {
+            user,
+            connection: None,
+            analysis: &a,
+            generation: Uuid::new_v4(),
+            now,
+        },
         tokio::time::sleep(deadline),
     )
     .await
@@ -451,11 +459,13 @@ async fn an_unreachable_model_server_is_not_named_to_the_user() {
             &store,
             &Catalog::default(),
             &p,
-            user,
-            None,
-            &a,
-            Uuid::new_v4(),
-            Utc.with_ymd_and_hms(2025, 1, 5, 0, 0, 0).unwrap(),
+            InsightRequest {
+                user,
+                connection: None,
+                analysis: &a,
+                generation: Uuid::new_v4(),
+                now: Utc.with_ymd_and_hms(2025, 1, 5, 0, 0, 0).unwrap(),
+            },
             std::future::pending(),
         )
         .await

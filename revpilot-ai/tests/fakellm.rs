@@ -11,7 +11,7 @@ use revpilot_ai::{OpenAiConfig, OpenAiProvider};
 use revpilot_core::billing::Catalog;
 use revpilot_core::insights::analyze;
 use revpilot_core::insights::narrative::{
-    LlmError, LlmProvider, generate, local_narrative, validate,
+    InsightRequest, LlmError, LlmProvider, generate, local_narrative, validate,
 };
 use revpilot_core::metrics::Engine;
 use revpilot_core::ports::{Tier, UserId, UserStore};
@@ -125,11 +125,13 @@ async fn fakellm_answers_and_its_429_falls_back_to_the_local_narrative() {
         &store,
         &catalog,
         &limited,
-        user,
-        None,
-        &analysis,
-        Uuid::new_v4(),
-        now,
+        InsightRequest {
+            user,
+            connection: None,
+            analysis: &analysis,
+            generation: Uuid::new_v4(),
+            now,
+        },
         std::future::pending(),
     )
     .await
@@ -140,11 +142,13 @@ async fn fakellm_answers_and_its_429_falls_back_to_the_local_narrative() {
         &store,
         &catalog,
         &happy,
-        user,
-        None,
-        &analysis,
-        Uuid::new_v4(),
-        now,
+        InsightRequest {
+            user,
+            connection: None,
+            analysis: &analysis,
+            generation: Uuid::new_v4(),
+            now,
+        },
         std::future::pending(),
     )
     .await

@@ -171,7 +171,9 @@ pub async fn receive<I: WebhookInbox + ?Sized>(
     })
 }
 
-/// Where processing gets a subscription's current state (Stripe, or a test's map).
+/// Where processing gets a subscription's current state (Stripe, or a test's map). With the
+/// `fake` feature, mockall's `MockSubscriptionSource` doubles it.
+#[cfg_attr(feature = "fake", mockall::automock)]
 #[async_trait]
 pub trait SubscriptionSource: Send + Sync {
     /// The subscription as Stripe has it now.

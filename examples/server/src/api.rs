@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use chrono::{Duration, NaiveDate};
 use revpilot_core::billing::{UsageError, check_scenario, current_usage};
 use revpilot_core::insights::analyze;
-use revpilot_core::insights::narrative::{GenerateError, Generated, generate};
-use revpilot_core::insights::scenario::{RunError, Scenario, run_metered};
+use revpilot_core::insights::narrative::{GenerateError, Generated, InsightRequest, generate};
+use revpilot_core::insights::scenario::{RunError, Scenario, ScenarioRequest, run_metered};
 use revpilot_core::metrics::{Granularity, SeriesRequest};
 use revpilot_core::ports::{Connection, Tier, UserId};
 use revpilot_core::{Anomaly, Currency};
@@ -307,11 +307,13 @@ pub(crate) async fn generate_insights(
         state.store.as_ref(),
         &state.catalog,
         state.llm.as_ref(),
-        user,
-        Some(connection.id),
-        &analysis,
-        Uuid::new_v4(),
-        (state.clock)(),
+        InsightRequest {
+            user,
+            connection: Some(connection.id),
+            analysis: &analysis,
+            generation: Uuid::new_v4(),
+            now: (state.clock)(),
+        },
         tokio::time::sleep(state.insight_deadline),
     )
     .await
@@ -429,12 +431,14 @@ pub(crate) async fn scenarios(
     match run_metered(
         state.store.as_ref(),
         &state.catalog,
-        user,
-        Some(connection.id),
-        &rows,
-        &scenario,
-        &run_id,
-        (state.clock)(),
+        ScenarioRequest {
+            user,
+            connection: Some(connection.id),
+            rows: &rows,
+            scenario: &scenario,
+            run_id: &run_id,
+            now: (state.clock)(),
+        },
     )
     .await
     {

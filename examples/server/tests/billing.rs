@@ -10,13 +10,14 @@ use axum::http::{Request, StatusCode};
 use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
 use http_body_util::BodyExt;
-use no_stripe::NoStripe;
 use revpilot_core::billing::Catalog;
 use revpilot_core::ports::{BillingStore, Tier, UserId, UserStore, WebhookInbox};
 use revpilot_core::testing::MemoryStore;
 use revpilot_server::{AppState, Store, app, spawn_billing_worker};
 use revpilot_store::{KeyRing, SqliteStore};
-use revpilot_stripe::billing::{Processor, SubscriptionSource, WebhookConfig};
+use revpilot_stripe::billing::{
+    MockSubscriptionSource, Processor, SubscriptionSource, WebhookConfig,
+};
 use revpilot_stripe::client::{Client, ClientConfig, idempotency_key};
 use revpilot_stripe::fake::{LocalStripe, sdk_signature_header};
 use revpilot_stripe::webhook::signature_header;
@@ -28,24 +29,12 @@ use uuid::Uuid;
 
 const SECRET: &str = "whsec_server_tests";
 
-/// A subscription source for tests whose events never need Stripe: every fetch fails.
-mod no_stripe {
-    use revpilot_stripe::billing::SubscriptionSource;
-    use revpilot_stripe::client::ApiError;
-    use revpilot_stripe::objects::Subscription;
-
-    pub(crate) struct NoStripe;
-
-    #[async_trait::async_trait]
-    impl SubscriptionSource for NoStripe {
-        async fn subscription(&self, id: &str) -> Result<Subscription, ApiError> {
-            Err(ApiError::Rejected {
-                status: 404,
-                path: format!("/v1/subscriptions/{id}"),
-                message: "not asked in this test".into(),
-            })
-        }
-    }
+/// A subscription source for tests whose events never need Stripe: mockall fails the test if
+/// it is asked.
+fn no_stripe() -> Arc<MockSubscriptionSource> {
+    let mut stripe = MockSubscriptionSource::new();
+    stripe.expect_subscription().never();
+    Arc::new(stripe)
 }
 
 fn catalog() -> Catalog {
@@ -242,7 +231,7 @@ async fn the_same_webhook_five_times_at_once_is_one_event_and_the_right_tier() {
         1
     );
     // Two processors at once (two workers) still apply it once.
-    let processor = |s: Arc<SqliteStore>| Processor::new(s, catalog(), Arc::new(NoStripe));
+    let processor = |s: Arc<SqliteStore>| Processor::new(s, catalog(), no_stripe());
     let (first, second) = (processor(store.clone()), processor(store.clone()));
     let (a, b) = tokio::join!(
         first.process_pending(10, 5, now),
@@ -322,7 +311,7 @@ async fn shuffled_duplicated_deliveries_end_where_in_order_delivery_does() {
     let mut in_order = events.clone();
     in_order.sort_by_key(|(c, _)| *c);
     let ref_router = app(state(reference.clone(), now));
-    let ref_processor = Processor::new(reference.clone(), catalog(), Arc::new(NoStripe));
+    let ref_processor = Processor::new(reference.clone(), catalog(), no_stripe());
     for (c, body) in &in_order {
         let sig = signature_header(body.as_bytes(), SECRET, now.timestamp());
         assert_eq!(
@@ -343,7 +332,7 @@ async fn shuffled_duplicated_deliveries_end_where_in_order_delivery_does() {
     deliveries.extend(dups);
     rng.shuffle(&mut deliveries);
     let router = app(state(store.clone(), now));
-    let processor = Processor::new(store.clone(), catalog(), Arc::new(NoStripe));
+    let processor = Processor::new(store.clone(), catalog(), no_stripe());
     for chunk in deliveries.chunks(500) {
         let answers: Vec<StatusCode> = futures::stream::iter(chunk.iter().map(|body| {
             let router = router.clone();

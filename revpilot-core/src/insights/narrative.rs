@@ -104,6 +104,9 @@ pub enum LlmError {
 }
 
 /// A narrative writer: the embedded local templates, or a language model.
+///
+/// With the `testing` feature, mockall's `MockLlmProvider` doubles it in tests.
+#[cfg_attr(feature = "testing", mockall::automock)]
 #[async_trait]
 pub trait LlmProvider: Send + Sync {
     /// The name recorded on each insight (`local`, or the model).
@@ -568,7 +571,22 @@ pub enum GenerateError {
     Usage(#[from] UsageError),
 }
 
-/// Generates and stores one set of insights for `user` about `analysis`. An invalid answer is
+/// One insight generation, as [`generate`] is asked for it.
+#[derive(Debug, Clone, Copy)]
+pub struct InsightRequest<'a> {
+    /// Who asks (their usage is metered).
+    pub user: UserId,
+    /// The connection the analysis is of, recorded with the usage and the insights.
+    pub connection: Option<ConnectionId>,
+    /// What the narrative is about: its figures are the only numbers it may write.
+    pub analysis: &'a Analysis,
+    /// The generation's id: the metering key, and the insights' ids.
+    pub generation: Uuid,
+    /// Now.
+    pub now: DateTime<Utc>,
+}
+
+/// Generates and stores one set of insights for the request's user about its analysis. An invalid answer is
 /// asked for once more; when the provider stays invalid or unavailable, or `deadline`
 /// completes first (the whole generation's deadline: every ask and retry together), the local
 /// narrative is used and `fallback` says why. The provider's call is dropped at the deadline,
@@ -583,18 +601,20 @@ pub enum GenerateError {
 ///
 /// # Errors
 /// [`GenerateError::Usage`]: the hard limit (nothing is asked), an unknown user, the store.
-#[allow(clippy::too_many_arguments)]
 pub async fn generate<S: UserStore + UsageStore + InsightStore + ?Sized>(
     store: &S,
     catalog: &Catalog,
     provider: &dyn LlmProvider,
-    user: UserId,
-    connection: Option<ConnectionId>,
-    analysis: &Analysis,
-    generation: Uuid,
-    now: DateTime<Utc>,
+    request: InsightRequest<'_>,
     deadline: impl Future<Output = ()> + Send,
 ) -> Result<Generated, GenerateError> {
+    let InsightRequest {
+        user,
+        connection,
+        analysis,
+        generation,
+        now,
+    } = request;
     let key = generation.to_string();
     reserve_insight(store, catalog, user, &key, connection, now).await?;
     let facts = analysis.facts();

@@ -173,26 +173,45 @@ pub enum RunError {
     Usage(#[from] crate::billing::UsageError),
 }
 
-/// Runs `scenario` for `user` on the monthly `rows` of their account, counted against their
+/// One metered scenario run, as [`run_metered`] is asked for it.
+#[derive(Debug, Clone, Copy)]
+pub struct ScenarioRequest<'a> {
+    /// Who runs it (their monthly scenario limit counts it).
+    pub user: crate::ports::UserId,
+    /// The connection the rows are of, recorded with the usage.
+    pub connection: Option<crate::ports::ConnectionId>,
+    /// The account's monthly rows; the last one's MRR is the start.
+    pub rows: &'a [SeriesRow],
+    /// The changes to project.
+    pub scenario: &'a Scenario,
+    /// The run's idempotency key: a retried run is counted once.
+    pub run_id: &'a str,
+    /// Now.
+    pub now: chrono::DateTime<chrono::Utc>,
+}
+
+/// Runs the request's `scenario` for its `user` on the monthly `rows` of their account, counted against their
 /// monthly scenario limit under `run_id`: checked first (an invalid scenario is not counted),
 /// then recorded, then projected from the last row's MRR.
 ///
 /// # Errors
 /// [`RunError`].
-#[allow(clippy::too_many_arguments)]
 pub async fn run_metered<S>(
     store: &S,
     catalog: &crate::billing::Catalog,
-    user: crate::ports::UserId,
-    connection: Option<crate::ports::ConnectionId>,
-    rows: &[SeriesRow],
-    scenario: &Scenario,
-    run_id: &str,
-    now: chrono::DateTime<chrono::Utc>,
+    request: ScenarioRequest<'_>,
 ) -> Result<Vec<Projected>, RunError>
 where
     S: crate::ports::UserStore + crate::ports::UsageStore + ?Sized,
 {
+    let ScenarioRequest {
+        user,
+        connection,
+        rows,
+        scenario,
+        run_id,
+        now,
+    } = request;
     // The limit first: a user with no runs left is told to upgrade, whatever the data.
     crate::billing::check_scenario(store, user, now).await?;
     let rates = Rates::from_rows(rows)?;

@@ -254,7 +254,6 @@ const PINNED_BACKTEST: [(u64, u32, &str, &str); 9] = [
 
 mod narrative_tests {
     use std::future::pending;
-    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use async_trait::async_trait;
@@ -266,8 +265,8 @@ mod narrative_tests {
     };
     use crate::billing::{Catalog, UsageError};
     use crate::insights::narrative::{
-        Facts, GenerateError, Insight, LlmError, LlmProvider, LocalProvider, generate,
-        local_narrative, show, validate,
+        Facts, GenerateError, Insight, InsightRequest, LlmError, LlmProvider, LocalProvider,
+        MockLlmProvider, generate, local_narrative, show, validate,
     };
     use crate::ports::{InsightStore, Meter, Tier, UsageStore, UserId, UserStore};
     use crate::testing::MemoryStore;
@@ -449,21 +448,19 @@ mod narrative_tests {
         }
     }
 
-    /// Answers from a script, one per call; counts calls.
-    struct Scripted {
-        answers: Mutex<Vec<Result<Vec<Insight>, LlmError>>>,
-        calls: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl LlmProvider for Scripted {
-        fn name(&self) -> String {
-            "scripted".into()
-        }
-        async fn narrate(&self, _: &Facts) -> Result<Vec<Insight>, LlmError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            self.answers.lock().unwrap().remove(0)
-        }
+    /// A model answering from a script, one answer per call; mockall checks that it is asked
+    /// exactly once per answer (at `checkpoint` and when dropped).
+    fn scripted(answers: Vec<Result<Vec<Insight>, LlmError>>) -> MockLlmProvider {
+        let mut model = MockLlmProvider::new();
+        model.expect_name().return_const("scripted".to_owned());
+        let asked = answers.len();
+        let mut answers = answers.into_iter();
+        model.expect_narrate().times(asked).returning(move |_| {
+            answers
+                .next()
+                .unwrap_or(Err(LlmError::Invalid("unscripted".into())))
+        });
+        model
     }
 
     async fn user(store: &MemoryStore, tier: Tier) -> UserId {
@@ -495,14 +492,23 @@ mod narrative_tests {
         let now = Utc.with_ymd_and_hms(2025, 1, 10, 12, 0, 0).unwrap();
 
         // Invalid, then valid: the model's answer is used.
-        let p = Scripted {
-            answers: Mutex::new(vec![Ok(bad.clone()), Ok(good.clone())]),
-            calls: AtomicUsize::new(0),
-        };
-        let g = generate(&store, &c, &p, u, None, &a, Uuid::new_v4(), now, pending())
-            .await
-            .unwrap();
-        assert_eq!(p.calls.load(Ordering::SeqCst), 2);
+        let mut p = scripted(vec![Ok(bad.clone()), Ok(good.clone())]);
+        let g = generate(
+            &store,
+            &c,
+            &p,
+            InsightRequest {
+                user: u,
+                connection: None,
+                analysis: &a,
+                generation: Uuid::new_v4(),
+                now,
+            },
+            pending(),
+        )
+        .await
+        .unwrap();
+        p.checkpoint();
         assert_eq!(g.fallback, None);
         assert!(
             g.records
@@ -518,14 +524,23 @@ mod narrative_tests {
         );
 
         // Invalid twice: the local narrative, and the response says so.
-        let p = Scripted {
-            answers: Mutex::new(vec![Ok(bad.clone()), Ok(bad.clone())]),
-            calls: AtomicUsize::new(0),
-        };
-        let g = generate(&store, &c, &p, u, None, &a, Uuid::new_v4(), now, pending())
-            .await
-            .unwrap();
-        assert_eq!(p.calls.load(Ordering::SeqCst), 2);
+        let mut p = scripted(vec![Ok(bad.clone()), Ok(bad.clone())]);
+        let g = generate(
+            &store,
+            &c,
+            &p,
+            InsightRequest {
+                user: u,
+                connection: None,
+                analysis: &a,
+                generation: Uuid::new_v4(),
+                now,
+            },
+            pending(),
+        )
+        .await
+        .unwrap();
+        p.checkpoint();
         assert!(
             g.fallback
                 .as_deref()
@@ -539,16 +554,25 @@ mod narrative_tests {
         );
 
         // Unavailable: no second ask, local at once.
-        let p = Scripted {
-            answers: Mutex::new(vec![Err(LlmError::Unavailable(
-                "429 after 3 attempts".into(),
-            ))]),
-            calls: AtomicUsize::new(0),
-        };
-        let g = generate(&store, &c, &p, u, None, &a, Uuid::new_v4(), now, pending())
-            .await
-            .unwrap();
-        assert_eq!(p.calls.load(Ordering::SeqCst), 1);
+        let mut p = scripted(vec![Err(LlmError::Unavailable(
+            "429 after 3 attempts".into(),
+        ))]);
+        let g = generate(
+            &store,
+            &c,
+            &p,
+            InsightRequest {
+                user: u,
+                connection: None,
+                analysis: &a,
+                generation: Uuid::new_v4(),
+                now,
+            },
+            pending(),
+        )
+        .await
+        .unwrap();
+        p.checkpoint();
         assert!(g.fallback.unwrap().contains("429"));
 
         // Three generations, fifteen records, one insight unit: the two where the local
@@ -570,29 +594,40 @@ mod narrative_tests {
                 &store,
                 &c,
                 &LocalProvider,
-                u,
-                None,
-                &a,
-                Uuid::new_v4(),
-                now,
+                InsightRequest {
+                    user: u,
+                    connection: None,
+                    analysis: &a,
+                    generation: Uuid::new_v4(),
+                    now,
+                },
                 pending(),
             )
             .await
             .unwrap();
         }
-        let p = Scripted {
-            answers: Mutex::new(vec![]),
-            calls: AtomicUsize::new(0),
-        };
-        let err = generate(&store, &c, &p, u, None, &a, Uuid::new_v4(), now, pending())
-            .await
-            .unwrap_err();
+        let mut p = scripted(vec![]);
+        let err = generate(
+            &store,
+            &c,
+            &p,
+            InsightRequest {
+                user: u,
+                connection: None,
+                analysis: &a,
+                generation: Uuid::new_v4(),
+                now,
+            },
+            pending(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(
             err,
             GenerateError::Usage(UsageError::UpgradeRequired { limit: 5, .. })
         ));
         assert!(err.to_string().contains("upgrade"), "{err}");
-        assert_eq!(p.calls.load(Ordering::SeqCst), 0, "refused before asking");
+        p.checkpoint(); // Never asked: refused before.
     }
 
     #[tokio::test]
@@ -608,11 +643,13 @@ mod narrative_tests {
                 &store,
                 &c,
                 &LocalProvider,
-                u,
-                Some(crate::ports::ConnectionId(Uuid::new_v4())),
-                &a,
-                Uuid::new_v4(),
-                now,
+                InsightRequest {
+                    user: u,
+                    connection: Some(crate::ports::ConnectionId(Uuid::new_v4())),
+                    analysis: &a,
+                    generation: Uuid::new_v4(),
+                    now,
+                },
                 pending(),
             )
             .await
@@ -627,11 +664,13 @@ mod narrative_tests {
                 &store,
                 &c,
                 &LocalProvider,
-                u,
-                None,
-                &a,
-                Uuid::new_v4(),
-                now,
+                InsightRequest {
+                    user: u,
+                    connection: None,
+                    analysis: &a,
+                    generation: Uuid::new_v4(),
+                    now,
+                },
                 pending(),
             )
             .await
@@ -676,11 +715,13 @@ mod narrative_tests {
             &store,
             &c,
             &Stalled,
-            u,
-            None,
-            &a,
-            Uuid::new_v4(),
-            now,
+            InsightRequest {
+                user: u,
+                connection: None,
+                analysis: &a,
+                generation: Uuid::new_v4(),
+                now,
+            },
             after(50),
         );
         let g = match futures::future::select(Box::pin(g), Box::pin(after(5_000))).await {
@@ -708,7 +749,19 @@ mod narrative_tests {
             }
         }
         let p = InvalidThenStalled(bad, AtomicUsize::new(0));
-        let g = generate(&store, &c, &p, u, None, &a, Uuid::new_v4(), now, after(50));
+        let g = generate(
+            &store,
+            &c,
+            &p,
+            InsightRequest {
+                user: u,
+                connection: None,
+                analysis: &a,
+                generation: Uuid::new_v4(),
+                now,
+            },
+            after(50),
+        );
         let g = match futures::future::select(Box::pin(g), Box::pin(after(5_000))).await {
             futures::future::Either::Left((g, _)) => g.unwrap(),
             futures::future::Either::Right(_) => panic!("the deadline did not end the generation"),
@@ -725,21 +778,20 @@ mod narrative_tests {
         let c = Catalog::default();
         let now = Utc.with_ymd_and_hms(2025, 1, 10, 12, 0, 0).unwrap();
         let period = crate::billing::usage_period(&store.user(u).await.unwrap().unwrap(), now);
-        let failing = || Scripted {
-            answers: Mutex::new(vec![Err(LlmError::Unavailable("500".into()))]),
-            calls: AtomicUsize::new(0),
-        };
+        let failing = || scripted(vec![Err(LlmError::Unavailable("500".into()))]);
         // Ten failed models on a plan of five: each shows the local narrative, none counts.
         for _ in 0..10 {
             let g = generate(
                 &store,
                 &c,
                 &failing(),
-                u,
-                None,
-                &a,
-                Uuid::new_v4(),
-                now,
+                InsightRequest {
+                    user: u,
+                    connection: None,
+                    analysis: &a,
+                    generation: Uuid::new_v4(),
+                    now,
+                },
                 pending(),
             )
             .await
@@ -755,11 +807,13 @@ mod narrative_tests {
             &store,
             &c,
             &LocalProvider,
-            u,
-            None,
-            &a,
-            Uuid::new_v4(),
-            now,
+            InsightRequest {
+                user: u,
+                connection: None,
+                analysis: &a,
+                generation: Uuid::new_v4(),
+                now,
+            },
             pending(),
         )
         .await
@@ -769,7 +823,7 @@ mod narrative_tests {
 
     #[tokio::test]
     async fn scenario_runs_are_metered_per_tier_and_invalid_ones_are_not_counted() {
-        use crate::insights::scenario::{RunError, Scenario, run_metered};
+        use crate::insights::scenario::{RunError, Scenario, ScenarioRequest, run_metered};
         let config = SynthConfig::new(300, 11);
         let account = crate::synth::generate(&config);
         let engine = Engine::new(&account, Rules::default(), Currency::USD);
@@ -793,31 +847,86 @@ mod narrative_tests {
             ..Scenario::default()
         };
         let pro = user(&store, Tier::Professional).await;
-        let err = run_metered(&store, &c, pro, None, &rows, &bad, "bad", now)
-            .await
-            .unwrap_err();
+        let err = run_metered(
+            &store,
+            &c,
+            ScenarioRequest {
+                user: pro,
+                connection: None,
+                rows: &rows,
+                scenario: &bad,
+                run_id: "bad",
+                now,
+            },
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, RunError::Scenario(_)), "{err}");
         for i in 0..3 {
-            let p = run_metered(&store, &c, pro, None, &rows, &raise, &format!("r{i}"), now)
-                .await
-                .unwrap();
+            let p = run_metered(
+                &store,
+                &c,
+                ScenarioRequest {
+                    user: pro,
+                    connection: None,
+                    rows: &rows,
+                    scenario: &raise,
+                    run_id: &format!("r{i}"),
+                    now,
+                },
+            )
+            .await
+            .unwrap();
             assert!(p.iter().all(|x| x.delta > rust_decimal::Decimal::ZERO));
         }
-        let err = run_metered(&store, &c, pro, None, &rows, &raise, "r3", now)
-            .await
-            .unwrap_err();
+        let err = run_metered(
+            &store,
+            &c,
+            ScenarioRequest {
+                user: pro,
+                connection: None,
+                rows: &rows,
+                scenario: &raise,
+                run_id: "r3",
+                now,
+            },
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("upgrade"), "{err}");
         let starter = user(&store, Tier::Starter).await;
         assert!(
-            run_metered(&store, &c, starter, None, &rows, &raise, "s0", now)
-                .await
-                .is_err()
+            run_metered(
+                &store,
+                &c,
+                ScenarioRequest {
+                    user: starter,
+                    connection: None,
+                    rows: &rows,
+                    scenario: &raise,
+                    run_id: "s0",
+                    now
+                }
+            )
+            .await
+            .is_err()
         );
         // Without history, the limit still answers first: "upgrade", not "not enough history".
         for who in [starter, pro] {
-            let err = run_metered(&store, &c, who, None, &[], &raise, "s1", now)
-                .await
-                .unwrap_err();
+            let err = run_metered(
+                &store,
+                &c,
+                ScenarioRequest {
+                    user: who,
+                    connection: None,
+                    rows: &[],
+                    scenario: &raise,
+                    run_id: "s1",
+                    now,
+                },
+            )
+            .await
+            .unwrap_err();
             assert!(
                 matches!(err, RunError::Usage(UsageError::UpgradeRequired { .. })),
                 "{err}"
@@ -828,12 +937,14 @@ mod narrative_tests {
             run_metered(
                 &store,
                 &c,
-                business,
-                None,
-                &rows,
-                &raise,
-                &format!("b{i}"),
-                now,
+                ScenarioRequest {
+                    user: business,
+                    connection: None,
+                    rows: &rows,
+                    scenario: &raise,
+                    run_id: &format!("b{i}"),
+                    now,
+                },
             )
             .await
             .unwrap();
