@@ -28,8 +28,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use crate::billing::{ProcessStats, Processor, invoice_overage, overage_key};
-use crate::client::{Client, ClientConfig};
+use crate::billing::{CheckoutError, ProcessStats, Processor, invoice_overage, overage_key};
+use crate::client::{ApiError, Client, ClientConfig};
 use crate::rebuild::derived::load_account;
 use crate::sync::{SyncJob, SyncPorts, Syncer};
 
@@ -106,7 +106,9 @@ pub enum Done {
 }
 
 /// Why a job failed; every failure is retried with backoff until the job's attempts run out.
+/// Each variant keeps its cause as the error's `source` (and in its message, for logs).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum JobError {
     /// Another worker holds the connection's lease: this sync waits and runs after it.
     #[error("another worker is syncing connection {0}")]
@@ -114,15 +116,31 @@ pub enum JobError {
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    /// Stripe or the sync failed.
+    /// The Stripe client could not be made, or Stripe refused a call.
     #[error("stripe: {0}")]
-    Stripe(String),
+    Stripe(#[from] ApiError),
+    /// The sync ran and ended failed, with the reason recorded on its run; the retry resumes
+    /// from the cursors it saved.
+    #[error("the sync failed: {0}")]
+    Sync(String),
+    /// Billing events could not be applied yet; they stay pending with the attempt counted.
+    #[error("{failed} billing event(s) could not be applied yet")]
+    Inbox {
+        /// How many.
+        failed: usize,
+    },
+    /// The connection's account could not be loaded (the cache, or an [`AccountSource`]).
+    #[error("the account cannot be loaded: {0}")]
+    Account(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The metrics engine refused the account.
     #[error("metrics: {0}")]
-    Metrics(String),
+    Metrics(#[from] revpilot_core::metrics::Error),
+    /// The overage could not be invoiced.
+    #[error("overage: {0}")]
+    Overage(#[from] CheckoutError),
     /// The queue refused a push.
     #[error("queue: {0}")]
-    Queue(String),
+    Queue(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// How long a sync's lease lasts without renewal; a running sync renews it every third of this,
@@ -310,7 +328,7 @@ impl Runner {
                 None => load_account(self.store.as_ref(), user, &c, None)
                     .await
                     .map(drop)
-                    .map_err(|e| JobError::Metrics(e.to_string())),
+                    .map_err(|e| JobError::Account(Box::new(e))),
             };
             if let Err(e) = derived {
                 tracing::warn!(%connection, error = %e, "the synced account was not derived");
@@ -336,9 +354,8 @@ impl Runner {
         let config = ClientConfig::new(SecretString::from(
             tokens.access_token.expose_secret().to_owned(),
         ))
-        .with_api_base(self.stripe_api_base.as_str())
-        .map_err(|e| JobError::Stripe(e.to_string()))?;
-        let client = Client::new(config).map_err(|e| JobError::Stripe(e.to_string()))?;
+        .with_api_base(self.stripe_api_base.as_str())?;
+        let client = Client::new(config)?;
         let store = self.store.clone();
         let ports = SyncPorts {
             cache: store.clone(),
@@ -357,17 +374,14 @@ impl Runner {
                 (self.clock)(),
             )),
         };
-        let (status, outcome) = Syncer::new(client, ports)
-            .run(&job, &|_| {})
-            .await
-            .map_err(|e| JobError::Stripe(e.to_string()))?;
+        let (status, outcome) = Syncer::new(client, ports).run(&job, &|_| {}).await?;
         tracing::info!(%connection, status = status.as_str(), requests = outcome.requests, "sync finished");
         metrics::counter!("revpilot_syncs_total", "status" => status.as_str()).increment(1);
         if status == revpilot_core::ports::SyncStatus::Failed {
             // Retried: the next attempt resumes from the cursors this one saved (or skips, when
             // Stripe refused the token and the connection was deactivated).
-            return Err(JobError::Stripe(
-                outcome.error.unwrap_or_else(|| "the sync failed".into()),
+            return Err(JobError::Sync(
+                outcome.error.unwrap_or_else(|| "no reason recorded".into()),
             ));
         }
         Ok(Done::Synced(status.as_str().to_owned()))
@@ -391,9 +405,7 @@ impl Runner {
         } = processor.process_all((self.clock)()).await?;
         if failed > 0 {
             // They stay pending with their attempt counted: the job's retry tries them again.
-            return Err(JobError::Stripe(format!(
-                "{failed} billing event(s) could not be applied yet"
-            )));
+            return Err(JobError::Inbox { failed });
         }
         Ok(Done::Inbox { applied, unchanged })
     }
@@ -417,7 +429,7 @@ impl Runner {
             None => Arc::new(
                 load_account(self.store.as_ref(), connection.user, connection, None)
                     .await
-                    .map_err(|e| JobError::Metrics(e.to_string()))?
+                    .map_err(|e| JobError::Account(Box::new(e)))?
                     .account,
             ),
         };
@@ -435,7 +447,7 @@ impl Runner {
         match engine.series(&SeriesRequest::new(day, day, Granularity::Day)) {
             Ok(report) => Ok(report.rows),
             Err(revpilot_core::metrics::Error::AfterAsOf { .. }) => Ok(Vec::new()),
-            Err(e) => Err(JobError::Metrics(e.to_string())),
+            Err(e) => Err(JobError::Metrics(e)),
         }
     }
 
@@ -477,9 +489,8 @@ impl Runner {
                 "billing is not configured (STRIPE_SECRET_KEY)".into(),
             ));
         };
-        let invoiced = invoice_overage(client, self.store.as_ref(), &self.catalog, user, period)
-            .await
-            .map_err(|e| JobError::Stripe(e.to_string()))?;
+        let invoiced =
+            invoice_overage(client, self.store.as_ref(), &self.catalog, user, period).await?;
         Ok(Done::Overage(invoiced.amount))
     }
 }

@@ -384,10 +384,9 @@ impl revpilot_worker::AccountSource for SharedAccounts {
             self.0.accounts.keep_row(connection);
         }
         loaded.map(|loaded| loaded.account.clone()).map_err(|_| {
-            revpilot_worker::JobError::Metrics(format!(
-                "the account of connection {} cannot be rebuilt (see the log)",
-                connection.id
-            ))
+            revpilot_worker::JobError::Account(
+                format!("connection {}: see the server's log", connection.id).into(),
+            )
         })
     }
 }

@@ -47,7 +47,7 @@ pub enum QueueError {
 
 impl From<QueueError> for JobError {
     fn from(e: QueueError) -> Self {
-        JobError::Queue(e.to_string())
+        JobError::Queue(Box::new(e))
     }
 }
 
@@ -139,7 +139,7 @@ impl Queue {
             Ok(()) => Ok(()),
             // PostgreSQL refuses a second push of a key (SQLite ignores it): already queued.
             Err(e) if e.contains("idx_jobs_idempotency_key") => Ok(()),
-            Err(e) => Err(JobError::Queue(QueueError::Push(e).to_string())),
+            Err(e) => Err(QueueError::Push(e).into()),
         }
     }
 

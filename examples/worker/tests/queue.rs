@@ -424,7 +424,7 @@ async fn try_execute_task_steps_through_the_jobs() {
     });
     assert!(matches!(
         r.try_execute_task(&sync).await,
-        Err(JobError::Stripe(_))
+        Err(JobError::Sync(_))
     ));
     fake.clear_faults();
     assert_eq!(
@@ -545,7 +545,7 @@ async fn an_inbox_job_fails_until_its_events_apply() {
     // Stripe has no such subscription yet: the job fails and the event stays pending.
     assert!(matches!(
         r.try_execute_task(&Job::Inbox).await,
-        Err(JobError::Stripe(_))
+        Err(JobError::Inbox { failed: 1 })
     ));
     assert_eq!(
         db.store.user(user).await.unwrap().unwrap().tier,
