@@ -7,6 +7,8 @@
 //! - [`rebuild`]: Stripe objects -> the core's account timeline (pure).
 //! - [`client`], [`connect`], [`sync`]: HTTP with Stripe's retry rules, Connect OAuth, the sync.
 //! - [`webhook`]: `Stripe-Signature` verification (any `v1`, any secret, constant time).
+//! - [`accounts`]: the accounts a process keeps per connection, loaded once per sync (single
+//!   flight, bounded in bytes), with their series memo.
 //! - [`jobs`]: the background use cases (sync under a lease, billing inbox, daily snapshot,
 //!   period closing and overage) and the [`jobs::Runner`] that executes them.
 //!
@@ -19,6 +21,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![recursion_limit = "256"]
 
+pub mod accounts;
 pub mod billing;
 pub mod client;
 pub mod connect;

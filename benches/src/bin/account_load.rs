@@ -431,7 +431,7 @@ async fn main() {
     println!(
         "after a sync changing {} customers: reflected {reflected:6.2} s after it ended (the updating request {update:6.2} s; connection rows are re-read after {:.1} s)   server peak RSS {:.2} GiB, RSS after {:.2} GiB",
         changed.len(),
-        revpilot_server::accounts::ROW_TTL.as_secs_f64(),
+        revpilot_stripe::accounts::ROW_TTL.as_secs_f64(),
         gib(peak),
         gib(rss)
     );

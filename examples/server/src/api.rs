@@ -8,15 +8,14 @@ use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{Duration, NaiveDate};
+use revpilot_core::Anomaly;
 use revpilot_core::billing::{UsageError, check_scenario, current_usage};
 use revpilot_core::insights::analyze;
 use revpilot_core::insights::narrative::{GenerateError, Generated, InsightRequest, generate};
 use revpilot_core::insights::scenario::{RunError, Scenario, ScenarioRequest, run_metered};
 use revpilot_core::metrics::{Granularity, SeriesRequest};
 use revpilot_core::ports::{Connection, Tier, UserId};
-use revpilot_core::{Anomaly, Currency};
 use revpilot_stripe::billing::{CheckoutError, CheckoutSession, ReturnUrls, create_checkout};
-use revpilot_stripe::rebuild::derived::load_account;
 use revpilot_stripe::rebuild::stream::CachedRebuildError;
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -25,9 +24,9 @@ use uuid::Uuid;
 
 use std::sync::Arc;
 
-use crate::accounts::Loaded;
 use crate::auth::AuthUser;
 use crate::{AppState, error, internal};
+use revpilot_stripe::accounts::Loaded;
 
 pub use revpilot_core::params::{InsightsQuery, MAX_RANGE_DAYS, MetricsQuery};
 
@@ -89,69 +88,28 @@ pub(crate) async fn owned(
 
 /// The connection's account: this process's copy when it was built at the connection's last
 /// sync, else the store's derivation at that sync, else rebuilt from what the sync cached (see
-/// [`crate::accounts`] and `revpilot_stripe::rebuild::derived`).
+/// `revpilot_stripe::accounts` and `revpilot_stripe::rebuild::derived`).
 pub(crate) async fn account(
     state: &AppState,
     user: UserId,
     connection: &Connection,
 ) -> Result<Arc<Loaded>, Response> {
-    if let Some(loaded) = state
+    let store = state.store.as_ref();
+    state
         .accounts
-        .get(user, connection.id, connection.last_synced_at)
-    {
-        return Ok(loaded);
-    }
-    // Single flight: one build per connection at a time; whoever waited finds it built.
-    let gate = state.accounts.gate(connection.id);
-    let _building = gate.lock().await;
-    if let Some(loaded) = state
-        .accounts
-        .get(user, connection.id, connection.last_synced_at)
-    {
-        return Ok(loaded);
-    }
-    let previous = state.accounts.previous(user, connection.id);
-    let started = std::time::Instant::now();
-    let rebuilt = load_account(
-        state.store.as_ref(),
-        user,
-        connection,
-        previous.as_ref().map(|p| p.account.as_ref()),
-    )
-    .await
-    .map_err(|e| {
-        tracing::error!(connection = %connection.id, error = %e, "cached account unreadable");
-        match e {
-            CachedRebuildError::Store(e) => internal(&e),
-            _ => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "unreadable_data",
-                "a synced Stripe object cannot be read; sync the connection again",
-            ),
-        }
-    })?;
-    tracing::info!(
-        connection = %connection.id,
-        source = ?rebuilt.source,
-        ms = started.elapsed().as_millis() as u64,
-        "account loaded"
-    );
-    state.accounts.built();
-    let currency = connection
-        .currency
-        .as_deref()
-        .and_then(|c| Currency::parse(c).ok())
-        .unwrap_or(Currency::USD);
-    // What the data is known up to: the sync's time, else the newest object it cached.
-    let as_of = connection.last_synced_at.or(rebuilt.as_of);
-    let loaded = Arc::new(Loaded::new(rebuilt.account, currency, None).with_as_of(as_of));
-    state.accounts.put(
-        user,
-        connection.id,
-        connection.last_synced_at,
-        loaded.clone(),
-    );
-    Ok(loaded)
+        .load(store, user, connection)
+        .await
+        .map_err(|e| {
+            tracing::error!(connection = %connection.id, error = %e, "cached account unreadable");
+            match e {
+                CachedRebuildError::Store(e) => internal(&e),
+                _ => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "unreadable_data",
+                    "a synced Stripe object cannot be read; sync the connection again",
+                ),
+            }
+        })
 }
 
 pub(crate) fn today(state: &AppState) -> NaiveDate {

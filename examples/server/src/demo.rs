@@ -2,7 +2,7 @@
 //! SaaS (trials, coupons, upgrades, churn, reactivations, EUR and USD customers), so a newcomer
 //! sees a populated dashboard at once, with no Stripe key.
 //!
-//! The account is pinned in [`crate::accounts::Accounts`]: nothing syncs it, and no Stripe object
+//! The account is pinned in [`revpilot_stripe::accounts::Accounts`]: nothing syncs it, and no Stripe object
 //! is stored for it.
 
 use std::sync::Arc;
@@ -13,9 +13,9 @@ use revpilot_core::ports::{NewConnection, Tokens};
 use revpilot_core::synth::{SynthConfig, fx_table, generate};
 use secrecy::SecretString;
 
-use crate::accounts::Loaded;
 use crate::auth::{AuthFailure, ClientAddr, Credentials, create_account};
 use crate::{AppState, DemoLogin};
+use revpilot_stripe::accounts::Loaded;
 
 /// The demo user's email.
 pub const DEMO_EMAIL: &str = "demo@revpilot.example";

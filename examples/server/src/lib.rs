@@ -6,7 +6,6 @@
 //! billing webhook (`POST /api/webhooks/stripe-billing`), built-in accounts and JWT sessions,
 //! the dashboard pages, and the demo; by default the worker runs in the same process.
 
-pub mod accounts;
 pub mod api;
 pub mod auth;
 pub mod charts;
@@ -96,7 +95,7 @@ pub struct AppState {
     /// The cron's bearer secret for `POST /api/stripe/sync`; `None` refuses every call.
     pub cron_secret: Option<secrecy::SecretString>,
     /// The connections' rebuilt accounts, kept until their next sync.
-    pub accounts: Arc<accounts::Accounts>,
+    pub accounts: Arc<revpilot_stripe::accounts::Accounts>,
     /// Demo mode's login, shown on the log-in page; `None` outside demo mode.
     pub demo: Option<DemoLogin>,
     /// Users known to have a profile.

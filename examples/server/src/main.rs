@@ -102,7 +102,7 @@ struct Args {
     auth_wait_ms: u64,
     /// MiB of rebuilt accounts kept in memory; past it the oldest are dropped and rebuilt on
     /// their next request.
-    #[arg(long, env = "REVPILOT_ACCOUNTS_MB", default_value_t = revpilot_server::accounts::DEFAULT_BUDGET_BYTES >> 20)]
+    #[arg(long, env = "REVPILOT_ACCOUNTS_MB", default_value_t = revpilot_stripe::accounts::DEFAULT_BUDGET_BYTES >> 20)]
     accounts_mb: usize,
     /// Seconds one insight generation may wait for the model, every attempt together; past it
     /// the local narrative stands in (and the generation is not counted).
@@ -332,7 +332,7 @@ async fn main() -> ExitCode {
         Duration::from_millis(args.auth_wait_ms),
     );
     state.accounts = Arc::new(
-        revpilot_server::accounts::Accounts::default()
+        revpilot_stripe::accounts::Accounts::default()
             .with_budget(args.accounts_mb.saturating_mul(1 << 20)),
     );
     state.jwt = jwt;

@@ -1332,7 +1332,7 @@ async fn an_account_is_rebuilt_once_per_sync_not_once_per_request() {
     // ...and once it does, a request rebuilds from the cache: at once on a server that re-reads
     // the connection's row every time, within the row TTL on one that keeps it briefly.
     w.store.set_last_synced(conn, later).await.unwrap();
-    tokio::time::sleep(revpilot_server::accounts::ROW_TTL + std::time::Duration::from_millis(50))
+    tokio::time::sleep(revpilot_stripe::accounts::ROW_TTL + std::time::Duration::from_millis(50))
         .await;
     let (_, after) = w.call("GET", &uri, Some(&token), None).await;
     assert_ne!(mrr(&after), mrr(&before));

@@ -1,12 +1,13 @@
-//! The connections' accounts, rebuilt once per sync instead of once per request.
+//! The connections' accounts a process keeps, loaded once per sync instead of once per request.
 //!
-//! Rebuilding an account means reading every cached Stripe object of the connection and
-//! compiling them into a timeline; the dashboard and `/api/metrics` ask for the same account
-//! many times between two syncs. [`Accounts`] keeps the rebuilt account of each connection
-//! together with the `last_synced_at` it was built at: a request that reads the connection
-//! (every route does, to check its owner) and finds another stamp rebuilds it. Because the stamp
-//! lives in the database, a sync finished by any worker or server invalidates every server's
-//! copy without a message between them.
+//! Loading an account means reading the connection's derivation (or rebuilding it from the
+//! cache, [`crate::rebuild::derived::load_account`]); a dashboard and an API ask for the same
+//! account many times between two syncs. [`Accounts`] keeps the account of each connection
+//! together with the `last_synced_at` it was loaded at: a caller that reads the connection's row
+//! and finds another stamp loads it again ([`Accounts::load`]: one load per connection at a
+//! time, whoever else asks meanwhile waits for it). Because the stamp lives in the database, a
+//! sync finished by any worker or server invalidates every process's copy without a message
+//! between them. The kept accounts are bounded in bytes.
 //!
 //! Series reports computed from an account are kept beside it (a bounded memo keyed by range and
 //! granularity), so a dashboard reloaded a hundred times computes its series once per sync.
@@ -15,17 +16,20 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use bytes::Bytes;
 use chrono::{DateTime, NaiveDate, Utc};
 use revpilot_core::fx::FxTable;
 use revpilot_core::metrics::{
     CohortTable, Engine, Error as MetricsError, Granularity, SeriesReport, SeriesRequest,
 };
 use revpilot_core::model::Account;
-use revpilot_core::ports::{Connection, ConnectionId, UserId};
+use revpilot_core::ports::{Connection, ConnectionId, DerivedStore, ObjectCache, UserId};
 use revpilot_core::{Currency, Rules};
 
-/// Rebuilt accounts kept per server before the cache starts over.
+use crate::rebuild::derived::load_account;
+use crate::rebuild::stream::CachedRebuildError;
+
+/// Accounts kept per process before the oldest goes.
 pub const MAX_ACCOUNTS: usize = 256;
 
 /// Series reports kept per connection before the memo starts over.
@@ -202,7 +206,7 @@ struct Entry {
     order: u64,
 }
 
-/// The bytes of rebuilt accounts a server keeps by default (`REVPILOT_ACCOUNTS_MB` sets it):
+/// The bytes of accounts a process keeps by default (the example server's `REVPILOT_ACCOUNTS_MB`):
 /// past it the oldest accounts are dropped and rebuilt on their next request.
 pub const DEFAULT_BUDGET_BYTES: usize = 1 << 30;
 
@@ -241,6 +245,56 @@ impl Accounts {
             rows: Mutex::default(),
             row_ttl: ttl,
         }
+    }
+
+    /// The account of the user's `connection` as of its row's `last_synced_at`: the one kept
+    /// at that stamp, else loaded once (single flight: whoever asks while it loads waits for
+    /// it and takes it) from the derivation in `store`, updated from the account kept at an
+    /// older stamp when there is one, and kept. Reported in `currency` (the connection's, else
+    /// USD) and known up to the sync (else the newest object).
+    ///
+    /// # Errors
+    /// [`CachedRebuildError`]: the store failed, or a cached object cannot be read.
+    pub async fn load<S: ObjectCache + DerivedStore + ?Sized>(
+        &self,
+        store: &S,
+        user: UserId,
+        connection: &Connection,
+    ) -> Result<Arc<Loaded>, CachedRebuildError> {
+        let stamp = connection.last_synced_at;
+        if let Some(loaded) = self.get(user, connection.id, stamp) {
+            return Ok(loaded);
+        }
+        let gate = self.gate(connection.id);
+        let _loading = gate.lock().await;
+        if let Some(loaded) = self.get(user, connection.id, stamp) {
+            return Ok(loaded);
+        }
+        let previous = self.previous(user, connection.id);
+        let started = Instant::now();
+        let loaded = load_account(
+            store,
+            user,
+            connection,
+            previous.as_ref().map(|p| p.account.as_ref()),
+        )
+        .await?;
+        tracing::info!(
+            connection = %connection.id,
+            source = ?loaded.source,
+            ms = started.elapsed().as_millis() as u64,
+            "account loaded"
+        );
+        self.built();
+        let currency = connection
+            .currency
+            .as_deref()
+            .and_then(|c| Currency::parse(c).ok())
+            .unwrap_or(Currency::USD);
+        let as_of = stamp.or(loaded.as_of);
+        let loaded = Arc::new(Loaded::new(loaded.account, currency, None).with_as_of(as_of));
+        self.put(user, connection.id, stamp, loaded.clone());
+        Ok(loaded)
     }
 
     /// The user's connection as read less than the row TTL ago.
@@ -353,7 +407,7 @@ impl Accounts {
         entries.values().map(|e| e.bytes).sum()
     }
 
-    /// How many accounts this server built from a cache (each under its gate).
+    /// How many accounts this process loaded (each under its gate).
     pub fn builds(&self) -> u64 {
         self.builds.load(std::sync::atomic::Ordering::Relaxed)
     }
