@@ -6,7 +6,6 @@
 //! statement itself, so a concurrent older write can never win. Ids are UUID, instants
 //! TIMESTAMPTZ, money NUMERIC.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
@@ -26,7 +25,7 @@ use revpilot_core::ports::{
 };
 use rust_decimal::Decimal;
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
@@ -34,80 +33,9 @@ use uuid::Uuid;
 use crate::crypto::{KeyRing, Sealed};
 use crate::{Error, redact};
 
-/// The migrations, embedded: a database created by an older version migrates forward on connect.
-fn migrator() -> Migrator {
-    let m = |version, description: &'static str, sql: &'static str| {
-        Migration::new(
-            version,
-            Cow::Borrowed(description),
-            MigrationType::Simple,
-            sql.into_sql(),
-            false,
-        )
-    };
-    Migrator::with_migrations(vec![
-        m(
-            1,
-            "init",
-            include_str!("../migrations/postgres/0001_init.sql"),
-        ),
-        m(
-            2,
-            "usage by connection",
-            include_str!("../migrations/postgres/0002_usage_by_connection.sql"),
-        ),
-        m(
-            3,
-            "usage counters",
-            include_str!("../migrations/postgres/0003_usage_counters.sql"),
-        ),
-        m(
-            4,
-            "billing",
-            include_str!("../migrations/postgres/0004_billing.sql"),
-        ),
-        m(
-            5,
-            "insights and scenarios",
-            include_str!("../migrations/postgres/0005_insights_and_scenarios.sql"),
-        ),
-        m(
-            6,
-            "credentials",
-            include_str!("../migrations/postgres/0006_credentials.sql"),
-        ),
-        m(
-            7,
-            "leases",
-            include_str!("../migrations/postgres/0007_leases.sql"),
-        ),
-        m(
-            8,
-            "disputes cache, partial snapshots",
-            include_str!("../migrations/postgres/0008_disputes_and_partial_snapshots.sql"),
-        ),
-        m(
-            9,
-            "derived accounts",
-            include_str!("../migrations/postgres/0009_derived_accounts.sql"),
-        ),
-        m(
-            10,
-            "ended sessions",
-            include_str!("../migrations/postgres/0010_ended_sessions.sql"),
-        ),
-    ])
-}
-
-trait IntoSql {
-    fn into_sql(self) -> sqlx::SqlStr;
-}
-
-impl IntoSql for &'static str {
-    fn into_sql(self) -> sqlx::SqlStr {
-        sqlx::SqlSafeStr::into_sql_str(self)
-    }
-}
+/// The migrations, embedded from `migrations/postgres/` (`NNNN_description.sql`): a database
+/// created by an older version migrates forward on connect.
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// RevPilot's storage on a PostgreSQL database, shared by any number of servers and workers.
 #[derive(Clone, Debug)]
@@ -232,7 +160,7 @@ impl PgStore {
         if foreign > 0 {
             return Err(open("it has RevPilot's tables but no migration history: another application's database?".into()));
         }
-        migrator()
+        MIGRATOR
             .run(&pool)
             .await
             .map_err(|e| open(format!("migrations failed: {e}")))?;

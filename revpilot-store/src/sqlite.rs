@@ -4,7 +4,6 @@
 //! versions) run in `BEGIN IMMEDIATE` transactions: SQLite takes its single write lock before the
 //! read, so concurrent writers queue (up to the busy timeout) instead of deciding on stale data.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
@@ -24,7 +23,7 @@ use revpilot_core::ports::{
 };
 use rust_decimal::Decimal;
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -35,80 +34,9 @@ use uuid::Uuid;
 use crate::crypto::{KeyRing, Sealed};
 use crate::{Error, redact};
 
-/// The migrations, embedded: a database created by an older version migrates forward on connect.
-fn migrator() -> Migrator {
-    let m = |version, description: &'static str, sql: &'static str| {
-        Migration::new(
-            version,
-            Cow::Borrowed(description),
-            MigrationType::Simple,
-            sql.into_sql(),
-            false,
-        )
-    };
-    Migrator::with_migrations(vec![
-        m(
-            1,
-            "init",
-            include_str!("../migrations/sqlite/0001_init.sql"),
-        ),
-        m(
-            2,
-            "usage by connection",
-            include_str!("../migrations/sqlite/0002_usage_by_connection.sql"),
-        ),
-        m(
-            3,
-            "usage counters",
-            include_str!("../migrations/sqlite/0003_usage_counters.sql"),
-        ),
-        m(
-            4,
-            "billing",
-            include_str!("../migrations/sqlite/0004_billing.sql"),
-        ),
-        m(
-            5,
-            "insights and scenarios",
-            include_str!("../migrations/sqlite/0005_insights_and_scenarios.sql"),
-        ),
-        m(
-            6,
-            "credentials",
-            include_str!("../migrations/sqlite/0006_credentials.sql"),
-        ),
-        m(
-            7,
-            "leases",
-            include_str!("../migrations/sqlite/0007_leases.sql"),
-        ),
-        m(
-            8,
-            "disputes cache, partial snapshots",
-            include_str!("../migrations/sqlite/0008_disputes_and_partial_snapshots.sql"),
-        ),
-        m(
-            9,
-            "derived accounts",
-            include_str!("../migrations/sqlite/0009_derived_accounts.sql"),
-        ),
-        m(
-            10,
-            "ended sessions",
-            include_str!("../migrations/sqlite/0010_ended_sessions.sql"),
-        ),
-    ])
-}
-
-trait IntoSql {
-    fn into_sql(self) -> sqlx::SqlStr;
-}
-
-impl IntoSql for &'static str {
-    fn into_sql(self) -> sqlx::SqlStr {
-        sqlx::SqlSafeStr::into_sql_str(self)
-    }
-}
+/// The migrations, embedded from `migrations/sqlite/` (`NNNN_description.sql`): a database
+/// created by an older version migrates forward on connect.
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// RevPilot's storage on one SQLite database file.
 #[derive(Clone, Debug)]
@@ -210,7 +138,6 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| open(e.to_string()))?;
-        let migrator = migrator();
         // A file that is not ours: tables of RevPilot's names but no migration history.
         let foreign: Option<(i64,)> = sqlx::query_as(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'user_profiles'
@@ -222,7 +149,7 @@ impl SqliteStore {
         if foreign.is_some_and(|(n,)| n > 0) {
             return Err(open("it has RevPilot's tables but no migration history: another application's database?".into()));
         }
-        migrator
+        MIGRATOR
             .run(&pool)
             .await
             .map_err(|e| open(format!("migrations failed: {e}")))?;
