@@ -52,6 +52,8 @@ pub mod testing;
 
 pub use anomaly::Anomaly;
 pub use fx::{FxRates, FxTable};
+pub use metrics::{Engine, Granularity, SeriesReport, SeriesRequest, SeriesRow};
 pub use model::Account;
 pub use money::Currency;
+pub use ports::{Clock, Store};
 pub use rules::{LtvChurn, Profile, Rules};

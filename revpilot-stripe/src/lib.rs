@@ -12,6 +12,9 @@
 //! - [`jobs`]: the background use cases (sync under a lease, billing inbox, daily snapshot,
 //!   period closing and overage) and the [`jobs::Runner`] that executes them.
 //!
+//! The types a program embedding RevPilot uses most are re-exported at the root
+//! ([`Runner`], [`Accounts`], [`Connect`], [`Client`], [`receive`], ...).
+//!
 //! # Features
 //!
 //! | feature | what it adds |
@@ -37,3 +40,12 @@ pub mod sync;
 #[cfg_attr(docsrs, doc(cfg(feature = "synth")))]
 pub mod synth;
 pub mod webhook;
+
+pub use accounts::{Accounts, Loaded};
+pub use billing::{Processor, Receipt, ReceiveError, WebhookConfig, receive};
+pub use client::{ApiError, Client, ClientConfig};
+pub use connect::{Connect, ConnectConfig, ConnectError, receive_connect_event};
+pub use export::{Export, ExportError, RawExport};
+pub use jobs::{Done, Enqueue, Job, JobError, Runner};
+pub use rebuild::derived::{LoadedAccount, load_account};
+pub use sync::{SyncJob, SyncPorts, Syncer};

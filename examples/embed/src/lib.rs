@@ -9,13 +9,11 @@ use axum::http::{HeaderMap, StatusCode, request::Parts};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Json, Router, body::Bytes, routing::get, routing::post};
 use chrono::{NaiveDate, Utc};
-use revpilot_core::metrics::{Engine, Granularity::Month, SeriesRequest};
-use revpilot_core::ports::{ConnectionId, Store, Tier, UserId};
-use revpilot_core::{Currency, Rules, billing::Catalog};
-use revpilot_stripe::billing::{Receipt, WebhookConfig, receive};
-use revpilot_stripe::connect::{Callback, Connect};
-use revpilot_stripe::jobs::{Job, Runner};
-use revpilot_stripe::rebuild::derived::load_account;
+use revpilot_core::billing::Catalog;
+use revpilot_core::ports::{ConnectionId, Tier, UserId};
+use revpilot_core::{Currency, Engine, Granularity::Month, Rules, SeriesRequest, Store};
+use revpilot_stripe::connect::Callback;
+use revpilot_stripe::{Connect, Job, Receipt, Runner, WebhookConfig, load_account, receive};
 use serde_json::json;
 
 /// What RevPilot's routes share.
