@@ -504,6 +504,45 @@ pub trait Enqueue: Send + Sync {
     async fn enqueue(&self, job: Job, key: &str) -> Result<(), JobError>;
 }
 
+/// The periodic jobs due at `now`, each with its queue key: yesterday's [`Job::Snapshot`],
+/// today's [`Job::CloseBillingPeriods`], and a [`Job::Inbox`] sweep (billing events whose own job
+/// could not be queued). The keys name the day (the sweep's, its `every` bucket), so any number
+/// of workers and servers may push them: each runs once.
+pub fn periodic_jobs(now: DateTime<Utc>, every: Duration) -> Vec<(Job, String)> {
+    let today = now.date_naive();
+    let mut jobs = Vec::with_capacity(3);
+    if let Some(day) = today.pred_opt() {
+        jobs.push((Job::Snapshot { day }, format!("snapshot:{day}")));
+    }
+    jobs.push((
+        Job::CloseBillingPeriods { day: today },
+        format!("close-billing-periods:{today}"),
+    ));
+    let bucket = now.timestamp() / i64::try_from(every.as_secs().max(1)).unwrap_or(1);
+    jobs.push((Job::Inbox, format!("inbox-sweep:{bucket}")));
+    jobs
+}
+
+/// Pushes the [`periodic_jobs`] to `queue` now and every `every` after, until the task is
+/// aborted. A push that fails is logged and tried again at the next round.
+pub fn spawn_scheduler(
+    queue: Arc<dyn Enqueue>,
+    clock: Clock,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            for (job, key) in periodic_jobs(clock(), every) {
+                let kind = job.kind();
+                if let Err(e) = queue.enqueue(job, &key).await {
+                    tracing::warn!(job = kind, error = %e, "periodic job not scheduled");
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
 /// A sync's lease while it runs: dropped before the sync ends (the job was cancelled), it stops
 /// the renewal and releases the lease on a task of its own.
 struct LeaseGuard {
@@ -522,5 +561,34 @@ impl Drop for LeaseGuard {
                 let _ = store.release_lease(&key, &holder).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periodic_jobs_are_keyed_by_their_day_and_the_sweep_by_its_bucket() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap_or_default();
+        let keys = |now| -> Vec<String> {
+            periodic_jobs(now, Duration::from_secs(600))
+                .into_iter()
+                .map(|(_, k)| k)
+                .collect()
+        };
+        let noon = keys(at("2026-03-10T12:00:00Z"));
+        assert_eq!(
+            noon,
+            [
+                "snapshot:2026-03-09",
+                "close-billing-periods:2026-03-10",
+                "inbox-sweep:2955240"
+            ]
+        );
+        // Later the same day: the same day's keys (pushed once), a new sweep bucket.
+        let later = keys(at("2026-03-10T12:10:00Z"));
+        assert_eq!(later[..2], noon[..2]);
+        assert_ne!(later[2], noon[2]);
     }
 }

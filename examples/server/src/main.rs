@@ -391,7 +391,7 @@ async fn main() -> ExitCode {
         let mut runner = state.runner("server");
         runner.queue = Some(Arc::new(queue.clone()));
         let scheduler = revpilot_worker::spawn_scheduler(
-            queue.clone(),
+            Arc::new(queue.clone()),
             state.clock.clone(),
             Duration::from_secs(600),
         );

@@ -18,7 +18,9 @@ use revpilot_core::billing::Catalog;
 pub use queue::{Queue, QueueError};
 
 pub use revpilot_core::ports::{Clock, Store};
-pub use revpilot_stripe::jobs::{AccountSource, Done, Enqueue, Job, JobError, LEASE, Runner};
+pub use revpilot_stripe::jobs::{
+    AccountSource, Done, Enqueue, Job, JobError, LEASE, Runner, periodic_jobs, spawn_scheduler,
+};
 
 #[async_trait]
 impl Enqueue for Queue {
@@ -75,42 +77,6 @@ pub async fn open(
         let q = Queue::sqlite(store.pool(), queue).await?;
         Ok((Arc::new(store), q))
     }
-}
-
-/// Pushes the periodic jobs every `every`: yesterday's [`Job::Snapshot`], today's
-/// [`Job::CloseBillingPeriods`], and an [`Job::Inbox`] sweep (billing events whose own job could
-/// not be queued). Their keys name the day (the sweep's, the time bucket), so any number of
-/// workers and servers may run this: each is pushed once.
-pub fn spawn_scheduler(queue: Queue, clock: Clock, every: Duration) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let today = clock().date_naive();
-            if let Some(day) = today.pred_opt()
-                && let Err(e) = queue
-                    .push(&Job::Snapshot { day }, &format!("snapshot:{day}"))
-                    .await
-            {
-                tracing::warn!(error = %e, "daily snapshot not scheduled");
-            }
-            if let Err(e) = queue
-                .push(
-                    &Job::CloseBillingPeriods { day: today },
-                    &format!("close-billing-periods:{today}"),
-                )
-                .await
-            {
-                tracing::warn!(error = %e, "billing periods not scheduled");
-            }
-            let bucket = clock().timestamp() / i64::try_from(every.as_secs().max(1)).unwrap_or(1);
-            if let Err(e) = queue
-                .push(&Job::Inbox, &format!("inbox-sweep:{bucket}"))
-                .await
-            {
-                tracing::warn!(error = %e, "billing inbox sweep not scheduled");
-            }
-            tokio::time::sleep(every).await;
-        }
-    })
 }
 
 /// Completes on Ctrl-C or SIGTERM.

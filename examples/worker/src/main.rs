@@ -125,7 +125,7 @@ async fn main() -> ExitCode {
         );
     }
     let scheduler = spawn_scheduler(
-        queue.clone(),
+        Arc::new(queue.clone()),
         runner.clock.clone(),
         Duration::from_secs(600),
     );
