@@ -184,7 +184,8 @@ pub trait SubscriptionSource: Send + Sync {
 impl SubscriptionSource for Client {
     async fn subscription(&self, id: &str) -> Result<Subscription, ApiError> {
         let path = format!("/v1/subscriptions/{id}");
-        let body = self.get(&path, &[]).await?;
+        let retrieve = stripe_billing::subscription::RetrieveSubscription::new(id);
+        let body = self.request(&retrieve, None).await?;
         serde_json::from_slice(&body).map_err(|e| ApiError::Invalid {
             path,
             problem: e.to_string(),

@@ -282,6 +282,44 @@ impl Client {
             .await
     }
 
+    /// Sends an async-stripe request (its typed parameters, encoded by async-stripe) through
+    /// this client: its token bucket, Stripe's retry rules and, for a POST, `idempotency_key`
+    /// (a fresh one when `None`), reused on every retry. Returns the answer's bytes, which
+    /// RevPilot reads with its own tolerant types: async-stripe's response types are strict and
+    /// generated for one API version, while the account answers in its own (`objects`).
+    ///
+    /// # Errors
+    /// As [`Client::get`] and [`Client::post`].
+    pub async fn request<R: stripe_client_core::StripeRequest>(
+        &self,
+        request: &R,
+        idempotency_key: Option<&str>,
+    ) -> Result<Vec<u8>, ApiError> {
+        use stripe_client_core::StripeMethod;
+        let built = request.build();
+        let path = format!("/v1{}", built.path);
+        let pairs = |encoded: Option<String>| -> Vec<(String, String)> {
+            encoded
+                .map(|e| {
+                    url::form_urlencoded::parse(e.as_bytes())
+                        .into_owned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        fn borrowed(pairs: &[(String, String)]) -> Vec<(&str, String)> {
+            pairs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect()
+        }
+        match built.method {
+            StripeMethod::Get => self.get(&path, &borrowed(&pairs(built.query))).await,
+            StripeMethod::Post => {
+                let key = idempotency_key.map_or_else(self::idempotency_key, str::to_owned);
+                self.post(&path, &borrowed(&pairs(built.body)), &key).await
+            }
+            StripeMethod::Delete => self.delete(&path).await,
+        }
+    }
+
     /// One page of a list endpoint (`limit=100`), after `starting_after` when given.
     ///
     /// # Errors

@@ -288,6 +288,8 @@ impl Connect {
     }
 
     async fn exchange(&self, code: &str) -> Result<TokenResponse, ConnectError> {
+        // Not an async-stripe request: it has none for Connect's OAuth token exchange (which is
+        // on connect.stripe.com, not the API), so the form is posted here.
         let url = self
             .config
             .token_base
@@ -320,6 +322,8 @@ impl Connect {
     async fn account_info(&self, access_token: &str) -> Result<AccountInfo, ConnectError> {
         let mut cfg = ClientConfig::new(SecretString::from(access_token.to_owned()));
         cfg.api_base = self.config.api_base.clone();
+        // A connected account's call, not the company's own: read like the sync's objects
+        // (tolerantly), not through async-stripe's strict types.
         let body = Client::new(cfg)?.get("/v1/account", &[]).await?;
         serde_json::from_slice(&body).map_err(|e| {
             ConnectError::Api(ApiError::Invalid {

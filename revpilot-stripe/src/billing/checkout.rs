@@ -1,4 +1,8 @@
 //! Checkout Sessions for upgrades, and overage invoice items at the end of a period.
+//!
+//! The requests to the company's own Stripe account are async-stripe's typed ones, sent through
+//! RevPilot's [`Client`] ([`Client::request`]: its rate limit and retry rules); the answers are
+//! read with RevPilot's own types (only the fields used).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use revpilot_core::billing::{Catalog, Used, bill};
@@ -6,7 +10,17 @@ use revpilot_core::ports::{Meter, Period, StoreError, Tier, UsageStore, UserId, 
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use crate::client::{ApiError, Client, idempotency_key};
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use stripe_billing::invoice_item::{CreateInvoiceItem, ListInvoiceItem};
+use stripe_checkout::CheckoutSessionMode;
+use stripe_checkout::checkout_session::{
+    CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionSubscriptionData,
+};
+use stripe_core::customer::CreateCustomer;
+
+use crate::client::{ApiError, Client};
 
 /// Why a checkout or an overage invoice could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -95,12 +109,13 @@ pub async fn create_checkout<S: UserStore + ?Sized>(
     let customer = match profile.stripe_customer_id {
         Some(c) => c,
         None => {
-            let mut form = vec![("metadata[user_id]", user.to_string())];
+            let mut create = CreateCustomer::new()
+                .metadata(HashMap::from([("user_id".to_owned(), user.to_string())]));
             if let Some(email) = &profile.email {
-                form.push(("email", email.clone()));
+                create = create.email(email.clone());
             }
             let body = client
-                .post("/v1/customers", &form, &format!("customer:{user}"))
+                .request(&create, Some(&format!("customer:{user}")))
                 .await?;
             let created: Created = read("/v1/customers", &body)?;
             // A concurrent request may have stored its customer first: use the stored one.
@@ -111,25 +126,25 @@ pub async fn create_checkout<S: UserStore + ?Sized>(
                 .unwrap_or(created.id)
         }
     };
-    let form = vec![
-        ("mode", "subscription".to_owned()),
-        ("customer", customer),
-        ("client_reference_id", user.to_string()),
-        ("line_items[0][price]", price),
-        ("line_items[0][quantity]", "1".to_owned()),
-        ("metadata[tier]", tier.as_str().to_owned()),
-        ("metadata[user_id]", user.to_string()),
-        (
-            "subscription_data[metadata][tier]",
-            tier.as_str().to_owned(),
-        ),
-        ("subscription_data[metadata][user_id]", user.to_string()),
-        ("success_url", urls.success.to_string()),
-        ("cancel_url", urls.cancel.to_string()),
-    ];
-    let body = client
-        .post("/v1/checkout/sessions", &form, &idempotency_key())
-        .await?;
+    let metadata = HashMap::from([
+        ("tier".to_owned(), tier.as_str().to_owned()),
+        ("user_id".to_owned(), user.to_string()),
+    ]);
+    let mut line = CreateCheckoutSessionLineItems::new();
+    line.price = Some(price);
+    line.quantity = Some(1);
+    let mut subscription = CreateCheckoutSessionSubscriptionData::new();
+    subscription.metadata = Some(metadata.clone());
+    let session = CreateCheckoutSession::new()
+        .mode(CheckoutSessionMode::Subscription)
+        .customer(customer)
+        .client_reference_id(user.to_string())
+        .line_items(vec![line])
+        .metadata(metadata)
+        .subscription_data(subscription)
+        .success_url(urls.success.as_str())
+        .cancel_url(urls.cancel.as_str());
+    let body = client.request(&session, None).await?;
     Ok(read("/v1/checkout/sessions", &body)?)
 }
 
@@ -241,6 +256,9 @@ pub async fn invoice_overage<S: UserStore + UsageStore + ?Sized>(
             ),
         ),
     ];
+    // An unknown code still goes out as written (async-stripe keeps it as `Unknown`).
+    let currency = stripe_types::Currency::from_str(catalog.currency().as_str())
+        .unwrap_or_else(|_| stripe_types::Currency::Unknown(catalog.currency().to_string()));
     for (meter, amount, description) in lines {
         if amount == 0 {
             continue;
@@ -250,16 +268,17 @@ pub async fn invoice_overage<S: UserStore + UsageStore + ?Sized>(
             out.existing.push(meter);
             continue;
         }
-        let form = vec![
-            ("customer", customer.clone()),
-            ("amount", amount.to_string()),
-            ("currency", catalog.currency().as_str().to_owned()),
-            ("description", description),
-            ("metadata[revpilot_overage_key]", item_key.clone()),
-            ("metadata[user_id]", user.to_string()),
-            ("metadata[meter]", meter.as_str().to_owned()),
-        ];
-        let body = client.post("/v1/invoiceitems", &form, &item_key).await?;
+        let item = CreateInvoiceItem::new()
+            .customer(customer.clone())
+            .amount(amount)
+            .currency(currency.clone())
+            .description(description)
+            .metadata(HashMap::from([
+                ("revpilot_overage_key".to_owned(), item_key.clone()),
+                ("user_id".to_owned(), user.to_string()),
+                ("meter".to_owned(), meter.as_str().to_owned()),
+            ]));
+        let body = client.request(&item, Some(&item_key)).await?;
         let created: Created = read("/v1/invoiceitems", &body)?;
         out.created.push((meter, created.id));
     }
@@ -277,14 +296,11 @@ async fn existing_keys(
     loop {
         // All of the customer's items, not only pending ones: an item already on an invoice
         // was billed too.
-        let mut query = vec![
-            ("customer", customer.to_owned()),
-            ("limit", "100".to_owned()),
-        ];
+        let mut list = ListInvoiceItem::new().customer(customer).limit(100);
         if let Some(a) = &after {
-            query.push(("starting_after", a.clone()));
+            list = list.starting_after(a.clone());
         }
-        let body = client.get("/v1/invoiceitems", &query).await?;
+        let body = client.request(&list, None).await?;
         let page: ItemPage = read("/v1/invoiceitems", &body)?;
         keys.extend(
             page.data
