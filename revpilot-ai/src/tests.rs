@@ -167,13 +167,7 @@ async fn malformed_json_and_invented_figures_are_invalid_then_the_local_narrativ
             &store,
             &Catalog::default(),
             &p,
-            InsightRequest {
-                user,
-                connection: None,
-                analysis: &a,
-                generation: Uuid::new_v4(),
-                now,
-            },
+            InsightRequest::new(user, &a, Uuid::new_v4(), now),
             std::future::pending(),
         )
         .await
@@ -336,13 +330,7 @@ async fn a_model_that_cites_mrr_and_writes_its_own_numbers_is_refused() {
         &store,
         &Catalog::default(),
         &provider(&server),
-        InsightRequest {
-            user,
-            connection: None,
-            analysis: &a,
-            generation: Uuid::new_v4(),
-            now,
-        },
+        InsightRequest::new(user, &a, Uuid::new_v4(), now),
         std::future::pending(),
     )
     .await
@@ -411,13 +399,7 @@ async fn a_stalled_model_holds_the_user_no_longer_than_the_deadline() {
         &store,
         &Catalog::default(),
         &p,
-        InsightRequest {
-            user,
-            connection: None,
-            analysis: &a,
-            generation: Uuid::new_v4(),
-            now,
-        },
+        InsightRequest::new(user, &a, Uuid::new_v4(), now),
         tokio::time::sleep(deadline),
     )
     .await

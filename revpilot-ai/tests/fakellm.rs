@@ -125,13 +125,7 @@ async fn fakellm_answers_and_its_429_falls_back_to_the_local_narrative() {
         &store,
         &catalog,
         &limited,
-        InsightRequest {
-            user,
-            connection: None,
-            analysis: &analysis,
-            generation: Uuid::new_v4(),
-            now,
-        },
+        InsightRequest::new(user, &analysis, Uuid::new_v4(), now),
         std::future::pending(),
     )
     .await
@@ -142,13 +136,7 @@ async fn fakellm_answers_and_its_429_falls_back_to_the_local_narrative() {
         &store,
         &catalog,
         &happy,
-        InsightRequest {
-            user,
-            connection: None,
-            analysis: &analysis,
-            generation: Uuid::new_v4(),
-            now,
-        },
+        InsightRequest::new(user, &analysis, Uuid::new_v4(), now),
         std::future::pending(),
     )
     .await

@@ -562,6 +562,26 @@ pub struct Generated {
     pub fallback: Option<String>,
 }
 
+impl<'a> InsightRequest<'a> {
+    /// The generation `generation` of `user` about `analysis` at `now`, of no connection.
+    pub fn new(user: UserId, analysis: &'a Analysis, generation: Uuid, now: DateTime<Utc>) -> Self {
+        InsightRequest {
+            user,
+            connection: None,
+            analysis,
+            generation,
+            now,
+        }
+    }
+
+    /// The same, about `connection`.
+    #[must_use]
+    pub fn of_connection(mut self, connection: ConnectionId) -> Self {
+        self.connection = Some(connection);
+        self
+    }
+}
+
 /// Why [`generate`] produced nothing.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

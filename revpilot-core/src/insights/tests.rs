@@ -497,13 +497,7 @@ mod narrative_tests {
             &store,
             &c,
             &p,
-            InsightRequest {
-                user: u,
-                connection: None,
-                analysis: &a,
-                generation: Uuid::new_v4(),
-                now,
-            },
+            InsightRequest::new(u, &a, Uuid::new_v4(), now),
             pending(),
         )
         .await
@@ -529,13 +523,7 @@ mod narrative_tests {
             &store,
             &c,
             &p,
-            InsightRequest {
-                user: u,
-                connection: None,
-                analysis: &a,
-                generation: Uuid::new_v4(),
-                now,
-            },
+            InsightRequest::new(u, &a, Uuid::new_v4(), now),
             pending(),
         )
         .await
@@ -561,13 +549,7 @@ mod narrative_tests {
             &store,
             &c,
             &p,
-            InsightRequest {
-                user: u,
-                connection: None,
-                analysis: &a,
-                generation: Uuid::new_v4(),
-                now,
-            },
+            InsightRequest::new(u, &a, Uuid::new_v4(), now),
             pending(),
         )
         .await
@@ -594,13 +576,7 @@ mod narrative_tests {
                 &store,
                 &c,
                 &LocalProvider,
-                InsightRequest {
-                    user: u,
-                    connection: None,
-                    analysis: &a,
-                    generation: Uuid::new_v4(),
-                    now,
-                },
+                InsightRequest::new(u, &a, Uuid::new_v4(), now),
                 pending(),
             )
             .await
@@ -611,13 +587,7 @@ mod narrative_tests {
             &store,
             &c,
             &p,
-            InsightRequest {
-                user: u,
-                connection: None,
-                analysis: &a,
-                generation: Uuid::new_v4(),
-                now,
-            },
+            InsightRequest::new(u, &a, Uuid::new_v4(), now),
             pending(),
         )
         .await
@@ -664,13 +634,7 @@ mod narrative_tests {
                 &store,
                 &c,
                 &LocalProvider,
-                InsightRequest {
-                    user: u,
-                    connection: None,
-                    analysis: &a,
-                    generation: Uuid::new_v4(),
-                    now,
-                },
+                InsightRequest::new(u, &a, Uuid::new_v4(), now),
                 pending(),
             )
             .await
@@ -715,13 +679,7 @@ mod narrative_tests {
             &store,
             &c,
             &Stalled,
-            InsightRequest {
-                user: u,
-                connection: None,
-                analysis: &a,
-                generation: Uuid::new_v4(),
-                now,
-            },
+            InsightRequest::new(u, &a, Uuid::new_v4(), now),
             after(50),
         );
         let g = match futures::future::select(Box::pin(g), Box::pin(after(5_000))).await {
@@ -753,13 +711,7 @@ mod narrative_tests {
             &store,
             &c,
             &p,
-            InsightRequest {
-                user: u,
-                connection: None,
-                analysis: &a,
-                generation: Uuid::new_v4(),
-                now,
-            },
+            InsightRequest::new(u, &a, Uuid::new_v4(), now),
             after(50),
         );
         let g = match futures::future::select(Box::pin(g), Box::pin(after(5_000))).await {
@@ -785,13 +737,7 @@ mod narrative_tests {
                 &store,
                 &c,
                 &failing(),
-                InsightRequest {
-                    user: u,
-                    connection: None,
-                    analysis: &a,
-                    generation: Uuid::new_v4(),
-                    now,
-                },
+                InsightRequest::new(u, &a, Uuid::new_v4(), now),
                 pending(),
             )
             .await
@@ -807,13 +753,7 @@ mod narrative_tests {
             &store,
             &c,
             &LocalProvider,
-            InsightRequest {
-                user: u,
-                connection: None,
-                analysis: &a,
-                generation: Uuid::new_v4(),
-                now,
-            },
+            InsightRequest::new(u, &a, Uuid::new_v4(), now),
             pending(),
         )
         .await
