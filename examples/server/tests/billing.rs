@@ -29,11 +29,17 @@ use uuid::Uuid;
 
 const SECRET: &str = "whsec_server_tests";
 
-/// A subscription source for tests whose events never need Stripe: mockall fails the test if
-/// it is asked.
+/// A subscription source for tests whose events should not need Stripe: every fetch fails with
+/// Stripe's 404 (concurrent deliveries may still ask while another applies the same event).
 fn no_stripe() -> Arc<MockSubscriptionSource> {
     let mut stripe = MockSubscriptionSource::new();
-    stripe.expect_subscription().never();
+    stripe.expect_subscription().returning(|id| {
+        Err(revpilot_stripe::client::ApiError::Rejected {
+            status: 404,
+            path: format!("/v1/subscriptions/{id}"),
+            message: "not asked in this test".into(),
+        })
+    });
     Arc::new(stripe)
 }
 
