@@ -685,6 +685,17 @@ pub struct Connection {
     pub updated_at: DateTime<Utc>,
 }
 
+impl Connection {
+    /// The currency its metrics are reported in: the account's default, else USD (a code the
+    /// account has none of, or one that is not a currency code, reports in USD too).
+    pub fn reporting_currency(&self) -> crate::Currency {
+        self.currency
+            .as_deref()
+            .and_then(|c| crate::Currency::parse(c).ok())
+            .unwrap_or(crate::Currency::USD)
+    }
+}
+
 /// Stripe connections, with their tokens stored encrypted.
 #[async_trait]
 pub trait ConnectionStore: Send + Sync {

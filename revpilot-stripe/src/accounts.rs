@@ -285,12 +285,9 @@ impl Accounts {
             ms = started.elapsed().as_millis() as u64,
             "account loaded"
         );
-        self.built();
-        let currency = connection
-            .currency
-            .as_deref()
-            .and_then(|c| Currency::parse(c).ok())
-            .unwrap_or(Currency::USD);
+        self.builds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let currency = connection.reporting_currency();
         let as_of = stamp.or(loaded.as_of);
         let loaded = Arc::new(Loaded::new(loaded.account, currency, None).with_as_of(as_of));
         self.put(user, connection.id, stamp, loaded.clone());
@@ -336,7 +333,7 @@ impl Accounts {
 
     /// The account this process holds for the user's connection, whatever sync it was built
     /// at: the base a derivation's update patches.
-    pub fn previous(&self, user: UserId, connection: ConnectionId) -> Option<Arc<Loaded>> {
+    fn previous(&self, user: UserId, connection: ConnectionId) -> Option<Arc<Loaded>> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries
             .get(&connection)
@@ -412,16 +409,10 @@ impl Accounts {
         self.builds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Counts one build.
-    pub fn built(&self) {
-        self.builds
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// The connection's load gate: a load holds it, so requests and jobs that need the same
     /// account while it is built wait for that one build (single flight) instead of each
     /// building their own.
-    pub fn gate(&self, connection: ConnectionId) -> Arc<tokio::sync::Mutex<()>> {
+    fn gate(&self, connection: ConnectionId) -> Arc<tokio::sync::Mutex<()>> {
         let mut gates = self.gates.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(gate) = gates.get(&connection).and_then(Weak::upgrade) {
             return gate;

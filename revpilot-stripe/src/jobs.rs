@@ -23,7 +23,7 @@ use revpilot_core::metrics::{Engine, Granularity, SeriesRequest};
 use revpilot_core::ports::{
     Clock, Connection, ConnectionId, Meter, Period, Store, StoreError, UserId,
 };
-use revpilot_core::{Account, Currency, Rules};
+use revpilot_core::{Account, Rules};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -433,11 +433,7 @@ impl Runner {
                     .account,
             ),
         };
-        let currency = connection
-            .currency
-            .as_deref()
-            .and_then(|c| Currency::parse(c).ok())
-            .unwrap_or(Currency::USD);
+        let currency = connection.reporting_currency();
         // The day's row is known only up to the last sync: a day it does not reach has no row
         // yet, and one it reaches only in part is stored as partial.
         let mut engine = Engine::new(&account, Rules::default(), currency);

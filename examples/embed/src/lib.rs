@@ -11,7 +11,7 @@ use axum::{Json, Router, body::Bytes, routing::get, routing::post};
 use chrono::{NaiveDate, Utc};
 use revpilot_core::billing::Catalog;
 use revpilot_core::ports::{ConnectionId, Tier, UserId};
-use revpilot_core::{Currency, Engine, Granularity::Month, Rules, SeriesRequest, Store};
+use revpilot_core::{Engine, Granularity::Month, Rules, SeriesRequest, Store};
 use revpilot_stripe::connect::Callback;
 use revpilot_stripe::{Connect, Job, Receipt, Runner, WebhookConfig, load_account, receive};
 use serde_json::json;
@@ -111,12 +111,7 @@ async fn mrr(
     let c = c.ok_or_else(|| fail(StatusCode::NOT_FOUND)(&"no such connection"))?;
     let loaded = load_account(r.store.as_ref(), user, &c, None).await;
     let account = loaded.map_err(internal)?.account;
-    let currency = c.currency.as_deref().and_then(|c| Currency::parse(c).ok());
-    let engine = Engine::new(
-        &account,
-        Rules::default(),
-        currency.unwrap_or(Currency::USD),
-    );
+    let engine = Engine::new(&account, Rules::default(), c.reporting_currency());
     let engine = engine.with_as_of(c.last_synced_at.unwrap_or_else(Utc::now));
     let report = engine.series(&SeriesRequest::new(q.from, q.to, Month));
     Ok(Json(report.map_err(|e| fail(StatusCode::BAD_REQUEST)(&e))?.rows).into_response())

@@ -457,9 +457,7 @@ async fn insights_page(state: &AppState, user: UserId, error: Option<String>) ->
     };
     let currency = connection
         .as_ref()
-        .and_then(|c| c.currency.as_deref())
-        .and_then(|c| Currency::parse(c).ok())
-        .unwrap_or(Currency::USD);
+        .map_or(Currency::USD, Connection::reporting_currency);
     let records = match state
         .store
         .insights(user, connection.as_ref().map(|c| c.id), 20)
