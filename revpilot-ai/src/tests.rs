@@ -441,13 +441,12 @@ async fn an_unreachable_model_server_is_not_named_to_the_user() {
             &store,
             &Catalog::default(),
             &p,
-            InsightRequest {
+            InsightRequest::new(
                 user,
-                connection: None,
-                analysis: &a,
-                generation: Uuid::new_v4(),
-                now: Utc.with_ymd_and_hms(2025, 1, 5, 0, 0, 0).unwrap(),
-            },
+                &a,
+                Uuid::new_v4(),
+                Utc.with_ymd_and_hms(2025, 1, 5, 0, 0, 0).unwrap(),
+            ),
             std::future::pending(),
         )
         .await

@@ -265,13 +265,8 @@ pub(crate) async fn generate_insights(
         state.store.as_ref(),
         &state.catalog,
         state.llm.as_ref(),
-        InsightRequest {
-            user,
-            connection: Some(connection.id),
-            analysis: &analysis,
-            generation: Uuid::new_v4(),
-            now: (state.clock)(),
-        },
+        InsightRequest::new(user, &analysis, Uuid::new_v4(), (state.clock)())
+            .of_connection(connection.id),
         tokio::time::sleep(state.insight_deadline),
     )
     .await

@@ -613,13 +613,8 @@ mod narrative_tests {
                 &store,
                 &c,
                 &LocalProvider,
-                InsightRequest {
-                    user: u,
-                    connection: Some(crate::ports::ConnectionId(Uuid::new_v4())),
-                    analysis: &a,
-                    generation: Uuid::new_v4(),
-                    now,
-                },
+                InsightRequest::new(u, &a, Uuid::new_v4(), now)
+                    .of_connection(crate::ports::ConnectionId(Uuid::new_v4())),
                 pending(),
             )
             .await
