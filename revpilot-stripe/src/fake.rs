@@ -9,7 +9,7 @@
 //!   empty;
 //! - injected faults at chosen requests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -32,6 +32,9 @@ type FaultFn = Box<dyn FnMut(u64, &str) -> Option<Fault> + Send>;
 pub struct FakeState {
     /// Lists by path (`/v1/customers`, ...), newest first as Stripe lists them.
     lists: Mutex<BTreeMap<String, Vec<Value>>>,
+    /// Each list's index, built on its first page and dropped when the list changes, so a page
+    /// costs its own objects, not the list's length (a benchmark serves lists of millions).
+    indexes: Mutex<HashMap<String, Arc<ListIndex>>>,
     rate: Option<u32>,
     /// The rate limit's bucket: last refill and tokens.
     bucket: Mutex<(Instant, f64)>,
@@ -44,6 +47,30 @@ pub struct FakeState {
 pub struct FakeStripe {
     server: MockServer,
     state: Arc<FakeState>,
+}
+
+/// Where each object of a list is, and whether the list is in Stripe's order (`created`
+/// descending), which lets a `created` range start and stop without walking the rest.
+struct ListIndex {
+    position: HashMap<String, usize>,
+    newest_first: bool,
+}
+
+impl ListIndex {
+    fn of(items: &[Value]) -> Self {
+        ListIndex {
+            position: items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| Some((v["id"].as_str()?.to_owned(), i)))
+                .collect(),
+            newest_first: items.windows(2).all(|w| created(&w[0]) >= created(&w[1])),
+        }
+    }
+}
+
+fn created(v: &Value) -> i64 {
+    v["created"].as_i64().unwrap_or(0)
 }
 
 struct Responder(Arc<FakeState>);
@@ -121,6 +148,16 @@ impl FakeState {
         let Some(items) = items else {
             return error(404, &format!("Unrecognized request URL (GET: {path})"));
         };
+        let index = {
+            let mut indexes = self
+                .indexes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            indexes
+                .entry(path.clone())
+                .or_insert_with(|| Arc::new(ListIndex::of(items)))
+                .clone()
+        };
         let limit = query
             .get("limit")
             .and_then(|l| l.parse::<usize>().ok())
@@ -130,18 +167,25 @@ impl FakeState {
         let (gte, lt) = (bound("created[gte]"), bound("created[lt]"));
         // The page starts after `starting_after`'s place in the list (Stripe accepts an object
         // outside the filter).
-        let start = match query.get("starting_after") {
-            Some(after) => match items.iter().position(|v| v["id"].as_str() == Some(after)) {
+        let mut start = match query.get("starting_after") {
+            Some(after) => match index.position.get(after) {
                 Some(at) => at + 1,
                 None => return error(400, &format!("No such object: '{after}'")),
             },
             None => 0,
         };
-        let mut matching = items[start..]
+        // In Stripe's order a `created` range is one run of the list: start at its newest
+        // object and stop after its oldest.
+        let newest_first = index.newest_first;
+        if let (true, Some(l)) = (newest_first, lt) {
+            start = start.max(items.partition_point(|v| created(v) >= l));
+        }
+        let mut matching = items[start.min(items.len())..]
             .iter()
+            .take_while(|v| !newest_first || gte.is_none_or(|g| created(v) >= g))
             .filter(|v| filter.is_none_or(|(k, want)| v[k].as_str() == Some(want.as_str())))
             .filter(|v| {
-                let created = v["created"].as_i64().unwrap_or(0);
+                let created = created(v);
                 gte.is_none_or(|g| created >= g) && lt.is_none_or(|l| created < l)
             });
         let page: Vec<&Value> = matching.by_ref().take(limit).collect();
@@ -158,6 +202,7 @@ impl FakeStripe {
         let server = MockServer::start().await;
         let state = Arc::new(FakeState {
             lists: Mutex::new(BTreeMap::new()),
+            indexes: Mutex::default(),
             rate,
             bucket: Mutex::new((Instant::now(), f64::from(rate.unwrap_or(0)))),
             requests: AtomicU64::new(0),
@@ -225,6 +270,16 @@ impl FakeStripe {
         }
         objects.reverse();
         lists.insert(path.to_owned(), objects);
+        self.lists_changed();
+    }
+
+    /// Drops the lists' indexes after a change (they are built again on the next page).
+    fn lists_changed(&self) {
+        self.state
+            .indexes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     /// Serves `object` at `path` (`/v1/account`).
@@ -234,6 +289,7 @@ impl FakeStripe {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(format!("object:{path}"), vec![object]);
+        self.lists_changed();
     }
 
     /// Adds objects to the front of a list (newer than all), as Stripe shows new objects.
@@ -247,6 +303,7 @@ impl FakeStripe {
         for o in objects {
             list.insert(0, o);
         }
+        self.lists_changed();
     }
 
     /// Answers requests with faults: `f(request_number, path_and_query)` (numbers from 1 over the

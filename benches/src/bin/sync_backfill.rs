@@ -8,6 +8,14 @@
 //! Prints, per run: objects, seconds, objects/s, the ratio to the ceiling, requests, retries,
 //! and whether the run succeeded; then the same backfill without injected faults as the in-run
 //! baseline.
+//!
+//! `cargo run --release -p revpilot-benches --bin sync_backfill -- unlimited [CUSTOMERS]`: the
+//! sync's own speed. A `revpilot synth` account of CUSTOMERS customers over 24 months (default
+//! 20,000) served by the fake without a rate limit (the client's bucket as wide open), synced
+//! into a SQLite file as the example programs do, then into memory (the store's share). Prints
+//! objects per second, requests per second, and the process's CPU use (the fake serves from the
+//! same process) over the whole run and in each fifth of it: the backfill should keep both cores
+//! busy until its last page.
 #![allow(clippy::unwrap_used)]
 
 use std::num::NonZeroU32;
@@ -110,12 +118,230 @@ async fn run(rate: u32, faults: Option<u64>) -> (f64, u64, SyncStatus, u64, u64,
     )
 }
 
+/// CPU seconds this process has used (user and system, from `/proc/self/stat`).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    // Linux reports them in USER_HZ, 100 on every architecture it runs on here.
+    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / 100.0
+}
+
+/// The synth account's objects by list path, each in Stripe's order source (oldest first).
+fn synth_lists(customers: usize) -> Vec<(String, Vec<Value>)> {
+    let mut export = Vec::new();
+    revpilot_stripe::synth::SynthExport {
+        customers,
+        months: 24,
+        seed: 1,
+    }
+    .write(&mut export)
+    .unwrap();
+    let mut all: serde_json::Map<String, Value> = serde_json::from_slice(&export).unwrap();
+    [
+        "customers",
+        "subscriptions",
+        "invoices",
+        "charges",
+        "prices",
+        "coupons",
+    ]
+    .into_iter()
+    .map(|kind| {
+        let mut list = match all.remove(kind) {
+            Some(Value::Array(list)) => list,
+            _ => Vec::new(),
+        };
+        list.sort_by_key(|v| v["created"].as_i64().unwrap_or(0));
+        (format!("/v1/{kind}"), list)
+    })
+    .collect()
+}
+
+/// One unlimited backfill into `ports`; prints its line.
+async fn unlimited_run(
+    label: &str,
+    fake: &FakeStripe,
+    ports: SyncPorts,
+    user: revpilot_core::ports::UserId,
+    conn: revpilot_core::ports::ConnectionId,
+) {
+    let now = Utc::now();
+    let mut cfg = ClientConfig::new(SecretString::from("sk"))
+        .with_api_base(&fake.uri())
+        .unwrap();
+    cfg.requests_per_second = NonZeroU32::new(100_000).unwrap();
+    let job = SyncJob {
+        user,
+        connection: conn,
+        stripe_account_id: "acct_bench".into(),
+        usage: Some((
+            Period {
+                start: now - chrono::TimeDelta::days(1),
+                end: now + chrono::TimeDelta::days(30),
+            },
+            None,
+        )),
+    };
+    // CPU use sampled every 100 ms while the sync runs.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut samples = vec![(0.0, cpu_seconds())];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                samples.push((start.elapsed().as_secs_f64(), cpu_seconds()));
+            }
+            samples
+        })
+    };
+    let start = Instant::now();
+    let (status, outcome) = Syncer::new(Client::new(cfg).unwrap(), ports)
+        .run(&job, &|_| {})
+        .await
+        .unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.join().unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let (end, cpu_end) = *samples.last().unwrap();
+    let busy = |from: f64, to: f64| {
+        let at = |t: f64| {
+            samples
+                .iter()
+                .find(|(s, _)| *s >= t)
+                .copied()
+                .unwrap_or((end, cpu_end))
+        };
+        let ((t0, c0), (t1, c1)) = (at(from), at(to));
+        if t1 > t0 {
+            (c1 - c0) / (t1 - t0) / cores * 100.0
+        } else {
+            0.0
+        }
+    };
+    let fifths: Vec<String> = (0..5)
+        .map(|i| {
+            format!(
+                "{:>4.0}%",
+                busy(end * f64::from(i) / 5.0, end * f64::from(i + 1) / 5.0)
+            )
+        })
+        .collect();
+    let objects: u64 = outcome.objects.values().sum();
+    println!(
+        "{label:<8} {objects:>9} {secs:>7.2} {:>10.0} {:>10.0} {:>8.0}%   {}   {}",
+        objects as f64 / secs,
+        outcome.requests as f64 / secs,
+        busy(0.0, end),
+        fifths.join(" "),
+        status.as_str()
+    );
+    if let Some(error) = outcome.error {
+        println!("         {error}");
+    }
+}
+
+/// The sync's own speed: a synth account from a fake without a rate limit.
+async fn unlimited(customers: usize) {
+    let fake = FakeStripe::start(None).await;
+    let lists = synth_lists(customers);
+    let total: usize = lists.iter().map(|(_, l)| l.len()).sum();
+    for (path, list) in lists {
+        fake.set(&path, list);
+    }
+    fake.set_object(
+        "/v1/account",
+        json!({"id": "acct_bench", "object": "account", "created": 1_640_000_000, "default_currency": "usd"}),
+    );
+    for path in ["/v1/products", "/v1/disputes", "/v1/refunds", "/v1/events"] {
+        fake.set(path, vec![]);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    println!(
+        "synth account of {customers} customers over 24 months: {total} listed objects; no rate limit; {cores} cores"
+    );
+    println!(
+        "{:<8} {:>9} {:>7} {:>10} {:>10} {:>9}   {:<29}   status",
+        "store",
+        "objects",
+        "secs",
+        "objects/s",
+        "requests/s",
+        "CPU",
+        "CPU in each fifth of the run"
+    );
+
+    let dir = tempfile::TempDir::new().unwrap();
+    let keys = revpilot_store::KeyRing::parse("bench:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+        .unwrap();
+    let db = dir.path().join("sync.db");
+    let sqlite = Arc::new(
+        revpilot_store::SqliteStore::connect(db.to_str().unwrap(), keys)
+            .await
+            .unwrap(),
+    );
+    let now = Utc::now();
+    let user = revpilot_core::ports::UserId(uuid::Uuid::new_v4());
+    use revpilot_core::ports::{ConnectionStore, UserStore};
+    sqlite
+        .create_user(
+            user,
+            None,
+            revpilot_core::ports::Tier::Enterprise,
+            revpilot_core::billing::Catalog::default()
+                .plan(revpilot_core::ports::Tier::Enterprise)
+                .limits,
+            now,
+        )
+        .await
+        .unwrap();
+    let conn = sqlite
+        .save_connection(
+            revpilot_core::ports::NewConnection {
+                user,
+                stripe_account_id: "acct_bench".into(),
+                business_name: None,
+                currency: Some("usd".into()),
+                tokens: revpilot_core::ports::Tokens {
+                    access_token: SecretString::from("sk_test_bench"),
+                    refresh_token: None,
+                },
+            },
+            now,
+        )
+        .await
+        .unwrap()
+        .id;
+    unlimited_run("SQLite", &fake, SyncPorts::from_store(sqlite), user, conn).await;
+
+    let (memory, user, conn) = MemoryStore::with_connection("acct_bench", now).await;
+    unlimited_run(
+        "memory",
+        &fake,
+        SyncPorts::from_store(Arc::new(memory)),
+        user,
+        conn,
+    )
+    .await;
+}
+
 #[tokio::main]
 async fn main() {
-    let rate: u32 = std::env::args()
-        .nth(1)
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(100);
+    let mut args = std::env::args().skip(1);
+    let first = args.next();
+    if first.as_deref() == Some("unlimited") {
+        let customers = args.next().and_then(|c| c.parse().ok()).unwrap_or(20_000);
+        unlimited(customers).await;
+        return;
+    }
+    let rate: u32 = first.and_then(|r| r.parse().ok()).unwrap_or(100);
     let ceiling = f64::from(rate) * 100.0;
     println!("rate limit R = {rate} requests/s; ceiling R x 100 = {ceiling} objects/s");
     println!(
