@@ -304,6 +304,74 @@ pub enum Recorded {
     Duplicate,
 }
 
+/// What [`UsageStore::record_all`] writes for a batch, decided from what is stored: the same
+/// outcome as recording each in order ([`plan_usage`]).
+#[derive(Debug)]
+pub struct UsagePlan<'a> {
+    /// Each record's outcome, up to the refused one.
+    pub outcomes: Vec<Recorded>,
+    /// The records to insert, in order.
+    pub new: Vec<&'a UsageRecord>,
+    /// The units to add to each meter's counter.
+    pub added: Vec<(Meter, u64)>,
+    /// The first record the limit refuses: it and the ones after it are not written.
+    pub refused: Option<StoreError>,
+}
+
+/// Plans a batch of usage records as [`UsageStore::record`] would record them one by one: a key
+/// already `stored` (or earlier in the batch) is a duplicate; a new record counts against
+/// `limit` with the meter's `used` units (committed and reserved) and the batch's earlier ones,
+/// and the first that would pass it stops the batch.
+pub fn plan_usage<'a>(
+    records: &'a [UsageRecord],
+    stored: &std::collections::HashSet<String>,
+    used: &[(Meter, u64)],
+    limit: Option<u64>,
+) -> UsagePlan<'a> {
+    let mut seen = std::collections::HashSet::new();
+    let mut plan = UsagePlan {
+        outcomes: Vec::with_capacity(records.len()),
+        new: Vec::new(),
+        added: Vec::new(),
+        refused: None,
+    };
+    for record in records {
+        let key = record.idempotency_key.as_str();
+        if stored.contains(key) || !seen.insert(key) {
+            plan.outcomes.push(Recorded::Duplicate);
+            continue;
+        }
+        let before = used
+            .iter()
+            .find(|(m, _)| *m == record.meter)
+            .map_or(0, |(_, u)| *u);
+        let i = match plan.added.iter().position(|(m, _)| *m == record.meter) {
+            Some(i) => i,
+            None => {
+                plan.added.push((record.meter, 0));
+                plan.added.len() - 1
+            }
+        };
+        let added = &mut plan.added[i].1;
+        if let Some(limit) = limit {
+            let now = before.saturating_add(*added);
+            if now.saturating_add(record.amount) > limit {
+                plan.refused = Some(StoreError::LimitExceeded {
+                    meter: record.meter,
+                    limit,
+                    used: now,
+                });
+                break;
+            }
+        }
+        *added = added.saturating_add(record.amount);
+        plan.new.push(record);
+        plan.outcomes.push(Recorded::New);
+    }
+    plan.added.retain(|(_, units)| *units > 0);
+    plan
+}
+
 /// Usage events, counted exactly once and recorded against limits atomically.
 #[async_trait]
 pub trait UsageStore: Send + Sync {
@@ -319,6 +387,25 @@ pub trait UsageStore: Send + Sync {
         period: Period,
         limit: Option<u64>,
     ) -> StoreResult<Recorded>;
+
+    /// Records each of `records` in order, as [`UsageStore::record`] would, until the first
+    /// error: the records before it stay recorded, it and the ones after it are not.
+    /// A store records them in one transaction (a sync records a page of charges at once).
+    ///
+    /// # Errors
+    /// The first record's error, as [`UsageStore::record`] returns it.
+    async fn record_all(
+        &self,
+        records: &[UsageRecord],
+        period: Period,
+        limit: Option<u64>,
+    ) -> StoreResult<Vec<Recorded>> {
+        let mut done = Vec::with_capacity(records.len());
+        for record in records {
+            done.push(self.record(record, period, limit).await?);
+        }
+        Ok(done)
+    }
 
     /// As [`UsageStore::record`], but the units are only reserved: they count against the limit
     /// until [`UsageStore::commit`] or [`UsageStore::release`].

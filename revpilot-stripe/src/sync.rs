@@ -706,8 +706,11 @@ impl Syncer {
         let Some((period, limit)) = job.usage else {
             return Ok(stored);
         };
-        for o in objects.iter().filter(|o| o.kind == ObjectKind::Charge) {
-            let record = UsageRecord {
+        // A page's charges in one step (one transaction), each counted once by its id.
+        let records: Vec<UsageRecord> = objects
+            .iter()
+            .filter(|o| o.kind == ObjectKind::Charge)
+            .map(|o| UsageRecord {
                 user: job.user,
                 meter: Meter::TransactionVolume,
                 connection: Some(job.connection),
@@ -715,8 +718,10 @@ impl Syncer {
                 idempotency_key: o.stripe_id.clone(),
                 metadata: Value::Null,
                 at: Utc::now(),
-            };
-            self.ports.usage.record(&record, period, limit).await?;
+            })
+            .collect();
+        if !records.is_empty() {
+            self.ports.usage.record_all(&records, period, limit).await?;
         }
         Ok(stored)
     }

@@ -280,6 +280,93 @@ pub async fn usage_is_idempotent_under_concurrency<S: UserStore + UsageStore + ?
     );
 }
 
+/// A batch records as its records would one by one: a stored key and a key repeated in the
+/// batch are duplicates, and the first record past the limit stops the batch, the ones before
+/// it kept, it and the ones after it not written.
+pub async fn usage_batches<S: UserStore + UsageStore + ?Sized>(store: &S) {
+    let user = new_user(store, "batch@example.com").await;
+    assert_eq!(
+        store
+            .record(&usage(user, "b0", t(5, 0)), march(), None)
+            .await
+            .expect("record"),
+        Recorded::New
+    );
+    let batch: Vec<UsageRecord> = ["b0", "b1", "b2", "b1", "b3"]
+        .iter()
+        .map(|k| usage(user, k, t(5, 1)))
+        .collect();
+    assert_eq!(
+        store
+            .record_all(&batch, march(), Some(10))
+            .await
+            .expect("batch"),
+        vec![
+            Recorded::Duplicate,
+            Recorded::New,
+            Recorded::New,
+            Recorded::Duplicate,
+            Recorded::New
+        ]
+    );
+    async fn used<S: UsageStore + ?Sized>(store: &S, user: UserId) -> u64 {
+        store
+            .used(user, Meter::AiInsight, march())
+            .await
+            .expect("used")
+    }
+    assert_eq!(used(store, user).await, 4);
+    // Limit 6 with 4 used: c0 and c1 fit, c2 is refused, c3 is never tried.
+    let batch: Vec<UsageRecord> = ["c0", "b2", "c1", "c2", "c3"]
+        .iter()
+        .map(|k| usage(user, k, t(5, 2)))
+        .collect();
+    let refused = store.record_all(&batch, march(), Some(6)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::LimitExceeded {
+                meter: Meter::AiInsight,
+                limit: 6,
+                used: 6
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(used(store, user).await, 6, "c0 and c1 kept");
+    // Without a limit, c2 and c3 were never written: they are new now, c0 is not.
+    let again: Vec<UsageRecord> = ["c2", "c3", "c0"]
+        .iter()
+        .map(|k| usage(user, k, t(5, 3)))
+        .collect();
+    assert_eq!(
+        store
+            .record_all(&again, march(), None)
+            .await
+            .expect("batch"),
+        vec![Recorded::New, Recorded::New, Recorded::Duplicate]
+    );
+    assert_eq!(used(store, user).await, 8);
+    // Records of two users in one batch: each user's keys and counters.
+    let other = new_user(store, "batch-other@example.com").await;
+    let mixed = vec![usage(other, "b0", t(5, 4)), usage(user, "b0", t(5, 4))];
+    assert_eq!(
+        store
+            .record_all(&mixed, march(), None)
+            .await
+            .expect("batch"),
+        vec![Recorded::New, Recorded::Duplicate]
+    );
+    assert_eq!(used(store, user).await, 8);
+    assert!(
+        store
+            .record_all(&[], march(), Some(0))
+            .await
+            .expect("empty")
+            .is_empty()
+    );
+}
+
 /// With a limit of 10 and 50 concurrent attempts, exactly 10 succeed.
 pub async fn usage_limit_holds_under_concurrency<S: UserStore + UsageStore + ?Sized>(store: &S) {
     let user = new_user(store, "limit@example.com").await;
@@ -1706,6 +1793,7 @@ where
     usage_limit_holds_under_concurrency(&fresh().await).await;
     insight_limit_holds_under_concurrency(&fresh().await).await;
     usage_reservations(&fresh().await).await;
+    usage_batches(&fresh().await).await;
     webhook_inbox(&fresh().await).await;
     object_cache(&fresh().await).await;
     object_cache_reads(&fresh().await).await;
