@@ -17,6 +17,11 @@ use revpilot_stripe::client::{Client, ClientConfig};
 use revpilot_stripe::connect::{Connect, ConnectConfig};
 use secrecy::SecretString;
 
+// mimalloc hands freed memory back to the system shortly after a large load; glibc's allocator
+// keeps it resident in its arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The RevPilot example server.
 #[derive(Parser)]
 #[command(version, about)]

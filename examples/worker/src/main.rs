@@ -17,6 +17,11 @@ use revpilot_worker::{
 };
 use secrecy::SecretString;
 
+// mimalloc hands freed memory back to the system shortly after a large load; glibc's allocator
+// keeps it resident in its arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The RevPilot example worker.
 #[derive(Parser)]
 #[command(version, about)]
