@@ -372,6 +372,24 @@ pub fn plan_usage<'a>(
     plan
 }
 
+/// [`UsageStore::record_all`] one record at a time: what a store without a batched write does,
+/// and what the SQL stores do with records of several users.
+///
+/// # Errors
+/// The first record's error.
+pub async fn record_each<S: UsageStore + ?Sized>(
+    store: &S,
+    records: &[UsageRecord],
+    period: Period,
+    limit: Option<u64>,
+) -> StoreResult<Vec<Recorded>> {
+    let mut done = Vec::with_capacity(records.len());
+    for record in records {
+        done.push(store.record(record, period, limit).await?);
+    }
+    Ok(done)
+}
+
 /// Usage events, counted exactly once and recorded against limits atomically.
 #[async_trait]
 pub trait UsageStore: Send + Sync {
@@ -400,11 +418,7 @@ pub trait UsageStore: Send + Sync {
         period: Period,
         limit: Option<u64>,
     ) -> StoreResult<Vec<Recorded>> {
-        let mut done = Vec::with_capacity(records.len());
-        for record in records {
-            done.push(self.record(record, period, limit).await?);
-        }
-        Ok(done)
+        record_each(self, records, period, limit).await
     }
 
     /// As [`UsageStore::record`], but the units are only reserved: they count against the limit

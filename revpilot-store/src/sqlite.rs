@@ -614,11 +614,7 @@ impl UsageStore for SqliteStore {
         };
         if records.iter().any(|r| r.user != user) {
             // Keys and counters are per user: several users' records go one by one.
-            let mut done = Vec::with_capacity(records.len());
-            for record in records {
-                done.push(self.record(record, period, limit).await?);
-            }
-            return Ok(done);
+            return revpilot_core::ports::record_each(self, records, period, limit).await;
         }
         for r in records {
             i64::try_from(r.amount)
