@@ -43,9 +43,10 @@ pub enum StoreError {
     /// The input cannot be stored as given.
     #[error("invalid input: {0}")]
     Invalid(String),
-    /// The database failed; the message is for logs, never for HTTP responses.
+    /// The database failed; the message is for logs, never for HTTP responses. The driver's
+    /// error is kept as the source.
     #[error("database error: {0}")]
-    Backend(String),
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// `Result` with a [`StoreError`].

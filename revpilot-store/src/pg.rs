@@ -45,7 +45,7 @@ pub struct PgStore {
 }
 
 fn backend(e: sqlx::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::Backend(Box::new(e))
 }
 
 fn is_unique(e: &sqlx::Error) -> bool {

@@ -46,7 +46,7 @@ pub struct SqliteStore {
 }
 
 fn backend(e: sqlx::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::Backend(Box::new(e))
 }
 
 fn is_unique(e: &sqlx::Error) -> bool {

@@ -187,8 +187,9 @@ impl Connect {
     /// [`ConnectError::Store`] when the state cannot be stored.
     pub async fn authorize_url(&self, user: UserId) -> Result<Url, ConnectError> {
         let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes)
-            .map_err(|e| ConnectError::Store(StoreError::Backend(format!("no randomness: {e}"))))?;
+        getrandom::fill(&mut bytes).map_err(|e| {
+            ConnectError::Store(StoreError::Backend(format!("no randomness: {e}").into()))
+        })?;
         let state = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
         let ttl =
             chrono::TimeDelta::from_std(self.config.state_ttl).unwrap_or(chrono::TimeDelta::MAX);

@@ -43,6 +43,23 @@ async fn sqlite_passes_the_conformance_suite() {
     conformance::run_all(|| fresh(&dir)).await;
 }
 
+#[tokio::test]
+async fn a_database_failure_keeps_the_drivers_error_as_its_source() {
+    let dir = TempDir::new().unwrap();
+    let store = fresh(&dir).await;
+    store.pool().close().await;
+    let failed = store.user(UserId(Uuid::new_v4())).await.unwrap_err();
+    assert!(matches!(failed, StoreError::Backend(_)), "{failed:?}");
+    let source = std::error::Error::source(&failed).expect("the driver's error");
+    assert!(
+        matches!(
+            source.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::PoolClosed)
+        ),
+        "{source:?}"
+    );
+}
+
 async fn owner_with_connection(
     store: &SqliteStore,
     account: &str,
