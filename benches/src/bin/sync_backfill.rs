@@ -50,6 +50,35 @@ fn objects(prefix: &str, kind: &str, n: usize) -> Vec<Value> {
         .collect()
 }
 
+/// A client of the fake whose own bucket lets `rate` requests a second through.
+fn client(fake: &FakeStripe, rate: u32) -> Client {
+    let mut cfg = ClientConfig::new(SecretString::from("sk"))
+        .with_api_base(&fake.uri())
+        .unwrap();
+    cfg.requests_per_second = NonZeroU32::new(rate).unwrap();
+    Client::new(cfg).unwrap()
+}
+
+/// A full backfill of the connection, charges counted as usage in the current period.
+fn backfill(
+    user: revpilot_core::ports::UserId,
+    conn: revpilot_core::ports::ConnectionId,
+) -> SyncJob {
+    let now = Utc::now();
+    SyncJob {
+        user,
+        connection: conn,
+        stripe_account_id: "acct_bench".into(),
+        usage: Some((
+            Period {
+                start: now - chrono::TimeDelta::days(1),
+                end: now + chrono::TimeDelta::days(30),
+            },
+            None,
+        )),
+    }
+}
+
 async fn run(rate: u32, faults: Option<u64>) -> (f64, u64, SyncStatus, u64, u64, u64) {
     let fake = FakeStripe::start(Some(rate)).await;
     fake.set("/v1/customers", objects("cus", "customer", 40_000));
@@ -82,26 +111,11 @@ async fn run(rate: u32, faults: Option<u64>) -> (f64, u64, SyncStatus, u64, u64,
             })
         });
     }
-    let now = Utc::now();
-    let (store, user, conn) = MemoryStore::with_connection("acct_bench", now).await;
-    let store = Arc::new(store);
-    let mut cfg = ClientConfig::new(SecretString::from("sk"))
-        .with_api_base(&fake.uri())
-        .unwrap();
-    cfg.requests_per_second = NonZeroU32::new(rate).unwrap();
-    let ports = SyncPorts::from_store(store.clone());
-    let period = Period {
-        start: now - chrono::TimeDelta::days(1),
-        end: now + chrono::TimeDelta::days(30),
-    };
-    let job = SyncJob {
-        user,
-        connection: conn,
-        stripe_account_id: "acct_bench".into(),
-        usage: Some((period, None)),
-    };
+    let (store, user, conn) = MemoryStore::with_connection("acct_bench", Utc::now()).await;
+    let ports = SyncPorts::from_store(Arc::new(store));
+    let job = backfill(user, conn);
     let start = Instant::now();
-    let (status, outcome) = Syncer::new(Client::new(cfg).unwrap(), ports)
+    let (status, outcome) = Syncer::new(client(&fake, rate), ports)
         .run(&job, &|_| {})
         .await
         .unwrap();
@@ -170,23 +184,7 @@ async fn unlimited_run(
     user: revpilot_core::ports::UserId,
     conn: revpilot_core::ports::ConnectionId,
 ) {
-    let now = Utc::now();
-    let mut cfg = ClientConfig::new(SecretString::from("sk"))
-        .with_api_base(&fake.uri())
-        .unwrap();
-    cfg.requests_per_second = NonZeroU32::new(100_000).unwrap();
-    let job = SyncJob {
-        user,
-        connection: conn,
-        stripe_account_id: "acct_bench".into(),
-        usage: Some((
-            Period {
-                start: now - chrono::TimeDelta::days(1),
-                end: now + chrono::TimeDelta::days(30),
-            },
-            None,
-        )),
-    };
+    let job = backfill(user, conn);
     // CPU use sampled every 100 ms while the sync runs.
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
@@ -202,7 +200,7 @@ async fn unlimited_run(
         })
     };
     let start = Instant::now();
-    let (status, outcome) = Syncer::new(Client::new(cfg).unwrap(), ports)
+    let (status, outcome) = Syncer::new(client(fake, 100_000), ports)
         .run(&job, &|_| {})
         .await
         .unwrap();
