@@ -342,20 +342,13 @@ pub fn plan_usage<'a>(
             plan.outcomes.push(Recorded::Duplicate);
             continue;
         }
-        let before = used
-            .iter()
-            .find(|(m, _)| *m == record.meter)
-            .map_or(0, |(_, u)| *u);
-        let i = match plan.added.iter().position(|(m, _)| *m == record.meter) {
-            Some(i) => i,
-            None => {
-                plan.added.push((record.meter, 0));
-                plan.added.len() - 1
-            }
+        let units = |of: &[(Meter, u64)]| {
+            of.iter()
+                .find(|(m, _)| *m == record.meter)
+                .map_or(0, |(_, u)| *u)
         };
-        let added = &mut plan.added[i].1;
         if let Some(limit) = limit {
-            let now = before.saturating_add(*added);
+            let now = units(used).saturating_add(units(&plan.added));
             if now.saturating_add(record.amount) > limit {
                 plan.refused = Some(StoreError::LimitExceeded {
                     meter: record.meter,
@@ -365,11 +358,14 @@ pub fn plan_usage<'a>(
                 break;
             }
         }
-        *added = added.saturating_add(record.amount);
+        match plan.added.iter_mut().find(|(m, _)| *m == record.meter) {
+            Some((_, added)) => *added = added.saturating_add(record.amount),
+            None if record.amount > 0 => plan.added.push((record.meter, record.amount)),
+            None => {}
+        }
         plan.new.push(record);
         plan.outcomes.push(Recorded::New);
     }
-    plan.added.retain(|(_, units)| *units > 0);
     plan
 }
 

@@ -500,96 +500,107 @@ impl SqliteStore {
         limit: Option<u64>,
         status: &str,
     ) -> StoreResult<Recorded> {
+        let amount = i64::try_from(record.amount)
+            .map_err(|_| StoreError::Invalid("usage amount too large".into()))?;
+        let user = record.user.0.to_string();
+        let (start, end) = (micros(period.start), micros(period.end));
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(backend)?;
-        let recorded = add_usage_in(&mut tx, record, period, limit, status).await?;
-        tx.commit().await.map_err(backend)?;
-        Ok(recorded)
-    }
-}
-
-/// One record's usage in the caller's write transaction; on an error the caller rolls back
-/// what this wrote.
-async fn add_usage_in(
-    tx: &mut sqlx::SqliteConnection,
-    record: &UsageRecord,
-    period: Period,
-    limit: Option<u64>,
-    status: &str,
-) -> StoreResult<Recorded> {
-    let amount = i64::try_from(record.amount)
-        .map_err(|_| StoreError::Invalid("usage amount too large".into()))?;
-    let user = record.user.0.to_string();
-    let (start, end) = (micros(period.start), micros(period.end));
-    // The unique (user, key) decides duplicates; a refused record rolls back with the tx.
-    let inserted = sqlx::query(
-        "INSERT INTO usage_events (id, user_id, event_type, stripe_connection_id, amount,
+        // The unique (user, key) decides duplicates; a refused record rolls back with the tx.
+        let inserted = sqlx::query(
+            "INSERT INTO usage_events (id, user_id, event_type, stripe_connection_id, amount,
                idempotency_key, status, metadata, created_at, period_start, period_end)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (user_id, idempotency_key) DO NOTHING",
-    )
-    .bind(Uuid::new_v4().to_string())
-    .bind(&user)
-    .bind(record.meter.as_str())
-    .bind(record.connection.map(|c| c.0.to_string()))
-    .bind(amount)
-    .bind(&record.idempotency_key)
-    .bind(status)
-    .bind(record.metadata.to_string())
-    .bind(micros(record.at))
-    .bind(start)
-    .bind(end)
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| {
-        if is_foreign_key(&e) {
-            StoreError::NotFound("user or connection")
-        } else {
-            backend(e)
-        }
-    })?;
-    if inserted.rows_affected() == 0 {
-        return Ok(Recorded::Duplicate);
-    }
-    if let Some(limit) = limit {
-        let used: Option<i64> = sqlx::query_scalar(
-            "SELECT used FROM usage_counters
-                 WHERE user_id = $1 AND event_type = $2 AND period_start = $3 AND period_end = $4",
         )
+        .bind(Uuid::new_v4().to_string())
         .bind(&user)
         .bind(record.meter.as_str())
+        .bind(record.connection.map(|c| c.0.to_string()))
+        .bind(amount)
+        .bind(&record.idempotency_key)
+        .bind(status)
+        .bind(record.metadata.to_string())
+        .bind(micros(record.at))
         .bind(start)
         .bind(end)
-        .fetch_optional(&mut *tx)
+        .execute(&mut *tx)
         .await
-        .map_err(backend)?;
-        let used = used.and_then(|u| u64::try_from(u).ok()).unwrap_or(0);
-        if used.saturating_add(record.amount) > limit {
-            return Err(StoreError::LimitExceeded {
-                meter: record.meter,
-                limit,
-                used,
-            });
+        .map_err(|e| {
+            if is_foreign_key(&e) {
+                StoreError::NotFound("user or connection")
+            } else {
+                backend(e)
+            }
+        })?;
+        if inserted.rows_affected() == 0 {
+            return Ok(Recorded::Duplicate);
         }
+        if let Some(limit) = limit {
+            let used = counted(&mut tx, &user, record.meter, start, end).await?;
+            if used.saturating_add(record.amount) > limit {
+                return Err(StoreError::LimitExceeded {
+                    meter: record.meter,
+                    limit,
+                    used,
+                });
+            }
+        }
+        add_to_counter(&mut tx, &user, record.meter, start, end, amount).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Recorded::New)
     }
-    sqlx::query(
-        "INSERT INTO usage_counters (user_id, event_type, period_start, period_end, used)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (user_id, event_type, period_start, period_end)
-             DO UPDATE SET used = usage_counters.used + excluded.used",
+}
+
+/// The units of `meter` counted for the user in the period (committed and reserved).
+async fn counted(
+    tx: &mut sqlx::SqliteConnection,
+    user: &str,
+    meter: Meter,
+    start: i64,
+    end: i64,
+) -> StoreResult<u64> {
+    let used: Option<i64> = sqlx::query_scalar(
+        "SELECT used FROM usage_counters
+         WHERE user_id = $1 AND event_type = $2 AND period_start = $3 AND period_end = $4",
     )
-    .bind(&user)
-    .bind(record.meter.as_str())
+    .bind(user)
+    .bind(meter.as_str())
     .bind(start)
     .bind(end)
-    .bind(amount)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(backend)?;
+    Ok(used.and_then(|u| u64::try_from(u).ok()).unwrap_or(0))
+}
+
+/// Adds `units` to the user's counter of `meter` in the period.
+async fn add_to_counter(
+    tx: &mut sqlx::SqliteConnection,
+    user: &str,
+    meter: Meter,
+    start: i64,
+    end: i64,
+    units: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO usage_counters (user_id, event_type, period_start, period_end, used)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (user_id, event_type, period_start, period_end)
+         DO UPDATE SET used = usage_counters.used + excluded.used",
+    )
+    .bind(user)
+    .bind(meter.as_str())
+    .bind(start)
+    .bind(end)
+    .bind(units)
     .execute(&mut *tx)
     .await
     .map_err(backend)?;
-    Ok(Recorded::New)
+    Ok(())
 }
 
 #[async_trait]
@@ -621,6 +632,7 @@ impl UsageStore for SqliteStore {
                 .map_err(|_| StoreError::Invalid("usage amount too large".into()))?;
         }
         let (start, end) = (micros(period.start), micros(period.end));
+        let user_id = user.0.to_string();
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -632,8 +644,7 @@ impl UsageStore for SqliteStore {
         for chunk in records.chunks(BATCH) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new("SELECT idempotency_key FROM usage_events WHERE user_id = ");
-            qb.push_bind(user.0.to_string())
-                .push(" AND idempotency_key IN (");
+            qb.push_bind(&user_id).push(" AND idempotency_key IN (");
             let mut keys = qb.separated(", ");
             for r in chunk {
                 keys.push_bind(&r.idempotency_key);
@@ -643,29 +654,15 @@ impl UsageStore for SqliteStore {
                 stored.insert(row.try_get::<String, _>(0).map_err(backend)?);
             }
         }
-        let mut used = Vec::new();
+        let mut used: Vec<(Meter, u64)> = Vec::new();
         if limit.is_some() {
-            let mut meters: Vec<Meter> = records.iter().map(|r| r.meter).collect();
-            meters.dedup();
-            for meter in meters {
-                if used.iter().any(|(m, _)| *m == meter) {
-                    continue;
+            for r in records {
+                if !used.iter().any(|(m, _)| *m == r.meter) {
+                    used.push((
+                        r.meter,
+                        counted(&mut tx, &user_id, r.meter, start, end).await?,
+                    ));
                 }
-                let units: Option<i64> = sqlx::query_scalar(
-                    "SELECT used FROM usage_counters
-                     WHERE user_id = $1 AND event_type = $2 AND period_start = $3 AND period_end = $4",
-                )
-                .bind(user.0.to_string())
-                .bind(meter.as_str())
-                .bind(start)
-                .bind(end)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(backend)?;
-                used.push((
-                    meter,
-                    units.and_then(|u| u64::try_from(u).ok()).unwrap_or(0),
-                ));
             }
         }
         let plan = revpilot_core::ports::plan_usage(records, &stored, &used, limit);
@@ -676,7 +673,7 @@ impl UsageStore for SqliteStore {
             );
             qb.push_values(chunk, |mut b, r| {
                 b.push_bind(Uuid::new_v4().to_string())
-                    .push_bind(user.0.to_string())
+                    .push_bind(&user_id)
                     .push_bind(r.meter.as_str())
                     .push_bind(r.connection.map(|c| c.0.to_string()))
                     .push_bind(i64::try_from(r.amount).unwrap_or(i64::MAX))
@@ -696,20 +693,8 @@ impl UsageStore for SqliteStore {
             })?;
         }
         for (meter, units) in &plan.added {
-            sqlx::query(
-                "INSERT INTO usage_counters (user_id, event_type, period_start, period_end, used)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (user_id, event_type, period_start, period_end)
-                 DO UPDATE SET used = usage_counters.used + excluded.used",
-            )
-            .bind(user.0.to_string())
-            .bind(meter.as_str())
-            .bind(start)
-            .bind(end)
-            .bind(i64::try_from(*units).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+            let units = i64::try_from(*units).unwrap_or(i64::MAX);
+            add_to_counter(&mut tx, &user_id, *meter, start, end, units).await?;
         }
         tx.commit().await.map_err(backend)?;
         match plan.refused {
