@@ -91,3 +91,45 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
+
+/// Creates the benchmarks' user (enterprise tier, its limits) and its connection to Stripe
+/// account `acct_bench`, reported in USD, in `store`.
+///
+/// # Panics
+/// When the store refuses either write (a benchmark stops there).
+pub async fn bench_connection<S>(
+    store: &S,
+) -> (
+    revpilot_core::ports::UserId,
+    revpilot_core::ports::ConnectionId,
+)
+where
+    S: revpilot_core::ports::UserStore + revpilot_core::ports::ConnectionStore + ?Sized,
+{
+    use revpilot_core::ports::{NewConnection, Tier, Tokens, UserId};
+    let user = UserId(uuid::Uuid::new_v4());
+    let now = chrono::Utc::now();
+    let limits = revpilot_core::billing::Catalog::default()
+        .plan(Tier::Enterprise)
+        .limits;
+    store
+        .create_user(user, None, Tier::Enterprise, limits, now)
+        .await
+        .expect("the benchmark user");
+    let connection = NewConnection {
+        user,
+        stripe_account_id: "acct_bench".into(),
+        business_name: Some("Bench".into()),
+        currency: Some("usd".into()),
+        tokens: Tokens {
+            access_token: secrecy::SecretString::from("sk_test_bench"),
+            refresh_token: None,
+        },
+    };
+    let id = store
+        .save_connection(connection, now)
+        .await
+        .expect("the benchmark connection")
+        .id;
+    (user, id)
+}

@@ -26,11 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use revpilot_core::billing::Catalog;
 use revpilot_core::ports::Store;
-use revpilot_core::ports::{
-    CachedObject, ConnectionId, NewConnection, ObjectKind, Tier, Tokens, UserId,
-};
+use revpilot_core::ports::{CachedObject, ConnectionId, ObjectKind, UserId};
 use revpilot_server::auth::Jwt;
 use revpilot_store::{KeyRing, PgStore, SqliteStore};
 use revpilot_stripe::export::ExportError;
@@ -168,35 +165,8 @@ async fn seed(customers: usize) -> (Db, UserId, ConnectionId) {
         }
     }
     let store = db.open().await;
-    let user = UserId(uuid::Uuid::new_v4());
+    let (user, conn) = revpilot_benches::bench_connection(store.as_ref()).await;
     let now = Utc::now();
-    store
-        .create_user(
-            user,
-            None,
-            Tier::Enterprise,
-            Catalog::default().plan(Tier::Enterprise).limits,
-            now,
-        )
-        .await
-        .unwrap();
-    let conn = store
-        .save_connection(
-            NewConnection {
-                user,
-                stripe_account_id: "acct_bench".into(),
-                business_name: Some("Bench".into()),
-                currency: Some("usd".into()),
-                tokens: Tokens {
-                    access_token: SecretString::from("sk_test_bench"),
-                    refresh_token: None,
-                },
-            },
-            now,
-        )
-        .await
-        .unwrap()
-        .id;
     // The file is split on a thread of its own; pages of objects go to the store as they come.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<CachedObject>>(4);
     let reading = std::thread::spawn(move || {

@@ -285,41 +285,10 @@ async fn unlimited(customers: usize) {
             .await
             .unwrap(),
     );
-    let now = Utc::now();
-    let user = revpilot_core::ports::UserId(uuid::Uuid::new_v4());
-    use revpilot_core::ports::{ConnectionStore, UserStore};
-    sqlite
-        .create_user(
-            user,
-            None,
-            revpilot_core::ports::Tier::Enterprise,
-            revpilot_core::billing::Catalog::default()
-                .plan(revpilot_core::ports::Tier::Enterprise)
-                .limits,
-            now,
-        )
-        .await
-        .unwrap();
-    let conn = sqlite
-        .save_connection(
-            revpilot_core::ports::NewConnection {
-                user,
-                stripe_account_id: "acct_bench".into(),
-                business_name: None,
-                currency: Some("usd".into()),
-                tokens: revpilot_core::ports::Tokens {
-                    access_token: SecretString::from("sk_test_bench"),
-                    refresh_token: None,
-                },
-            },
-            now,
-        )
-        .await
-        .unwrap()
-        .id;
+    let (user, conn) = revpilot_benches::bench_connection(sqlite.as_ref()).await;
     unlimited_run("SQLite", &fake, SyncPorts::from_store(sqlite), user, conn).await;
 
-    let (memory, user, conn) = MemoryStore::with_connection("acct_bench", now).await;
+    let (memory, user, conn) = MemoryStore::with_connection("acct_bench", Utc::now()).await;
     unlimited_run(
         "memory",
         &fake,
