@@ -230,9 +230,10 @@ impl Default for Accounts {
 }
 
 /// How long a connection's row read for one request serves the next ones: a sync finished or a
-/// connection deactivated by another process shows within this time. A tenth of a second keeps
-/// a sync's end visible well within a second (with the update of the changed customers), while
-/// a burst of requests (a dashboard's page asks several routes at once) shares one read.
+/// connection deactivated by another process shows within this time. A tenth of a second adds
+/// little to the time a sync's end takes to show (the update of the changed customers is most of
+/// it), while a burst of requests (a dashboard's page asks several routes at once) shares one
+/// read.
 pub const ROW_TTL: Duration = Duration::from_millis(100);
 
 impl Accounts {
