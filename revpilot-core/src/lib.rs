@@ -37,6 +37,7 @@ pub mod anomaly;
 pub mod billing;
 pub mod fx;
 pub mod insights;
+pub mod jobs;
 pub mod metrics;
 pub mod model;
 pub mod money;

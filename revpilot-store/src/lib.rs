@@ -22,11 +22,15 @@
 //! |---|---|
 //! | `sqlite` | (default) [`SqliteStore`]: sqlx with bundled SQLite, nothing to install |
 //! | `postgres` | [`PgStore`]: PostgreSQL, for many servers and workers on one database |
+//! | `queue` | [`queue`]: the persistent job queue (apalis) in the store's own database, both backends |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod crypto;
 #[cfg(feature = "postgres")]
 mod pg;
+#[cfg(feature = "queue")]
+#[cfg_attr(docsrs, doc(cfg(feature = "queue")))]
+pub mod queue;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 

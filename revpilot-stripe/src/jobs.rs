@@ -1,5 +1,6 @@
-//! Background work as library use cases: the [`Job`]s a RevPilot deployment runs and the
-//! [`Runner`] that executes one over the store's ports and Stripe.
+//! Background work as library use cases: the [`Runner`] that executes a RevPilot deployment's
+//! [`Job`]s (defined in `revpilot_core::jobs`) over the store's ports and Stripe, and the
+//! scheduler of the periodic ones.
 //!
 //! - **Sync** a connection after it is connected and on the cron: under a per-connection
 //!   [lease](revpilot_core::ports::LeaseStore), so two workers (or two processes) never sync one
@@ -9,9 +10,9 @@
 //! - **Close billing periods**: the ended period's overage of every billable user, one
 //!   **Overage** job each, billed once (its queue key and Stripe's idempotency both hold it).
 //!
-//! A queue is the embedder's: anything implementing [`Enqueue`] takes follow-up jobs (the
-//! example worker binds apalis). [`Runner::try_execute_task`] runs one job to its end, the step
-//! a queue's handler (and a test) takes.
+//! A queue is the embedder's: anything implementing [`Enqueue`] takes follow-up jobs
+//! (`revpilot_store::queue` is one, apalis in the store's database). [`Runner::try_execute_task`]
+//! runs one job to its end, the step a queue's handler ([`ExecuteJob`]) and a test take.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,63 +25,15 @@ use revpilot_core::ports::{
     Clock, Connection, ConnectionId, Meter, Period, Store, StoreError, UserId,
 };
 use revpilot_core::{Account, Rules};
+
+pub use revpilot_core::jobs::{Enqueue, EnqueueError, ExecuteJob, Job, periodic_jobs};
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::billing::{CheckoutError, ProcessStats, Processor, invoice_overage, overage_key};
 use crate::client::{ApiError, Client, ClientConfig};
 use crate::rebuild::derived::load_account;
 use crate::sync::{SyncJob, SyncPorts, Syncer};
-
-/// A unit of background work. Serialized as JSON in the queue's table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "job", rename_all = "snake_case")]
-pub enum Job {
-    /// Sync one connection (incrementally once it has cursors).
-    Sync {
-        /// The owner.
-        user: UserId,
-        /// The connection.
-        connection: ConnectionId,
-        /// Its `acct_...`.
-        stripe_account_id: String,
-    },
-    /// Apply the stored billing webhook events.
-    Inbox,
-    /// Store the metric row of `day` for every active connection.
-    Snapshot {
-        /// The day.
-        day: NaiveDate,
-    },
-    /// Push an [`Job::Overage`] for every billable user's last ended period, as of `day`.
-    CloseBillingPeriods {
-        /// The day the walk runs for.
-        day: NaiveDate,
-    },
-    /// Add a user's overage in an ended period to their next Stripe invoice.
-    Overage {
-        /// The user.
-        user: UserId,
-        /// First instant of the period.
-        start: DateTime<Utc>,
-        /// First instant after it.
-        end: DateTime<Utc>,
-    },
-}
-
-impl Job {
-    /// The job's kind, for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Job::Sync { .. } => "sync",
-            Job::Inbox => "inbox",
-            Job::Snapshot { .. } => "snapshot",
-            Job::CloseBillingPeriods { .. } => "close_billing_periods",
-            Job::Overage { .. } => "overage",
-        }
-    }
-}
 
 /// What a job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,7 +93,7 @@ pub enum JobError {
     Overage(#[from] CheckoutError),
     /// The queue refused a push.
     #[error("queue: {0}")]
-    Queue(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Queue(#[from] EnqueueError),
 }
 
 /// How long a sync's lease lasts without renewal; a running sync renews it every third of this,
@@ -491,32 +444,14 @@ impl Runner {
     }
 }
 
-/// Something jobs can be handed to: a persistent queue (the example worker's apalis one), or an
-/// embedder's own.
 #[async_trait]
-pub trait Enqueue: Send + Sync {
-    /// Hands `job` over under `key`: a second push with a key already used is a no-op, so a
-    /// trigger delivered twice (two servers, a retried cron) runs once.
-    async fn enqueue(&self, job: Job, key: &str) -> Result<(), JobError>;
-}
-
-/// The periodic jobs due at `now`, each with its queue key: yesterday's [`Job::Snapshot`],
-/// today's [`Job::CloseBillingPeriods`], and a [`Job::Inbox`] sweep (billing events whose own job
-/// could not be queued). The keys name the day (the sweep's, its `every` bucket), so any number
-/// of workers and servers may push them: each runs once.
-pub fn periodic_jobs(now: DateTime<Utc>, every: Duration) -> Vec<(Job, String)> {
-    let today = now.date_naive();
-    let mut jobs = Vec::with_capacity(3);
-    if let Some(day) = today.pred_opt() {
-        jobs.push((Job::Snapshot { day }, format!("snapshot:{day}")));
+impl ExecuteJob for Runner {
+    async fn execute(&self, job: &Job) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.try_execute_task(job)
+            .await
+            .map(|_| ())
+            .map_err(Into::into)
     }
-    jobs.push((
-        Job::CloseBillingPeriods { day: today },
-        format!("close-billing-periods:{today}"),
-    ));
-    let bucket = now.timestamp() / i64::try_from(every.as_secs().max(1)).unwrap_or(1);
-    jobs.push((Job::Inbox, format!("inbox-sweep:{bucket}")));
-    jobs
 }
 
 /// Pushes the [`periodic_jobs`] to `queue` now and every `every` after, until the task is
@@ -557,34 +492,5 @@ impl Drop for LeaseGuard {
                 let _ = store.release_lease(&key, &holder).await;
             });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn periodic_jobs_are_keyed_by_their_day_and_the_sweep_by_its_bucket() {
-        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap_or_default();
-        let keys = |now| -> Vec<String> {
-            periodic_jobs(now, Duration::from_secs(600))
-                .into_iter()
-                .map(|(_, k)| k)
-                .collect()
-        };
-        let noon = keys(at("2026-03-10T12:00:00Z"));
-        assert_eq!(
-            noon,
-            [
-                "snapshot:2026-03-09",
-                "close-billing-periods:2026-03-10",
-                "inbox-sweep:2955240"
-            ]
-        );
-        // Later the same day: the same day's keys (pushed once), a new sweep bucket.
-        let later = keys(at("2026-03-10T12:10:00Z"));
-        assert_eq!(later[..2], noon[..2]);
-        assert_ne!(later[2], noon[2]);
     }
 }

@@ -125,10 +125,9 @@ pub async fn enqueue_sync(
         stripe_account_id,
     };
     match &state.jobs {
-        Some(jobs) => {
-            jobs.enqueue(job, &format!("sync:{connection}:{trigger}"))
-                .await
-        }
+        Some(jobs) => Ok(jobs
+            .enqueue(job, &format!("sync:{connection}:{trigger}"))
+            .await?),
         None => {
             let runner = state.runner("server");
             tokio::spawn(async move {

@@ -1,33 +1,21 @@
-//! The RevPilot example worker, as a library: the persistent [`Queue`] (apalis 1.0 on the
-//! store's own SQLite or PostgreSQL database) the server pushes to and workers take from, the
-//! scheduler of the periodic jobs, opening the database, and a bounded shutdown. The jobs and
-//! the [`Runner`] that executes them are the library's ([`revpilot_stripe::jobs`], re-exported
-//! here).
+//! The RevPilot example worker, as a library: what the example server and worker share beyond
+//! RevPilot's crates — reading the tier catalog and a bounded shutdown. The persistent [`Queue`]
+//! (apalis on the store's own database: [`revpilot_store::queue`]), the jobs and the [`Runner`]
+//! that executes them ([`revpilot_stripe::jobs`]) are the library's, re-exported here.
 //!
 //! Jobs survive restarts (they are rows), retry with exponential backoff, and a stopped worker
 //! finishes the job in hand before it exits.
 
-pub mod queue;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use revpilot_core::billing::Catalog;
 
-pub use queue::{Queue, QueueError};
-
 pub use revpilot_core::ports::{Clock, Store};
+pub use revpilot_store::queue::{self, OpenError, QUEUE, Queue, QueueError, open};
 pub use revpilot_stripe::jobs::{
     AccountSource, Done, Enqueue, Job, JobError, LEASE, Runner, periodic_jobs, spawn_scheduler,
 };
-
-#[async_trait]
-impl Enqueue for Queue {
-    async fn enqueue(&self, job: Job, key: &str) -> Result<(), JobError> {
-        self.push(&job, key).await
-    }
-}
 
 /// The tier catalog: the TOML file at `path` (`REVPILOT_CATALOG`) or the default tiers, with
 /// the Stripe price ids from `STRIPE_<TIER>_PRICE_ID`. The server and the worker read it alike.
@@ -45,38 +33,6 @@ pub fn load_catalog(path: Option<&std::path::Path>) -> Result<Catalog, String> {
     catalog
         .and_then(|c| c.with_price_ids_from(|name| std::env::var(name).ok()))
         .map_err(|e| e.to_string())
-}
-
-/// Why [`open`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// The store.
-    #[error("database: {0}")]
-    Store(#[from] revpilot_store::Error),
-    /// The queue's tables.
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-}
-
-/// Opens the store at `database_url` (`postgres://...`, else SQLite) and the job queue `queue`
-/// in the same database.
-///
-/// # Errors
-/// [`OpenError`].
-pub async fn open(
-    database_url: &str,
-    keys: revpilot_store::KeyRing,
-    queue: &str,
-) -> Result<(Arc<dyn Store>, Queue), OpenError> {
-    if database_url.starts_with("postgres") {
-        let store = revpilot_store::PgStore::connect(database_url, keys).await?;
-        let q = Queue::postgres(store.pool(), queue).await?;
-        Ok((Arc::new(store), q))
-    } else {
-        let store = revpilot_store::SqliteStore::connect(database_url, keys).await?;
-        let q = Queue::sqlite(store.pool(), queue).await?;
-        Ok((Arc::new(store), q))
-    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.

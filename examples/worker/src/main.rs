@@ -12,9 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use revpilot_store::KeyRing;
 use revpilot_stripe::client::{Client, ClientConfig};
-use revpilot_worker::{
-    Runner, ShutdownGuard, open, queue::QUEUE, shutdown_signal, spawn_scheduler,
-};
+use revpilot_worker::{QUEUE, Runner, ShutdownGuard, open, shutdown_signal, spawn_scheduler};
 use secrecy::SecretString;
 
 // mimalloc hands freed memory back to the system shortly after a large load; glibc's allocator

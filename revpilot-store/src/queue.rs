@@ -1,8 +1,22 @@
-//! The persistent job queue: apalis 1.0 with its SQLite or PostgreSQL storage, in the store's
-//! own database (`Jobs`/`Workers` tables on SQLite, the `apalis` schema on PostgreSQL, which
+//! The persistent job queue (feature `queue`): apalis 1.0 with its SQLite or PostgreSQL
+//! storage, in the store's own database (`Jobs`/`Workers` tables on SQLite, the `apalis` schema on PostgreSQL, which
 //! claims jobs with `FOR UPDATE SKIP LOCKED`). apalis's migration history is kept apart from the
 //! store's (`_apalis_migrations`, `apalis._migrations`), so the two never see each other's
 //! versions.
+//!
+//! [`Queue`] implements core's [`Enqueue`] port (a server pushes to it) and runs a worker over any
+//! [`ExecuteJob`] (`revpilot_stripe::Runner` in the examples): [`Queue::run`].
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # async fn demo<R: revpilot_core::jobs::ExecuteJob + 'static>(runner: Arc<R>) -> Result<(), Box<dyn std::error::Error>> {
+//! use revpilot_store::{KeyRing, queue};
+//! let keys = KeyRing::parse(&std::env::var("REVPILOT_ENCRYPTION_KEY")?)?;
+//! let (store, jobs) = queue::open("sqlite://revpilot.db", keys, queue::QUEUE).await?;
+//! let stop = std::future::pending::<()>(); // a shutdown signal, in a real worker
+//! jobs.run(runner, "worker-1".into(), stop, std::time::Duration::from_secs(20)).await?;
+//! # let _ = store; Ok(()) }
+//! ```
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,9 +31,10 @@ use apalis_core::backend::BackendConfig;
 use apalis_core::backend::ext::poll_strategy::{PollSnapshot, PollStrategy, PollWith};
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
+use async_trait::async_trait;
+use revpilot_core::jobs::{Enqueue, EnqueueError, ExecuteJob, Job};
+use revpilot_core::ports::Store;
 use sqlx::{PgPool, SqlitePool};
-
-use crate::{Job, JobError, Runner};
 
 /// How often an idle worker looks for jobs.
 pub const POLL: Duration = Duration::from_millis(250);
@@ -33,21 +48,25 @@ pub const MAX_ATTEMPTS: usize = 12;
 
 /// Why the queue could not be set up, pushed to or run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum QueueError {
     /// The queue's tables could not be created or migrated.
     #[error("job queue migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// A push failed.
+    /// A push, or handing jobs back, failed; the database's error is the source.
     #[error("job queue push: {0}")]
-    Push(String),
+    Push(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The worker stopped on an error.
     #[error("worker: {0}")]
     Worker(#[from] WorkerError),
 }
 
-impl From<QueueError> for JobError {
-    fn from(e: QueueError) -> Self {
-        JobError::Queue(Box::new(e))
+#[async_trait]
+impl Enqueue for Queue {
+    async fn enqueue(&self, job: Job, key: &str) -> Result<(), EnqueueError> {
+        self.push(&job, key)
+            .await
+            .map_err(|e| EnqueueError(Box::new(e)))
     }
 }
 
@@ -71,6 +90,39 @@ impl std::fmt::Debug for Queue {
 
 /// The queue's default name.
 pub const QUEUE: &str = "revpilot";
+
+/// Why [`open`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The store.
+    #[error("database: {0}")]
+    Store(#[from] crate::Error),
+    /// The queue's tables.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// Opens the store at `database_url` (`postgres://...`, else SQLite) and the job queue `queue`
+/// in the same database.
+///
+/// # Errors
+/// [`OpenError`].
+pub async fn open(
+    database_url: &str,
+    keys: crate::KeyRing,
+    queue: &str,
+) -> Result<(Arc<dyn Store>, Queue), OpenError> {
+    if database_url.starts_with("postgres") {
+        let store = crate::PgStore::connect(database_url, keys).await?;
+        let q = Queue::postgres(store.pool(), queue).await?;
+        Ok((Arc::new(store), q))
+    } else {
+        let store = crate::SqliteStore::connect(database_url, keys).await?;
+        let q = Queue::sqlite(store.pool(), queue).await?;
+        Ok((Arc::new(store), q))
+    }
+}
 
 impl Queue {
     /// The queue `name` on a SQLite pool; creates or migrates its tables.
@@ -125,21 +177,22 @@ impl Queue {
     /// a trigger delivered twice, or by two servers, is one job.
     ///
     /// # Errors
-    /// [`JobError::Queue`] when the database refuses.
-    pub async fn push(&self, job: &Job, key: &str) -> Result<(), JobError> {
+    /// [`QueueError::Push`] when the database refuses.
+    pub async fn push(&self, job: &Job, key: &str) -> Result<(), QueueError> {
         let task = TaskBuilder::new(job.clone())
             .idempotency_key(key)
             .max_attempts(MAX_ATTEMPTS)
             .build();
+        type Boxed = Box<dyn std::error::Error + Send + Sync>;
         let pushed = match self {
-            Queue::Sqlite(s) => s.clone().push_task(task).await.map_err(|e| e.to_string()),
-            Queue::Postgres(s) => s.clone().push_task(task).await.map_err(|e| e.to_string()),
+            Queue::Sqlite(s) => s.clone().push_task(task).await.map_err(Boxed::from),
+            Queue::Postgres(s) => s.clone().push_task(task).await.map_err(Boxed::from),
         };
         match pushed {
             Ok(()) => Ok(()),
             // PostgreSQL refuses a second push of a key (SQLite ignores it): already queued.
-            Err(e) if e.contains("idx_jobs_idempotency_key") => Ok(()),
-            Err(e) => Err(QueueError::Push(e).into()),
+            Err(e) if e.to_string().contains("idx_jobs_idempotency_key") => Ok(()),
+            Err(e) => Err(QueueError::Push(e)),
         }
     }
 
@@ -153,14 +206,15 @@ impl Queue {
     /// # Errors
     /// [`QueueError::Worker`] when the backend fails; [`QueueError::Push`] when jobs cannot be
     /// handed back.
-    pub async fn run<F>(
+    pub async fn run<R, F>(
         self,
-        runner: Arc<Runner>,
+        runner: Arc<R>,
         name: String,
         shutdown: F,
         drain: Duration,
     ) -> Result<(), QueueError>
     where
+        R: ExecuteJob + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -217,12 +271,13 @@ impl Queue {
             .await
             .map(|r| r.rows_affected()),
         };
-        done.map_err(|e| QueueError::Push(format!("handing jobs back: {e}")))
+        done.map_err(|e| QueueError::Push(Box::new(e)))
     }
 
     /// The apalis worker itself, until `shutdown`, then until its jobs in hand are done.
-    async fn work<F>(self, runner: Arc<Runner>, name: String, shutdown: F) -> Result<(), QueueError>
+    async fn work<R, F>(self, runner: Arc<R>, name: String, shutdown: F) -> Result<(), QueueError>
     where
+        R: ExecuteJob + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let signal = async move {
@@ -235,7 +290,7 @@ impl Queue {
             0.5,
             HasherRng::default(),
         )
-        .map_err(|e| QueueError::Push(e.to_string()))?
+        .map_err(|e| QueueError::Push(Box::new(e)))?
         .make_backoff();
         let retry = RetryPolicy::retries(MAX_ATTEMPTS).with_backoff(backoff);
         match self {
@@ -245,7 +300,7 @@ impl Queue {
                     .data(runner)
                     .concurrency(CONCURRENCY)
                     .retry(retry)
-                    .build(handle)
+                    .build(handle::<R>)
                     .run_until(signal)
                     .await?
             }
@@ -255,7 +310,7 @@ impl Queue {
                     .data(runner)
                     .concurrency(CONCURRENCY)
                     .retry(retry)
-                    .build(handle)
+                    .build(handle::<R>)
                     .run_until(signal)
                     .await?
             }
@@ -264,13 +319,9 @@ impl Queue {
     }
 }
 
-/// The worker's task function: one job through [`Runner::try_execute_task`].
-async fn handle(job: Job, runner: Data<Arc<Runner>>) -> Result<(), BoxDynError> {
-    runner
-        .try_execute_task(&job)
-        .await
-        .map(|_| ())
-        .map_err(|e| Box::new(e) as BoxDynError)
+/// The worker's task function: one job through the [`ExecuteJob`].
+async fn handle<R: ExecuteJob>(job: Job, runner: Data<Arc<R>>) -> Result<(), BoxDynError> {
+    runner.execute(&job).await
 }
 
 /// Polls every `every`, re-arming its timer as soon as it fires. apalis 1.0's
