@@ -53,7 +53,7 @@ pub mod testing;
 
 pub use anomaly::Anomaly;
 pub use fx::{FxRates, FxTable};
-pub use metrics::{Engine, Granularity, SeriesReport, SeriesRequest, SeriesRow};
+pub use metrics::{Engine, Granularity, OwnedEngine, SeriesReport, SeriesRequest, SeriesRow};
 pub use model::Account;
 pub use money::Currency;
 pub use ports::{Clock, Store};

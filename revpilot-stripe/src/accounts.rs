@@ -9,7 +9,8 @@
 //! sync finished by any worker or server invalidates every process's copy without a message
 //! between them. The kept accounts are bounded in bytes.
 //!
-//! Series reports computed from an account are kept beside it (a bounded memo keyed by range and
+//! Each account is compiled for the engine once, when it is loaded ([`Loaded`]), and counted
+//! with its compiled form against the budget. Series reports computed from it are kept beside it (a bounded memo keyed by range and
 //! granularity), so a dashboard reloaded a hundred times computes its series once per sync.
 
 use std::collections::HashMap;
@@ -18,9 +19,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDate, Utc};
-use revpilot_core::fx::FxTable;
+use revpilot_core::fx::{FxRates, FxTable};
 use revpilot_core::metrics::{
-    CohortTable, Engine, Error as MetricsError, Granularity, SeriesReport, SeriesRequest,
+    CohortTable, Engine, Error as MetricsError, Granularity, OwnedEngine, SeriesReport,
+    SeriesRequest,
 };
 use revpilot_core::model::Account;
 use revpilot_core::ports::{Connection, ConnectionId, DerivedStore, ObjectCache, UserId};
@@ -40,15 +42,15 @@ pub const MEMO_REPORTS: usize = 64;
 /// megabytes for one connection.
 pub const MEMO_MAX_ROWS: usize = 400;
 
-/// One connection's account, ready for the engine.
+/// One connection's account, compiled for the engine once, when it is made.
 #[derive(Debug)]
 pub struct Loaded {
     /// The timeline (shared with the jobs that read it).
     pub account: Arc<Account>,
     /// Reporting currency.
     pub currency: Currency,
-    /// Exchange rates for foreign-currency revenue, when known.
-    pub fx: Option<FxTable>,
+    /// The account compiled, with its exchange rates: every query shares it.
+    compiled: OwnedEngine,
     /// The instant the data runs to (the connection's last sync, else the newest object): no
     /// row reaches past it.
     pub as_of: Option<DateTime<Utc>>,
@@ -60,12 +62,15 @@ pub struct Loaded {
 type SeriesKey = (NaiveDate, NaiveDate, Granularity);
 
 impl Loaded {
-    /// An account ready for queries.
+    /// An account ready for queries, with exchange rates for foreign-currency revenue when
+    /// known. Compiles it (about 0.4 s for 100,000 customers): off the async runtime's threads.
     pub fn new(account: Account, currency: Currency, fx: Option<FxTable>) -> Self {
+        let account = Arc::new(account);
+        let fx = fx.map(|fx| Arc::new(fx) as Arc<dyn FxRates + Send + Sync>);
         Loaded {
-            account: Arc::new(account),
+            compiled: OwnedEngine::new(Arc::clone(&account), fx, Rules::default(), currency),
+            account,
             currency,
-            fx,
             as_of: None,
             reports: Mutex::default(),
             bodies: Mutex::default(),
@@ -80,18 +85,18 @@ impl Loaded {
         self
     }
 
-    /// An engine over the account (compiles it: keep it for several queries), cut at its as-of
-    /// instant.
+    /// The engine over the account (its compiled form is shared), cut at its as-of instant.
     pub fn engine(&self) -> Engine<'_> {
-        let engine = Engine::new(&self.account, Rules::default(), self.currency);
-        let engine = match &self.fx {
-            Some(fx) => engine.with_fx(fx),
-            None => engine,
-        };
+        let engine = self.compiled.engine().clone();
         match self.as_of {
             Some(at) => engine.with_as_of(at),
             None => engine,
         }
+    }
+
+    /// The bytes it holds: the account and its compiled form (what [`Accounts`] counts).
+    pub fn heap_bytes(&self) -> usize {
+        self.compiled.heap_bytes()
     }
 
     /// The series from `from` to `to`, computed once per account and range.
@@ -292,7 +297,12 @@ impl Accounts {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let currency = connection.reporting_currency();
         let as_of = stamp.or(loaded.as_of);
-        let loaded = Arc::new(Loaded::new(loaded.account, currency, None).with_as_of(as_of));
+        let account = loaded.account;
+        let compiled = tokio::task::spawn_blocking(move || Loaded::new(account, currency, None));
+        let compiled = compiled
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let loaded = Arc::new(compiled.with_as_of(as_of));
         self.put(user, connection.id, stamp, loaded.clone());
         Ok(loaded)
     }
@@ -357,7 +367,7 @@ impl Accounts {
             return;
         }
         entries.remove(&connection);
-        let bytes = loaded.account.heap_bytes();
+        let bytes = loaded.heap_bytes();
         if bytes > self.budget {
             // Larger than the whole budget: served to this request, never kept.
             return;
@@ -437,7 +447,7 @@ impl Accounts {
                 user,
                 stamp: None,
                 pinned: true,
-                bytes: loaded.account.heap_bytes(),
+                bytes: loaded.heap_bytes(),
                 loaded,
                 order: 0,
             },
@@ -520,7 +530,7 @@ mod tests {
 
     #[test]
     fn the_accounts_kept_stay_within_the_byte_budget_oldest_out_first() {
-        let one = sized(1_000).account.heap_bytes();
+        let one = sized(1_000).heap_bytes();
         let accounts = Accounts::default().with_budget(one * 3);
         let kept: Vec<_> = (0..5)
             .map(|_| {

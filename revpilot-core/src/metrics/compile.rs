@@ -465,6 +465,21 @@ impl<'a> CSub<'a> {
 }
 
 impl<'a> Compiled<'a> {
+    /// The bytes its vectors hold (capacities; anomalies at their inline size): what a cache that
+    /// keeps a compiled account counts beside the account.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        fn held<T>(v: &Vec<T>) -> usize {
+            v.capacity() * std::mem::size_of::<T>()
+        }
+        held(&self.customers)
+            + held(&self.cust_offsets)
+            + held(&self.subs)
+            + held(&self.currencies)
+            + held(&self.cash)
+            + held(&self.anomalies)
+            + held(&self.cash_magnitude)
+    }
+
     /// Every anomaly: those found while compiling and those of every subscription's items and
     /// discounts (one validation pass, run once and kept).
     pub(crate) fn all_anomalies(&self) -> &[Anomaly] {

@@ -8,6 +8,7 @@
 //! (k = entries per customer), never days x customers.
 
 mod compile;
+mod owned;
 mod series;
 mod timeline;
 mod views;
@@ -27,6 +28,7 @@ use crate::rules::Rules;
 use compile::Compiled;
 use walk::{DAY, RateTable};
 
+pub use owned::OwnedEngine;
 pub use series::{Granularity, SeriesReport, SeriesRequest, SeriesRow, TRAILING_DAYS};
 pub use views::{
     CohortRow, CohortTable, CustomerDiff, CustomerMrr, Ledger, Movement, MrrSnapshot, ProfileDiff,

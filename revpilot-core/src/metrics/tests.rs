@@ -172,3 +172,27 @@ fn bad_requests_are_errors() {
             .is_err()
     );
 }
+
+#[test]
+fn an_owned_engine_answers_as_the_borrowing_one() {
+    use crate::synth::{SynthConfig, fx_table, generate};
+    let config = SynthConfig::new(300, 7);
+    let account = Arc::new(generate(&config));
+    let fx = fx_table(&config);
+    let request = SeriesRequest::new(day(2024, 1, 1), config.end(), Granularity::Month);
+    let borrowed = Engine::new(&account, Rules::default(), Currency::USD).with_fx(&fx);
+    let owned = super::OwnedEngine::new(
+        Arc::clone(&account),
+        Some(Arc::new(fx.clone())),
+        Rules::default(),
+        Currency::USD,
+    );
+    let expected = borrowed.series(&request).unwrap();
+    assert!(expected.rows.iter().any(|r| r.mrr != Decimal::ZERO));
+    // Moved to another thread, away from the account's first owner.
+    drop(borrowed);
+    let got = std::thread::spawn(move || owned.engine().series(&request).unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(got, expected);
+}
