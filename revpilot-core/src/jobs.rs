@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ports::{ConnectionId, UserId};
+use crate::ports::{Connection, ConnectionId, UserId};
 
 /// A unit of background work. Serialized as JSON in a queue's table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +50,17 @@ pub enum Job {
 }
 
 impl Job {
+    /// A sync of `connection` and its queue key for `trigger` (the connect callback, one cron
+    /// call): pushed twice for one trigger, it runs once.
+    pub fn sync(connection: &Connection, trigger: &str) -> (Job, String) {
+        let job = Job::Sync {
+            user: connection.user,
+            connection: connection.id,
+            stripe_account_id: connection.stripe_account_id.clone(),
+        };
+        (job, format!("sync:{}:{trigger}", connection.id))
+    }
+
     /// The job's kind, for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -25,9 +25,12 @@ use revpilot_core::metrics::{
     SeriesRequest,
 };
 use revpilot_core::model::Account;
-use revpilot_core::ports::{Connection, ConnectionId, DerivedStore, ObjectCache, UserId};
+use revpilot_core::ports::{
+    Connection, ConnectionId, ConnectionStore, DerivedStore, ObjectCache, Store, StoreError, UserId,
+};
 use revpilot_core::{Currency, Rules};
 
+use crate::jobs::{AccountSource, JobError};
 use crate::rebuild::derived::load_account;
 use crate::rebuild::stream::CachedRebuildError;
 
@@ -307,6 +310,27 @@ impl Accounts {
         Ok(loaded)
     }
 
+    /// The user's connection: as read less than the row TTL ago, else read from `store` (and
+    /// kept). `None` for another user's connection exactly as for one that does not exist.
+    ///
+    /// # Errors
+    /// The store's.
+    pub async fn connection<S: ConnectionStore + ?Sized>(
+        &self,
+        store: &S,
+        user: UserId,
+        connection: ConnectionId,
+    ) -> Result<Option<Connection>, StoreError> {
+        if let Some(c) = self.recent_row(user, connection) {
+            return Ok(Some(c));
+        }
+        let row = store.connection(user, connection).await?;
+        if let Some(c) = &row {
+            self.keep_row(c);
+        }
+        Ok(row)
+    }
+
     /// The user's connection as read less than the row TTL ago.
     pub fn recent_row(&self, user: UserId, connection: ConnectionId) -> Option<Connection> {
         if self.row_ttl.is_zero() {
@@ -452,6 +476,35 @@ impl Accounts {
                 order: 0,
             },
         );
+    }
+}
+
+/// A process's kept accounts as the source of its in-process jobs' accounts: a job and a request
+/// that need the same account share one load.
+pub struct SharedAccounts {
+    accounts: Arc<Accounts>,
+    store: Arc<dyn Store>,
+}
+
+impl SharedAccounts {
+    /// The accounts `accounts` keeps, loaded from `store`.
+    pub fn new(accounts: Arc<Accounts>, store: Arc<dyn Store>) -> Self {
+        SharedAccounts { accounts, store }
+    }
+}
+
+#[async_trait::async_trait]
+impl AccountSource for SharedAccounts {
+    async fn account(&self, connection: &Connection) -> Result<Arc<Account>, JobError> {
+        let loaded = self
+            .accounts
+            .load(self.store.as_ref(), connection.user, connection)
+            .await
+            .map_err(|e| JobError::Account(Box::new(e)))?;
+        // The job's row is fresh (its sync just recorded its finish): requests use it at once
+        // instead of the row they keep for the row TTL.
+        self.accounts.keep_row(connection);
+        Ok(loaded.account.clone())
     }
 }
 

@@ -100,6 +100,25 @@ pub enum Receipt {
     },
 }
 
+impl Receipt {
+    /// The outcome as a short label (`stored`, `duplicate`, `ignored`), for logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Receipt::Stored(_) => "stored",
+            Receipt::Duplicate(_) => "duplicate",
+            Receipt::Ignored { .. } => "ignored",
+        }
+    }
+
+    /// The event's id.
+    pub fn event_id(&self) -> &str {
+        match self {
+            Receipt::Stored(id) | Receipt::Duplicate(id) => id,
+            Receipt::Ignored { event_id, .. } => event_id,
+        }
+    }
+}
+
 /// Why [`receive`] refused a request.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -307,6 +326,31 @@ where
             }
         }
         Ok(stats)
+    }
+
+    /// Applies stored events on a task of its own, for a process without a job queue: at once
+    /// when `wake` is notified (a webhook was stored), and every `interval` for the retries.
+    /// Each round is [`Processor::process_all`] as of `clock()`. Stops when the task is aborted.
+    pub fn spawn(
+        self: Arc<Self>,
+        wake: Arc<tokio::sync::Notify>,
+        clock: revpilot_core::ports::Clock,
+        interval: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        S: Send + Sync + 'static,
+    {
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = self.process_all(clock()).await {
+                    tracing::error!(error = %e, "billing inbox unreadable");
+                }
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(interval) => {}
+                }
+            }
+        })
     }
 
     /// Processes every pending event, [`INBOX_BATCH`] at a time, until a round finds fewer

@@ -454,6 +454,24 @@ impl ExecuteJob for Runner {
     }
 }
 
+/// A stand-in for a queue in a process without one: each job handed over runs at once on a task
+/// of this process (keys are not remembered; a failure is logged, not retried).
+#[derive(Debug, Clone)]
+pub struct RunAtOnce(pub Arc<Runner>);
+
+#[async_trait]
+impl Enqueue for RunAtOnce {
+    async fn enqueue(&self, job: Job, _key: &str) -> Result<(), EnqueueError> {
+        let runner = Arc::clone(&self.0);
+        tokio::spawn(async move {
+            if let Err(e) = runner.try_execute_task(&job).await {
+                tracing::warn!(job = job.kind(), error = %e, "job not run");
+            }
+        });
+        Ok(())
+    }
+}
+
 /// Pushes the [`periodic_jobs`] to `queue` now and every `every` after, until the task is
 /// aborted. A push that fails is logged and tried again at the next round.
 pub fn spawn_scheduler(

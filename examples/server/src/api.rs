@@ -73,17 +73,11 @@ pub(crate) async fn owned(
     let Some(id) = revpilot_core::params::connection_id(id) else {
         return Err(not_found());
     };
-    if let Some(c) = state.accounts.recent_row(user, id) {
-        return Ok(c);
-    }
-    match state.store.connection(user, id).await {
-        Ok(Some(c)) => {
-            state.accounts.keep_row(&c);
-            Ok(c)
-        }
-        Ok(None) => Err(not_found()),
-        Err(e) => Err(internal(&e)),
-    }
+    let row = state
+        .accounts
+        .connection(state.store.as_ref(), user, id)
+        .await;
+    row.map_err(|e| internal(&e))?.ok_or_else(not_found)
 }
 
 /// The connection's account: this process's copy when it was built at the connection's last

@@ -7,10 +7,9 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use revpilot_core::ports::{ConnectionId, UserId};
 use revpilot_stripe::billing::ReceiveError;
 use revpilot_stripe::connect::{Callback, ConnectError, receive_connect_event};
-use revpilot_worker::{Job, JobError};
+use revpilot_worker::Job;
 use secrecy::ExposeSecret;
 
 use crate::auth::AuthUser;
@@ -65,15 +64,8 @@ pub(crate) async fn callback(
     };
     match connect.callback(user, &cb).await {
         Ok(connection) => {
-            if let Err(e) = enqueue_sync(
-                &state,
-                user,
-                connection.id,
-                connection.stripe_account_id.clone(),
-                "connect",
-            )
-            .await
-            {
+            let (job, key) = Job::sync(&connection, "connect");
+            if let Err(e) = state.jobs().enqueue(job, &key).await {
                 // Connected all the same: the cron's next trigger syncs it.
                 tracing::error!(connection = %connection.id, error = %e, "first sync not queued");
             }
@@ -103,40 +95,6 @@ pub(crate) async fn callback(
             )
         }
         Err(e) => internal(&e),
-    }
-}
-
-/// Hands a sync of the connection to the job queue under the trigger `trigger` (a second push
-/// for one connection and trigger is a no-op). Without a queue it runs at once on a task of this
-/// process, unless another holder is syncing the connection.
-///
-/// # Errors
-/// The queue refused the job.
-pub async fn enqueue_sync(
-    state: &AppState,
-    user: UserId,
-    connection: ConnectionId,
-    stripe_account_id: String,
-    trigger: &str,
-) -> Result<(), JobError> {
-    let job = Job::Sync {
-        user,
-        connection,
-        stripe_account_id,
-    };
-    match &state.jobs {
-        Some(jobs) => Ok(jobs
-            .enqueue(job, &format!("sync:{connection}:{trigger}"))
-            .await?),
-        None => {
-            let runner = state.runner("server");
-            tokio::spawn(async move {
-                if let Err(e) = runner.try_execute_task(&job).await {
-                    tracing::warn!(%connection, error = %e, "sync not run");
-                }
-            });
-            Ok(())
-        }
     }
 }
 
@@ -215,11 +173,11 @@ pub(crate) async fn cron(State(state): State<AppState>, headers: HeaderMap) -> R
     // One trigger id for the call: each connection's job is pushed once however the call is
     // retried within it, and workers run each exactly once.
     let trigger = uuid::Uuid::new_v4().simple().to_string();
+    let jobs = state.jobs();
     let mut queued = 0;
     for c in connections {
-        if let Err(e) =
-            enqueue_sync(&state, c.user, c.id, c.stripe_account_id.clone(), &trigger).await
-        {
+        let (job, key) = Job::sync(&c, &trigger);
+        if let Err(e) = jobs.enqueue(job, &key).await {
             return internal(&e);
         }
         queued += 1;

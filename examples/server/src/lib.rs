@@ -19,7 +19,6 @@ pub mod serve;
 pub mod telemetry;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -31,14 +30,15 @@ use chrono::Utc;
 use revpilot_core::billing::Catalog;
 use revpilot_core::insights::narrative::{LlmProvider, LocalProvider};
 use revpilot_core::ports::UserId;
-use revpilot_stripe::billing::{Processor, Receipt, WebhookConfig, receive};
+use revpilot_stripe::accounts::SharedAccounts;
+use revpilot_stripe::billing::{Receipt, WebhookConfig, receive};
 use revpilot_stripe::client::Client;
+use revpilot_stripe::jobs::RunAtOnce;
 use serde_json::json;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use url::Url;
 
-pub use revpilot_worker::{Clock, Store};
+pub use revpilot_worker::{Clock, Job, Store};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -48,7 +48,8 @@ pub struct AppState {
     /// The billing webhook endpoint's secrets and mode; `None` refuses every billing webhook.
     pub billing_webhook: Option<WebhookConfig>,
     /// Woken when an event is stored, so an in-process billing worker
-    /// ([`spawn_billing_worker`]) applies it at once; with a queue, an inbox job does.
+    /// (`revpilot_stripe::billing::Processor::spawn`) applies it at once; with a queue, an inbox
+    /// job does.
     pub billing_wake: Arc<Notify>,
     /// Now.
     pub clock: Clock,
@@ -287,33 +288,25 @@ async fn stripe_billing(
     )
     .await
     {
-        Ok(Receipt::Stored(id)) => {
-            metrics::counter!("revpilot_billing_webhooks_total", "outcome" => "stored")
+        Ok(receipt) => {
+            metrics::counter!("revpilot_billing_webhooks_total", "outcome" => receipt.outcome())
                 .increment(1);
-            match &state.jobs {
-                Some(jobs) => {
-                    if let Err(e) = jobs
-                        .enqueue(revpilot_worker::Job::Inbox, &format!("inbox:{id}"))
-                        .await
-                    {
-                        // Stored all the same: the scheduler's inbox sweep applies it.
-                        tracing::warn!(error = %e, "billing inbox job not queued");
+            let mut body = json!({ "received": true, "event": receipt.event_id() });
+            match receipt {
+                Receipt::Stored(id) => match &state.jobs {
+                    // Stored all the same when not queued: the scheduler's inbox sweep applies it.
+                    Some(jobs) => {
+                        let queued = jobs.enqueue(Job::Inbox, &format!("inbox:{id}")).await;
+                        if let Err(e) = queued {
+                            tracing::warn!(error = %e, "billing inbox job not queued");
+                        }
                     }
-                }
-                None => state.billing_wake.notify_one(),
+                    None => state.billing_wake.notify_one(),
+                },
+                Receipt::Duplicate(_) => body["duplicate"] = true.into(),
+                Receipt::Ignored { reason, .. } => body["ignored"] = reason.into(),
             }
-            axum::Json(json!({ "received": true, "event": id })).into_response()
-        }
-        Ok(Receipt::Duplicate(id)) => {
-            metrics::counter!("revpilot_billing_webhooks_total", "outcome" => "duplicate")
-                .increment(1);
-            axum::Json(json!({ "received": true, "event": id, "duplicate": true })).into_response()
-        }
-        Ok(Receipt::Ignored { event_id, reason }) => {
-            metrics::counter!("revpilot_billing_webhooks_total", "outcome" => "ignored")
-                .increment(1);
-            axum::Json(json!({ "received": true, "event": event_id, "ignored": reason }))
-                .into_response()
+            axum::Json(body).into_response()
         }
         Err(e) if e.is_client_error() => {
             metrics::counter!("revpilot_billing_webhooks_total", "outcome" => "refused")
@@ -331,28 +324,16 @@ async fn stripe_billing(
     }
 }
 
-/// Applies stored billing events: at once when woken, and every `interval` for retries.
-/// Each round is [`Processor::process_all`]: until nothing is pending.
-pub fn spawn_billing_worker(
-    processor: Arc<Processor<dyn Store>>,
-    wake: Arc<Notify>,
-    clock: Clock,
-    interval: Duration,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            if let Err(e) = processor.process_all(clock()).await {
-                tracing::error!(error = %e, "billing inbox unreadable");
-            }
-            tokio::select! {
-                () = wake.notified() => {}
-                () = tokio::time::sleep(interval) => {}
-            }
-        }
-    })
-}
-
 impl AppState {
+    /// Where this state's jobs go: its queue, or without one, a task of this process each
+    /// (`revpilot_stripe::jobs::RunAtOnce`), as tests of the router alone do.
+    pub fn jobs(&self) -> Arc<dyn revpilot_worker::Enqueue> {
+        match &self.jobs {
+            Some(q) => q.clone(),
+            None => Arc::new(RunAtOnce(Arc::new(self.runner("server")))),
+        }
+    }
+
     /// A job runner over this state's store, catalog, clock and Stripe settings (what the
     /// in-process worker runs).
     pub fn runner(&self, holder: &str) -> revpilot_worker::Runner {
@@ -361,31 +342,10 @@ impl AppState {
         runner.clock = self.clock.clone();
         runner.stripe_api_base = self.stripe_api_base.clone();
         runner.billing = self.stripe.clone();
-        runner.accounts = Some(Arc::new(SharedAccounts(self.clone())));
+        runner.accounts = Some(Arc::new(SharedAccounts::new(
+            self.accounts.clone(),
+            self.store.clone(),
+        )));
         runner
-    }
-}
-
-/// The in-process worker's jobs read accounts through the server's cache, so a job and a
-/// request that need the same account share one build.
-struct SharedAccounts(AppState);
-
-#[async_trait::async_trait]
-impl revpilot_worker::AccountSource for SharedAccounts {
-    async fn account(
-        &self,
-        connection: &revpilot_core::ports::Connection,
-    ) -> Result<Arc<revpilot_core::Account>, revpilot_worker::JobError> {
-        let loaded = api::account(&self.0, connection.user, connection).await;
-        if loaded.is_ok() {
-            // The worker's row is fresh (its sync just recorded its finish): requests use it
-            // at once instead of their row kept for `ROW_TTL`.
-            self.0.accounts.keep_row(connection);
-        }
-        loaded.map(|loaded| loaded.account.clone()).map_err(|_| {
-            revpilot_worker::JobError::Account(
-                format!("connection {}: see the server's log", connection.id).into(),
-            )
-        })
     }
 }

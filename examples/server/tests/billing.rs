@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use revpilot_core::billing::Catalog;
 use revpilot_core::ports::{BillingStore, Tier, UserId, UserStore, WebhookInbox};
 use revpilot_core::testing::MemoryStore;
-use revpilot_server::{AppState, Store, app, spawn_billing_worker};
+use revpilot_server::{AppState, Store, app};
 use revpilot_store::{KeyRing, SqliteStore};
 use revpilot_stripe::billing::{
     MockSubscriptionSource, Processor, SubscriptionSource, WebhookConfig,
@@ -418,8 +418,7 @@ async fn webhooks_that_localstripe_delivers_are_accepted_and_applied() {
         catalog(),
         source,
     ));
-    spawn_billing_worker(
-        processor,
+    processor.spawn(
         st.billing_wake.clone(),
         st.clock.clone(),
         Duration::from_millis(200),

@@ -185,8 +185,14 @@ async fn receive_stores_verified_events_once_and_writes_nothing_for_bad_requests
         1_773_600_000,
         json!({"id": "sub_1"}),
     );
-    assert_eq!(w.deliver(&body).await, Receipt::Stored("evt_1".into()));
-    assert_eq!(w.deliver(&body).await, Receipt::Duplicate("evt_1".into()));
+    let stored = w.deliver(&body).await;
+    assert_eq!(stored, Receipt::Stored("evt_1".into()));
+    let duplicate = w.deliver(&body).await;
+    assert_eq!(duplicate, Receipt::Duplicate("evt_1".into()));
+    assert_eq!(
+        [stored.outcome(), duplicate.outcome(), duplicate.event_id()],
+        ["stored", "duplicate", "evt_1"]
+    );
 
     let t = now().timestamp();
     let other = event(
@@ -260,7 +266,12 @@ async fn receive_stores_verified_events_once_and_writes_nothing_for_bad_requests
     let live = body
         .replace("\"livemode\":false", "\"livemode\":true")
         .replace("evt_1", "evt_live");
-    assert!(matches!(w.deliver(&live).await, Receipt::Ignored { .. }));
+    let ignored = w.deliver(&live).await;
+    assert!(matches!(ignored, Receipt::Ignored { .. }));
+    assert_eq!(
+        (ignored.outcome(), ignored.event_id()),
+        ("ignored", "evt_live")
+    );
 
     let pending = w.store.pending(100, 5).await.unwrap();
     assert_eq!(
