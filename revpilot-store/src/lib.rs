@@ -22,9 +22,13 @@
 //! |---|---|
 //! | `sqlite` | (default) [`SqliteStore`]: sqlx with bundled SQLite, nothing to install |
 //! | `postgres` | [`PgStore`]: PostgreSQL, for many servers and workers on one database |
+//! | `auth` | [`auth`]: session tokens (HS256 JWT) and argon2id password hashes on bounded threads, for an application's own accounts |
 //! | `queue` | [`queue`]: the persistent job queue (apalis) in the store's own database, both backends |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "auth")]
+#[cfg_attr(docsrs, doc(cfg(feature = "auth")))]
+pub mod auth;
 mod crypto;
 #[cfg(feature = "postgres")]
 mod pg;

@@ -76,8 +76,9 @@ pub struct AppState {
     /// costs an argon2 hash, and a password is not to be guessed at speed. Its map of keys is
     /// bounded ([`guard::KeyedBudget`]).
     pub attempts: Arc<guard::KeyedBudget<String>>,
-    /// How many argon2 hashes run at once, and how long a sign-up or log-in waits for a slot.
-    pub auth_limits: auth::AuthLimits,
+    /// Password hashing: how many argon2 hashes run at once, and how long a sign-up or log-in
+    /// waits for a slot.
+    pub passwords: auth::Passwords,
     /// Reverse proxies whose `X-Forwarded-For` names the client (`REVPILOT_TRUSTED_PROXIES`);
     /// empty by default: the TCP peer is the client.
     pub trusted_proxies: Arc<Vec<std::net::IpAddr>>,
@@ -155,7 +156,7 @@ impl AppState {
                 ATTEMPTS_PER_MINUTE,
                 ATTEMPT_KEYS,
             )),
-            auth_limits: auth::AuthLimits::default(),
+            passwords: auth::Passwords::default(),
             trusted_proxies: Arc::default(),
             series_slots: Arc::new(tokio::sync::Semaphore::new(SERIES_AT_ONCE)),
             connect: None,

@@ -331,7 +331,7 @@ async fn main() -> ExitCode {
         }
     }
     state.trusted_proxies = Arc::new(trusted);
-    state.auth_limits = revpilot_server::auth::AuthLimits::new(
+    state.passwords = revpilot_server::auth::Passwords::new(
         args.auth_concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
         Duration::from_millis(args.auth_wait_ms),
