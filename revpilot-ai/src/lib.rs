@@ -54,9 +54,25 @@ pub struct OpenAiConfig {
 }
 
 /// A configuration that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("LLM configuration: {0}")]
-pub struct ConfigError(pub String);
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A variable is missing or its value cannot be used; the message names the variable.
+    #[error("LLM configuration: {0}")]
+    Invalid(String),
+    /// `LLM_BASE_URL` is not a URL.
+    #[error("LLM configuration: LLM_BASE_URL {url:?}: {source}")]
+    BaseUrl {
+        /// The value given.
+        url: String,
+        /// The parser's error.
+        #[source]
+        source: url::ParseError,
+    },
+    /// The HTTP client cannot be built (its TLS backend cannot start).
+    #[error("LLM configuration: {0}")]
+    Http(#[source] reqwest::Error),
+}
 
 impl OpenAiConfig {
     /// `base_url` and `model`, no key, 60 s timeout, 3 attempts from 500 ms.
@@ -64,10 +80,12 @@ impl OpenAiConfig {
     /// # Errors
     /// [`ConfigError`] for a URL that is not http(s) or an empty model.
     pub fn new(base_url: &str, model: &str) -> Result<Self, ConfigError> {
-        let mut url = Url::parse(base_url)
-            .map_err(|e| ConfigError(format!("LLM_BASE_URL {base_url:?}: {e}")))?;
+        let mut url = Url::parse(base_url).map_err(|source| ConfigError::BaseUrl {
+            url: base_url.to_owned(),
+            source,
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(ConfigError(format!(
+            return Err(ConfigError::Invalid(format!(
                 "LLM_BASE_URL {base_url:?} is not http(s)"
             )));
         }
@@ -75,7 +93,7 @@ impl OpenAiConfig {
             url.set_path(&format!("{}/", url.path()));
         }
         if model.trim().is_empty() {
-            return Err(ConfigError("LLM_MODEL is empty".into()));
+            return Err(ConfigError::Invalid("LLM_MODEL is empty".into()));
         }
         Ok(OpenAiConfig {
             base_url: url,
@@ -98,7 +116,9 @@ impl OpenAiConfig {
         };
         let model = var("LLM_MODEL")
             .filter(|m| !m.trim().is_empty())
-            .ok_or_else(|| ConfigError("LLM_MODEL is required with LLM_BASE_URL".into()))?;
+            .ok_or_else(|| {
+                ConfigError::Invalid("LLM_MODEL is required with LLM_BASE_URL".into())
+            })?;
         let mut config = OpenAiConfig::new(base.trim(), &model)?;
         config.api_key = var("LLM_API_KEY")
             .filter(|k| !k.is_empty())
@@ -225,7 +245,7 @@ impl OpenAiProvider {
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("revpilot/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ConfigError(e.to_string()))?;
+            .map_err(ConfigError::Http)?;
         Ok(OpenAiProvider { config, http })
     }
 
@@ -303,8 +323,8 @@ impl LlmProvider for OpenAiProvider {
             .base_url
             .join("chat/completions")
             .map_err(|_| LlmError::Unavailable("LLM_BASE_URL cannot be joined".into()))?;
-        let body = serde_json::to_vec(&self.request_body(facts))
-            .map_err(|e| LlmError::Unavailable(e.to_string()))?;
+        // A JSON value always serializes: there is no error to report.
+        let body = self.request_body(facts).to_string().into_bytes();
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.config.min_delay)
             .with_max_delay(self.config.min_delay * 8)

@@ -292,6 +292,25 @@ fn configuration_from_the_environment() {
 }
 
 #[test]
+fn a_base_url_that_is_not_a_url_keeps_the_parsers_error() {
+    let err = OpenAiConfig::new("not a url", "m").unwrap_err();
+    assert!(matches!(err, ConfigError::BaseUrl { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "LLM configuration: LLM_BASE_URL \"not a url\": relative URL without a base"
+    );
+    let source = std::error::Error::source(&err).expect("the parser's error is the source");
+    assert_eq!(
+        source.downcast_ref::<url::ParseError>(),
+        Some(&url::ParseError::RelativeUrlWithoutBase)
+    );
+    // A rule of RevPilot's own has no underlying error.
+    let err = OpenAiConfig::new("http://x/v1", " ").unwrap_err();
+    assert!(matches!(err, ConfigError::Invalid(_)), "{err:?}");
+    assert!(std::error::Error::source(&err).is_none());
+}
+
+#[test]
 fn a_fenced_answer_is_read() {
     assert_eq!(strip_fence("```json\n{\"a\":1}\n```"), "{\"a\":1}");
     assert_eq!(strip_fence(" {\"a\":1} "), "{\"a\":1}");

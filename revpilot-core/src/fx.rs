@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 
-use crate::money::Currency;
+use crate::money::{Currency, InvalidCurrency};
 
 /// A source of daily exchange rates.
 pub trait FxRates {
@@ -36,11 +36,15 @@ pub struct FxTable {
 /// The error for a rates file that cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("rates line {line}: {problem}")]
+#[non_exhaustive]
 pub struct FxParseError {
     /// 1-based line number.
     pub line: usize,
     /// What is wrong with it.
     pub problem: String,
+    /// The currency code's error, when that is what is wrong (`problem` repeats its message).
+    #[source]
+    pub source: Option<InvalidCurrency>,
 }
 
 impl FxTable {
@@ -83,6 +87,7 @@ impl FxTable {
             return Err(FxParseError {
                 line: 1,
                 problem: "expected the header date,from,to,rate".into(),
+                source: None,
             });
         }
         for (i, line) in lines {
@@ -94,6 +99,12 @@ impl FxTable {
             let err = |problem: String| FxParseError {
                 line: line_no,
                 problem,
+                source: None,
+            };
+            let currency = |e: InvalidCurrency| FxParseError {
+                line: line_no,
+                problem: e.to_string(),
+                source: Some(e),
             };
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
             let [date, from, to, rate] = fields[..] else {
@@ -101,8 +112,8 @@ impl FxTable {
             };
             let day = NaiveDate::parse_from_str(date, "%Y-%m-%d")
                 .map_err(|e| err(format!("date {date:?}: {e}")))?;
-            let from = Currency::parse(from).map_err(|e| err(e.to_string()))?;
-            let to = Currency::parse(to).map_err(|e| err(e.to_string()))?;
+            let from = Currency::parse(from).map_err(currency)?;
+            let to = Currency::parse(to).map_err(currency)?;
             let rate: Decimal = rate
                 .parse()
                 .map_err(|e| err(format!("rate {rate:?}: {e}")))?;
@@ -173,5 +184,21 @@ mod tests {
         assert!(e.to_string().starts_with("rates line 2: date"), "{e}");
         let e = FxTable::from_csv("date,from,to,rate\n2024-01-01,eur,usd,-1\n").unwrap_err();
         assert!(e.problem.contains("not positive"));
+        assert!(std::error::Error::source(&e).is_none());
+    }
+
+    #[test]
+    fn a_bad_currency_is_kept_as_the_source() {
+        let e = FxTable::from_csv("date,from,to,rate\n2024-01-01,eur,dollars,1\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert_eq!(
+            e.to_string(),
+            "rates line 2: invalid currency code \"dollars\": expected three ASCII letters such as \"usd\""
+        );
+        let source = std::error::Error::source(&e).expect("the currency's error is the source");
+        assert_eq!(
+            source.downcast_ref::<InvalidCurrency>(),
+            Some(&InvalidCurrency("dollars".into()))
+        );
     }
 }

@@ -57,6 +57,9 @@ pub enum Error {
         url: String,
         /// What is wrong with it.
         problem: String,
+        /// The driver's error, when the driver refused the URL (its message is `problem`).
+        #[source]
+        source: Option<sqlx::Error>,
     },
     /// The database cannot be opened or is not a RevPilot database.
     #[error("cannot open database {url:?}: {problem}")]
@@ -65,6 +68,10 @@ pub enum Error {
         url: String,
         /// What went wrong.
         problem: String,
+        /// The driver's (or the migrator's) error, when one caused this; its message is in
+        /// `problem`. `None` when the database opened but is not one this store can use.
+        #[source]
+        source: Option<sqlx::Error>,
     },
     /// The encryption keys are missing or malformed.
     #[error(transparent)]

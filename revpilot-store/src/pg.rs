@@ -106,16 +106,21 @@ impl PgStore {
             return Err(Error::InvalidUrl {
                 url: shown,
                 problem: "this store opens `postgres://` URLs".into(),
+                source: None,
             });
         }
         let mut options = PgConnectOptions::from_str(url).map_err(|e| Error::InvalidUrl {
             url: shown.clone(),
             problem: e.to_string(),
+            source: Some(e),
         })?;
-        let open = |problem: String| Error::Open {
+        // `problem` repeats the driver's message: the error is often shown without its sources.
+        let open = |problem: String, source: Option<sqlx::Error>| Error::Open {
             url: shown.clone(),
             problem,
+            source,
         };
+        let failed = |e: sqlx::Error| open(e.to_string(), Some(e));
         if let Some(schema) = schema {
             if schema.is_empty()
                 || !schema
@@ -125,6 +130,7 @@ impl PgStore {
                 return Err(Error::InvalidUrl {
                     url: shown,
                     problem: format!("schema name {schema:?} must be letters, digits and _"),
+                    source: None,
                 });
             }
             let admin = PgPoolOptions::new()
@@ -132,13 +138,13 @@ impl PgStore {
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(options.clone())
                 .await
-                .map_err(|e| open(e.to_string()))?;
+                .map_err(failed)?;
             sqlx::query(AssertSqlSafe(format!(
                 "CREATE SCHEMA IF NOT EXISTS {schema}"
             )))
             .execute(&admin)
             .await
-            .map_err(|e| open(e.to_string()))?;
+            .map_err(failed)?;
             admin.close().await;
             options = options.options([("search_path", schema)]);
         }
@@ -147,7 +153,7 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
-            .map_err(|e| open(e.to_string()))?;
+            .map_err(failed)?;
         let foreign: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM information_schema.tables t
              WHERE t.table_schema = current_schema() AND t.table_name = 'user_profiles'
@@ -156,14 +162,14 @@ impl PgStore {
         )
         .fetch_one(&pool)
         .await
-        .map_err(|e| open(e.to_string()))?;
+        .map_err(failed)?;
         if foreign > 0 {
-            return Err(open("it has RevPilot's tables but no migration history: another application's database?".into()));
+            return Err(open("it has RevPilot's tables but no migration history: another application's database?".into(), None));
         }
         MIGRATOR
             .run(&pool)
             .await
-            .map_err(|e| open(format!("migrations failed: {e}")))?;
+            .map_err(|e| open(format!("migrations failed: {e}"), Some(e.into())))?;
         Ok(PgStore { pool, keys })
     }
 
@@ -1586,8 +1592,14 @@ impl SyncStateStore for PgStore {
         let count = |v: u64| {
             i64::try_from(v).map_err(|_| StoreError::Invalid(format!("count {v} is too large")))
         };
-        let objects = serde_json::to_value(&outcome.objects)
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        // Counts by stream name are always JSON: built directly, there is no error to report.
+        let objects = serde_json::Value::Object(
+            outcome
+                .objects
+                .iter()
+                .map(|(stream, n)| (stream.clone(), serde_json::Value::from(*n)))
+                .collect(),
+        );
         let done = sqlx::query(
             "UPDATE sync_runs SET finished_at = $1, status = $2, objects = $3, requests = $4, retries = $5, error = $6
              WHERE id = $7 AND status = 'running'",

@@ -112,11 +112,13 @@ impl SqliteStore {
                 return Err(Error::InvalidUrl {
                     url: shown,
                     problem: "this store opens `sqlite:` URLs".into(),
+                    source: None,
                 });
             }
             SqliteConnectOptions::from_str(url).map_err(|e| Error::InvalidUrl {
                 url: shown.clone(),
                 problem: e.to_string(),
+                source: Some(e),
             })?
         } else {
             SqliteConnectOptions::new().filename(url)
@@ -129,15 +131,18 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let open = |problem: String| Error::Open {
+        // `problem` repeats the driver's message: the error is often shown without its sources.
+        let open = |problem: String, source: Option<sqlx::Error>| Error::Open {
             url: shown.clone(),
             problem,
+            source,
         };
+        let failed = |e: sqlx::Error| open(e.to_string(), Some(e));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)
             .await
-            .map_err(|e| open(e.to_string()))?;
+            .map_err(failed)?;
         // A file that is not ours: tables of RevPilot's names but no migration history.
         let foreign: Option<(i64,)> = sqlx::query_as(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'user_profiles'
@@ -145,14 +150,14 @@ impl SqliteStore {
         )
         .fetch_optional(&pool)
         .await
-        .map_err(|e| open(e.to_string()))?;
+        .map_err(failed)?;
         if foreign.is_some_and(|(n,)| n > 0) {
-            return Err(open("it has RevPilot's tables but no migration history: another application's database?".into()));
+            return Err(open("it has RevPilot's tables but no migration history: another application's database?".into(), None));
         }
         MIGRATOR
             .run(&pool)
             .await
-            .map_err(|e| open(format!("migrations failed: {e}")))?;
+            .map_err(|e| open(format!("migrations failed: {e}"), Some(e.into())))?;
         Ok(SqliteStore { pool, keys })
     }
 
@@ -1586,8 +1591,14 @@ impl SyncStateStore for SqliteStore {
         let count = |v: u64| {
             i64::try_from(v).map_err(|_| StoreError::Invalid(format!("count {v} is too large")))
         };
-        let objects = serde_json::to_value(&outcome.objects)
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        // Counts by stream name are always JSON: built directly, there is no error to report.
+        let objects = serde_json::Value::Object(
+            outcome
+                .objects
+                .iter()
+                .map(|(stream, n)| (stream.clone(), serde_json::Value::from(*n)))
+                .collect(),
+        );
         let done = sqlx::query(
             "UPDATE sync_runs SET finished_at = $1, status = $2, objects = $3, requests = $4, retries = $5, error = $6
              WHERE id = $7 AND status = 'running'",

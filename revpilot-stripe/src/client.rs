@@ -65,10 +65,12 @@ impl ClientConfig {
     /// Sets the API base from a string such as `http://127.0.0.1:12111`.
     ///
     /// # Errors
-    /// [`ApiError::Config`] when it is not an http(s) URL.
+    /// [`ApiError::Url`] when it is not a URL, [`ApiError::Config`] when it is not http(s).
     pub fn with_api_base(mut self, base: &str) -> Result<Self, ApiError> {
-        let url =
-            Url::parse(base).map_err(|e| ApiError::Config(format!("api base {base:?}: {e}")))?;
+        let url = Url::parse(base).map_err(|source| ApiError::Url {
+            what: format!("api base {base:?}"),
+            source,
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(ApiError::Config(format!("api base {base:?}: not http(s)")));
         }
@@ -78,7 +80,7 @@ impl ClientConfig {
 }
 
 /// Why a request failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ApiError {
     /// 401: the key or token is invalid or was revoked.
@@ -118,6 +120,18 @@ pub enum ApiError {
     /// The client cannot be built.
     #[error("client configuration: {0}")]
     Config(String),
+    /// A URL the client is given, or builds from its base, cannot be parsed.
+    #[error("client configuration: {what}: {source}")]
+    Url {
+        /// The URL or path at fault (`api base "..."`, `/v1/customers`).
+        what: String,
+        /// The parser's error.
+        #[source]
+        source: url::ParseError,
+    },
+    /// The HTTP client cannot be built (its TLS backend cannot start).
+    #[error("client configuration: {0}")]
+    Http(#[source] reqwest::Error),
 }
 
 impl ApiError {
@@ -177,7 +191,7 @@ pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, ApiError
         .connect_timeout(Duration::from_secs(10))
         .user_agent(concat!("revpilot/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| ApiError::Config(e.to_string()))
+        .map_err(ApiError::Http)
 }
 
 /// Stripe's error body's message, or the body's start.
@@ -206,7 +220,7 @@ impl Client {
     /// Builds a client.
     ///
     /// # Errors
-    /// [`ApiError::Config`] when the HTTP client cannot be built.
+    /// [`ApiError::Http`] when the HTTP client cannot be built.
     pub fn new(config: ClientConfig) -> Result<Self, ApiError> {
         let http = http_client(config.timeout)?;
         // Bursts of a tenth of a second's budget at most: a server-side bucket of a second's
@@ -351,10 +365,10 @@ impl Client {
         idempotency_key: Option<&str>,
     ) -> Result<Vec<u8>, ApiError> {
         let cfg = &self.inner.config;
-        let url = cfg
-            .api_base
-            .join(path)
-            .map_err(|e| ApiError::Config(format!("{path}: {e}")))?;
+        let url = cfg.api_base.join(path).map_err(|source| ApiError::Url {
+            what: path.to_owned(),
+            source,
+        })?;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(cfg.min_delay)
             .with_max_delay(cfg.max_delay)

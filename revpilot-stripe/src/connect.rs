@@ -94,7 +94,7 @@ pub enum ConnectError {
     Api(#[from] ApiError),
     /// Storage failed.
     #[error("storage: {0}")]
-    Store(StoreError),
+    Store(#[source] StoreError),
 }
 
 impl From<StoreError> for ConnectError {
@@ -200,7 +200,10 @@ impl Connect {
             .config
             .connect_base
             .join("/oauth/authorize")
-            .map_err(|e| ApiError::Config(e.to_string()))?;
+            .map_err(|source| ApiError::Url {
+                what: "/oauth/authorize".into(),
+                source,
+            })?;
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("response_type", "code")
@@ -295,7 +298,10 @@ impl Connect {
             .config
             .token_base
             .join("/oauth/token")
-            .map_err(|e| ApiError::Config(e.to_string()))?;
+            .map_err(|source| ApiError::Url {
+                what: "/oauth/token".into(),
+                source,
+            })?;
         let resp = self
             .http
             .post(url)

@@ -38,12 +38,24 @@ pub struct Export {
 }
 
 /// Why an export cannot be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExportError {
     /// The file is not a JSON object of lists.
     #[error("not an export (a JSON object of lists): {0}")]
     Shape(String),
+    /// The file is not a JSON object of lists, as the JSON parser found.
+    #[error("not an export (a JSON object of lists): {}{source}", json_context(*offset, *what))]
+    Json {
+        /// Where the value at fault starts in the input, when the reader knows.
+        offset: Option<u64>,
+        /// What that value should have been, when it is one value (`"exported_at" is not unix
+        /// seconds`).
+        what: Option<&'static str>,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// One object cannot be read.
     #[error(transparent)]
     Object(#[from] ParseError),
@@ -57,7 +69,19 @@ pub enum ExportError {
     },
     /// The input cannot be read.
     #[error("reading the export: {0}")]
-    Read(String),
+    Read(#[source] std::io::Error),
+}
+
+/// The start of [`ExportError::Json`]'s message: `at byte 9: ` and what the value should be.
+fn json_context(offset: Option<u64>, what: Option<&str>) -> String {
+    let mut context = offset
+        .map(|at| format!("at byte {at}: "))
+        .unwrap_or_default();
+    if let Some(what) = what {
+        context.push_str(what);
+        context.push_str(": ");
+    }
+    context
 }
 
 #[derive(Deserialize)]
@@ -114,8 +138,8 @@ impl Export {
     /// Reads an export from its JSON bytes.
     ///
     /// # Errors
-    /// [`ExportError::Shape`] when the bytes are not a JSON object of lists,
-    /// [`ExportError::Object`] naming the first object (kind and id) that cannot be read.
+    /// [`ExportError::Shape`] or [`ExportError::Json`] when the bytes are not a JSON object of
+    /// lists, [`ExportError::Object`] naming the first object (kind and id) that cannot be read.
     pub fn from_json(json: &[u8]) -> Result<Self, ExportError> {
         // serde would read a JSON array as the struct's fields in order.
         if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -124,8 +148,11 @@ impl Export {
                     .into(),
             ));
         }
-        let raw: Raw<'_> =
-            serde_json::from_slice(json).map_err(|e| ExportError::Shape(e.to_string()))?;
+        let raw: Raw<'_> = serde_json::from_slice(json).map_err(|source| ExportError::Json {
+            offset: None,
+            what: None,
+            source,
+        })?;
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         Ok(Export {
             customers: parse_all("customer", &raw.customers, threads)?,
@@ -320,6 +347,25 @@ mod tests {
         assert!(text.contains("charge ch_9"), "{text}");
         let err = Export::from_json(b"[1, 2]").unwrap_err();
         assert!(matches!(err, ExportError::Shape(_)), "{err}");
+    }
+
+    #[test]
+    fn a_json_error_is_kept_as_the_source() {
+        let err = Export::from_json(br#"{"customers": 5}"#).unwrap_err();
+        assert!(
+            matches!(err, ExportError::Json { offset: None, .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("not an export (a JSON object of lists): invalid type"),
+            "{text}"
+        );
+        let source = std::error::Error::source(&err).expect("the parser's error is the source");
+        let json = source
+            .downcast_ref::<serde_json::Error>()
+            .expect("a serde_json::Error");
+        assert!(json.is_data(), "{json}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::money::Currency;
+use crate::money::{Currency, InvalidCurrency};
 use crate::ports::{Limits, Meter, Tier};
 
 /// Every tier, cheapest first.
@@ -29,11 +29,15 @@ pub fn price_env_var(tier: Tier) -> &'static str {
 /// A catalog that cannot be used, naming the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid tier catalog: {field}: {problem}")]
+#[non_exhaustive]
 pub struct CatalogError {
     /// The field, as a dotted path (`tiers.professional.price`).
     pub field: String,
     /// What is wrong with it.
     pub problem: String,
+    /// The currency code's error, when that is what is wrong (`problem` repeats its message).
+    #[source]
+    pub source: Option<InvalidCurrency>,
 }
 
 impl CatalogError {
@@ -41,6 +45,15 @@ impl CatalogError {
         CatalogError {
             field: field.into(),
             problem: problem.into(),
+            source: None,
+        }
+    }
+
+    fn currency(field: impl Into<String>, source: InvalidCurrency) -> Self {
+        CatalogError {
+            field: field.into(),
+            problem: source.to_string(),
+            source: Some(source),
         }
     }
 }
@@ -470,7 +483,7 @@ mod file {
         pub(super) fn into_catalog(self) -> Result<Catalog, CatalogError> {
             let currency = match self.currency {
                 Some(c) => {
-                    Currency::parse(&c).map_err(|e| CatalogError::new("currency", e.to_string()))?
+                    Currency::parse(&c).map_err(|e| CatalogError::currency("currency", e))?
                 }
                 None => Currency::USD,
             };

@@ -139,6 +139,22 @@ fn invalid_catalogs_are_rejected_naming_the_field() {
     for (text, field) in cases {
         let err = Catalog::from_toml(&text).unwrap_err();
         assert_eq!(err.field, field, "{err}");
+        // Only the currency has an underlying error, kept as the source.
+        let source = std::error::Error::source(&err);
+        if field == "currency" {
+            let source = source.expect("the currency's error is the source");
+            assert_eq!(
+                source.downcast_ref::<crate::money::InvalidCurrency>(),
+                Some(&crate::money::InvalidCurrency("dollars".into()))
+            );
+            assert!(
+                err.to_string()
+                    .contains("invalid currency code \"dollars\""),
+                "{err}"
+            );
+        } else {
+            assert!(source.is_none(), "{field}: {err}");
+        }
     }
     // A tier left out, a typo'd key, a missing key: the message names it and where.
     let no_enterprise = DEFAULT_TOML

@@ -243,6 +243,10 @@ async fn bad_input_gets_clear_errors_and_writes_nothing() {
         err.to_string().contains("another application's database"),
         "{err}"
     );
+    assert!(
+        std::error::Error::source(&err).is_none(),
+        "no driver error caused it: {err:?}"
+    );
 
     let err = SqliteStore::connect("postgres://u:hunter2@127.0.0.1/db", keys())
         .await
@@ -256,6 +260,15 @@ async fn bad_input_gets_clear_errors_and_writes_nothing() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Open { .. }), "{err}");
+    // The driver's error is kept as the source, not only as text.
+    let source = std::error::Error::source(&err).expect("the driver's error is the source");
+    assert!(source.downcast_ref::<sqlx::Error>().is_some(), "{source:?}");
+    let err = SqliteStore::connect("sqlite://x.db?mode=nonsense", keys())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
+    let source = std::error::Error::source(&err).expect("the driver's error is the source");
+    assert!(source.downcast_ref::<sqlx::Error>().is_some(), "{source:?}");
 }
 
 #[tokio::test]

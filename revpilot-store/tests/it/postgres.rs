@@ -117,6 +117,9 @@ async fn bad_postgres_input_gets_clear_errors() {
         .unwrap_err();
     assert!(matches!(err, Error::Open { .. }), "{err}");
     assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+    let source = std::error::Error::source(&err).expect("the driver's error is the source");
+    assert!(source.downcast_ref::<sqlx::Error>().is_some(), "{source:?}");
     let err = PgStore::connect("sqlite://x.db", keys()).await.unwrap_err();
     assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
 }

@@ -239,3 +239,26 @@ async fn the_token_bucket_spaces_requests() {
         start.elapsed()
     );
 }
+
+#[test]
+fn a_bad_api_base_keeps_the_parsers_error() {
+    let err = ClientConfig::new(SecretString::from("sk_test_x"))
+        .with_api_base("not a url")
+        .unwrap_err();
+    assert!(matches!(err, ApiError::Url { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "client configuration: api base \"not a url\": relative URL without a base"
+    );
+    let source = std::error::Error::source(&err).expect("the parser's error is the source");
+    assert_eq!(
+        source.downcast_ref::<url::ParseError>(),
+        Some(&url::ParseError::RelativeUrlWithoutBase)
+    );
+    // Not http(s) is RevPilot's own rule: there is no underlying error.
+    let err = ClientConfig::new(SecretString::from("sk_test_x"))
+        .with_api_base("ftp://example.com")
+        .unwrap_err();
+    assert!(matches!(err, ApiError::Config(_)), "{err:?}");
+    assert!(std::error::Error::source(&err).is_none());
+}

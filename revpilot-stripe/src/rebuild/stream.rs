@@ -64,7 +64,8 @@ pub fn rebuild_json(json: &[u8]) -> Result<Rebuilt, ExportError> {
 /// [`super::rebuild`] of the whole [`crate::export::Export`].
 ///
 /// # Errors
-/// [`ExportError::Shape`] when the input is not a JSON object of lists (with the byte offset),
+/// [`ExportError::Shape`] or [`ExportError::Json`] when the input is not a JSON object of lists
+/// (with the byte offset),
 /// [`ExportError::Truncated`] when it ends inside the object, [`ExportError::Object`] naming the
 /// first object that cannot be read (its kind and id, or its byte offset when it has no id), and
 /// [`ExportError::Read`] when the reader fails.
@@ -78,7 +79,7 @@ pub fn rebuild_reader<R: Read>(
     let work_rx = Mutex::new(work_rx);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
     let stop = AtomicBool::new(false);
-    let (read, parts) = std::thread::scope(|scope| {
+    let (read, mut parts) = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 let (work_rx, free_tx, stop) = (&work_rx, free_tx.clone(), &stop);
@@ -101,11 +102,13 @@ pub fn rebuild_reader<R: Read>(
         Ok(stamp) => (stamp, None),
         Err(e) => (None, Some(e)),
     };
-    for part in &parts {
-        if let Some((at, e)) = &part.error
-            && first.as_ref().is_none_or(|(f, _)| at < f)
+    // Taken, not cloned (an error keeps its source, which cannot be cloned): when one is found
+    // the parts are dropped unassembled.
+    for part in &mut parts {
+        if let Some((at, e)) = part.error.take()
+            && first.as_ref().is_none_or(|(f, _)| at < *f)
         {
-            first = Some((*at, e.clone()));
+            first = Some((at, e));
         }
     }
     if let Some((_, e)) = first {
@@ -363,7 +366,7 @@ fn split_all<R: Read>(
                 Ok(0) => eof = true,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err((base + filled as u64, ExportError::Read(e.to_string()))),
+                Err(e) => return Err((base + filled as u64, ExportError::Read(e))),
             }
         }
         let mut elements = Vec::new();
@@ -450,13 +453,17 @@ struct Splitter {
 #[derive(Debug)]
 enum SplitError {
     Shape(u64, String),
+    /// A token the JSON parser refused: where it starts, what it should be, the parser's error.
+    Json(u64, Option<&'static str>, serde_json::Error),
     Truncated(u64, Option<Kind>),
 }
 
 impl SplitError {
     fn offset(&self) -> u64 {
         match self {
-            SplitError::Shape(at, _) | SplitError::Truncated(at, _) => *at,
+            SplitError::Shape(at, _) | SplitError::Json(at, ..) | SplitError::Truncated(at, _) => {
+                *at
+            }
         }
     }
 }
@@ -465,6 +472,11 @@ impl From<SplitError> for ExportError {
     fn from(e: SplitError) -> Self {
         match e {
             SplitError::Shape(at, what) => ExportError::Shape(format!("at byte {at}: {what}")),
+            SplitError::Json(at, what, source) => ExportError::Json {
+                offset: Some(at),
+                what,
+                source,
+            },
             SplitError::Truncated(at, kind) => ExportError::Truncated {
                 kind: kind.map(Kind::name),
                 offset: at,
@@ -526,7 +538,7 @@ impl Splitter {
                         return self.incomplete(i, eof, base, None);
                     };
                     let key: String = serde_json::from_slice(&buf[i..end])
-                        .map_err(|e| SplitError::Shape(at_byte(i), format!("key: {e}")))?;
+                        .map_err(|e| SplitError::Json(at_byte(i), Some("key"), e))?;
                     let kind = Kind::of_key(&key);
                     self.stamp = key == "exported_at";
                     if let Some(k) = kind
@@ -565,14 +577,15 @@ impl Splitter {
                     if self.stamp {
                         self.exported_at = serde_json::from_slice::<Option<i64>>(&buf[i..end])
                             .map_err(|e| {
-                                SplitError::Shape(
+                                SplitError::Json(
                                     at_byte(i),
-                                    format!("\"exported_at\" is not unix seconds: {e}"),
+                                    Some("\"exported_at\" is not unix seconds"),
+                                    e,
                                 )
                             })?;
                     } else {
                         serde_json::from_slice::<serde::de::IgnoredAny>(&buf[i..end])
-                            .map_err(|e| SplitError::Shape(at_byte(i), e.to_string()))?;
+                            .map_err(|e| SplitError::Json(at_byte(i), None, e))?;
                     }
                     self.at = At::AfterValue;
                     i = end;

@@ -323,3 +323,55 @@ fn the_export_time_dates_the_data_in_both_paths() {
     let e = error(&serde_json::to_string(&map).unwrap());
     assert!(e.contains("\"exported_at\" is not unix seconds"), "{e}");
 }
+
+/// A reader whose device fails.
+struct Failing;
+
+impl std::io::Read for Failing {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "the device went away",
+        ))
+    }
+}
+
+#[test]
+fn errors_keep_their_sources() {
+    let options = StreamOptions {
+        batch_bytes: 64,
+        threads: 2,
+    };
+    // The reader's error, after part of the export was read.
+    let reader = std::io::Read::chain(&br#"{"customers": ["#[..], Failing);
+    let Err(e) = rebuild_reader(reader, &options) else {
+        panic!("a failing reader is an error");
+    };
+    assert!(matches!(e, ExportError::Read(_)), "{e:?}");
+    assert_eq!(e.to_string(), "reading the export: the device went away");
+    let source = std::error::Error::source(&e).expect("the reader's error is the source");
+    let io = source
+        .downcast_ref::<std::io::Error>()
+        .expect("an io::Error");
+    assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
+    // The JSON parser's error, with where it happened.
+    let Err(e) = rebuild_reader(&br#"{"note": [1, 2,], "customers": []}"#[..], &options) else {
+        panic!("invalid JSON is an error");
+    };
+    assert!(
+        matches!(
+            e,
+            ExportError::Json {
+                offset: Some(9),
+                what: None,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let source = std::error::Error::source(&e).expect("the parser's error is the source");
+    assert!(
+        source.downcast_ref::<serde_json::Error>().is_some(),
+        "{source:?}"
+    );
+}
