@@ -374,34 +374,54 @@ fn charge_of(dispute: &CachedObject) -> Option<String> {
     serde_json::from_str::<D>(&dispute.data).ok()?.charge
 }
 
-/// `previous` with the customers `keys` replaced by what `part` holds of them.
+/// `previous` with the customers `keys` replaced by what `part` holds of them, sorted as
+/// [`sort`] leaves an account. The payments (the most objects: one per charge) are copied on a
+/// second thread while this one copies the customers and subscriptions: the copy is most of an
+/// update's own time on a large account.
 fn patch(previous: &Account, keys: &[String], part: Account) -> Account {
     let dirty: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
-    let mut account = Account {
-        customers: previous
-            .customers
-            .iter()
-            .filter(|c| !dirty.contains(c.id.as_str()))
-            .cloned()
-            .collect(),
-        subscriptions: previous
-            .subscriptions
-            .iter()
-            .filter(|s| !dirty.contains(s.customer.as_str()))
-            .cloned()
-            .collect(),
-        payments: previous
-            .payments
-            .iter()
-            .filter(|p| !dirty.contains(p.customer.as_deref().unwrap_or("")))
-            .cloned()
-            .collect(),
-    };
-    account.customers.extend(part.customers);
-    account.subscriptions.extend(part.subscriptions);
-    account.payments.extend(part.payments);
-    sort(&mut account);
-    account
+    let dirty = &dirty;
+    let Account {
+        customers,
+        subscriptions,
+        payments,
+    } = part;
+    std::thread::scope(|scope| {
+        let paid = scope.spawn(move || {
+            let mut kept: Vec<_> = previous
+                .payments
+                .iter()
+                .filter(|p| !dirty.contains(p.customer.as_deref().unwrap_or("")))
+                .cloned()
+                .collect();
+            kept.extend(payments);
+            kept.sort_by(|a, b| a.id.cmp(&b.id));
+            kept
+        });
+        let mut account = Account {
+            customers: previous
+                .customers
+                .iter()
+                .filter(|c| !dirty.contains(c.id.as_str()))
+                .cloned()
+                .collect(),
+            subscriptions: previous
+                .subscriptions
+                .iter()
+                .filter(|s| !dirty.contains(s.customer.as_str()))
+                .cloned()
+                .collect(),
+            payments: Vec::new(),
+        };
+        account.customers.extend(customers);
+        account.subscriptions.extend(subscriptions);
+        account.customers.sort_by(|a, b| a.id.cmp(&b.id));
+        account.subscriptions.sort_by(|a, b| a.id.cmp(&b.id));
+        account.payments = paid
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        account
+    })
 }
 
 /// Rebuilds the account of the user's `connection` from the cache and stores it as the
