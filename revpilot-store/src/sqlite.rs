@@ -97,8 +97,29 @@ fn u32_limit(v: Option<i64>) -> StoreResult<Option<u32>> {
     .transpose()
 }
 
+/// Creates a new database file readable by its owner only (0600; SQLite gives its `-wal` and
+/// `-shm` files the same mode): it holds encrypted Stripe tokens, password hashes and customers'
+/// data. An existing file keeps its mode; an in-memory database has none.
+fn create_private(options: &SqliteConnectOptions, url: &str) -> std::io::Result<()> {
+    let path = options.get_filename();
+    let name = path.to_string_lossy();
+    let in_memory = name.starts_with(':') || name.starts_with("file:") || url.contains("memory");
+    if name.is_empty() || in_memory || path.exists() {
+        return Ok(());
+    }
+    let mut new = std::fs::OpenOptions::new();
+    new.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut new, 0o600);
+    match new.open(path) {
+        // Created meanwhile by another process: its mode stands.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other.map(drop),
+    }
+}
+
 impl SqliteStore {
-    /// Opens (creating if missing) the database at `url` (`sqlite://path`, `sqlite:path` or a
+    /// Opens (creating if missing, readable by its owner only) the database at `url` (`sqlite://path`, `sqlite:path` or a
     /// plain path), runs the embedded migrations, and uses `keys` for the tokens it stores.
     ///
     /// # Errors
@@ -138,6 +159,8 @@ impl SqliteStore {
             source,
         };
         let failed = |e: sqlx::Error| open(e.to_string(), Some(e));
+        create_private(&options, url)
+            .map_err(|e| open(format!("cannot create the file: {e}"), Some(e.into())))?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)

@@ -132,27 +132,6 @@ fn random_base64(n: usize) -> Option<String> {
 /// The shortest `CRON_SECRET` accepted, bytes (a guessable one would let anyone trigger syncs).
 const MIN_CRON_SECRET: usize = 32;
 
-/// Creates a new SQLite database file readable by its owner only (0600; SQLite gives its `-wal`
-/// and `-shm` files the same mode): it holds encrypted Stripe tokens, password hashes and
-/// customers' data. An existing file keeps its mode.
-fn private_sqlite_file(url: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let path = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .unwrap_or(url);
-    let path = path.split('?').next().unwrap_or(path);
-    if path.is_empty() || path.starts_with(':') || std::path::Path::new(path).exists() {
-        return Ok(());
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map(drop)
-}
-
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("revpilot-server: {message}");
     ExitCode::from(2)
@@ -212,11 +191,6 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("REVPILOT_ENCRYPTION_KEY: {e}")),
     };
     let postgres = database_url.starts_with("postgres");
-    if !postgres && let Err(e) = private_sqlite_file(&database_url) {
-        return fail(format!(
-            "DATABASE_URL: cannot create the database file: {e}"
-        ));
-    }
     let (store, queue) = match revpilot_worker::open(&database_url, keys, &args.queue).await {
         Ok(x) => x,
         Err(e) => return fail(e),

@@ -43,6 +43,39 @@ async fn sqlite_passes_the_conformance_suite() {
     conformance::run_all(|| fresh(&dir)).await;
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn a_new_database_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new().unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let url = format!("sqlite://{}", dir.path().join("new.db").display());
+    let store = SqliteStore::connect(&url, keys()).await.unwrap();
+    sqlx::query("CREATE TABLE t (x INTEGER)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    for name in ["new.db", "new.db-wal", "new.db-shm"] {
+        assert_eq!(mode(name), 0o600, "{name}");
+    }
+    // An existing file keeps the mode its owner gave it.
+    let shared = dir.path().join("shared.db");
+    std::fs::write(&shared, b"").unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let url = format!("sqlite://{}", shared.display());
+    drop(SqliteStore::connect(&url, keys()).await.unwrap());
+    assert_eq!(mode("shared.db"), 0o640);
+    // In memory: no file.
+    let memory = SqliteStore::connect("sqlite::memory:", keys()).await;
+    assert!(memory.is_ok());
+}
+
 #[tokio::test]
 async fn a_database_failure_keeps_the_drivers_error_as_its_source() {
     let dir = TempDir::new().unwrap();

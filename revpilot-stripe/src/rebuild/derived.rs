@@ -417,9 +417,7 @@ fn patch(previous: &Account, keys: &[String], part: Account) -> Account {
         account.subscriptions.extend(subscriptions);
         account.customers.sort_by(|a, b| a.id.cmp(&b.id));
         account.subscriptions.sort_by(|a, b| a.id.cmp(&b.id));
-        account.payments = paid
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        account.payments = paid.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
         account
     })
 }
