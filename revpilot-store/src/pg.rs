@@ -44,6 +44,17 @@ pub struct PgStore {
     keys: KeyRing,
 }
 
+/// A derivation's version (a 32-bit hash of the rebuild) as the `INTEGER` column holds it: the
+/// same 32 bits, read as signed. A hash above `i32::MAX` is as valid as any other.
+fn version_to_db(version: u32) -> i32 {
+    i32::from_be_bytes(version.to_be_bytes())
+}
+
+/// The inverse of [`version_to_db`].
+fn version_of_db(stored: i32) -> u32 {
+    u32::from_be_bytes(stored.to_be_bytes())
+}
+
 fn backend(e: sqlx::Error) -> StoreError {
     StoreError::Backend(Box::new(e))
 }
@@ -2040,8 +2051,7 @@ impl revpilot_core::ports::DerivedStore for PgStore {
         row.map(|(generation, version, synced_at, as_of, cache_read_at)| {
             Ok(revpilot_core::ports::DerivedStamp {
                 generation,
-                version: u32::try_from(version)
-                    .map_err(|_| StoreError::Invalid(format!("derived version {version}")))?,
+                version: version_of_db(version),
                 synced_at,
                 as_of,
                 cache_read_at,
@@ -2081,8 +2091,7 @@ impl revpilot_core::ports::DerivedStore for PgStore {
         stamp: &revpilot_core::ports::DerivedStamp,
         replacing: Option<Uuid>,
     ) -> StoreResult<bool> {
-        let version = i32::try_from(stamp.version)
-            .map_err(|_| StoreError::Invalid(format!("derived version {}", stamp.version)))?;
+        let version = version_to_db(stamp.version);
         let mut tx = self.write_for_connection(connection).await?;
         if let Some(g) = replacing {
             let current = sqlx::query(

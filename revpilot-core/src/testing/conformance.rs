@@ -941,8 +941,10 @@ pub async fn derived<S: UserStore + ConnectionStore + crate::ports::DerivedStore
         .write_derived(conn, second, &[row("cus_a", "a3"), row("cus_d", "d3")])
         .await
         .expect("write");
+    // The rebuild's version is a 32-bit hash: every bit of it round-trips.
     let next = DerivedStamp {
         generation: second,
+        version: 0x8765_4321,
         ..stamp
     };
     // An update in place of a generation no longer published does not publish.
