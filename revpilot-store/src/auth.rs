@@ -232,7 +232,7 @@ thread_local! {
     /// allocated on its first hash and reused by every later one. Allocating it per hash (what
     /// `Argon2::hash_password` does) let the allocator keep up to three freed copies per arena
     /// once other threads' small allocations split them: a storm of wrong logins left ~390 MiB
-    /// with two hashing threads. Reused, it is `REVPILOT_AUTH_CONCURRENCY` x 19 MiB for good.
+    /// with two hashing threads. Reused, it is [`Passwords`]' concurrency x 19 MiB for good.
     static ARGON2_MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -270,7 +270,7 @@ pub fn hash_password(password: &str) -> Result<String, String> {
 }
 
 /// Whether `password` is the one `hash` (a PHC string from [`hash_password`]) was made from.
-/// A hash whose memory cost is above the default's is not verified: this server never writes
+/// A hash whose memory cost is above the default's is not verified: this crate never writes
 /// one, and verifying it would grow the thread's memory for good.
 pub fn password_matches(password: &str, hash: &str) -> bool {
     use argon2::password_hash::phc::{Output, PasswordHash};
@@ -334,7 +334,7 @@ type HashJob = Box<dyn FnOnce() + Send>;
 pub struct Passwords {
     /// The slots (one per hashing thread).
     pub slots: Arc<tokio::sync::Semaphore>,
-    /// The longest wait for a slot before answering 503.
+    /// The longest wait for a slot before [`PasswordError::Busy`].
     pub wait: std::time::Duration,
     threads: usize,
     pool: Arc<std::sync::OnceLock<std::sync::mpsc::Sender<HashJob>>>,

@@ -99,12 +99,19 @@ fn u32_limit(v: Option<i64>) -> StoreResult<Option<u32>> {
 
 /// Creates a new database file readable by its owner only (0600; SQLite gives its `-wal` and
 /// `-shm` files the same mode): it holds encrypted Stripe tokens, password hashes and customers'
-/// data. An existing file keeps its mode; an in-memory database has none.
+/// data. An existing file keeps its mode; an in-memory database has none, a read-only open
+/// creates nothing, and a `file:` URI is left to SQLite.
 fn create_private(options: &SqliteConnectOptions, url: &str) -> std::io::Result<()> {
     let path = options.get_filename();
     let name = path.to_string_lossy();
-    let in_memory = name.starts_with(':') || name.starts_with("file:") || url.contains("memory");
-    if name.is_empty() || in_memory || path.exists() {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let param = |p: &str| query.split('&').any(|kv| kv == p);
+    let in_memory =
+        name == ":memory:" || name.starts_with("file:sqlx-in-memory-") || param("mode=memory");
+    if name.is_empty() || name.starts_with("file:") || in_memory || param("mode=ro") {
+        return Ok(());
+    }
+    if path.exists() {
         return Ok(());
     }
     let mut new = std::fs::OpenOptions::new();

@@ -208,14 +208,16 @@ struct Entry {
     stamp: Option<DateTime<Utc>>,
     pinned: bool,
     loaded: Arc<Loaded>,
-    /// The account's size ([`Account::heap_bytes`]), counted against the budget.
+    /// The account's size with its compiled form ([`Loaded::heap_bytes`]), counted against the
+    /// budget.
     bytes: usize,
     /// When it was put: the oldest goes first when the budget is full.
     order: u64,
 }
 
-/// The bytes of accounts a process keeps by default (the example server's `REVPILOT_ACCOUNTS_MB`):
-/// past it the oldest accounts are dropped and rebuilt on their next request.
+/// The bytes of accounts a process keeps by default (the example server's `REVPILOT_ACCOUNTS_MB`),
+/// each counted with its compiled form (about a tenth more): past it the oldest accounts are
+/// dropped and rebuilt on their next request.
 pub const DEFAULT_BUDGET_BYTES: usize = 1 << 30;
 
 /// The rebuilt accounts, by connection (see the module's documentation).

@@ -454,18 +454,49 @@ impl ExecuteJob for Runner {
     }
 }
 
-/// A stand-in for a queue in a process without one: each job handed over runs at once on a task
-/// of this process (keys are not remembered; a failure is logged, not retried).
-#[derive(Debug, Clone)]
-pub struct RunAtOnce(pub Arc<Runner>);
+/// A stand-in for a queue in a process without one (tests of a router alone, a small embedding):
+/// each job handed over runs at once on a task of this process. As [`Enqueue`] asks, a key
+/// pushed before is a no-op (this value remembers the last [`RunAtOnce::KEYS`] keys); unlike a
+/// queue, a failed job is logged, not retried, and nothing survives the process.
+#[derive(Debug)]
+pub struct RunAtOnce {
+    runner: Arc<Runner>,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl RunAtOnce {
+    /// Keys remembered before the set starts over.
+    pub const KEYS: usize = 10_000;
+
+    /// Runs jobs with `runner`.
+    pub fn new(runner: Arc<Runner>) -> Self {
+        RunAtOnce {
+            runner,
+            seen: std::sync::Mutex::default(),
+        }
+    }
+}
 
 #[async_trait]
 impl Enqueue for RunAtOnce {
-    async fn enqueue(&self, job: Job, _key: &str) -> Result<(), EnqueueError> {
-        let runner = Arc::clone(&self.0);
+    async fn enqueue(&self, job: Job, key: &str) -> Result<(), EnqueueError> {
+        {
+            let mut seen = self
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.len() >= Self::KEYS {
+                seen.clear();
+            }
+            if !seen.insert(key.to_owned()) {
+                return Ok(());
+            }
+        }
+        let runner = Arc::clone(&self.runner);
+        let key = key.to_owned();
         tokio::spawn(async move {
             if let Err(e) = runner.try_execute_task(&job).await {
-                tracing::warn!(job = job.kind(), error = %e, "job not run");
+                tracing::warn!(job = job.kind(), %key, error = %e, "job run at once failed; not retried");
             }
         });
         Ok(())
@@ -510,5 +541,22 @@ impl Drop for LeaseGuard {
                 let _ = store.release_lease(&key, &holder).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use revpilot_core::testing::MemoryStore;
+
+    #[tokio::test]
+    async fn run_at_once_runs_a_key_once() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let jobs = RunAtOnce::new(Arc::new(Runner::new(store, "test")));
+        for key in ["inbox:1", "inbox:1", "inbox:2"] {
+            assert!(jobs.enqueue(Job::Inbox, key).await.is_ok());
+        }
+        let seen = jobs.seen.lock().map(|s| s.len()).unwrap_or_default();
+        assert_eq!(seen, 2, "the second push of inbox:1 ran nothing");
     }
 }

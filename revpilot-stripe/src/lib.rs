@@ -41,11 +41,11 @@ pub mod sync;
 pub mod synth;
 pub mod webhook;
 
-pub use accounts::{Accounts, Loaded};
+pub use accounts::{Accounts, Loaded, SharedAccounts};
 pub use billing::{Processor, Receipt, ReceiveError, WebhookConfig, receive};
 pub use client::{ApiError, Client, ClientConfig};
 pub use connect::{Connect, ConnectConfig, ConnectError, receive_connect_event};
 pub use export::{Export, ExportError, RawExport};
-pub use jobs::{Done, Enqueue, Job, JobError, Runner};
+pub use jobs::{Done, Enqueue, EnqueueError, ExecuteJob, Job, JobError, RunAtOnce, Runner};
 pub use rebuild::derived::{LoadedAccount, load_account};
 pub use sync::{SyncJob, SyncPorts, Syncer};

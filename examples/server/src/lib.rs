@@ -331,7 +331,7 @@ impl AppState {
     pub fn jobs(&self) -> Arc<dyn revpilot_worker::Enqueue> {
         match &self.jobs {
             Some(q) => q.clone(),
-            None => Arc::new(RunAtOnce(Arc::new(self.runner("server")))),
+            None => Arc::new(RunAtOnce::new(Arc::new(self.runner("server")))),
         }
     }
 

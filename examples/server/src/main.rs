@@ -105,8 +105,8 @@ struct Args {
     /// Milliseconds a sign-up or log-in waits for a hashing slot before answering 503.
     #[arg(long, env = "REVPILOT_AUTH_WAIT_MS", default_value_t = 2000)]
     auth_wait_ms: u64,
-    /// MiB of rebuilt accounts kept in memory; past it the oldest are dropped and rebuilt on
-    /// their next request.
+    /// MiB of rebuilt accounts kept in memory, each with its compiled form; past it the oldest
+    /// are dropped and rebuilt on their next request.
     #[arg(long, env = "REVPILOT_ACCOUNTS_MB", default_value_t = revpilot_stripe::accounts::DEFAULT_BUDGET_BYTES >> 20)]
     accounts_mb: usize,
     /// Seconds one insight generation may wait for the model, every attempt together; past it

@@ -71,6 +71,10 @@ async fn a_new_database_file_is_readable_by_its_owner_only() {
     let url = format!("sqlite://{}", shared.display());
     drop(SqliteStore::connect(&url, keys()).await.unwrap());
     assert_eq!(mode("shared.db"), 0o640);
+    // A path that merely names memory is a file like any other.
+    let url = format!("sqlite://{}", dir.path().join("memory.db").display());
+    drop(SqliteStore::connect(&url, keys()).await.unwrap());
+    assert_eq!(mode("memory.db"), 0o600);
     // In memory: no file.
     let memory = SqliteStore::connect("sqlite::memory:", keys()).await;
     assert!(memory.is_ok());

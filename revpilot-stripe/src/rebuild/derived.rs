@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::PoisonError;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use revpilot_core::model::{Account, Customer, Payment, Price, Subscription};
@@ -376,8 +377,8 @@ fn charge_of(dispute: &CachedObject) -> Option<String> {
 
 /// `previous` with the customers `keys` replaced by what `part` holds of them, sorted as
 /// [`sort`] leaves an account. The payments (the most objects: one per charge) are copied on a
-/// second thread while this one copies the customers and subscriptions: the copy is most of an
-/// update's own time on a large account.
+/// second thread while this one copies the customers and subscriptions (in line when no thread
+/// can be started): the copy is most of an update's own time on a large account.
 fn patch(previous: &Account, keys: &[String], part: Account) -> Account {
     let dirty: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
     let dirty = &dirty;
@@ -386,38 +387,53 @@ fn patch(previous: &Account, keys: &[String], part: Account) -> Account {
         subscriptions,
         payments,
     } = part;
+    let payments_of = move || {
+        let mut kept: Vec<_> = previous
+            .payments
+            .iter()
+            .filter(|p| !dirty.contains(p.customer.as_deref().unwrap_or("")))
+            .cloned()
+            .collect();
+        kept.extend(payments);
+        sort_payments(&mut kept);
+        kept
+    };
+    // Taken by the thread, or in line when it cannot start.
+    let job = std::sync::Mutex::new(Some(payments_of));
+    let run = || {
+        let f = job.lock().unwrap_or_else(PoisonError::into_inner).take();
+        f.map(|f| f()).unwrap_or_default()
+    };
     std::thread::scope(|scope| {
-        let paid = scope.spawn(move || {
-            let mut kept: Vec<_> = previous
-                .payments
-                .iter()
-                .filter(|p| !dirty.contains(p.customer.as_deref().unwrap_or("")))
-                .cloned()
-                .collect();
-            kept.extend(payments);
-            kept.sort_by(|a, b| a.id.cmp(&b.id));
-            kept
-        });
+        let paid = std::thread::Builder::new()
+            .name("revpilot-patch".into())
+            .spawn_scoped(scope, run)
+            .ok();
         let mut account = Account {
             customers: previous
                 .customers
                 .iter()
                 .filter(|c| !dirty.contains(c.id.as_str()))
                 .cloned()
+                .chain(customers)
                 .collect(),
             subscriptions: previous
                 .subscriptions
                 .iter()
                 .filter(|s| !dirty.contains(s.customer.as_str()))
                 .cloned()
+                .chain(subscriptions)
                 .collect(),
             payments: Vec::new(),
         };
-        account.customers.extend(customers);
-        account.subscriptions.extend(subscriptions);
-        account.customers.sort_by(|a, b| a.id.cmp(&b.id));
-        account.subscriptions.sort_by(|a, b| a.id.cmp(&b.id));
-        account.payments = paid.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        sort_customers(&mut account.customers);
+        sort_subscriptions(&mut account.subscriptions);
+        account.payments = match paid {
+            Some(handle) => handle
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            None => run(),
+        };
         account
     })
 }
@@ -477,9 +493,21 @@ pub async fn derive_account<S: ObjectCache + DerivedStore + ?Sized>(
 
 /// Customers, subscriptions and payments by id: the order a derivation reads back in.
 fn sort(account: &mut Account) {
-    account.customers.sort_by(|a, b| a.id.cmp(&b.id));
-    account.subscriptions.sort_by(|a, b| a.id.cmp(&b.id));
-    account.payments.sort_by(|a, b| a.id.cmp(&b.id));
+    sort_customers(&mut account.customers);
+    sort_subscriptions(&mut account.subscriptions);
+    sort_payments(&mut account.payments);
+}
+
+fn sort_customers(customers: &mut [revpilot_core::model::Customer]) {
+    customers.sort_by(|a, b| a.id.cmp(&b.id));
+}
+
+fn sort_subscriptions(subscriptions: &mut [revpilot_core::model::Subscription]) {
+    subscriptions.sort_by(|a, b| a.id.cmp(&b.id));
+}
+
+fn sort_payments(payments: &mut [revpilot_core::model::Payment]) {
+    payments.sort_by(|a, b| a.id.cmp(&b.id));
 }
 
 /// The account cut by customer id (`""`: payments of no customer), by key.
