@@ -62,6 +62,13 @@ impl ClientConfig {
         }
     }
 
+    /// Whether the key is a live-mode one (`sk_live_...`, `rk_live_...`): a server in live mode
+    /// ignores test events and the other way round.
+    pub fn is_live(&self) -> bool {
+        let key = self.api_key.expose_secret();
+        key.starts_with("sk_live_") || key.starts_with("rk_live_")
+    }
+
     /// Sets the API base from a string such as `http://127.0.0.1:12111`.
     ///
     /// # Errors

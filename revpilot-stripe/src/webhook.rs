@@ -108,6 +108,16 @@ impl SignatureHeader {
     }
 }
 
+/// Endpoint secrets as configured: comma-separated while rotating (`whsec_new,whsec_old`),
+/// blanks dropped.
+pub fn secrets_from_csv(csv: &str) -> Vec<SecretString> {
+    csv.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| SecretString::from(s.to_owned()))
+        .collect()
+}
+
 /// A `Stripe-Signature` header for `payload` signed with `secret` at `timestamp` (unix
 /// seconds), as Stripe makes it: for tests, fakes and load generators.
 pub fn signature_header(payload: &[u8], secret: &str, timestamp: i64) -> String {
@@ -177,6 +187,15 @@ pub fn verify(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn secrets_are_read_comma_separated_while_rotating() {
+        let secrets = secrets_from_csv(" whsec_new, whsec_old ,,");
+        let got: Vec<&str> = secrets.iter().map(|s| s.expose_secret()).collect();
+        assert_eq!(got, ["whsec_new", "whsec_old"]);
+        assert!(secrets_from_csv(" ").is_empty());
+    }
+
     use super::*;
 
     fn sign(payload: &[u8], secret: &str, t: i64) -> String {

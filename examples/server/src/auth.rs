@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::Algorithm;
+use revpilot_core::billing::ensure_profile;
 use revpilot_core::ports::{StoreError, Tier, UserId};
 use revpilot_store::auth::{PasswordError, session_id};
 use serde::Deserialize;
@@ -52,33 +53,11 @@ impl FromRequestParts<AppState> for AuthUser {
         if state.known_users.contains(user) {
             return Ok(AuthUser(user));
         }
-        match state.store.user(user).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                let limits = state.catalog.plan(Tier::Starter).limits;
-                let now = (state.clock)();
-                let created = match state
-                    .store
-                    .create_user(user, claims.email.as_deref(), Tier::Starter, limits, now)
-                    .await
-                {
-                    // The email belongs to another profile: this one goes without it.
-                    Err(StoreError::Conflict(_)) if claims.email.is_some() => {
-                        state
-                            .store
-                            .create_user(user, None, Tier::Starter, limits, now)
-                            .await
-                    }
-                    other => other,
-                };
-                match created {
-                    // Conflict: a concurrent request created it first.
-                    Ok(_) | Err(StoreError::Conflict(_)) => {}
-                    Err(e) => return Err(crate::internal(&e)),
-                }
-            }
-            Err(e) => return Err(crate::internal(&e)),
-        }
+        let now = (state.clock)();
+        let email = claims.email.as_deref();
+        ensure_profile(state.store.as_ref(), &state.catalog, user, email, now)
+            .await
+            .map_err(|e| crate::internal(&e))?;
         state.known_users.insert(user);
         Ok(AuthUser(user))
     }

@@ -15,6 +15,7 @@ use revpilot_store::KeyRing;
 use revpilot_stripe::billing::WebhookConfig;
 use revpilot_stripe::client::{Client, ClientConfig};
 use revpilot_stripe::connect::{Connect, ConnectConfig};
+use revpilot_stripe::webhook::secrets_from_csv;
 use secrecy::SecretString;
 
 // mimalloc hands freed memory back to the system shortly after a large load; glibc's allocator
@@ -207,11 +208,9 @@ async fn main() -> ExitCode {
                     Err(e) => return fail(format!("STRIPE_API_BASE: {e}")),
                 };
             }
+            let live = config.is_live();
             match Client::new(config) {
-                Ok(c) => Some((
-                    c,
-                    key.starts_with("sk_live_") || key.starts_with("rk_live_"),
-                )),
+                Ok(c) => Some((c, live)),
                 Err(e) => return fail(e),
             }
         }
@@ -232,10 +231,7 @@ async fn main() -> ExitCode {
                 );
             };
             let mut webhook = WebhookConfig::new(SecretString::from(String::new()), *live);
-            webhook.secrets = secrets
-                .split(',')
-                .map(|s| SecretString::from(s.trim().to_owned()))
-                .collect();
+            webhook.secrets = secrets_from_csv(secrets);
             Some(webhook)
         }
     };
@@ -351,11 +347,7 @@ async fn main() -> ExitCode {
         .connect_webhook_secret
         .as_deref()
         .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            s.split(',')
-                .map(|x| SecretString::from(x.trim().to_owned()))
-                .collect()
-        });
+        .map(secrets_from_csv);
     state.cron_secret = match args.cron_secret.as_deref().filter(|s| !s.is_empty()) {
         Some(s) if s.len() < MIN_CRON_SECRET => {
             return fail(format!(

@@ -23,8 +23,8 @@ pub use catalog::{
 };
 pub use usage::{
     CurrentUsage, MeterUsage, UsageError, check_scenario, commit_insight, current_usage,
-    ended_period, metering, record_scenario, recording_limit, release_insight, reserve_insight,
-    usage_period,
+    ended_period, ensure_profile, metering, record_scenario, recording_limit, release_insight,
+    reserve_insight, usage_period,
 };
 
 use serde::{Deserialize, Serialize};

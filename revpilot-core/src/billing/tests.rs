@@ -603,3 +603,29 @@ async fn scenario_runs_count_against_the_monthly_limit_on_every_tier() {
         assert_eq!(next.is_ok(), allowed != Some(0), "{tier:?}");
     }
 }
+
+#[tokio::test]
+async fn a_user_seen_for_the_first_time_gets_a_starter_profile_once() {
+    let store = MemoryStore::default();
+    let catalog = Catalog::default();
+    let now = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+    let (a, b) = (UserId(Uuid::new_v4()), UserId(Uuid::new_v4()));
+    ensure_profile(&store, &catalog, a, Some("a@example.com"), now)
+        .await
+        .unwrap();
+    let profile = store.user(a).await.unwrap().unwrap();
+    assert_eq!(profile.tier, Tier::Starter);
+    assert_eq!(profile.limits, catalog.plan(Tier::Starter).limits);
+    assert_eq!(profile.email.as_deref(), Some("a@example.com"));
+    // Seen again: nothing changes.
+    ensure_profile(&store, &catalog, a, None, now)
+        .await
+        .unwrap();
+    assert_eq!(store.user(a).await.unwrap(), Some(profile));
+    // Another user presenting a's email gets a profile without it.
+    ensure_profile(&store, &catalog, b, Some("a@example.com"), now)
+        .await
+        .unwrap();
+    let other = store.user(b).await.unwrap().unwrap();
+    assert_eq!((other.tier, other.email), (Tier::Starter, None));
+}

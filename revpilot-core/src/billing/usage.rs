@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Bill, BillTooLarge, Catalog, Used, bill};
 use crate::ports::{
-    ConnectionId, Meter, Period, Recorded, StoreError, Tier, UsageRecord, UsageStore, UserId,
-    UserProfile, UserStore,
+    ConnectionId, Meter, Period, Recorded, StoreError, StoreResult, Tier, UsageRecord, UsageStore,
+    UserId, UserProfile, UserStore,
 };
 
 /// Why usage cannot be recorded or reported.
@@ -187,6 +187,41 @@ async fn profile<S: UserStore + ?Sized>(
     user: UserId,
 ) -> Result<UserProfile, UsageError> {
     store.user(user).await?.ok_or(UsageError::UnknownUser(user))
+}
+
+/// Makes sure `user` has a profile: a user seen for the first time (say, a new session of the
+/// embedding product's auth) gets the starter tier, with `email` unless another profile has it.
+/// Concurrent first requests are fine: a creation that conflicts means the profile exists.
+///
+/// # Errors
+/// The store's.
+pub async fn ensure_profile<S: UserStore + ?Sized>(
+    store: &S,
+    catalog: &Catalog,
+    user: UserId,
+    email: Option<&str>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    if store.user(user).await?.is_some() {
+        return Ok(());
+    }
+    let limits = catalog.plan(Tier::Starter).limits;
+    let created = match store
+        .create_user(user, email, Tier::Starter, limits, now)
+        .await
+    {
+        // The email belongs to another profile: this one goes without it.
+        Err(StoreError::Conflict(_)) if email.is_some() => {
+            store
+                .create_user(user, None, Tier::Starter, limits, now)
+                .await
+        }
+        other => other,
+    };
+    match created {
+        Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The user's usage, limits and bill in the current period at `now`.

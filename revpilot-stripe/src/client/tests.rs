@@ -262,3 +262,10 @@ fn a_bad_api_base_keeps_the_parsers_error() {
     assert!(matches!(err, ApiError::Config(_)), "{err:?}");
     assert!(std::error::Error::source(&err).is_none());
 }
+
+#[test]
+fn live_keys_are_told_from_test_keys() {
+    let live = |key: &str| ClientConfig::new(SecretString::from(key.to_owned())).is_live();
+    assert!(live("sk_live_abc") && live("rk_live_abc"));
+    assert!(!live("sk_test_abc") && !live("rk_test_abc") && !live("live"));
+}
