@@ -9,7 +9,8 @@ use chrono::NaiveDate;
 use revpilot_core::insights::scenario::{self, Rates, Scenario};
 use revpilot_core::metrics::{Engine, Granularity, SeriesRequest, SeriesRow};
 use revpilot_core::params::{
-    DashboardQuery, GenerateForm, InsightsQuery, MetricsQuery, UpgradeForm, connection_id,
+    DashboardQuery, GenerateForm, InsightsQuery, MetricsQuery, UpgradeForm, address_list,
+    client_behind, client_key, connection_id,
 };
 use revpilot_core::{Account, Currency, Rules};
 
@@ -58,6 +59,13 @@ fn monthly_rows() -> &'static [SeriesRow] {
 
 /// One input, as the `server_params` target and the regression replay run it.
 pub(crate) fn run(data: &[u8]) {
+    // The client address read past trusted proxies from `X-Forwarded-For` (the header's text is
+    // the client's), and the proxy list as configured.
+    if let Ok(text) = std::str::from_utf8(data) {
+        let proxy = std::net::IpAddr::from([10, 0, 0, 1]);
+        let _ = client_key(client_behind(proxy, text.lines(), &[proxy]));
+        let _ = address_list(text);
+    }
     if let Ok(q) = serde_urlencoded::from_bytes::<MetricsQuery>(data) {
         let _ = connection_id(&q.connection_id);
         let todays = [

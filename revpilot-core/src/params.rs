@@ -3,6 +3,8 @@
 //! `serde_urlencoded`) and then calls the checks here; they live in this crate so that the
 //! `server_params` fuzz target runs exactly this code without building the whole server.
 
+use std::net::IpAddr;
+
 use chrono::{Duration, NaiveDate};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -123,6 +125,87 @@ impl UpgradeForm {
     /// The tier named, if there is one.
     pub fn tier(&self) -> Option<Tier> {
         Tier::parse(&self.tier)
+    }
+}
+
+/// The client's address: `peer` (the TCP peer's), unless the peer is one of the `trusted`
+/// proxies: then the address the `X-Forwarded-For` values (`forwarded`, in header order) name,
+/// read from the right past every trusted proxy (a client can put anything at the left of that
+/// header, never at its right). With no trusted proxy the header is ignored; garbage in it
+/// leaves the last trusted hop's view.
+pub fn client_behind<'a>(
+    peer: IpAddr,
+    forwarded: impl IntoIterator<Item = &'a str>,
+    trusted: &[IpAddr],
+) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = forwarded.into_iter().flat_map(|v| v.split(',')).collect();
+    let mut client = peer;
+    for hop in hops.into_iter().rev() {
+        let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+            break;
+        };
+        client = ip;
+        if !trusted.contains(&ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// The rate-limit key of a client address: an IPv4 address (also when IPv4-mapped) as itself,
+/// an IPv6 one by its /64, which one host usually holds whole.
+pub fn client_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("ip:{v4}"),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("ip:{v4}"),
+            None => {
+                let s = v6.segments();
+                format!("ip6:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
+/// A comma-separated list of addresses (`REVPILOT_TRUSTED_PROXIES`), blanks dropped.
+///
+/// # Errors
+/// The first entry that is not an address, with the parser's message.
+pub fn address_list(csv: &str) -> Result<Vec<IpAddr>, String> {
+    csv.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().map_err(|e| format!("{p:?}: {e}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_read_past_trusted_proxies_only() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("the tests' addresses are valid");
+        let proxy = ip("10.0.0.1");
+        let trusted = [proxy, ip("10.0.0.2")];
+        // Not through a trusted proxy: the header is the client's to forge.
+        assert_eq!(
+            client_behind(ip("203.0.113.9"), ["1.2.3.4"], &trusted),
+            ip("203.0.113.9")
+        );
+        // Through two trusted hops, a forged entry at the left is never read.
+        let hops = ["6.6.6.6, 198.51.100.7", "10.0.0.2"];
+        assert_eq!(client_behind(proxy, hops, &trusted), ip("198.51.100.7"));
+        // Garbage: the last trusted hop's view.
+        assert_eq!(client_behind(proxy, ["nonsense"], &trusted), proxy);
+        assert_eq!(client_behind(proxy, [], &trusted), proxy);
+        assert_eq!(client_key(ip("::ffff:192.0.2.1")), "ip:192.0.2.1");
+        assert_eq!(client_key(ip("2001:db8:1:2:3::9")), "ip6:2001:db8:1:2::/64");
+        assert_eq!(address_list(" 10.0.0.1, ,::1"), Ok(vec![proxy, ip("::1")]));
+        assert!(address_list("10.0.0.1,proxy").is_err_and(|e| e.contains("proxy")));
     }
 }
 

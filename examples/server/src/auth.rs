@@ -10,6 +10,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::Algorithm;
 use revpilot_core::billing::ensure_profile;
+use revpilot_core::params::{client_behind, client_key};
 use revpilot_core::ports::{StoreError, Tier, UserId};
 use revpilot_store::auth::{PasswordError, session_id};
 use serde::Deserialize;
@@ -234,40 +235,6 @@ fn session(state: &AppState, jwt: &Jwt, user: UserId, email: &str) -> Response {
     }
 }
 
-/// The client's address: the TCP peer's, unless the peer is one of the trusted proxies
-/// (`REVPILOT_TRUSTED_PROXIES`, none by default): then the address its `X-Forwarded-For` names,
-/// read from the right past every trusted proxy (a client can put anything at the left of that
-/// header, never at its right). With no trusted proxy the header is ignored.
-pub fn client_behind(
-    peer: std::net::IpAddr,
-    headers: &axum::http::HeaderMap,
-    trusted: &[std::net::IpAddr],
-) -> std::net::IpAddr {
-    if !trusted.contains(&peer) {
-        return peer;
-    }
-    let mut client = peer;
-    let hops = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .collect::<Vec<_>>();
-    for hop in hops.into_iter().rev() {
-        match hop.trim().parse::<std::net::IpAddr>() {
-            Ok(ip) => {
-                client = ip;
-                if !trusted.contains(&ip) {
-                    break;
-                }
-            }
-            // Garbage: the last trusted hop's view is all there is.
-            Err(_) => break,
-        }
-    }
-    client
-}
-
 /// The client's address, when the server was started with connection info (`main.rs` is).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub Option<std::net::IpAddr>);
@@ -283,8 +250,10 @@ impl FromRequestParts<AppState> for ClientAddr {
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
+        let forwarded = parts.headers.get_all("x-forwarded-for");
+        let forwarded = forwarded.iter().filter_map(|v| v.to_str().ok());
         Ok(ClientAddr(peer.map(|p| {
-            client_behind(p, &parts.headers, &state.trusted_proxies)
+            client_behind(p, forwarded, &state.trusted_proxies)
         })))
     }
 }
@@ -318,20 +287,6 @@ fn attempt(state: &AppState, client: ClientAddr, email: &str) -> Result<(), Auth
         return Err(AuthFailure::TooMany);
     }
     Ok(())
-}
-
-/// The rate-limit key of a client address.
-fn client_key(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V4(v4) => format!("ip:{v4}"),
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => format!("ip:{v4}"),
-            None => {
-                let s = v6.segments();
-                format!("ip6:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-        },
-    }
 }
 
 /// Why sign-up or log-in did not give a session.

@@ -286,21 +286,12 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("REVPILOT_APP_URL {app_url:?}: {e}")),
     };
     let mut state = AppState::new(store.clone(), webhook);
-    let mut trusted = Vec::new();
-    for p in args
-        .trusted_proxies
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-    {
-        match p.parse::<std::net::IpAddr>() {
-            Ok(ip) => trusted.push(ip),
-            Err(e) => return fail(format!("REVPILOT_TRUSTED_PROXIES {p:?}: {e}")),
-        }
-    }
-    state.trusted_proxies = Arc::new(trusted);
+    let trusted =
+        revpilot_core::params::address_list(args.trusted_proxies.as_deref().unwrap_or(""));
+    state.trusted_proxies = match trusted {
+        Ok(t) => Arc::new(t),
+        Err(e) => return fail(format!("REVPILOT_TRUSTED_PROXIES {e}")),
+    };
     state.passwords = revpilot_server::auth::Passwords::new(
         args.auth_concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
