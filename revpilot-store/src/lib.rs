@@ -94,6 +94,18 @@ pub(crate) fn volume_to_db(
         .transpose()
 }
 
+/// A sync run's object counts by stream name, as the `objects` column holds them: always JSON,
+/// built directly, so there is no error to report.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn counts_json(counts: &std::collections::BTreeMap<String, u64>) -> serde_json::Value {
+    serde_json::Value::Object(
+        counts
+            .iter()
+            .map(|(stream, n)| (stream.clone(), serde_json::Value::from(*n)))
+            .collect(),
+    )
+}
+
 /// `url` without a password, for error messages.
 pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -1603,14 +1603,7 @@ impl SyncStateStore for PgStore {
         let count = |v: u64| {
             i64::try_from(v).map_err(|_| StoreError::Invalid(format!("count {v} is too large")))
         };
-        // Counts by stream name are always JSON: built directly, there is no error to report.
-        let objects = serde_json::Value::Object(
-            outcome
-                .objects
-                .iter()
-                .map(|(stream, n)| (stream.clone(), serde_json::Value::from(*n)))
-                .collect(),
-        );
+        let objects = crate::counts_json(&outcome.objects);
         let done = sqlx::query(
             "UPDATE sync_runs SET finished_at = $1, status = $2, objects = $3, requests = $4, retries = $5, error = $6
              WHERE id = $7 AND status = 'running'",
