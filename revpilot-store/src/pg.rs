@@ -537,14 +537,7 @@ impl PgStore {
         let (start, end) = (period.start, period.end);
         let mut tx = self.pool.begin().await.map_err(backend)?;
         // Serializes this user's usage writes: the counter read below cannot go stale.
-        let known = sqlx::query("SELECT 1 FROM user_profiles WHERE user_id = $1 FOR UPDATE")
-            .bind(user)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if known.is_none() {
-            return Err(StoreError::NotFound("user"));
-        }
+        lock_user(&mut tx, user).await?;
         // The unique (user, key) decides duplicates; a refused record rolls back with the tx.
         let inserted = sqlx::query(
             "INSERT INTO usage_events (id, user_id, event_type, stripe_connection_id, amount,
@@ -613,6 +606,18 @@ async fn counted(
     Ok(used.and_then(|u| u64::try_from(u).ok()).unwrap_or(0))
 }
 
+/// Locks the user's profile row until the transaction ends, so that one user's writes that read
+/// before they write take turns; [`StoreError::NotFound`] when there is no such user.
+async fn lock_user(tx: &mut sqlx::PgConnection, user: Uuid) -> StoreResult<()> {
+    sqlx::query("SELECT 1 FROM user_profiles WHERE user_id = $1 FOR UPDATE")
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?
+        .map(drop)
+        .ok_or(StoreError::NotFound("user"))
+}
+
 /// Adds `units` to the user's counter of `meter` in the period.
 async fn add_to_counter(
     tx: &mut sqlx::PgConnection,
@@ -670,14 +675,7 @@ impl UsageStore for PgStore {
         let (start, end) = (period.start, period.end);
         let mut tx = self.pool.begin().await.map_err(backend)?;
         // Serializes this user's usage writes: the counters read below cannot go stale.
-        let known = sqlx::query("SELECT 1 FROM user_profiles WHERE user_id = $1 FOR UPDATE")
-            .bind(user.0)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if known.is_none() {
-            return Err(StoreError::NotFound("user"));
-        }
+        lock_user(&mut tx, user.0).await?;
         // One statement per batch of keys, one per meter, one insert: the whole page in a
         // few statements instead of three per record.
         let mut stored = std::collections::HashSet::new();
@@ -1676,15 +1674,8 @@ impl BillingStore for PgStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Applied> {
         let mut tx = self.pool.begin().await.map_err(backend)?;
-        // Locks the user (and finds out whether there is one): one user's events apply in turn.
-        let known = sqlx::query("SELECT 1 FROM user_profiles WHERE user_id = $1 FOR UPDATE")
-            .bind(user.0)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if known.is_none() {
-            return Err(StoreError::NotFound("user"));
-        }
+        // One user's events apply in turn.
+        lock_user(&mut tx, user.0).await?;
         let last: Option<DateTime<Utc>> = sqlx::query_scalar(
             "SELECT MAX(last_event_created) FROM user_subscriptions WHERE user_id = $1",
         )

@@ -108,10 +108,8 @@ fn create_private(options: &SqliteConnectOptions, url: &str) -> std::io::Result<
     let param = |p: &str| query.split('&').any(|kv| kv == p);
     let in_memory =
         name == ":memory:" || name.starts_with("file:sqlx-in-memory-") || param("mode=memory");
-    if name.is_empty() || name.starts_with("file:") || in_memory || param("mode=ro") {
-        return Ok(());
-    }
-    if path.exists() {
+    let skip = name.is_empty() || name.starts_with("file:") || in_memory || param("mode=ro");
+    if skip || path.exists() {
         return Ok(());
     }
     let mut new = std::fs::OpenOptions::new();

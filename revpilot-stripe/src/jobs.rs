@@ -207,7 +207,7 @@ impl Runner {
                 );
             }
             Err(e) => {
-                tracing::warn!(job = job.kind(), error = %e, "job failed; it will be retried")
+                tracing::warn!(job = job.kind(), error = %e, "job failed")
             }
         }
         result
