@@ -387,8 +387,10 @@ impl Passwords {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: HashJob = Box::new(move || {
-            let _ = tx.send(f());
+            let out = f();
+            // Freed before the answer goes out, so the caller's next request finds it.
             drop(slot);
+            let _ = tx.send(out);
         });
         if self.pool().send(job).is_err() {
             return Err(PasswordError::Failed("the hashing threads are gone".into()));
