@@ -13,8 +13,13 @@
 //! Guarantees, checked by `revpilot_core::testing::conformance` and this crate's tests: usage is
 //! recorded once per key and atomically against limits; the webhook inbox stores an event id once;
 //! an older cached object never overwrites a newer one, and an unchanged one is not rewritten;
-//! every read of a connection's data takes its owner; money is stored exactly (decimal text);
-//! Stripe tokens are stored only encrypted, bound to their connection and user.
+//! every read of a connection's data takes its owner; money is stored exactly (decimal text on
+//! SQLite, NUMERIC on PostgreSQL); Stripe tokens are stored only encrypted, bound to their
+//! connection and user.
+//!
+//! Both backends are one implementation, [`sql::SqlStore`], generic over a [`sql::Dialect`] that
+//! says how ids, instants and money bind and how a write takes its lock; each backend's
+//! migrations are embedded with `sqlx::migrate!`.
 //!
 //! # Features
 //!
@@ -30,21 +35,25 @@
 #[cfg_attr(docsrs, doc(cfg(feature = "auth")))]
 pub mod auth;
 mod crypto;
-#[cfg(feature = "postgres")]
-mod pg;
 #[cfg(feature = "queue")]
 #[cfg_attr(docsrs, doc(cfg(feature = "queue")))]
 pub mod queue;
-#[cfg(feature = "sqlite")]
-mod sqlite;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+pub mod sql;
 
 pub use crypto::{KeyError, KeyRing, Sealed};
+
+/// Every storage port on PostgreSQL (UUID, TIMESTAMPTZ, NUMERIC), shared by any number of servers
+/// and workers: [`sql::SqlStore`] over [`sql::Postgres`].
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use pg::PgStore;
+pub type PgStore = sql::SqlStore<sql::Postgres>;
+/// Every storage port on one SQLite file, the embedded default: [`sql::SqlStore`] over
+/// [`sql::Sqlite`].
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub use sqlite::SqliteStore;
+pub type SqliteStore = sql::SqlStore<sql::Sqlite>;
 
 /// Why a store cannot be opened.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,275 @@
+//! SQLite: ids as text, instants as microseconds since the epoch, money as decimal text, dates as
+//! `YYYY-MM-DD`. A write takes the database's single write lock before it reads (`BEGIN
+//! IMMEDIATE`), so concurrent writers queue (up to the busy timeout) instead of deciding on stale
+//! data.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use revpilot_core::ports::{StoreError, StoreResult};
+use rust_decimal::Decimal;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Decode, Row, Type};
+use uuid::Uuid;
+
+use super::{Backend, Dialect, Fut, Query, SqlStore, sealed};
+use crate::crypto::KeyRing;
+use crate::{Error, redact};
+
+/// The migrations, embedded from `migrations/sqlite/` (`NNNN_description.sql`): a database
+/// created by an older version migrates forward on connect.
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The SQLite [`Dialect`]: [`SqliteStore`](crate::SqliteStore) is `SqlStore<Sqlite>`.
+#[derive(Clone, Copy, Debug)]
+pub struct Sqlite;
+
+impl sealed::Sealed for Sqlite {}
+
+impl Backend for Sqlite {
+    type Db = sqlx::Sqlite;
+}
+
+super::plain_types!(Sqlite);
+
+fn get<T>(row: &SqliteRow, i: usize) -> StoreResult<T>
+where
+    T: for<'r> Decode<'r, sqlx::Sqlite> + Type<sqlx::Sqlite>,
+{
+    row.try_get(i).map_err(super::backend)
+}
+
+impl Dialect for Sqlite {
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+    const FOR_UPDATE: &'static str = "";
+
+    fn all(c: &mut SqliteConnection, q: Query<Self>) -> Fut<'_, sqlx::Result<Vec<SqliteRow>>> {
+        Box::pin(q.fetch_all(c))
+    }
+
+    fn optional(
+        c: &mut SqliteConnection,
+        q: Query<Self>,
+    ) -> Fut<'_, sqlx::Result<Option<SqliteRow>>> {
+        Box::pin(q.fetch_optional(c))
+    }
+
+    fn run(c: &mut SqliteConnection, q: Query<Self>) -> Fut<'_, sqlx::Result<u64>> {
+        Box::pin(async move { Ok(q.execute(c).await?.rows_affected()) })
+    }
+
+    fn bind_id(q: Query<Self>, v: Option<Uuid>) -> Query<Self> {
+        q.bind(v.map(|v| v.to_string()))
+    }
+
+    fn get_id(row: &SqliteRow, i: usize) -> StoreResult<Option<Uuid>> {
+        get::<Option<String>>(row, i)?
+            .map(|s| {
+                Uuid::parse_str(&s)
+                    .map_err(|_| StoreError::Invalid(format!("stored id {s:?} is not a UUID")))
+            })
+            .transpose()
+    }
+
+    fn bind_at(q: Query<Self>, v: Option<DateTime<Utc>>) -> Query<Self> {
+        q.bind(v.map(|t| t.timestamp_micros()))
+    }
+
+    fn get_at(row: &SqliteRow, i: usize) -> StoreResult<Option<DateTime<Utc>>> {
+        get::<Option<i64>>(row, i)?
+            .map(|v| {
+                DateTime::from_timestamp_micros(v).ok_or_else(|| {
+                    StoreError::Invalid(format!("stored instant {v} is out of range"))
+                })
+            })
+            .transpose()
+    }
+
+    fn bind_money(q: Query<Self>, v: Option<Decimal>) -> Query<Self> {
+        q.bind(v.map(|d| d.to_string()))
+    }
+
+    fn get_money(row: &SqliteRow, i: usize) -> StoreResult<Option<Decimal>> {
+        get::<Option<String>>(row, i)?
+            .map(|s| {
+                Decimal::from_str(&s).map_err(|_| {
+                    StoreError::Invalid(format!("stored amount {s:?} is not a decimal"))
+                })
+            })
+            .transpose()
+    }
+
+    fn bind_date(q: Query<Self>, v: NaiveDate) -> Query<Self> {
+        q.bind(v.to_string())
+    }
+
+    fn get_date(row: &SqliteRow, i: usize) -> StoreResult<NaiveDate> {
+        let v: String = get(row, i)?;
+        NaiveDate::parse_from_str(&v, "%Y-%m-%d")
+            .map_err(|_| StoreError::Invalid(format!("stored date {v:?}")))
+    }
+
+    fn bind_int(q: Query<Self>, v: Option<u32>) -> StoreResult<Query<Self>> {
+        Ok(q.bind(v.map(i64::from)))
+    }
+
+    fn get_int(row: &SqliteRow, i: usize) -> StoreResult<Option<u32>> {
+        get::<Option<i64>>(row, i)?
+            .map(|x| {
+                u32::try_from(x)
+                    .map_err(|_| StoreError::Invalid(format!("stored number {x} is out of range")))
+            })
+            .transpose()
+    }
+
+    fn bind_version(q: Query<Self>, v: u32) -> Query<Self> {
+        q.bind(i64::from(v))
+    }
+
+    fn get_version(row: &SqliteRow, i: usize) -> StoreResult<u32> {
+        let v: i64 = get(row, i)?;
+        u32::try_from(v).map_err(|_| StoreError::Invalid(format!("derived version {v}")))
+    }
+
+    fn bind_list(mut q: Query<Self>, values: &[&str]) -> Query<Self> {
+        for v in values {
+            q = q.bind(v.to_string());
+        }
+        q
+    }
+
+    fn one_of(column: &str, n: usize, len: usize) -> String {
+        let params: Vec<String> = (n..n + len).map(|i| format!("${i}")).collect();
+        format!("{column} IN ({})", params.join(", "))
+    }
+
+    fn typed(n: usize, _ty: &str) -> String {
+        format!("${n}")
+    }
+
+    fn email_is(column: &str, n: usize) -> String {
+        // The column is `COLLATE NOCASE`.
+        format!("{column} = ${n}")
+    }
+
+    fn written_since(table: &str) -> String {
+        // By the write-time index: the primary key would walk every object of the connection
+        // to find the few written since.
+        format!(
+            "SELECT o.stripe_id, o.version, o.data, o.customer_id FROM {table} o
+             INDEXED BY {table}_written
+             JOIN stripe_connections c ON c.id = o.stripe_connection_id
+             WHERE o.stripe_connection_id = $1 AND c.user_id = $2 AND o.written_at >= $3
+               AND o.stripe_id > $4
+             ORDER BY o.stripe_id LIMIT $5"
+        )
+    }
+
+    fn read_by(table: &str, column: &str) -> String {
+        // The planner, without statistics, would walk the primary key for a long `IN` list.
+        if column == "customer_id" {
+            format!("{table} o INDEXED BY {table}_customer")
+        } else {
+            format!("{table} o")
+        }
+    }
+}
+
+/// Creates a new database file readable by its owner only (0600; SQLite gives its `-wal` and
+/// `-shm` files the same mode): it holds encrypted Stripe tokens, password hashes and customers'
+/// data. An existing file keeps its mode; an in-memory database has none, a read-only open
+/// creates nothing, and a `file:` URI is left to SQLite.
+fn create_private(options: &SqliteConnectOptions, url: &str) -> std::io::Result<()> {
+    let path = options.get_filename();
+    let name = path.to_string_lossy();
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let param = |p: &str| query.split('&').any(|kv| kv == p);
+    let in_memory =
+        name == ":memory:" || name.starts_with("file:sqlx-in-memory-") || param("mode=memory");
+    let skip = name.is_empty() || name.starts_with("file:") || in_memory || param("mode=ro");
+    if skip || path.exists() {
+        return Ok(());
+    }
+    let mut new = std::fs::OpenOptions::new();
+    new.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut new, 0o600);
+    match new.open(path) {
+        // Created meanwhile by another process: its mode stands.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+impl SqlStore<Sqlite> {
+    /// Opens (creating if missing, readable by its owner only) the database at `url`
+    /// (`sqlite://path`, `sqlite:path` or a plain path), runs the embedded migrations, and uses
+    /// `keys` for the tokens it stores.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for a URL this build cannot open; [`Error::Open`] when the file is
+    /// not a database, is another application's database, or is newer than this version. Nothing
+    /// is written in either case.
+    pub async fn connect(url: &str, keys: KeyRing) -> Result<Self, Error> {
+        let shown = redact(url);
+        let options = if url.contains("://") || url.starts_with("sqlite:") {
+            if !url.starts_with("sqlite:") {
+                return Err(Error::InvalidUrl {
+                    url: shown,
+                    problem: "this store opens `sqlite:` URLs".into(),
+                    source: None,
+                });
+            }
+            SqliteConnectOptions::from_str(url).map_err(|e| Error::InvalidUrl {
+                url: shown.clone(),
+                problem: e.to_string(),
+                source: Some(e),
+            })?
+        } else {
+            SqliteConnectOptions::new().filename(url)
+        };
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL with synchronous=NORMAL survives a process crash (every committed transaction
+            // is in the log); only an OS crash or power loss can lose the last commits.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        // `problem` repeats the driver's message: the error is often shown without its sources.
+        let open = |problem: String, source: Option<sqlx::Error>| Error::Open {
+            url: shown.clone(),
+            problem,
+            source,
+        };
+        let failed = |e: sqlx::Error| open(e.to_string(), Some(e));
+        create_private(&options, url)
+            .map_err(|e| open(format!("cannot create the file: {e}"), Some(e.into())))?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(failed)?;
+        // A file that is not ours: tables of RevPilot's names but no migration history.
+        let foreign: Option<(i64,)> = sqlx::query_as(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'user_profiles'
+               AND NOT EXISTS (SELECT 1 FROM sqlite_master WHERE name = '_sqlx_migrations')",
+        )
+        .fetch_optional(&pool)
+        .await
+        .map_err(failed)?;
+        if foreign.is_some_and(|(n,)| n > 0) {
+            return Err(open("it has RevPilot's tables but no migration history: another application's database?".into(), None));
+        }
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| open(format!("migrations failed: {e}"), Some(e.into())))?;
+        Ok(SqlStore { pool, keys })
+    }
+}
