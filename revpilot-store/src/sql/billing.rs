@@ -13,7 +13,9 @@ use revpilot_core::ports::{
 use uuid::Uuid;
 
 use super::users::{lock_user, tier, update_plan};
-use super::{BATCH, Conn, Dialect, R, SqlStore, backend, limit, missing, sql, sql_owned, tuples};
+use super::{
+    BATCH, Conn, Dialect, Q, R, SqlStore, backend, changed, limit, missing, sql, sql_owned, tuples,
+};
 
 fn amount(units: u64) -> StoreResult<i64> {
     i64::try_from(units).map_err(|_| StoreError::Invalid("usage amount too large".into()))
@@ -67,6 +69,23 @@ async fn add_to_counter<D: Dialect>(
 const USAGE_COLUMNS: &str = "id, user_id, event_type, stripe_connection_id, amount, \
      idempotency_key, status, metadata, created_at, period_start, period_end";
 
+impl<D: Dialect> Q<D> {
+    /// The [`USAGE_COLUMNS`] of a new usage event.
+    fn usage(self, r: &UsageRecord, units: i64, status: &str, period: Period) -> Self {
+        self.id(Uuid::new_v4())
+            .id(r.user.0)
+            .bind(r.meter.as_str())
+            .opt_id(r.connection.map(|c| c.0))
+            .bind(units)
+            .bind(r.idempotency_key.as_str())
+            .bind(status)
+            .bind(r.metadata.clone())
+            .at(r.at)
+            .at(period.start)
+            .at(period.end)
+    }
+}
+
 impl<D: Dialect> SqlStore<D> {
     async fn add_usage(
         &self,
@@ -86,17 +105,7 @@ impl<D: Dialect> SqlStore<D> {
              ON CONFLICT (user_id, idempotency_key) DO NOTHING",
             tuples(1, 11, 1)
         ))
-        .id(Uuid::new_v4())
-        .id(user)
-        .bind(record.meter.as_str())
-        .opt_id(record.connection.map(|c| c.0))
-        .bind(units)
-        .bind(record.idempotency_key.as_str())
-        .bind(status)
-        .bind(record.metadata.clone())
-        .at(record.at)
-        .at(period.start)
-        .at(period.end)
+        .usage(record, units, status, period)
         .try_run(&mut tx)
         .await
         .map_err(missing("user or connection"))?;
@@ -184,18 +193,7 @@ impl<D: Dialect> UsageStore for SqlStore<D> {
                 tuples(chunk.len(), 11, 1)
             ));
             for r in chunk {
-                q = q
-                    .id(Uuid::new_v4())
-                    .id(user.0)
-                    .bind(r.meter.as_str())
-                    .opt_id(r.connection.map(|c| c.0))
-                    .bind(i64::try_from(r.amount).unwrap_or(i64::MAX))
-                    .bind(r.idempotency_key.as_str())
-                    .bind("committed")
-                    .bind(r.metadata.clone())
-                    .at(r.at)
-                    .at(period.start)
-                    .at(period.end);
+                q = q.usage(r, amount(r.amount)?, "committed", period);
             }
             q.try_run(&mut tx)
                 .await
@@ -230,10 +228,7 @@ impl<D: Dialect> UsageStore for SqlStore<D> {
         .bind(idempotency_key)
         .run(&mut *self.conn().await?)
         .await?;
-        if done == 0 {
-            return Err(StoreError::NotFound("usage reservation"));
-        }
-        Ok(())
+        changed(done, "usage reservation")
     }
 
     async fn release(&self, user: UserId, idempotency_key: &str) -> StoreResult<()> {
@@ -460,10 +455,7 @@ impl<D: Dialect> WebhookInbox for SqlStore<D> {
             .bind(event_id)
             .run(&mut *self.conn().await?)
             .await?;
-        if done == 0 {
-            return Err(StoreError::NotFound("webhook event"));
-        }
-        Ok(())
+        changed(done, "webhook event")
     }
 
     async fn mark_failed(&self, event_id: &str, error: &str) -> StoreResult<()> {
@@ -475,10 +467,7 @@ impl<D: Dialect> WebhookInbox for SqlStore<D> {
         .bind(event_id)
         .run(&mut *self.conn().await?)
         .await?;
-        if done == 0 {
-            return Err(StoreError::NotFound("webhook event"));
-        }
-        Ok(())
+        changed(done, "webhook event")
     }
 }
 

@@ -9,7 +9,9 @@ use revpilot_core::ports::{
 };
 use uuid::Uuid;
 
-use super::{Dialect, R, Row, SqlStore, backend, count, is_unique, missing, sql, sql_owned};
+use super::{
+    Dialect, R, Row, SqlStore, backend, changed, count, is_unique, missing, sql, sql_owned,
+};
 
 const CONNECTION_COLUMNS: &str = "id, user_id, stripe_account_id, business_name, currency, is_active, last_synced_at, created_at, updated_at";
 
@@ -79,7 +81,14 @@ impl<D: Dialect> ConnectionStore for SqlStore<D> {
         .at(now)
         .try_opt(&mut tx)
         .await
-        .map_err(missing("user"))?
+        .map_err(|e| {
+            // Two first connections of one account at once: the row did not exist to lock.
+            if is_unique(&e) {
+                StoreError::Conflict(format!("Stripe account {}", new.stripe_account_id))
+            } else {
+                missing("user")(e)
+            }
+        })?
         .ok_or_else(|| backend(sqlx::Error::RowNotFound))?;
         let connection = connection_row::<D>(&row)?;
         tx.commit().await.map_err(backend)?;
@@ -156,10 +165,7 @@ impl<D: Dialect> ConnectionStore for SqlStore<D> {
             .id(id.0)
             .run(&mut *self.conn().await?)
             .await?;
-        if done == 0 {
-            return Err(StoreError::NotFound("connection"));
-        }
-        Ok(())
+        changed(done, "connection")
     }
 }
 
@@ -304,10 +310,7 @@ impl<D: Dialect> SyncStateStore for SqlStore<D> {
         .id(run)
         .run(&mut *self.conn().await?)
         .await?;
-        if done == 0 {
-            return Err(StoreError::NotFound("running sync run"));
-        }
-        Ok(())
+        changed(done, "running sync run")
     }
 
     async fn last_run(

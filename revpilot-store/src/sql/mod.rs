@@ -151,6 +151,11 @@ pub trait Dialect:
     /// How the cache `table` is read by `column` (an index hint, where the planner needs one).
     #[doc(hidden)]
     fn read_by(table: &str, column: &str) -> String;
+    /// A statement built at run time (long value lists), as the backend best runs it.
+    #[doc(hidden)]
+    fn statement(text: String) -> String {
+        text
+    }
 }
 
 /// RevPilot's storage on one SQL database: every storage port of `revpilot-core`.
@@ -203,6 +208,15 @@ pub(crate) fn missing(found: &'static str) -> impl Fn(sqlx::Error) -> StoreError
     }
 }
 
+/// `Ok` when a statement changed a row, else [`StoreError::NotFound`] naming `what`.
+pub(crate) fn changed(rows: u64, what: &'static str) -> StoreResult<()> {
+    if rows == 0 {
+        Err(StoreError::NotFound(what))
+    } else {
+        Ok(())
+    }
+}
+
 /// A count as the databases store it.
 pub(crate) fn count(v: u64) -> StoreResult<i64> {
     i64::try_from(v).map_err(|_| StoreError::Invalid(format!("count {v} is too large")))
@@ -242,7 +256,7 @@ pub(crate) fn sql<D: Dialect>(text: impl SqlSafeStr) -> Q<D> {
 
 /// The statement made by `format!`.
 pub(crate) fn sql_owned<D: Dialect>(text: String) -> Q<D> {
-    Q(sqlx::query(sqlx::AssertSqlSafe(text)))
+    Q(sqlx::query(sqlx::AssertSqlSafe(D::statement(text))))
 }
 
 impl<D: Dialect> Q<D> {
@@ -455,10 +469,12 @@ impl<D: Dialect> SqlStore<D> {
     /// changed then.
     pub async fn reencrypt_all(&self) -> StoreResult<usize> {
         let mut tx = self.write().await?;
-        let rows = sql::<D>(
+        // Locked, so a connection deactivated meanwhile does not get its tokens back.
+        let rows = sql_owned::<D>(format!(
             "SELECT id, user_id, access_token_enc, refresh_token_enc, token_key_id FROM stripe_connections
-             WHERE access_token_enc IS NOT NULL AND token_key_id <> $1",
-        )
+             WHERE access_token_enc IS NOT NULL AND token_key_id <> $1{}",
+            D::FOR_UPDATE
+        ))
         .bind(self.keys.current_id())
         .all(&mut tx)
         .await?;

@@ -170,6 +170,10 @@ impl Dialect for Sqlite {
         )
     }
 
+    fn statement(text: String) -> String {
+        anonymous(text)
+    }
+
     fn read_by(table: &str, column: &str) -> String {
         // The planner, without statistics, would walk the primary key for a long `IN` list.
         if column == "customer_id" {
@@ -178,6 +182,43 @@ impl Dialect for Sqlite {
             format!("{table} o")
         }
     }
+}
+
+/// `text` with its parameters `$1, $2, …, $n` written `?` when each appears once, in order.
+///
+/// SQLite finds a numbered parameter's name by walking a list of all of them, and sqlx asks for
+/// every parameter's name on every execution: with the thousands of parameters of a bulk write
+/// that is quadratic, and it doubled the time of a 100,000-row cache upsert. Anonymous `?`
+/// parameters have no name to look up. A statement that uses a parameter twice, or out of
+/// order, keeps its numbers.
+fn anonymous(text: String) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut expected, mut last) = (1usize, 0usize);
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'$' {
+            let digits = bytes[i + 1..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .count();
+            if digits > 0 {
+                let n: usize = text[i + 1..i + 1 + digits].parse().unwrap_or(0);
+                if n != expected {
+                    return text;
+                }
+                out.push_str(&text[last..i]);
+                out.push('?');
+                expected += 1;
+                i += 1 + digits;
+                last = i;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    out.push_str(&text[last..]);
+    out
 }
 
 /// Creates a new database file readable by its owner only (0600; SQLite gives its `-wal` and
@@ -271,5 +312,28 @@ impl SqlStore<Sqlite> {
             .await
             .map_err(|e| open(format!("migrations failed: {e}"), Some(e.into())))?;
         Ok(SqlStore { pool, keys })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::anonymous;
+
+    #[test]
+    fn parameters_in_order_become_anonymous_and_others_keep_their_numbers() {
+        let s = |t: &str| anonymous(t.to_owned());
+        assert_eq!(
+            s("INSERT INTO t VALUES ($1, $2), ($3, $4)"),
+            "INSERT INTO t VALUES (?, ?), (?, ?)"
+        );
+        assert_eq!(
+            s("a = $1 AND b IN ($2, $3, $10)"),
+            "a = $1 AND b IN ($2, $3, $10)"
+        );
+        assert_eq!(s("a = $1 OR b = $1"), "a = $1 OR b = $1");
+        assert_eq!(s("a = $2 AND b = $1"), "a = $2 AND b = $1");
+        assert_eq!(s("json '$.customer' = $1"), "json '$.customer' = ?");
+        assert_eq!(s("no parameters"), "no parameters");
+        assert_eq!(s("x = $1$"), "x = ?$");
     }
 }

@@ -8,7 +8,7 @@ use revpilot_core::ports::{
 };
 use uuid::Uuid;
 
-use super::{Conn, Dialect, R, Row, SqlStore, backend, is_unique, sql, sql_owned};
+use super::{Conn, Dialect, Q, R, Row, SqlStore, backend, is_unique, sql, sql_owned};
 
 const USER_COLUMNS: &str = "user_id, email, subscription_tier, subscription_status, stripe_customer_id, \
      stripe_subscription_id, subscription_current_period_end, monthly_scenario_limit, \
@@ -137,11 +137,15 @@ pub(crate) async fn update_plan<D: Dialect>(
 }
 
 impl<D: Dialect> SqlStore<D> {
-    async fn user_where(&self, condition: &str, value: &str) -> StoreResult<Option<UserProfile>> {
-        sql_owned::<D>(format!(
+    /// The profile matching `condition`, its parameter bound by `bind`.
+    async fn user_where(
+        &self,
+        condition: &str,
+        bind: impl FnOnce(Q<D>) -> Q<D> + Send,
+    ) -> StoreResult<Option<UserProfile>> {
+        bind(sql_owned::<D>(format!(
             "SELECT {USER_COLUMNS} FROM user_profiles WHERE {condition}"
-        ))
-        .bind(value)
+        )))
         .opt(&mut *self.conn().await?)
         .await?
         .as_ref()
@@ -164,30 +168,24 @@ impl<D: Dialect> UserStore for SqlStore<D> {
     }
 
     async fn user(&self, user: UserId) -> StoreResult<Option<UserProfile>> {
-        sql_owned::<D>(format!(
-            "SELECT {USER_COLUMNS} FROM user_profiles WHERE user_id = $1"
-        ))
-        .id(user.0)
-        .opt(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(user_row::<D>)
-        .transpose()
+        self.user_where("user_id = $1", |q| q.id(user.0)).await
     }
 
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserProfile>> {
-        self.user_where(&D::email_is("email", 1), email).await
+        self.user_where(&D::email_is("email", 1), |q| q.bind(email))
+            .await
     }
 
     async fn user_by_stripe_customer(&self, customer: &str) -> StoreResult<Option<UserProfile>> {
-        self.user_where("stripe_customer_id = $1", customer).await
+        self.user_where("stripe_customer_id = $1", |q| q.bind(customer))
+            .await
     }
 
     async fn user_by_stripe_subscription(
         &self,
         subscription: &str,
     ) -> StoreResult<Option<UserProfile>> {
-        self.user_where("stripe_subscription_id = $1", subscription)
+        self.user_where("stripe_subscription_id = $1", |q| q.bind(subscription))
             .await
     }
 
