@@ -105,6 +105,55 @@ async fn usage_limit_holds_across_two_servers() {
     drop_schemas(&url, &[schema]).await;
 }
 
+/// Two users connecting one new Stripe account at the same moment, on two servers: no row exists
+/// yet for `FOR UPDATE` to lock, so both insert; the one the unique account id refuses is told
+/// the account is another user's (a `Conflict`), never a database error.
+#[tokio::test]
+async fn one_new_account_connected_by_two_users_at_once_is_a_conflict_for_one() {
+    use revpilot_core::ports::{ConnectionStore, NewConnection, Tokens};
+    let Some(url) = url() else { return };
+    let schema = schema();
+    let a = PgStore::connect_in_schema(&url, Some(&schema), keys())
+        .await
+        .unwrap();
+    let b = PgStore::connect_in_schema(&url, Some(&schema), keys())
+        .await
+        .unwrap();
+    let t = Utc.with_ymd_and_hms(2024, 3, 5, 0, 0, 0).unwrap();
+    let (u1, u2) = (UserId(Uuid::new_v4()), UserId(Uuid::new_v4()));
+    for u in [u1, u2] {
+        a.create_user(u, None, Tier::Starter, Limits::default(), t)
+            .await
+            .unwrap();
+    }
+    let new = |user, account: &str| NewConnection {
+        user,
+        stripe_account_id: account.to_owned(),
+        business_name: None,
+        currency: None,
+        tokens: Tokens {
+            access_token: "sk_test_x".to_owned().into(),
+            refresh_token: None,
+        },
+    };
+    for round in 0..20 {
+        let account = format!("acct_race{round}");
+        let (x, y) = futures::join!(
+            a.save_connection(new(u1, &account), t),
+            b.save_connection(new(u2, &account), t)
+        );
+        let conflicts = [&x, &y]
+            .iter()
+            .filter(|r| matches!(r, Err(StoreError::Conflict(_))))
+            .count();
+        assert!(
+            x.is_ok() != y.is_ok() && conflicts == 1,
+            "round {round}: {x:?} / {y:?}"
+        );
+    }
+    drop_schemas(&url, &[schema]).await;
+}
+
 #[tokio::test]
 async fn bad_postgres_input_gets_clear_errors() {
     let Some(url) = url() else { return };
