@@ -397,7 +397,16 @@ async fn a_database_of_an_older_version_migrates_forward() {
             .fetch_all(store.pool())
             .await
             .unwrap();
-    assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    // The cache tables hold their rows by rowid now (the objects above are read back below).
+    let (caches, without_rowid): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE sql LIKE '%WITHOUT ROWID%') FROM sqlite_master
+         WHERE type = 'table' AND name GLOB '*_cache'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((caches, without_rowid), (8, 0));
     // The old usage is counted: with a limit of 5 in March, one more fits and a second does not.
     use revpilot_core::ports::{Meter, Period, Recorded, UsageRecord, UsageStore};
     let march = Period {
