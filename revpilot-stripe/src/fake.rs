@@ -188,11 +188,27 @@ impl FakeState {
                 let created = created(v);
                 gte.is_none_or(|g| created >= g) && lt.is_none_or(|l| created < l)
             });
-        let page: Vec<&Value> = matching.by_ref().take(limit).collect();
+        /// A list page, serialized from the stored objects as they are: building a `Value` of
+        /// it first cloned every object, under the lists' lock.
+        #[derive(serde::Serialize)]
+        struct Page<'a> {
+            object: &'static str,
+            url: &'a str,
+            has_more: bool,
+            data: Vec<&'a Value>,
+        }
+        let data: Vec<&Value> = matching.by_ref().take(limit).collect();
         let has_more = matching.next().is_some();
-        ResponseTemplate::new(200).set_body_json(
-            json!({"object": "list", "url": path, "has_more": has_more, "data": page}),
-        )
+        let page = Page {
+            object: "list",
+            url: &path,
+            has_more,
+            data,
+        };
+        match serde_json::to_vec(&page) {
+            Ok(body) => ResponseTemplate::new(200).set_body_raw(body, "application/json"),
+            Err(e) => error(500, &format!("the fake cannot serialize a page: {e}")),
+        }
     }
 }
 
