@@ -13,7 +13,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use revpilot_core::ports::{ConnectionId, StoreError, StoreResult, Tokens};
@@ -98,10 +97,6 @@ pub trait Dialect:
     /// Follows a `SELECT` whose rows the transaction goes on to write.
     #[doc(hidden)]
     const FOR_UPDATE: &'static str;
-    /// Whether the database takes one writer at a time, so writers of one process queue for it
-    /// here instead of in the database's busy handler.
-    #[doc(hidden)]
-    const ONE_WRITER: bool;
     /// Runs a statement for its rows.
     #[doc(hidden)]
     fn all(c: &mut Conn<Self>, q: Query<Self>) -> Fut<'_, sqlx::Result<Vec<Row<Self>>>>;
@@ -168,8 +163,6 @@ pub trait Dialect:
 pub struct SqlStore<D: Dialect> {
     pool: Pool<D::Db>,
     keys: KeyRing,
-    /// Whose turn it is to write, where the database takes one writer at a time.
-    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl<D: Dialect> Clone for SqlStore<D> {
@@ -177,7 +170,6 @@ impl<D: Dialect> Clone for SqlStore<D> {
         SqlStore {
             pool: self.pool.clone(),
             keys: self.keys.clone(),
-            writer: self.writer.clone(),
         }
     }
 }
@@ -253,32 +245,6 @@ pub(crate) fn tuples(rows: usize, cols: usize, first: usize) -> String {
 
 /// Rows per statement of a bulk write (at most 11 parameters each, well under SQLite's limit).
 pub(crate) const BATCH: usize = 500;
-
-/// A write transaction, holding this process's turn to write where the database takes one
-/// writer at a time.
-pub(crate) struct Write<D: Dialect> {
-    tx: Transaction<'static, D::Db>,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl<D: Dialect> Write<D> {
-    pub(crate) async fn commit(self) -> sqlx::Result<()> {
-        self.tx.commit().await
-    }
-}
-
-impl<D: Dialect> std::ops::Deref for Write<D> {
-    type Target = Conn<D>;
-    fn deref(&self) -> &Conn<D> {
-        &self.tx
-    }
-}
-
-impl<D: Dialect> std::ops::DerefMut for Write<D> {
-    fn deref_mut(&mut self) -> &mut Conn<D> {
-        &mut self.tx
-    }
-}
 
 /// A statement of dialect `D` being bound.
 pub(crate) struct Q<D: Dialect>(Query<D>);
@@ -474,38 +440,16 @@ impl<D: Dialect> SqlStore<D> {
         self.pool.acquire().await.map_err(backend)
     }
 
-    /// A store on `pool`.
-    pub(crate) fn on(pool: Pool<D::Db>, keys: KeyRing) -> Self {
-        SqlStore {
-            pool,
-            keys,
-            writer: Arc::default(),
-        }
-    }
-
-    /// A transaction that will write. Where the database takes one writer at a time (SQLite),
-    /// this process's writers first take turns here: a writer that found the database locked
-    /// would otherwise sleep in SQLite's busy handler (1, 2, 5, … up to 100 ms) and wake late,
-    /// leaving the lock free and the cores idle.
-    pub(crate) async fn write(&self) -> StoreResult<Write<D>> {
-        let turn = if D::ONE_WRITER {
-            Some(self.writer.clone().lock_owned().await)
-        } else {
-            None
-        };
-        let tx = self
-            .pool
-            .begin_with(D::BEGIN_WRITE)
-            .await
-            .map_err(backend)?;
-        Ok(Write { tx, _turn: turn })
+    /// A transaction that will write.
+    pub(crate) async fn write(&self) -> StoreResult<Transaction<'static, D::Db>> {
+        self.pool.begin_with(D::BEGIN_WRITE).await.map_err(backend)
     }
 
     /// A write transaction on a connection's data, after checking the connection exists.
     pub(crate) async fn write_for_connection(
         &self,
         connection: ConnectionId,
-    ) -> StoreResult<Write<D>> {
+    ) -> StoreResult<Transaction<'static, D::Db>> {
         let mut tx = self.write().await?;
         let known = sql::<D>("SELECT 1 FROM stripe_connections WHERE id = $1")
             .id(connection.0)

@@ -46,7 +46,6 @@ where
 
 impl Dialect for Sqlite {
     const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
-    const ONE_WRITER: bool = true;
     const FOR_UPDATE: &'static str = "";
 
     fn all(c: &mut SqliteConnection, q: Query<Self>) -> Fut<'_, sqlx::Result<Vec<SqliteRow>>> {
@@ -316,7 +315,7 @@ impl SqlStore<Sqlite> {
             .run(&pool)
             .await
             .map_err(|e| open(format!("migrations failed: {e}"), Some(e.into())))?;
-        Ok(SqlStore::on(pool, keys))
+        Ok(SqlStore { pool, keys })
     }
 }
 
