@@ -181,7 +181,14 @@ impl<D: Dialect> ObjectCache for SqlStore<D> {
         after: Option<&str>,
         limit_to: usize,
     ) -> StoreResult<Vec<CachedObject>> {
-        let rows = sql_owned::<D>(D::written_since(cache_table(kind)))
+        let table = cache_table(kind);
+        let text = D::written_since(table).unwrap_or_else(|| {
+            format!(
+                "{} AND o.written_at >= $3 AND o.stripe_id > $4 ORDER BY o.stripe_id LIMIT $5",
+                select_from(&D::read_by(table, "written_at"))
+            )
+        });
+        let rows = sql_owned::<D>(text)
             .id(connection.0)
             .id(user.0)
             .at(since)

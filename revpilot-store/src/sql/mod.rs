@@ -144,10 +144,11 @@ pub trait Dialect:
     /// `column` equals parameter `n` as an email address (case-insensitively).
     #[doc(hidden)]
     fn email_is(column: &str, n: usize) -> String;
-    /// Objects of a connection written since an instant, by Stripe id: `$1` connection, `$2`
-    /// user, `$3` since, `$4` after, `$5` limit.
+    /// Objects of a connection written since an instant, by Stripe id (`$1` connection, `$2`
+    /// user, `$3` since, `$4` after, `$5` limit), where the backend needs its own statement;
+    /// `None` reads through [`Dialect::read_by`] of `written_at`.
     #[doc(hidden)]
-    fn written_since(table: &str) -> String;
+    fn written_since(table: &str) -> Option<String>;
     /// How the cache `table` is read by `column` (an index hint, where the planner needs one).
     #[doc(hidden)]
     fn read_by(table: &str, column: &str) -> String;

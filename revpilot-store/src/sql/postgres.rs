@@ -145,11 +145,11 @@ impl Dialect for Postgres {
         format!("lower({column}) = lower(${n})")
     }
 
-    fn written_since(table: &str) -> String {
+    fn written_since(table: &str) -> Option<String> {
         // The ids come from the write-time index first (a materialised CTE): ordered by id with a
         // limit, the planner would walk the primary key through every object of the connection
         // to find the few written since.
-        format!(
+        Some(format!(
             "WITH w AS MATERIALIZED (
                SELECT stripe_id FROM {table}
                WHERE stripe_connection_id = $1 AND written_at >= $3 AND stripe_id > $4)
@@ -158,7 +158,7 @@ impl Dialect for Postgres {
              JOIN stripe_connections c ON c.id = o.stripe_connection_id
              WHERE c.user_id = $2
              ORDER BY o.stripe_id LIMIT $5"
-        )
+        ))
     }
 
     fn read_by(table: &str, _column: &str) -> String {
