@@ -11,6 +11,9 @@
 use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
+use std::marker::PhantomData;
+
+use serde::de::{self, IgnoredAny, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
@@ -35,19 +38,195 @@ impl<T> Default for List<T> {
 }
 
 /// An expandable field: the id, whether Stripe sent it or the expanded object; `None` for null.
+/// An expanded object is walked for its `id` (the last one, as a `Value` would keep), without
+/// building it.
 pub(crate) fn expandable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    match Option::<Value>::deserialize(d)? {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(id)) => Ok(Some(id)),
-        Some(Value::Object(o)) => match o.get("id") {
-            Some(Value::String(id)) => Ok(Some(id.clone())),
-            _ => Err(serde::de::Error::custom(
-                "expanded object without a string `id`",
-            )),
-        },
-        Some(other) => Err(serde::de::Error::custom(format!(
-            "expected an id or an expanded object, found {other}"
-        ))),
+    struct Expandable;
+    impl Expandable {
+        fn found<E: de::Error>(other: impl std::fmt::Display) -> Result<Option<String>, E> {
+            Err(E::custom(format!(
+                "expected an id or an expanded object, found {other}"
+            )))
+        }
+    }
+    impl<'de> Visitor<'de> for Expandable {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an id or an expanded object")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_str<E: de::Error>(self, id: &str) -> Result<Self::Value, E> {
+            Ok(Some(id.to_owned()))
+        }
+        fn visit_string<E: de::Error>(self, id: String) -> Result<Self::Value, E> {
+            Ok(Some(id))
+        }
+        fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
+            Self::found(b)
+        }
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            Self::found(n)
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            Self::found(n)
+        }
+        fn visit_f64<E: de::Error>(self, n: f64) -> Result<Self::Value, E> {
+            Self::found(n)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Self::found("an array")
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            match At::<String>::field(map, &["id"])? {
+                Some(id) => Ok(Some(id)),
+                None => Err(de::Error::custom("expanded object without a string `id`")),
+            }
+        }
+    }
+    d.deserialize_any(Expandable)
+}
+
+/// A leaf [`At`] can read: `Value::as_bool` or `Value::as_str`.
+trait Leaf: Sized {
+    fn of_bool(_: bool) -> Option<Self> {
+        None
+    }
+    fn of_str(_: &str) -> Option<Self> {
+        None
+    }
+}
+
+impl Leaf for bool {
+    fn of_bool(b: bool) -> Option<Self> {
+        Some(b)
+    }
+}
+
+impl Leaf for String {
+    fn of_str(s: &str) -> Option<Self> {
+        Some(s.to_owned())
+    }
+}
+
+/// The value at a path of object keys when it is a `L`, as `Value::pointer` and then `as_bool`
+/// or `as_str` would read it, without building the `Value`: any other shape at any depth reads
+/// as `None`, and of duplicate keys the last wins. Everything off the path is skipped.
+struct At<'p, L> {
+    path: &'p [&'p str],
+    leaf: PhantomData<L>,
+}
+
+impl<'p, L: Leaf> At<'p, L> {
+    fn new(path: &'p [&'p str]) -> Self {
+        At {
+            path,
+            leaf: PhantomData,
+        }
+    }
+
+    /// Reads the value at `path` in a map being visited.
+    fn field<'de, A: de::MapAccess<'de>>(
+        mut map: A,
+        path: &'p [&'p str],
+    ) -> Result<Option<L>, A::Error> {
+        let Some((first, rest)) = path.split_first() else {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(None);
+        };
+        let mut found = None;
+        while let Some(on_path) = map.next_key_seed(KeyIs(first))? {
+            if on_path {
+                found = map.next_value_seed(At::<L>::new(rest))?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn read<'de, D: Deserializer<'de>>(path: &'p [&'p str], d: D) -> Result<Option<L>, D::Error> {
+        d.deserialize_any(At::<L>::new(path))
+    }
+}
+
+impl<'de, L: Leaf> de::DeserializeSeed<'de> for At<'_, L> {
+    type Value = Option<L>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, L: Leaf> Visitor<'de> for At<'_, L> {
+    type Value = Option<L>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(if self.path.is_empty() {
+            L::of_bool(b)
+        } else {
+            None
+        })
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(if self.path.is_empty() {
+            L::of_str(s)
+        } else {
+            None
+        })
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        Self::field(map, self.path)
+    }
+}
+
+/// A map key compared with one name, without allocating it.
+struct KeyIs<'p>(&'p str);
+
+impl<'de> de::DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
+        Ok(key == self.0)
     }
 }
 
@@ -65,24 +244,56 @@ pub(crate) fn metadata<'de, D: Deserializer<'de>>(
         .collect())
 }
 
-/// A JSON number read exactly as a `Decimal` (percent_off is a float in JSON: `25.5`).
+/// A JSON number read exactly as a `Decimal` (percent_off is a float in JSON: `25.5`), or a
+/// decimal string.
 fn exact_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
-    match Option::<Value>::deserialize(d)? {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
-            .to_string()
-            .parse::<Decimal>()
-            .or_else(|_| Decimal::from_scientific(&n.to_string()))
-            .map(Some)
-            .map_err(|e| serde::de::Error::custom(format!("number {n}: {e}"))),
-        Some(Value::String(s)) => s
-            .parse::<Decimal>()
-            .map(Some)
-            .map_err(|e| serde::de::Error::custom(format!("decimal {s:?}: {e}"))),
-        Some(other) => Err(serde::de::Error::custom(format!(
-            "expected a number, found {other}"
-        ))),
+    struct Exact;
+    impl<'de> Visitor<'de> for Exact {
+        type Value = Option<Decimal>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a number")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            Ok(Some(Decimal::from(n)))
+        }
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            Ok(Some(Decimal::from(n)))
+        }
+        fn visit_f64<E: de::Error>(self, n: f64) -> Result<Self::Value, E> {
+            // As JSON writes it (`25.5`, `1e21`): the shortest text that reads back as `n`.
+            let n = serde_json::Number::from_f64(n)
+                .ok_or_else(|| E::custom(format!("number {n} is not finite")))?;
+            let text = n.to_string();
+            text.parse::<Decimal>()
+                .or_else(|_| Decimal::from_scientific(&text))
+                .map(Some)
+                .map_err(|e| E::custom(format!("number {n}: {e}")))
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            s.parse::<Decimal>()
+                .map(Some)
+                .map_err(|e| E::custom(format!("decimal {s:?}: {e}")))
+        }
+        fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
+            Err(E::custom(format!("expected a number, found {b}")))
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(de::Error::custom("expected a number, found an array"))
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(de::Error::custom("expected a number, found an object"))
+        }
     }
+    d.deserialize_any(Exact)
 }
 
 /// A postal address (only the country is used, for segmentation).
@@ -450,24 +661,32 @@ pub struct InvoiceLine {
     /// The plan (older still).
     #[serde(default)]
     pub plan: Option<Price>,
-    /// Today's parent block (`subscription_item_details` with `proration`, ...), kept raw.
-    #[serde(default)]
-    pub parent: Option<Value>,
-    /// Today's pricing block (`price_details.price`), kept raw.
-    #[serde(default)]
-    pub pricing: Option<Value>,
+    /// Proration (today: `parent.subscription_item_details.proration`; any other shape of
+    /// `parent` reads as `None`).
+    #[serde(default, rename = "parent", deserialize_with = "line_proration")]
+    pub parent_proration: Option<bool>,
+    /// The price's id (today: `pricing.price_details.price`; any other shape of `pricing` reads
+    /// as `None`).
+    #[serde(default, rename = "pricing", deserialize_with = "line_price")]
+    pub pricing_price: Option<String>,
+}
+
+fn line_proration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    At::read(&["subscription_item_details", "proration"], d)
+}
+
+fn line_price<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    At::read(&["price_details", "price"], d)
+}
+
+fn invoice_subscription<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    At::read(&["subscription_details", "subscription"], d)
 }
 
 impl InvoiceLine {
     /// Whether the line is a proration, from either shape.
     pub fn is_proration(&self) -> bool {
-        self.proration.unwrap_or(false)
-            || self
-                .parent
-                .as_ref()
-                .and_then(|p| p.pointer("/subscription_item_details/proration"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false)
+        self.proration.unwrap_or(false) || self.parent_proration.unwrap_or(false)
     }
 
     /// The price id, from either shape.
@@ -476,12 +695,7 @@ impl InvoiceLine {
             .as_ref()
             .or(self.plan.as_ref())
             .map(|p| p.id.as_str())
-            .or_else(|| {
-                self.pricing
-                    .as_ref()?
-                    .pointer("/price_details/price")?
-                    .as_str()
-            })
+            .or(self.pricing_price.as_deref())
     }
 }
 
@@ -496,9 +710,10 @@ pub struct Invoice {
     /// The subscription (older API versions).
     #[serde(default, deserialize_with = "expandable")]
     pub subscription: Option<String>,
-    /// Today's parent block.
-    #[serde(default)]
-    pub parent: Option<Value>,
+    /// The subscription (today: `parent.subscription_details.subscription`; any other shape of
+    /// `parent` reads as `None`).
+    #[serde(default, rename = "parent", deserialize_with = "invoice_subscription")]
+    pub parent_subscription: Option<String>,
     /// Status.
     #[serde(default)]
     pub status: Option<String>,
@@ -520,12 +735,9 @@ pub struct Invoice {
 impl Invoice {
     /// The subscription this invoice bills, from either shape.
     pub fn subscription_id(&self) -> Option<&str> {
-        self.subscription.as_deref().or_else(|| {
-            self.parent
-                .as_ref()?
-                .pointer("/subscription_details/subscription")?
-                .as_str()
-        })
+        self.subscription
+            .as_deref()
+            .or(self.parent_subscription.as_deref())
     }
 }
 

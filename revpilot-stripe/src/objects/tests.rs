@@ -155,3 +155,114 @@ fn bad_input_names_the_object() {
     .unwrap_err();
     assert!(e.problem.contains("decimal \"ten\""), "{e}");
 }
+
+/// The paths read without a `Value` (`parent`, `pricing`) give what `Value::pointer` gave, for
+/// every shape: missing, null, scalars, arrays, other types at the leaf, duplicate keys (the last
+/// wins), escaped keys, deeper objects beside the path.
+#[test]
+fn paths_read_as_a_value_pointer_would() {
+    let shapes = [
+        json!(null),
+        json!("x"),
+        json!(7),
+        json!([{"subscription_item_details": {"proration": true}}]),
+        json!({}),
+        json!({"subscription_item_details": null}),
+        json!({"subscription_item_details": "si_1"}),
+        json!({"subscription_item_details": {"proration": "yes"}}),
+        json!({"subscription_item_details": {"proration": [true]}}),
+        json!({"subscription_item_details": {"proration": true, "x": {"proration": false}}}),
+        json!({"a": [1, {"b": null}], "subscription_item_details": {"proration": false}}),
+        json!({"price_details": {"price": "price_1", "product": {"id": "prod_1"}}}),
+        json!({"price_details": {"price": 42}}),
+        json!({"price_details": {"price": null}}),
+        json!({"subscription_details": {"subscription": "sub_1", "metadata": {"k": "v"}}}),
+        json!({"subscription_details": {"subscription": {"id": "sub_1"}}}),
+    ];
+    let mut texts: Vec<String> = shapes.iter().map(Value::to_string).collect();
+    // Duplicate keys (the last wins in a `Value`) and an escaped key: only as text.
+    texts.push(
+        r#"{"subscription_item_details": {"proration": true, "proration": false}}"#.to_owned(),
+    );
+    texts.push(
+        r#"{"subscription_item_details": {"proration": false}, "subscription_item_details": {"proration": true}}"#
+            .to_owned(),
+    );
+    texts.push(r#"{"price_details": {"pr\u0069ce": "price_esc"}}"#.to_owned());
+    texts.push(r#"{"subscription_details": {"subscription": "sub_\"q\""}}"#.to_owned());
+    for text in &texts {
+        let value: Value = serde_json::from_str(text).expect("JSON");
+        let line: InvoiceLine = parse(
+            "line_item",
+            format!(r#"{{"id": "il_1", "parent": {text}, "pricing": {text}}}"#).as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(
+            line.is_proration(),
+            value
+                .pointer("/subscription_item_details/proration")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            "{text}"
+        );
+        assert_eq!(
+            line.price_id(),
+            value
+                .pointer("/price_details/price")
+                .and_then(Value::as_str),
+            "{text}"
+        );
+        let invoice: Invoice = parse(
+            "invoice",
+            format!(r#"{{"id": "in_1", "currency": "usd", "created": 1, "parent": {text}}}"#)
+                .as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(
+            invoice.subscription_id(),
+            value
+                .pointer("/subscription_details/subscription")
+                .and_then(Value::as_str),
+            "{text}"
+        );
+    }
+}
+
+/// Amounts read as exact decimals from integers, negative integers, floats and decimal strings;
+/// expanded objects read as their id.
+#[test]
+fn amounts_and_expanded_ids_read_exactly() {
+    let c: Coupon = parse(
+        "coupon",
+        br#"{"id": "c", "duration": "once", "percent_off": 25.5, "amount_off": -300}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.percent_off, Some(Decimal::new(255, 1)));
+    assert_eq!(c.amount_off, Some(Decimal::new(-300, 0)));
+    let c: Coupon = parse(
+        "coupon",
+        br#"{"id": "c", "duration": "once", "percent_off": 1e2, "amount_off": "12.50"}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.percent_off, Some(Decimal::new(100, 0)));
+    assert_eq!(c.amount_off, Some(Decimal::new(1250, 2)));
+    let e = parse::<Coupon>(
+        "coupon",
+        br#"{"id": "c", "duration": "once", "percent_off": true}"#,
+    )
+    .unwrap_err();
+    assert!(e.problem.contains("expected a number, found true"), "{e}");
+    let s: Subscription = parse(
+        "subscription",
+        br#"{"id": "sub_1", "customer": {"id": "cus_x", "object": "customer", "metadata": {"id": 5}},
+             "status": "active", "created": 1}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.customer.as_deref(), Some("cus_x"));
+    let e = parse::<Subscription>(
+        "subscription",
+        br#"{"id": "sub_1", "customer": {"object": "customer"}, "status": "active", "created": 1}"#,
+    )
+    .unwrap_err();
+    assert!(e.problem.contains("without a string `id`"), "{e}");
+}
