@@ -103,7 +103,8 @@ def main() -> None:
     if subprocess.run([str(VENV_PY), "-c", "import duckdb"], capture_output=True).returncode != 0:
         sh([str(VENV_PY), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", DUCKDB])
     sh(["cargo", "build", "--release", "--quiet", "-p", "revpilot-cli"], cwd=ROOT)
-    revpilot = ROOT / "target" / "release" / "revpilot"
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    revpilot = target / "release" / "revpilot"
 
     for customers in [int(c) for c in str(args.customers).split(",")]:
         compare(revpilot, customers, args.months, args.runs)

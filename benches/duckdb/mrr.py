@@ -9,6 +9,10 @@ MRR at the end of a day is what the subscriptions' invoice lines bill for the pe
 that instant: a regular (non-proration) line of amount > 0 whose period starts before the next
 midnight and ends at or after it, normalised to a month (a yearly price counts 1/12). The sum is
 kept exact in twelfths of a cent and rounded half to even, as RevPilot rounds.
+
+The file's schema is given, not inferred: only the fields the query reads are declared, so DuckDB
+neither samples the whole file for its types nor builds the columns it would drop (with
+`format = 'auto'` and `sample_size = -1` the same query took 3.5x as long and as much memory).
 """
 import json
 import sys
@@ -16,11 +20,22 @@ from decimal import ROUND_HALF_EVEN, Decimal
 
 import duckdb
 
-SQL = """
+# The export is one JSON object; of its lists, only the fields read below.
+COLUMNS = """{
+    'prices': 'STRUCT(id VARCHAR, recurring STRUCT("interval" VARCHAR))[]',
+    'invoices': 'STRUCT(lines STRUCT(data STRUCT(
+        amount BIGINT,
+        period STRUCT("start" BIGINT, "end" BIGINT),
+        parent STRUCT(subscription_item_details STRUCT(proration BOOLEAN)),
+        pricing STRUCT(price_details STRUCT(price VARCHAR))
+    )[]))[]'
+}"""
+
+SQL = f"""
 WITH src AS (
     SELECT prices, invoices
-    FROM read_json(?, format = 'auto', records = true, maximum_object_size = 4000000000,
-                   sample_size = -1)
+    FROM read_json(?, format = 'unstructured', records = true, maximum_object_size = 4000000000,
+                   columns = {COLUMNS})
 ),
 prices AS (
     SELECT p.id AS price, p.recurring.interval AS iv FROM (SELECT unnest(prices) AS p FROM src)
