@@ -450,6 +450,7 @@ pub async fn derive_account<S: ObjectCache + DerivedStore + ?Sized>(
 ) -> Result<LoadedAccount, CachedRebuildError> {
     let started = Utc::now();
     let rebuilt = rebuild_cached(store, user, connection.id, CACHE_PAGE).await?;
+    tracing::debug!(ms = ms(started), "derivation: cache rebuilt");
     let mut account = rebuilt.account;
     sort(&mut account);
     let generation = Uuid::new_v4();
@@ -471,6 +472,7 @@ pub async fn derive_account<S: ObjectCache + DerivedStore + ?Sized>(
             .await?;
     }
     drop(rows);
+    tracing::debug!(ms = ms(started), "derivation: rows written");
     store
         .publish_derived(
             connection.id,

@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use revpilot_core::Account;
 use revpilot_core::model;
-use revpilot_core::ports::{ConnectionId, ObjectCache, ObjectKind, StoreError, UserId};
+use revpilot_core::ports::{
+    CachedObject, ConnectionId, ObjectCache, ObjectKind, StoreError, UserId,
+};
 
 use super::{
     Ctx, InvoiceDigest, Issue, Names, Rebuilt, attach_disputes, consider_price, customer,
@@ -217,9 +219,11 @@ pub const CACHE_PAGE: usize = 2_000;
 
 /// Rebuilds the account of the user's connection from the objects its syncs cached, reading
 /// `page` objects at a time (see [`CACHE_PAGE`]): the same [`Rebuilt`] as
-/// [`super::rebuild`] of [`crate::export::Export::from_cached`] of every object, while only one
-/// few pages and the compact model are ever held. Pages are folded on blocking threads, one per
-/// core, while the next is read, so a server's request threads stay free and every core works.
+/// [`super::rebuild`] of [`crate::export::Export::from_cached`] of every object, while only a
+/// few pages and the compact model are ever held. One fold worker per core (on blocking
+/// threads, so a server's request threads stay free) takes pages from a short queue that the
+/// store's reads keep filled: the reads never wait for a fold to finish, and the folds never
+/// wait for a read while a page is queued.
 ///
 /// # Errors
 /// [`CachedRebuildError`]: the store's error, or the first cached object that cannot be read.
@@ -231,51 +235,120 @@ pub async fn rebuild_cached<C: ObjectCache + ?Sized>(
 ) -> Result<Rebuilt, CachedRebuildError> {
     let page = page.max(1);
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut parts = Vec::new();
-    let mut folding: std::collections::VecDeque<tokio::task::JoinHandle<Result<Part, ParseError>>> =
-        std::collections::VecDeque::new();
-    let mut next: u64 = 0;
-    for kind in ObjectKind::ALL {
-        let Some(k) = Kind::of_cached(kind) else {
-            continue;
-        };
-        let mut after: Option<String> = None;
-        loop {
-            let objects = cache
-                .objects_page(user, connection, kind, after.as_deref(), page)
-                .await?;
-            let Some(last) = objects.last() else { break };
-            after = Some(last.stripe_id.clone());
-            let full = objects.len() == page;
-            // Pages are folded in order of reading, each into its own part, one per core.
-            while folding.len() >= threads {
-                if let Some(done) = folding.pop_front() {
-                    parts.push(joined(done.await)?);
+    // Pages waiting for a worker: one per worker, so each finds the next when it is done.
+    let (pages, queue) = tokio::sync::mpsc::channel::<(Kind, u64, Vec<CachedObject>)>(threads);
+    let queue = Arc::new(Mutex::new(queue));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let queue = Arc::clone(&queue);
+            tokio::task::spawn_blocking(move || fold_pages(&queue))
+        })
+        .collect();
+    drop(queue);
+    let read = read_pages(cache, user, connection, page, &pages).await;
+    // Closing the queue lets the workers finish what is queued and stop.
+    drop(pages);
+    let mut parts = Vec::with_capacity(workers.len());
+    let mut first: Option<(u64, ParseError)> = None;
+    for worker in workers {
+        match worker
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        {
+            Ok(part) => parts.push(part),
+            Err((at, e)) => {
+                if first.as_ref().is_none_or(|(f, _)| at < *f) {
+                    first = Some((at, e));
                 }
-            }
-            let base = next;
-            next += objects.len() as u64;
-            folding.push_back(tokio::task::spawn_blocking(move || {
-                let mut part = Part::default();
-                for (i, o) in (0u64..).zip(&objects) {
-                    part.fold(k, o.data.as_bytes(), base + i)?;
-                }
-                Ok(part)
-            }));
-            if !full {
-                break;
             }
         }
     }
-    while let Some(done) = folding.pop_front() {
-        parts.push(joined(done.await)?);
+    read?;
+    if let Some((_, e)) = first {
+        return Err(e.into());
     }
     let finished = tokio::task::spawn_blocking(move || assemble(parts)).await;
     Ok(finished.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
 }
 
-fn joined<T>(r: Result<Result<T, ParseError>, tokio::task::JoinError>) -> Result<T, ParseError> {
-    r.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+/// The cached kinds the rebuild reads, the largest first, each with the first number of its
+/// objects: numbers only order objects of one kind, so each kind has its own range.
+fn cached_kinds() -> Vec<(ObjectKind, Kind, u64)> {
+    let mut kinds: Vec<(ObjectKind, Kind, u64)> = ObjectKind::ALL
+        .into_iter()
+        .zip(0u64..)
+        .filter_map(|(kind, n)| Some((kind, Kind::of_cached(kind)?, n << 40)))
+        .collect();
+    kinds.sort_by_key(|(kind, ..)| match kind {
+        ObjectKind::Invoice => 0,
+        ObjectKind::Charge => 1,
+        _ => 2,
+    });
+    kinds
+}
+
+/// Store reads in flight at once: one reader alone left a third of two cores idle at 100,000
+/// customers (each page is a round trip through the driver's thread).
+const READERS: usize = 2;
+
+/// Reads every kind the rebuild needs page by page into the workers' queue, [`READERS`] kinds
+/// at a time, each from its own connection. Stops early when every worker has stopped (on an
+/// unreadable object).
+async fn read_pages<C: ObjectCache + ?Sized>(
+    cache: &C,
+    user: UserId,
+    connection: ConnectionId,
+    page: usize,
+    pages: &tokio::sync::mpsc::Sender<(Kind, u64, Vec<CachedObject>)>,
+) -> Result<(), StoreError> {
+    let kinds = cached_kinds();
+    let taken = std::sync::atomic::AtomicUsize::new(0);
+    let reader = || async {
+        while let Some(&(kind, k, first)) = kinds.get(taken.fetch_add(1, Ordering::Relaxed)) {
+            let mut next = first;
+            let mut after: Option<String> = None;
+            loop {
+                let objects = cache
+                    .objects_page(user, connection, kind, after.as_deref(), page)
+                    .await?;
+                let Some(last) = objects.last() else { break };
+                after = Some(last.stripe_id.clone());
+                let full = objects.len() == page;
+                let base = next;
+                next += objects.len() as u64;
+                if pages.send((k, base, objects)).await.is_err() {
+                    return Ok(());
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok::<(), StoreError>(())
+    };
+    futures::future::try_join_all((0..READERS).map(|_| reader())).await?;
+    Ok(())
+}
+
+/// A fold worker: folds the pages it takes from the queue into its own part until the queue
+/// is closed and empty, or until an object cannot be read (with its position).
+fn fold_pages(
+    queue: &Mutex<tokio::sync::mpsc::Receiver<(Kind, u64, Vec<CachedObject>)>>,
+) -> Result<Part, (u64, ParseError)> {
+    let mut part = Part::default();
+    loop {
+        let taken = match queue.lock() {
+            Ok(mut queue) => queue.blocking_recv(),
+            Err(_) => None,
+        };
+        let Some((kind, base, objects)) = taken else {
+            return Ok(part);
+        };
+        for (i, o) in (0u64..).zip(&objects) {
+            part.fold(kind, o.data.as_bytes(), base + i)
+                .map_err(|e| (base + i, e))?;
+        }
+    }
 }
 
 /// The kinds of the export's lists.
