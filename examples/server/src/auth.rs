@@ -42,7 +42,8 @@ impl FromRequestParts<AppState> for AuthUser {
             tracing::debug!(error = %e, "token refused");
             unauthorized()
         })?;
-        match state.store.session_ended(&session_id(token)).await {
+        let (now, session) = ((state.clock)(), session_id(token));
+        match state.sessions.ended(&*state.store, &session, now).await {
             Ok(false) => {}
             Ok(true) => {
                 tracing::debug!("an ended session was presented");
@@ -54,7 +55,6 @@ impl FromRequestParts<AppState> for AuthUser {
         if state.known_users.contains(user) {
             return Ok(AuthUser(user));
         }
-        let now = (state.clock)();
         let email = claims.email.as_deref();
         ensure_profile(state.store.as_ref(), &state.catalog, user, email, now)
             .await
@@ -210,6 +210,7 @@ pub(crate) async fn end_session(state: &AppState, headers: &axum::http::HeaderMa
     let Some(expires) = chrono::DateTime::from_timestamp(claims.exp + LEEWAY_SECS, 0) else {
         return;
     };
+    state.sessions.forget(&session_id(token));
     if let Err(e) = state
         .store
         .end_session(&session_id(token), expires, (state.clock)())

@@ -102,6 +102,8 @@ pub struct AppState {
     pub demo: Option<DemoLogin>,
     /// Users known to have a profile.
     pub known_users: Arc<auth::KnownUsers>,
+    /// Sessions found live within the last second (shared by clones of the state).
+    pub sessions: revpilot_store::auth::LiveSessions,
 }
 
 /// The demo user's credentials (demo mode prints them; `GET /demo` logs in as them).
@@ -168,6 +170,7 @@ impl AppState {
             accounts: Arc::default(),
             demo: None,
             known_users: Arc::default(),
+            sessions: revpilot_store::auth::LiveSessions::default(),
         }
     }
 }
