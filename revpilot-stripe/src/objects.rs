@@ -37,6 +37,22 @@ impl<T> Default for List<T> {
     }
 }
 
+/// The ways serde reports JSON's `null` to a visitor, each read as `None` (an `Option`'s `Some`
+/// is read as the value itself).
+macro_rules! null_is_none {
+    () => {
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    };
+}
+
 /// An expandable field: the id, whether Stripe sent it or the expanded object; `None` for null.
 /// An expanded object is walked for its `id` (the last one, as a `Value` would keep), without
 /// building it.
@@ -54,15 +70,7 @@ pub(crate) fn expandable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Strin
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("an id or an expanded object")
         }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_any(self)
-        }
+        null_is_none!();
         fn visit_str<E: de::Error>(self, id: &str) -> Result<Self::Value, E> {
             Ok(Some(id.to_owned()))
         }
@@ -169,15 +177,7 @@ impl<'de, L: Leaf> Visitor<'de> for At<'_, L> {
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
-    }
+    null_is_none!();
     fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
         Ok(if self.path.is_empty() {
             L::of_bool(b)
@@ -253,15 +253,7 @@ fn exact_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("a number")
         }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_any(self)
-        }
+        null_is_none!();
         fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
             Ok(Some(Decimal::from(n)))
         }
