@@ -12,7 +12,8 @@ kept exact in twelfths of a cent and rounded half to even, as RevPilot rounds.
 
 The file's schema is given, not inferred: only the fields the query reads are declared, so DuckDB
 neither samples the whole file for its types nor builds the columns it would drop (with
-`format = 'auto'` and `sample_size = -1` the same query took 3.5x as long and as much memory).
+`format = 'auto'` and `sample_size = -1` the same query took 53 s on 25,000 customers on
+2026-12-06, against 12-15 s given the schema on 2026-12-07; not alternated in one run).
 """
 import json
 import sys
