@@ -107,10 +107,8 @@ pub fn rebuild_reader<R: Read>(
     // Taken, not cloned (an error keeps its source, which cannot be cloned): when one is found
     // the parts are dropped unassembled.
     for part in &mut parts {
-        if let Some((at, e)) = part.error.take()
-            && first.as_ref().is_none_or(|(f, _)| at < *f)
-        {
-            first = Some((at, e));
+        if let Some(found) = part.error.take() {
+            keep_earliest(&mut first, found);
         }
     }
     if let Some((_, e)) = first {
@@ -256,11 +254,7 @@ pub async fn rebuild_cached<C: ObjectCache + ?Sized>(
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
         {
             Ok(part) => parts.push(part),
-            Err((at, e)) => {
-                if first.as_ref().is_none_or(|(f, _)| at < *f) {
-                    first = Some((at, e));
-                }
-            }
+            Err(found) => keep_earliest(&mut first, found),
         }
     }
     read?;
@@ -269,6 +263,13 @@ pub async fn rebuild_cached<C: ObjectCache + ?Sized>(
     }
     let finished = tokio::task::spawn_blocking(move || assemble(parts)).await;
     Ok(finished.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+}
+
+/// Keeps `found` when it is nearer the start of the input than the error kept so far.
+fn keep_earliest<E>(first: &mut Option<(u64, E)>, found: (u64, E)) {
+    if first.as_ref().is_none_or(|(at, _)| found.0 < *at) {
+        *first = Some(found);
+    }
 }
 
 /// The cached kinds the rebuild reads, the largest first, each with the first number of its
