@@ -36,6 +36,7 @@
 pub mod anomaly;
 pub mod billing;
 pub mod fx;
+pub mod guard;
 pub mod insights;
 pub mod jobs;
 pub mod metrics;

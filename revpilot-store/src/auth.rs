@@ -8,6 +8,13 @@
 //! `iss` is checked when configured, `nbf` is honoured, and a token expiring more than a week
 //! ahead is refused. The user is `sub`, a UUID.
 
+#[cfg(feature = "jwks")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwks")))]
+pub mod jwks;
+pub mod sessions;
+
+pub use sessions::{SESSION_COOKIE, SESSION_SECS, Session, Sessions, presented};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 

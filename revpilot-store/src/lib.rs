@@ -27,7 +27,8 @@
 //! |---|---|
 //! | `sqlite` | (default) [`SqliteStore`]: sqlx with bundled SQLite, nothing to install |
 //! | `postgres` | [`PgStore`]: PostgreSQL, for many servers and workers on one database |
-//! | `auth` | [`auth`]: session tokens (HS256 JWT) and argon2id password hashes on bounded threads, for an application's own accounts |
+//! | `auth` | [`auth`]: session tokens (HS256 JWT) and argon2id password hashes on bounded threads, for an application's own accounts; [`auth::Sessions`], sign-up, log-in, log-out and who a token is, as use cases |
+//! | `jwks` | `auth::jwks`: tokens of an identity provider (Supabase) signed with asymmetric keys, verified against its JWKS (adds reqwest) |
 //! | `queue` | [`queue`]: the persistent job queue (apalis) in the store's own database, both backends |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -224,6 +224,28 @@ pub(crate) fn error_message(body: &[u8]) -> String {
 }
 
 impl Client {
+    /// The client of the account whose secret key is `key` (an empty key is none), at
+    /// `api_base` when given (a fake in tests): what `STRIPE_SECRET_KEY` and `STRIPE_API_BASE`
+    /// configure in every RevPilot program. `None` without a key.
+    ///
+    /// # Errors
+    /// [`ApiError::Url`] or [`ApiError::Config`] for the base; [`ApiError::Http`].
+    pub fn from_key(key: Option<&str>, api_base: Option<&str>) -> Result<Option<Self>, ApiError> {
+        let Some(key) = key.filter(|k| !k.is_empty()) else {
+            return Ok(None);
+        };
+        let mut config = ClientConfig::new(SecretString::from(key.to_owned()));
+        if let Some(base) = api_base {
+            config = config.with_api_base(base)?;
+        }
+        Client::new(config).map(Some)
+    }
+
+    /// Whether the client's key is a live-mode one ([`ClientConfig::is_live`]).
+    pub fn is_live(&self) -> bool {
+        self.inner.config.is_live()
+    }
+
     /// Builds a client.
     ///
     /// # Errors

@@ -36,7 +36,7 @@ async fn serve(db: &str, customers: usize, payload: usize) {
     let keys = KeyRing::parse("bench:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::connect(db, keys).await.unwrap());
     let mut state = AppState::new(store, None);
-    state.jwt = Some(Arc::new(
+    state.sessions.jwt = Some(Arc::new(
         Jwt::new(
             SecretString::from("a-bench-jwt-secret-of-32-bytes-or-more"),
             None,

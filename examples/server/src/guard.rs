@@ -3,99 +3,13 @@
 //! state-changing request (CSRF) and the security headers of every response.
 //! `docs/security.md` says what each one is and how to configure it.
 
-use std::hash::Hash;
-use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, Instant};
-
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use url::Url;
 
-use crate::AppState;
-
-/// A keyed rate limiter whose key map stays bounded.
-///
-/// governor's keyed limiter keeps one entry per key it has seen, for ever. Here, whenever the
-/// map holds more than half of `max_keys` (at most once a second), the keys whose budget has
-/// fully come back are dropped (`retain_recent`, which changes no decision). If the map is still
-/// full after that, it starts over: an attacker who can present `max_keys` distinct live keys
-/// within one refill period gets a fresh budget for each key, which costs them `max_keys`
-/// requests each time, and the server's memory stays bounded.
-#[derive(Debug)]
-pub struct KeyedBudget<K: Hash + Eq + Clone> {
-    quota: Quota,
-    limiter: RwLock<Arc<DefaultKeyedRateLimiter<K>>>,
-    max_keys: usize,
-    last_prune: Mutex<Instant>,
-}
-
-impl<K: Hash + Eq + Clone> KeyedBudget<K> {
-    /// `per_minute` calls a minute per key, at most `max_keys` keys remembered.
-    pub fn per_minute(per_minute: u32, max_keys: usize) -> Self {
-        let quota = Quota::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN));
-        KeyedBudget {
-            quota,
-            limiter: RwLock::new(Arc::new(RateLimiter::keyed(quota))),
-            max_keys: max_keys.max(2),
-            last_prune: Mutex::new(Instant::now()),
-        }
-    }
-
-    fn limiter(&self) -> Arc<DefaultKeyedRateLimiter<K>> {
-        self.limiter
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Spends one call of `key`'s budget: `true` when it had one left.
-    pub fn check(&self, key: &K) -> bool {
-        self.prune();
-        self.limiter().check_key(key).is_ok()
-    }
-
-    /// Keys remembered now.
-    pub fn len(&self) -> usize {
-        self.limiter().len()
-    }
-
-    /// No key remembered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn prune(&self) {
-        let limiter = self.limiter();
-        let len = limiter.len();
-        if len < self.max_keys / 2 {
-            return;
-        }
-        {
-            let mut last = self
-                .last_prune
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if len < self.max_keys && last.elapsed() < Duration::from_secs(1) {
-                return;
-            }
-            *last = Instant::now();
-        }
-        limiter.retain_recent();
-        limiter.shrink_to_fit();
-        if limiter.len() >= self.max_keys {
-            tracing::warn!(
-                keys = limiter.len(),
-                "a rate-limit map is full of live keys: it starts over"
-            );
-            *self.limiter.write().unwrap_or_else(PoisonError::into_inner) =
-                Arc::new(RateLimiter::keyed(self.quota));
-        }
-    }
-}
+pub use revpilot_core::guard::KeyedBudget;
 
 // ----- cross-site requests -----
 
@@ -138,7 +52,7 @@ pub fn cross_origin(app_url: &Url, method: &Method, path: &str, headers: &Header
 
 /// Middleware: refuses a cross-site request with 403 before any handler runs.
 pub(crate) async fn same_origin(
-    State(state): State<AppState>,
+    State(state): crate::Shared,
     request: Request,
     next: Next,
 ) -> Response {
@@ -194,19 +108,6 @@ pub fn security_headers() -> [(header::HeaderName, HeaderValue); 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_budget_forgets_refilled_keys_and_never_holds_more_than_its_cap() {
-        let budget = KeyedBudget::<u32>::per_minute(3, 100);
-        for key in 0..10_000 {
-            assert!(budget.check(&key), "a fresh key has a budget");
-            assert!(budget.len() <= 100, "{} keys", budget.len());
-        }
-        // A key spends its budget as before.
-        let one = KeyedBudget::<u32>::per_minute(3, 100);
-        assert!((0..3).all(|_| one.check(&7)));
-        assert!(!one.check(&7));
-    }
 
     #[test]
     fn only_the_apps_own_origin_may_post() {

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use revpilot_server::auth::Jwt;
 use revpilot_server::{AppState, app};
 use revpilot_store::KeyRing;
 use revpilot_stripe::billing::WebhookConfig;
-use revpilot_stripe::client::{Client, ClientConfig};
+use revpilot_stripe::client::Client;
 use revpilot_stripe::connect::{Connect, ConnectConfig};
 use revpilot_stripe::webhook::secrets_from_csv;
 use secrecy::SecretString;
@@ -130,9 +129,6 @@ fn random_base64(n: usize) -> Option<String> {
     Some(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
-/// The shortest `CRON_SECRET` accepted, bytes (a guessable one would let anyone trigger syncs).
-const MIN_CRON_SECRET: usize = 32;
-
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("revpilot-server: {message}");
     ExitCode::from(2)
@@ -198,74 +194,50 @@ async fn main() -> ExitCode {
     };
     let with_worker = args.with_worker || (!postgres && !args.without_worker);
 
-    let stripe = match args.stripe_secret_key.as_deref().filter(|k| !k.is_empty()) {
-        None => None,
-        Some(key) => {
-            let mut config = ClientConfig::new(SecretString::from(key.to_owned()));
-            if let Some(base) = &args.stripe_api_base {
-                config = match config.with_api_base(base) {
-                    Ok(c) => c,
-                    Err(e) => return fail(format!("STRIPE_API_BASE: {e}")),
-                };
-            }
-            let live = config.is_live();
-            match Client::new(config) {
-                Ok(c) => Some((c, live)),
-                Err(e) => return fail(e),
-            }
-        }
+    let key = args.stripe_secret_key.as_deref();
+    let stripe = match Client::from_key(key, args.stripe_api_base.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("STRIPE_SECRET_KEY / STRIPE_API_BASE: {e}")),
     };
-    let webhook = match args
-        .webhook_secret
-        .as_deref()
-        .filter(|s| !s.trim().is_empty())
-    {
-        None => {
+    let webhook = match (
+        args.webhook_secret
+            .as_deref()
+            .filter(|s| !s.trim().is_empty()),
+        &stripe,
+    ) {
+        (None, _) => {
             tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: billing webhooks are refused");
             None
         }
-        Some(secrets) => {
-            let Some((_, live)) = &stripe else {
-                return fail(
-                    "STRIPE_SECRET_KEY is required with STRIPE_WEBHOOK_SECRET (billing events fetch subscriptions)",
-                );
-            };
-            let mut webhook = WebhookConfig::new(SecretString::from(String::new()), *live);
+        (Some(_), None) => {
+            return fail(
+                "STRIPE_SECRET_KEY is required with STRIPE_WEBHOOK_SECRET (billing events fetch subscriptions)",
+            );
+        }
+        (Some(secrets), Some(client)) => {
+            let mut webhook =
+                WebhookConfig::new(SecretString::from(String::new()), client.is_live());
             webhook.secrets = secrets_from_csv(secrets);
             Some(webhook)
         }
     };
-    let jwks = match args.supabase_jwks_url.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(url) => match url::Url::parse(url) {
-            Ok(u) => match revpilot_server::jwks::Jwks::new(u, args.jwt_issuer.clone()) {
-                Ok(j) => Some(Arc::new(j)),
-                Err(e) => return fail(e),
-            },
-            Err(e) => return fail(format!("SUPABASE_JWKS_URL {url:?}: {e}")),
-        },
+    let issuer = args.jwt_issuer.as_deref();
+    let sessions = revpilot_store::auth::Sessions::default()
+        .with_secret(jwt_secret.as_deref(), issuer)
+        .and_then(|s| s.with_jwks(args.supabase_jwks_url.as_deref(), issuer));
+    let mut sessions = match sessions {
+        Ok(s) => s,
+        Err(e) => return fail(format!("JWT_SECRET / SUPABASE_JWKS_URL: {e}")),
     };
-    let jwt = match jwt_secret.as_deref().filter(|s| !s.is_empty()) {
-        None if jwks.is_some() => {
-            tracing::info!("JWT_SECRET is not set: Supabase sessions only, no built-in accounts");
-            None
+    match (&sessions.jwt, &sessions.jwks) {
+        (None, Some(_)) => {
+            tracing::info!("JWT_SECRET is not set: Supabase sessions only, no built-in accounts")
         }
-        None => {
-            tracing::warn!(
-                "neither JWT_SECRET nor SUPABASE_JWKS_URL is set: every authenticated route answers 401"
-            );
-            None
-        }
-        Some(secret) => {
-            match Jwt::new(
-                SecretString::from(secret.to_owned()),
-                args.jwt_issuer.clone(),
-            ) {
-                Ok(j) => Some(Arc::new(j)),
-                Err(e) => return fail(e),
-            }
-        }
-    };
+        (None, None) => tracing::warn!(
+            "neither JWT_SECRET nor SUPABASE_JWKS_URL is set: every authenticated route answers 401"
+        ),
+        _ => {}
+    }
     let llm = match revpilot_ai::provider_from_env(|n| std::env::var(n).ok()) {
         Ok(p) => p,
         Err(e) => return fail(e),
@@ -285,31 +257,30 @@ async fn main() -> ExitCode {
         Ok(u) => u,
         Err(e) => return fail(format!("REVPILOT_APP_URL {app_url:?}: {e}")),
     };
-    let mut state = AppState::new(store.clone(), webhook);
-    let trusted =
-        revpilot_core::params::address_list(args.trusted_proxies.as_deref().unwrap_or(""));
-    state.trusted_proxies = match trusted {
-        Ok(t) => Arc::new(t),
-        Err(e) => return fail(format!("REVPILOT_TRUSTED_PROXIES {e}")),
-    };
-    state.passwords = revpilot_server::auth::Passwords::new(
+    sessions.passwords = revpilot_server::auth::Passwords::new(
         args.auth_concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
         Duration::from_millis(args.auth_wait_ms),
     );
-    state.accounts = Arc::new(
+    let mut state = AppState::new(store.clone(), webhook);
+    state.sessions = sessions;
+    let trusted =
+        revpilot_core::params::address_list(args.trusted_proxies.as_deref().unwrap_or(""));
+    state.trusted_proxies = match trusted {
+        Ok(t) => t,
+        Err(e) => return fail(format!("REVPILOT_TRUSTED_PROXIES {e}")),
+    };
+    state.app.accounts = Arc::new(
         revpilot_stripe::accounts::Accounts::default()
             .with_budget(args.accounts_mb.saturating_mul(1 << 20)),
     );
-    state.jwt = jwt;
-    state.jwks = jwks;
-    state.catalog = Arc::new(catalog.clone());
-    state.llm = llm;
-    state.insight_deadline = Duration::from_secs(args.insight_deadline_secs.max(1));
-    state.stripe = stripe.map(|(c, _)| c);
+    state.app.catalog = Arc::new(catalog.clone());
+    state.app.llm = llm;
+    state.app.insight_deadline = Duration::from_secs(args.insight_deadline_secs.max(1));
+    state.app.billing = stripe;
     if let Some(base) = &args.stripe_api_base {
         match url::Url::parse(base) {
-            Ok(u) => state.stripe_api_base = u,
+            Ok(u) => state.app.stripe_api_base = u,
             Err(e) => return fail(format!("STRIPE_API_BASE {base:?}: {e}")),
         }
     }
@@ -318,7 +289,7 @@ async fn main() -> ExitCode {
             return fail("STRIPE_SECRET_KEY is required with STRIPE_CLIENT_ID (Connect)");
         };
         let mut config = ConnectConfig::new(client_id, SecretString::from(key.to_owned()));
-        config.api_base = state.stripe_api_base.clone();
+        config.api_base = state.app.stripe_api_base.clone();
         if let Some(base) = &args.stripe_oauth_base {
             match url::Url::parse(base) {
                 Ok(u) => config.token_base = u,
@@ -330,49 +301,28 @@ async fn main() -> ExitCode {
             .ok()
             .map(String::from);
         match Connect::new(config, store.clone(), store.clone()) {
-            Ok(c) => state.connect = Some(Arc::new(c)),
+            Ok(c) => state.app.connect = Some(Arc::new(c)),
             Err(e) => return fail(e),
         }
     }
-    state.connect_webhook_secrets = args
+    state.app.connect_webhook_secrets = args
         .connect_webhook_secret
         .as_deref()
         .filter(|s| !s.trim().is_empty())
         .map(secrets_from_csv);
-    state.cron_secret = match args.cron_secret.as_deref().filter(|s| !s.is_empty()) {
-        Some(s) if s.len() < MIN_CRON_SECRET => {
-            return fail(format!(
-                "CRON_SECRET must be at least {MIN_CRON_SECRET} bytes (e.g. openssl rand -hex 32)"
-            ));
-        }
-        other => other.map(|s| SecretString::from(s.to_owned())),
-    };
+    if let Err(e) = state.app.set_cron_secret(args.cron_secret.as_deref()) {
+        return fail(format!("CRON_SECRET {e}"));
+    }
     state.app_url = app_url;
-    state.jobs = Some(Arc::new(queue.clone()));
+    state.app.jobs = Some(Arc::new(queue.clone()));
+    let runner = state.app.runner("server");
     let worker = with_worker.then(|| {
-        let mut runner = state.runner("server");
-        runner.queue = Some(Arc::new(queue.clone()));
-        let scheduler = revpilot_worker::spawn_scheduler(
-            Arc::new(queue.clone()),
-            state.clock.clone(),
-            Duration::from_secs(600),
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        // A unique worker id per process (see revpilot-worker's main).
-        let id = format!(
-            "server-worker-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let run = tokio::spawn(queue.clone().run(
-            Arc::new(runner),
-            id,
-            async move {
-                let _ = stopped.await;
-            },
-            guard.drain(),
-        ));
         tracing::info!("running the job worker in this process");
-        (stop, run, scheduler)
+        // Stops taking jobs at the signal that stops the server; the ones in hand may finish
+        // for most of the grace period (the guard's watchdog ends the process at its end).
+        let stop = revpilot_worker::shutdown_signal();
+        let work = revpilot_worker::work(queue, runner, "server-worker", stop, guard.drain());
+        tokio::spawn(work)
     });
 
     if args.demo {
@@ -403,12 +353,7 @@ async fn main() -> ExitCode {
         revpilot_worker::shutdown_signal(),
     )
     .await;
-    if let Some((stop, run, scheduler)) = worker {
-        // Take no new job; let the ones in hand finish for most of the grace period, then hand
-        // them back to the queue (the guard's watchdog ends the process at the grace period
-        // whatever happens here).
-        scheduler.abort();
-        let _ = stop.send(());
+    if let Some(run) = worker {
         match run.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "the worker stopped on an error"),

@@ -12,18 +12,17 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::{Datelike, Months, NaiveDate};
 use revpilot_core::Currency;
-use revpilot_core::billing::current_usage;
 use revpilot_core::insights::Unit;
 use revpilot_core::metrics::{Granularity, SeriesRow};
 use revpilot_core::params::{DashboardQuery, GenerateForm, UpgradeForm};
 use revpilot_core::ports::{Connection, ConnectionId, InsightRecord, Tier, UserId};
 use rust_decimal::Decimal;
 
-use crate::auth::{
-    AuthFailure, AuthUser, ClientAddr, Credentials, clear_session_cookie, issue_session,
-};
+use crate::auth::{AuthUser, ClientAddr, Credentials};
 use crate::charts::{self, BarChart, HEIGHT, HeatMap, LineChart, WIDTH};
-use crate::{AppState, api, internal};
+use crate::{AppState, Shared, api, internal, refused};
+use revpilot_core::guard::{Refusal, RefusalKind};
+use revpilot_store::auth::Session;
 
 fn render(page: &impl Template) -> Response {
     match page.render() {
@@ -66,74 +65,73 @@ fn auth_page(state: &AppState, signup: bool, email: String, error: Option<String
 }
 
 /// `GET /login`.
-pub(crate) async fn login_form(State(state): State<AppState>) -> Response {
+pub(crate) async fn login_form(State(state): Shared) -> Response {
     render(&auth_page(&state, false, String::new(), None))
 }
 
 /// `GET /signup`.
-pub(crate) async fn signup_form(State(state): State<AppState>) -> Response {
+pub(crate) async fn signup_form(State(state): Shared) -> Response {
     render(&auth_page(&state, true, String::new(), None))
 }
 
-/// A session cookie for `user` and a redirect to the dashboard.
-fn signed_in(state: &AppState, user: UserId, email: &str) -> Response {
-    let Some(jwt) = &state.jwt else {
-        return to_login();
-    };
-    match issue_session(state, jwt, user, email) {
-        Ok((_, _, cookie)) => (
-            StatusCode::SEE_OTHER,
-            [
-                (header::SET_COOKIE, cookie),
-                (header::LOCATION, "/dashboard".to_owned()),
-            ],
-        )
-            .into_response(),
-        Err(e) => internal(&e),
-    }
+/// A session cookie and a redirect to the dashboard.
+fn signed_in(state: &AppState, session: &Session) -> Response {
+    let cookie = session.cookie(state.https());
+    let to = (header::LOCATION, "/dashboard".to_owned());
+    (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), to]).into_response()
 }
 
-fn form_failed(state: &AppState, signup: bool, email: String, f: &AuthFailure) -> Response {
-    let (status, _, message) = f.parts();
-    let mut r = render(&auth_page(state, signup, email, Some(message.to_owned())));
-    *r.status_mut() = status;
+fn form_failed(state: &AppState, signup: bool, email: String, f: &Refusal) -> Response {
+    let mut r = render(&auth_page(
+        state,
+        signup,
+        email,
+        Some(f.message.to_string()),
+    ));
+    *r.status_mut() = crate::status(f.kind);
     r
 }
 
 /// `POST /login` (form).
 pub(crate) async fn login_submit(
-    State(state): State<AppState>,
+    State(state): Shared,
     client: ClientAddr,
     Form(c): Form<Credentials>,
 ) -> Response {
     let email = c.email.clone();
-    match crate::auth::authenticate(&state, client, c).await {
-        Ok((user, email)) => signed_in(&state, user, &email),
+    match crate::auth::enter(&state, client, c, false).await {
+        Ok(session) => signed_in(&state, &session),
         Err(f) => form_failed(&state, false, email, &f),
     }
 }
 
 /// `POST /signup` (form).
 pub(crate) async fn signup_submit(
-    State(state): State<AppState>,
+    State(state): Shared,
     client: ClientAddr,
     Form(c): Form<Credentials>,
 ) -> Response {
     let email = c.email.clone();
-    match crate::auth::create_account(&state, client, c).await {
-        Ok((user, email)) => signed_in(&state, user, &email),
+    match crate::auth::enter(&state, client, c, true).await {
+        Ok(session) => signed_in(&state, &session),
         Err(f) => form_failed(&state, true, email, &f),
     }
 }
 
 /// `POST /logout`: ends the session on the server (its token is refused from now on) and in the
 /// browser.
-pub(crate) async fn logout(State(state): State<AppState>, headers: header::HeaderMap) -> Response {
-    crate::auth::end_session(&state, &headers).await;
+pub(crate) async fn logout(State(state): Shared, headers: header::HeaderMap) -> Response {
+    if let Some(token) = crate::auth::presented(&headers) {
+        let store = state.app.store.as_ref();
+        state
+            .sessions
+            .log_out(store, token, (state.app.clock)())
+            .await;
+    }
     (
         StatusCode::SEE_OTHER,
         [
-            (header::SET_COOKIE, clear_session_cookie(&state)),
+            (header::SET_COOKIE, Session::clear_cookie(state.https())),
             (header::LOCATION, "/login".to_owned()),
         ],
     )
@@ -141,9 +139,15 @@ pub(crate) async fn logout(State(state): State<AppState>, headers: header::Heade
 }
 
 /// `GET /demo`: in demo mode, a session of the demo user (whose password the server printed).
-pub(crate) async fn demo_login(State(state): State<AppState>) -> Response {
+pub(crate) async fn demo_login(State(state): Shared) -> Response {
     match &state.demo {
-        Some(d) => signed_in(&state, d.user, &d.email),
+        Some(d) => match state
+            .sessions
+            .session_for(d.user, &d.email, (state.app.clock)())
+        {
+            Ok(session) => signed_in(&state, &session),
+            Err(_) => to_login(),
+        },
         None => crate::error(StatusCode::NOT_FOUND, "not_found", "not in demo mode"),
     }
 }
@@ -305,14 +309,14 @@ fn first_of_month(d: NaiveDate, months_back: u32) -> NaiveDate {
 
 /// `GET /dashboard[?connection=ID]`.
 pub(crate) async fn dashboard(
-    State(state): State<AppState>,
+    State(state): Shared,
     user: Result<AuthUser, Response>,
     Query(q): Query<DashboardQuery>,
 ) -> Response {
     let Ok(AuthUser(user)) = user else {
         return to_login();
     };
-    let all = match state.store.connections(user).await {
+    let all = match state.app.store.connections(user).await {
         Ok(c) => c,
         Err(e) => return internal(&e),
     };
@@ -344,7 +348,7 @@ pub(crate) async fn dashboard(
         pending: false,
         first_sync: None,
         kpis: Vec::new(),
-        as_of: api::today(&state),
+        as_of: state.app.today(),
         currency: String::new(),
         line: None,
         bars: None,
@@ -360,7 +364,7 @@ pub(crate) async fn dashboard(
         .business_name
         .clone()
         .unwrap_or_else(|| connection.stripe_account_id.clone());
-    let run = match state.store.last_run(user, connection.id).await {
+    let run = match state.app.store.last_run(user, connection.id).await {
         Ok(run) => run,
         Err(e) => return internal(&e),
     };
@@ -373,9 +377,9 @@ pub(crate) async fn dashboard(
         return render(&page);
     };
     page.last_sync = synced.format("%Y-%m-%d %H:%M UTC").to_string();
-    let loaded = match api::account(&state, user, connection).await {
+    let loaded = match state.app.account(user, connection).await {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(r) => return refused(&r),
     };
     let currency = loaded.currency;
     page.currency = currency.as_str().to_uppercase();
@@ -451,7 +455,7 @@ fn insight_view(r: &InsightRecord, currency: Currency) -> InsightView {
 }
 
 async fn insights_page(state: &AppState, user: UserId, error: Option<String>) -> Response {
-    let connection = match state.store.connections(user).await {
+    let connection = match state.app.store.connections(user).await {
         Ok(c) => c.into_iter().find(|c| c.is_active),
         Err(e) => return internal(&e),
     };
@@ -459,6 +463,7 @@ async fn insights_page(state: &AppState, user: UserId, error: Option<String>) ->
         .as_ref()
         .map_or(Currency::USD, Connection::reporting_currency);
     let records = match state
+        .app
         .store
         .insights(user, connection.as_ref().map(|c| c.id), 20)
         .await
@@ -484,10 +489,7 @@ async fn insights_page(state: &AppState, user: UserId, error: Option<String>) ->
 }
 
 /// `GET /insights`: the newest insights with the figures they rest on.
-pub(crate) async fn insights(
-    State(state): State<AppState>,
-    user: Result<AuthUser, Response>,
-) -> Response {
+pub(crate) async fn insights(State(state): Shared, user: Result<AuthUser, Response>) -> Response {
     let Ok(AuthUser(user)) = user else {
         return to_login();
     };
@@ -496,22 +498,22 @@ pub(crate) async fn insights(
 
 /// `POST /insights`: generate, then show them.
 pub(crate) async fn generate(
-    State(state): State<AppState>,
+    State(state): Shared,
     user: Result<AuthUser, Response>,
     Form(f): Form<GenerateForm>,
 ) -> Response {
     let Ok(AuthUser(user)) = user else {
         return to_login();
     };
-    match api::generate_insights(&state, user, &f.connection).await {
+    match state.app.insights(user, &f.connection).await {
         Ok(_) => Redirect::to("/insights").into_response(),
         Err(r) => {
-            let why = match r.status() {
-                StatusCode::PAYMENT_REQUIRED => {
+            let why = match r.kind {
+                RefusalKind::PaymentRequired => {
                     "Your plan's AI insights for this period are used up: upgrade on the Pricing page."
                 }
-                StatusCode::TOO_MANY_REQUESTS => "Too many requests; try again in a minute.",
-                StatusCode::NOT_FOUND => "No such connection.",
+                RefusalKind::TooMany => "Too many requests; try again in a minute.",
+                RefusalKind::NotFound => "No such connection.",
                 _ => "Insights could not be generated; try again.",
             };
             insights_page(&state, user, Some(why.to_owned())).await
@@ -546,16 +548,13 @@ fn cents(amount: i64, currency: Currency) -> String {
 }
 
 /// `GET /usage`: meters with used and included amounts, and the bill so far.
-pub(crate) async fn usage(
-    State(state): State<AppState>,
-    user: Result<AuthUser, Response>,
-) -> Response {
+pub(crate) async fn usage(State(state): Shared, user: Result<AuthUser, Response>) -> Response {
     let Ok(AuthUser(user)) = user else {
         return to_login();
     };
-    let u = match current_usage(state.store.as_ref(), &state.catalog, user, (state.clock)()).await {
+    let u = match state.app.usage(user).await {
         Ok(u) => u,
-        Err(e) => return api::usage_error(&e),
+        Err(r) => return refused(&r),
     };
     let meter = |key, label, m: &revpilot_core::billing::MeterUsage| MeterView {
         key,
@@ -632,11 +631,12 @@ fn limit_line(limit: Option<u64>, what: &str) -> String {
 }
 
 async fn pricing_page(state: &AppState, user: UserId, error: Option<String>) -> Response {
-    let current = match state.store.user(user).await {
+    let current = match state.app.store.user(user).await {
         Ok(p) => p.map_or(Tier::Starter, |p| p.tier),
         Err(e) => return internal(&e),
     };
     let tiers = state
+        .app
         .catalog
         .plans()
         .map(|p| {
@@ -677,10 +677,7 @@ async fn pricing_page(state: &AppState, user: UserId, error: Option<String>) -> 
 }
 
 /// `GET /pricing`: the tiers, with upgrade buttons to Checkout.
-pub(crate) async fn pricing(
-    State(state): State<AppState>,
-    user: Result<AuthUser, Response>,
-) -> Response {
+pub(crate) async fn pricing(State(state): Shared, user: Result<AuthUser, Response>) -> Response {
     let Ok(AuthUser(user)) = user else {
         return to_login();
     };
@@ -689,7 +686,7 @@ pub(crate) async fn pricing(
 
 /// `POST /pricing/checkout`: to Stripe Checkout for the chosen tier.
 pub(crate) async fn upgrade(
-    State(state): State<AppState>,
+    State(state): Shared,
     user: Result<AuthUser, Response>,
     Form(f): Form<UpgradeForm>,
 ) -> Response {
@@ -699,7 +696,11 @@ pub(crate) async fn upgrade(
     let Some(tier) = f.tier() else {
         return pricing_page(&state, user, Some(format!("unknown plan {:?}", f.tier))).await;
     };
-    match api::checkout_session(&state, user, tier).await {
+    match state
+        .app
+        .checkout(user, tier, &api::return_urls(&state))
+        .await
+    {
         Ok(session) => match session.url {
             Some(url) => Redirect::to(&url).into_response(),
             None => pricing_page(&state, user, Some("Stripe gave no checkout URL".into())).await,

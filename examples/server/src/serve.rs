@@ -4,7 +4,6 @@
 //! holding a descriptor and a task each). Graceful shutdown as `axum::serve`'s: stop accepting,
 //! let the requests in flight finish.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +12,9 @@ use axum::Router;
 use axum::extract::{ConnectInfo, Request};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
 
 /// The connection limits.
@@ -48,11 +48,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (done_tx, done_rx) = watch::channel(());
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        // A slot first: past the cap, connections wait in the backlog, not in this process.
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {
                 Ok(s) => s,
@@ -75,51 +76,18 @@ pub async fn serve(
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
-            let router = router.clone();
-            async move {
-                Ok::<_, Infallible>(
-                    router
-                        .oneshot(req.map(axum::body::Body::new))
-                        .await
-                        .unwrap_or_else(|e| match e {}),
-                )
-            }
+            router.clone().oneshot(req.map(axum::body::Body::new))
         });
-        let mut stop = stop_rx.clone();
-        let done = done_rx.clone();
-        let header_timeout = limits.header_timeout;
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            let conn = http.serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            loop {
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(%peer, error = %e, "connection ended");
-                        }
-                        break;
-                    }
-                    changed = stop.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        if changed.is_err() {
-                            // The sender is gone: nothing more to wait for.
-                            let _ = conn.as_mut().await;
-                            break;
-                        }
-                    }
-                }
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended");
             }
             drop(slot);
-            drop(done);
         });
     }
+    // Stop accepting, then let every open connection finish the request in hand.
     drop(listener);
-    let _ = stop_tx.send(true);
-    drop(done_rx);
-    // Every connection task holds a receiver: closed() resolves when the last one ends.
-    done_tx.closed().await;
+    graceful.shutdown().await;
     Ok(())
 }

@@ -55,22 +55,6 @@ fn describe() {
         "Requests answered, by method, route template and status."
     );
     describe_counter!(
-        "revpilot_billing_webhooks_total",
-        "Billing webhook deliveries, by outcome (stored, duplicate, ignored, refused)."
-    );
-    describe_counter!(
-        "revpilot_insight_generations_total",
-        "Insight generations, by the provider that wrote them (provider or local_fallback)."
-    );
-    describe_counter!(
-        "revpilot_syncs_total",
-        "Connection syncs run by this process's worker, by status."
-    );
-    describe_counter!(
-        "revpilot_jobs_total",
-        "Background jobs run by this process's worker, by kind and outcome."
-    );
-    describe_counter!(
         "revpilot_cross_origin_refused_total",
         "State-changing requests refused because they came from another site."
     );
@@ -78,28 +62,17 @@ fn describe() {
         "revpilot_auth_busy_total",
         "Sign-ups and log-ins answered 503 because every password-hashing slot stayed busy."
     );
-    describe_counter!(
-        "revpilot_metrics_busy_total",
-        "Metrics requests answered 503 because every series-computation slot stayed busy."
-    );
+    revpilot_stripe::describe_metrics();
 }
 
 /// The method as a label: one of the standard methods or `other`, so that a client inventing
 /// methods cannot add series to the metrics.
 pub fn method_label(method: &axum::http::Method) -> &'static str {
-    use axum::http::Method;
-    match *method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::OPTIONS => "OPTIONS",
-        Method::CONNECT => "CONNECT",
-        Method::TRACE => "TRACE",
-        _ => "other",
-    }
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    let known = STANDARD.into_iter().find(|m| *m == method.as_str());
+    known.unwrap_or("other")
 }
 
 /// Counts and times one request (a `route_layer`, so the route template is known).

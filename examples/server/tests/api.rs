@@ -40,7 +40,7 @@ fn now() -> DateTime<Utc> {
 struct World {
     _dir: TempDir,
     store: Arc<SqliteStore>,
-    state: AppState,
+    state: Arc<AppState>,
     router: axum::Router,
     jwt: Jwt,
     export: Vec<u8>,
@@ -61,9 +61,10 @@ async fn world_with(adjust: impl FnOnce(&mut AppState)) -> World {
     let jwt = Jwt::new(SecretString::from(SECRET), None).unwrap();
     let mut state = AppState::new(store.clone(), None);
     let t = now();
-    state.clock = Arc::new(move || t);
-    state.jwt = Some(Arc::new(jwt.clone()));
+    state.app.clock = Arc::new(move || t);
+    state.sessions.jwt = Some(Arc::new(jwt.clone()));
     adjust(&mut state);
+    let state = Arc::new(state);
     let mut export = Vec::new();
     SynthExport {
         customers: 80,
@@ -594,8 +595,8 @@ async fn a_model_that_lies_stalls_or_fails_shows_only_computed_numbers_within_th
     let provider = OpenAiProvider::new(config).unwrap();
     let deadline = std::time::Duration::from_secs(1);
     let w = world_with(|s| {
-        s.llm = Arc::new(provider);
-        s.insight_deadline = deadline;
+        s.app.llm = Arc::new(provider);
+        s.app.insight_deadline = deadline;
     })
     .await;
     let (user, conn) = w.connected("acct_llm").await;
@@ -782,7 +783,7 @@ async fn checkout_without_stripe_and_oversized_bodies_get_json_errors() {
 #[tokio::test]
 async fn expensive_routes_have_a_per_user_budget() {
     let w = world_with(|state| {
-        state.expensive = Arc::new(revpilot_server::guard::KeyedBudget::per_minute(2, 1_000));
+        state.app.expensive = Arc::new(revpilot_server::guard::KeyedBudget::per_minute(2, 1_000));
     })
     .await;
     let (alice, conn) = w.connected("acct_rate_a").await;
@@ -1359,8 +1360,8 @@ async fn requests_and_the_snapshot_job_arriving_together_share_one_build() {
     let (user, conn) = w.connected("acct_flight").await;
     let token = w.token(user);
     let uri = format!("/api/metrics?connectionId={conn}");
-    let builds = w.state.accounts.builds();
-    let runner = w.state.runner("flight");
+    let builds = w.state.app.accounts.builds();
+    let runner = w.state.app.runner("flight");
     let job = revpilot_worker::Job::Snapshot {
         day: chrono::NaiveDate::from_ymd_opt(2024, 2, 19).unwrap(),
     };
@@ -1370,7 +1371,7 @@ async fn requests_and_the_snapshot_job_arriving_together_share_one_build() {
     assert!(answers.iter().all(|(status, _)| *status == StatusCode::OK));
     assert!(snapshot.is_ok(), "{snapshot:?}");
     assert_eq!(
-        w.state.accounts.builds(),
+        w.state.app.accounts.builds(),
         builds + 1,
         "six requests and the job: one build"
     );
@@ -1441,18 +1442,18 @@ async fn the_worker_brings_the_account_up_to_date_for_the_next_request() {
         .unwrap();
     w.store.set_last_synced(conn, later).await.unwrap();
     // The worker's job after the sync (here its snapshot, which loads the same account).
-    let builds = w.state.accounts.builds();
-    let runner = w.state.runner("after-sync");
+    let builds = w.state.app.accounts.builds();
+    let runner = w.state.app.runner("after-sync");
     runner
         .try_execute_task(&revpilot_worker::Job::Snapshot { day: job_day() })
         .await
         .unwrap();
-    assert_eq!(w.state.accounts.builds(), builds + 1);
+    assert_eq!(w.state.app.accounts.builds(), builds + 1);
     // No wait for the row TTL: the next request already serves the synced account.
     let (_, after) = w.call("GET", &uri, Some(&token), None).await;
     assert_ne!(mrr(&after), mrr(&before), "the cancellation shows");
     assert_eq!(
-        w.state.accounts.builds(),
+        w.state.app.accounts.builds(),
         builds + 1,
         "served, not built again"
     );
@@ -1662,7 +1663,7 @@ async fn supabase_sessions_verify_against_the_jwks_and_nothing_else() {
         .expect(1..=2)
         .mount(&supabase)
         .await;
-    let jwks = revpilot_server::jwks::Jwks::new(
+    let jwks = revpilot_store::auth::jwks::Jwks::new(
         format!("{}/auth/v1/.well-known/jwks.json", supabase.uri())
             .parse()
             .unwrap(),
@@ -1670,8 +1671,8 @@ async fn supabase_sessions_verify_against_the_jwks_and_nothing_else() {
     )
     .unwrap();
     let w = world_with(|s| {
-        s.jwt = None;
-        s.jwks = Some(Arc::new(jwks));
+        s.sessions.jwt = None;
+        s.sessions.jwks = Some(Arc::new(jwks));
     })
     .await;
     let user = UserId(Uuid::new_v4());
@@ -2093,8 +2094,8 @@ async fn logging_out_ends_the_session_on_every_server_of_the_store() {
     // page of the other session still answers there.
     let mut second = AppState::new(w.store.clone(), None);
     let t = now();
-    second.clock = Arc::new(move || t);
-    second.jwt = Some(Arc::new(w.jwt.clone()));
+    second.app.clock = Arc::new(move || t);
+    second.sessions.jwt = Some(Arc::new(w.jwt.clone()));
     let second = app(second);
     for (t, expected) in [(&token, StatusCode::UNAUTHORIZED), (&other, StatusCode::OK)] {
         let response = second
@@ -2116,7 +2117,7 @@ async fn logging_out_ends_the_session_on_every_server_of_the_store() {
 async fn behind_a_trusted_proxy_each_client_has_its_own_budget_and_otherwise_the_header_is_ignored()
 {
     let proxy: std::net::IpAddr = [10, 0, 0, 1].into();
-    let w = world_with(|s| s.trusted_proxies = Arc::new(vec![proxy])).await;
+    let w = world_with(|s| s.trusted_proxies = vec![proxy]).await;
     let login = |peer: [u8; 4], forwarded: &str, email: String| {
         let mut req = Request::builder()
             .method("POST")

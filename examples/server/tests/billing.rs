@@ -72,7 +72,7 @@ fn state(store: Arc<dyn Store>, now: DateTime<Utc>) -> AppState {
         store,
         Some(WebhookConfig::new(SecretString::from(SECRET), false)),
     );
-    s.clock = Arc::new(move || now);
+    s.app.clock = Arc::new(move || now);
     s
 }
 
@@ -198,7 +198,7 @@ async fn the_server_accepts_exactly_what_the_official_sdk_signs() {
 
     // Without a configured secret every webhook is refused before anything is written.
     let mut no_secret = state(store.clone(), now);
-    no_secret.billing_webhook = None;
+    no_secret.app.billing_webhook = None;
     let other = body.replace("evt_sdk", "evt_sdk2");
     let (status, _) = post(
         &app(no_secret),
@@ -411,7 +411,7 @@ async fn webhooks_that_localstripe_delivers_are_accepted_and_applied() {
         store.clone(),
         Some(WebhookConfig::new(SecretString::from(SECRET), false)),
     );
-    st.clock = Arc::new(Utc::now);
+    st.app.clock = Arc::new(Utc::now);
     let source: Arc<dyn SubscriptionSource> = Arc::new(client.clone());
     let processor = Arc::new(Processor::<dyn Store>::new(
         store.clone(),
@@ -419,8 +419,8 @@ async fn webhooks_that_localstripe_delivers_are_accepted_and_applied() {
         source,
     ));
     processor.spawn(
-        st.billing_wake.clone(),
-        st.clock.clone(),
+        st.app.billing_wake.clone(),
+        st.app.clock.clone(),
         Duration::from_millis(200),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

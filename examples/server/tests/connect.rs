@@ -97,12 +97,12 @@ async fn connect_stores_the_account_syncs_it_at_once_and_deauthorization_ends_it
     config.api_base = url::Url::parse(&fake.uri()).unwrap();
     let jwt = Jwt::new(SecretString::from(JWT), None).unwrap();
     let mut state = AppState::new(store.clone(), None);
-    state.jwt = Some(Arc::new(jwt.clone()));
-    state.connect = Some(Arc::new(
+    state.sessions.jwt = Some(Arc::new(jwt.clone()));
+    state.app.connect = Some(Arc::new(
         Connect::new(config, store.clone(), store.clone()).unwrap(),
     ));
-    state.stripe_api_base = url::Url::parse(&fake.uri()).unwrap();
-    state.connect_webhook_secrets = Some(vec![SecretString::from(HOOK)]);
+    state.app.stripe_api_base = url::Url::parse(&fake.uri()).unwrap();
+    state.app.connect_webhook_secrets = Some(vec![SecretString::from(HOOK)]);
     let router = app(state.clone());
 
     let user = UserId(Uuid::new_v4());
@@ -187,7 +187,7 @@ async fn connect_stores_the_account_syncs_it_at_once_and_deauthorization_ends_it
         "no secret configured"
     );
     let mut with_cron = state.clone();
-    with_cron.cron_secret = Some(SecretString::from("cron-secret-1"));
+    with_cron.app.cron_secret = Some(SecretString::from("cron-secret-1"));
     let cron_router = app(with_cron);
     for wrong in [
         None,

@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use revpilot_store::KeyRing;
-use revpilot_stripe::client::{Client, ClientConfig};
-use revpilot_worker::{QUEUE, Runner, ShutdownGuard, open, shutdown_signal, spawn_scheduler};
-use secrecy::SecretString;
+use revpilot_stripe::client::Client;
+use revpilot_worker::{QUEUE, Runner, ShutdownGuard, open, shutdown_signal};
 
 // mimalloc hands freed memory back to the system shortly after a large load; glibc's allocator
 // keeps it resident in its arenas.
@@ -96,52 +95,25 @@ async fn main() -> ExitCode {
     let queue = queue.with_heartbeat(Duration::from_secs(args.heartbeat_secs));
     // The queue knows workers by id: a unique one per process, so a worker restarted under the
     // same name does not inherit (and strand) the jobs its previous life held.
-    let id = format!(
-        "{}-{}",
-        args.name,
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let mut runner = Runner::new(store, &id);
+    let mut runner = Runner::new(store, &args.name);
     runner.lease = Duration::from_secs(args.lease_secs);
     runner.catalog = Arc::new(catalog);
-    runner.queue = Some(Arc::new(queue.clone()));
     if let Some(base) = &args.stripe_api_base {
         match url::Url::parse(base) {
             Ok(u) => runner.stripe_api_base = u,
             Err(e) => return fail(format!("STRIPE_API_BASE {base:?}: {e}")),
         }
     }
-    if let Some(key) = args.stripe_secret_key.as_deref().filter(|k| !k.is_empty()) {
-        let config = match ClientConfig::new(SecretString::from(key.to_owned()))
-            .with_api_base(runner.stripe_api_base.as_str())
-        {
-            Ok(c) => c,
-            Err(e) => return fail(format!("STRIPE_API_BASE: {e}")),
-        };
-        match Client::new(config) {
-            Ok(c) => runner.billing = Some(c),
-            Err(e) => return fail(e),
-        }
-    } else {
-        tracing::warn!(
+    let base = Some(runner.stripe_api_base.as_str());
+    match Client::from_key(args.stripe_secret_key.as_deref(), base) {
+        Ok(Some(c)) => runner.billing = Some(c),
+        Ok(None) => tracing::warn!(
             "STRIPE_SECRET_KEY is not set: billing events and overage invoices are skipped"
-        );
+        ),
+        Err(e) => return fail(format!("STRIPE_SECRET_KEY / STRIPE_API_BASE: {e}")),
     }
-    let scheduler = spawn_scheduler(
-        Arc::new(queue.clone()),
-        runner.clock.clone(),
-        Duration::from_secs(600),
-    );
-    tracing::info!(%id, queue = %args.queue, "worker started");
-    let result = queue
-        .run(
-            Arc::new(runner),
-            id.clone(),
-            shutdown_signal(),
-            guard.drain(),
-        )
-        .await;
-    scheduler.abort();
+    let drain = guard.drain();
+    let result = revpilot_worker::work(queue, runner, &args.name, shutdown_signal(), drain).await;
     match result {
         Ok(()) => {
             tracing::info!("worker stopped");

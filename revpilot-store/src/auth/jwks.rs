@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use revpilot_core::ports::UserId;
 use url::Url;
 
-use revpilot_store::auth::{AuthError, Claims, Verified, check_claims};
+use super::{AuthError, Claims, Verified, check_claims};
 
 /// The algorithms accepted from a JWKS.
 pub const ALLOWED: [Algorithm; 2] = [Algorithm::RS256, Algorithm::ES256];
