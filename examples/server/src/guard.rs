@@ -1,7 +1,7 @@
-//! The server's protections against abuse that are not about who the caller is: rate-limit maps
-//! that stay bounded however many keys an attacker invents, the same-origin check on every
-//! state-changing request (CSRF) and the security headers of every response.
-//! `docs/security.md` says what each one is and how to configure it.
+//! The server's protections against abuse that are not about who the caller is: the same-origin
+//! check on every state-changing request (CSRF) and the security headers of every response. The
+//! rate-limit maps that stay bounded however many keys an attacker invents are the library's
+//! ([`KeyedBudget`]). `docs/security.md` says what each one is and how to configure it.
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
