@@ -110,7 +110,8 @@ impl Refusal {
 /// fully come back are dropped (`retain_recent`, which changes no decision). If the map is still
 /// full after that, it starts over: an attacker who can present `max_keys` distinct live keys
 /// within one refill period gets a fresh budget for each key, which costs them `max_keys`
-/// requests each time, and the memory stays bounded. [`KeyedBudget::restarts`] counts those.
+/// requests each time, and the memory stays bounded. Each start-over is logged (a warning) and
+/// counted ([`KeyedBudget::restarts`]).
 #[derive(Debug)]
 pub struct KeyedBudget<K: Hash + Eq + Clone> {
     quota: Quota,
@@ -180,6 +181,10 @@ impl<K: Hash + Eq + Clone> KeyedBudget<K> {
         limiter.retain_recent();
         limiter.shrink_to_fit();
         if limiter.len() >= self.max_keys {
+            tracing::warn!(
+                keys = limiter.len(),
+                "a rate-limit map is full of live keys: it starts over"
+            );
             self.restarts
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             *self.limiter.write().unwrap_or_else(PoisonError::into_inner) =

@@ -294,8 +294,12 @@ impl App {
     /// last sync, else the store's derivation at that sync, else rebuilt from the sync's cache.
     ///
     /// # Errors
-    /// `unreadable_data` when a cached Stripe object cannot be read; internal.
+    /// Not found for another user's connection; `unreadable_data` when a cached Stripe object
+    /// cannot be read; internal.
     pub async fn account(&self, user: UserId, c: &Connection) -> Result<Arc<Loaded>, Refusal> {
+        if c.user != user {
+            return Err(no_connection());
+        }
         let loaded = self.accounts.load(self.store.as_ref(), user, c).await;
         loaded.map_err(|e| {
             tracing::error!(connection = %c.id, error = %e, "cached account unreadable");

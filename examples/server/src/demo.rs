@@ -13,7 +13,7 @@ pub const DEMO_EMAIL: &str = "demo@revpilot.example";
 /// sets `state.demo`.
 ///
 /// # Errors
-/// What the store said, in words.
+/// The refusal's message (a store failure's cause is logged).
 pub async fn seed(
     state: &mut AppState,
     customers: usize,

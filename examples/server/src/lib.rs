@@ -187,12 +187,6 @@ pub fn answer<T: serde::Serialize>(result: Result<T, Refusal>) -> Response {
     result.map_or_else(|r| refused(&r), |v| axum::Json(v).into_response())
 }
 
-/// A 500 whose message says nothing of the cause (logged instead).
-pub fn internal(e: &dyn std::fmt::Display) -> Response {
-    tracing::error!(error = %e, "internal error");
-    refused(&Refusal::internal())
-}
-
 /// A request's `Stripe-Signature` header.
 pub(crate) fn signature(headers: &HeaderMap) -> Option<&str> {
     headers.get("stripe-signature")?.to_str().ok()

@@ -315,13 +315,15 @@ async fn main() -> ExitCode {
     }
     state.app_url = app_url;
     state.app.jobs = Some(Arc::new(queue.clone()));
-    let runner = state.app.runner("server");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (id, runner) = (
+        revpilot_worker::unique("server-worker"),
+        state.app.runner("server"),
+    );
+    let stopped = async move { drop(stopped.await) };
+    let work = revpilot_worker::work(queue, runner, id, stopped, guard.drain());
     let worker = with_worker.then(|| {
         tracing::info!("running the job worker in this process");
-        // Stops taking jobs at the signal that stops the server; the ones in hand may finish
-        // for most of the grace period (the guard's watchdog ends the process at its end).
-        let stop = revpilot_worker::shutdown_signal();
-        let work = revpilot_worker::work(queue, runner, "server-worker", stop, guard.drain());
         tokio::spawn(work)
     });
 
@@ -354,6 +356,10 @@ async fn main() -> ExitCode {
     )
     .await;
     if let Some(run) = worker {
+        // Once the server has stopped: take no new job; let the ones in hand finish for most
+        // of the grace period, then hand them back (the guard's watchdog ends the process at
+        // the grace period whatever happens here).
+        let _ = stop.send(());
         match run.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "the worker stopped on an error"),

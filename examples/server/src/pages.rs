@@ -20,9 +20,15 @@ use rust_decimal::Decimal;
 
 use crate::auth::{AuthUser, ClientAddr, Credentials};
 use crate::charts::{self, BarChart, HEIGHT, HeatMap, LineChart, WIDTH};
-use crate::{AppState, Shared, api, internal, refused};
+use crate::{AppState, Shared, api, refused};
 use revpilot_core::guard::{Refusal, RefusalKind};
 use revpilot_store::auth::Session;
+
+/// A 500 whose message says nothing of the cause (logged instead).
+fn internal(e: &dyn std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "internal error");
+    refused(&Refusal::internal())
+}
 
 fn render(page: &impl Template) -> Response {
     match page.render() {

@@ -35,21 +35,24 @@ pub fn load_catalog(path: Option<&std::path::Path>) -> Result<Catalog, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Runs `runner`'s jobs from `queue` as a worker named `name` plus a unique suffix (its lease
-/// holder, too), with the periodic jobs' scheduler, until `shutdown` completes; the jobs in
-/// hand then have `drain` to finish before they go back to the queue.
+/// `name` with a random suffix: a worker id unique per process.
+pub fn unique(name: &str) -> String {
+    format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// Runs `runner`'s jobs from `queue` as the worker `id`, with the periodic jobs' scheduler,
+/// until `shutdown` completes; the jobs in hand then have `drain` to finish before they go back
+/// to the queue.
 ///
 /// # Errors
 /// The queue's.
 pub async fn work(
     queue: Queue,
     mut runner: Runner,
-    name: &str,
+    id: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> Result<(), QueueError> {
-    let id = format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    runner.holder.clone_from(&id);
     runner.queue = Some(Arc::new(queue.clone()));
     let every = Duration::from_secs(600);
     let scheduler = spawn_scheduler(Arc::new(queue.clone()), runner.clock.clone(), every);

@@ -95,7 +95,8 @@ async fn main() -> ExitCode {
     let queue = queue.with_heartbeat(Duration::from_secs(args.heartbeat_secs));
     // The queue knows workers by id: a unique one per process, so a worker restarted under the
     // same name does not inherit (and strand) the jobs its previous life held.
-    let mut runner = Runner::new(store, &args.name);
+    let id = revpilot_worker::unique(&args.name);
+    let mut runner = Runner::new(store, &id);
     runner.lease = Duration::from_secs(args.lease_secs);
     runner.catalog = Arc::new(catalog);
     if let Some(base) = &args.stripe_api_base {
@@ -112,8 +113,7 @@ async fn main() -> ExitCode {
         ),
         Err(e) => return fail(format!("STRIPE_SECRET_KEY / STRIPE_API_BASE: {e}")),
     }
-    let drain = guard.drain();
-    let result = revpilot_worker::work(queue, runner, &args.name, shutdown_signal(), drain).await;
+    let result = revpilot_worker::work(queue, runner, id, shutdown_signal(), guard.drain()).await;
     match result {
         Ok(()) => {
             tracing::info!("worker stopped");
