@@ -106,21 +106,11 @@ impl std::fmt::Debug for App {
     }
 }
 
-/// One of a user's connections, with its last sync's status.
+/// One of a user's connections as a client sees it (never its tokens), with its last sync's
+/// status.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionSummary {
-    /// The connection.
-    #[serde(flatten)]
-    pub connection: ConnectionFields,
-    /// The last sync's status (`running`, `succeeded`, `failed`), if any ran.
-    pub sync_status: Option<&'static str>,
-}
-
-/// The fields of a connection a client sees (never its tokens).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ConnectionFields {
     /// Id.
     pub id: ConnectionId,
     /// `acct_...`.
@@ -133,6 +123,8 @@ pub struct ConnectionFields {
     pub is_active: bool,
     /// Its last completed sync.
     pub last_synced_at: Option<chrono::DateTime<Utc>>,
+    /// The last sync's status (`running`, `succeeded`, `failed`), if any ran.
+    pub sync_status: Option<&'static str>,
 }
 
 /// Logs an internal failure; the client is told only that one happened.
@@ -157,12 +149,9 @@ fn usage_refusal(e: &UsageError) -> Refusal {
     }
 }
 
-fn upstream(what: &'static str, e: &dyn std::fmt::Display) -> Refusal {
+/// Stripe failed `what` (logged with its cause); the client is told `message`.
+fn upstream(what: &str, e: &dyn std::fmt::Display, message: &'static str) -> Refusal {
     tracing::error!(error = %e, "{what}");
-    let message = match what {
-        "checkout" => "Stripe could not create the checkout session; try again",
-        _ => "Stripe could not complete the connection; try again",
-    };
     Refusal::new(RefusalKind::Upstream, "stripe_error", message)
 }
 
@@ -263,14 +252,12 @@ impl App {
             let run = self.store.last_run(user, c.id).await;
             let run = run.map_err(|e| internal(&e))?;
             out.push(ConnectionSummary {
-                connection: ConnectionFields {
-                    id: c.id,
-                    stripe_account_id: c.stripe_account_id,
-                    business_name: c.business_name,
-                    currency: c.currency,
-                    is_active: c.is_active,
-                    last_synced_at: c.last_synced_at,
-                },
+                id: c.id,
+                stripe_account_id: c.stripe_account_id,
+                business_name: c.business_name,
+                currency: c.currency,
+                is_active: c.is_active,
+                last_synced_at: c.last_synced_at,
                 sync_status: run.map(|r| r.status.as_str()),
             });
         }
@@ -498,7 +485,11 @@ impl App {
                 Refusal::invalid(e.to_string())
             }
             CheckoutError::UnknownUser(_) => Refusal::not_found("no such user"),
-            CheckoutError::Stripe(e) => upstream("checkout", &e),
+            CheckoutError::Stripe(e) => upstream(
+                "checkout",
+                &e,
+                "Stripe could not create the checkout session; try again",
+            ),
             e => internal(&e),
         })
     }
@@ -548,7 +539,11 @@ impl App {
             e @ ConnectError::AlreadyConnected(_) => {
                 Refusal::new(RefusalKind::Conflict, "already_connected", e.to_string())
             }
-            e @ (ConnectError::Exchange(_) | ConnectError::Api(_)) => upstream("connect", &e),
+            e @ (ConnectError::Exchange(_) | ConnectError::Api(_)) => upstream(
+                "connect",
+                &e,
+                "Stripe could not complete the connection; try again",
+            ),
             e => internal(&e),
         })?;
         let (job, key) = Job::sync(&connection, "connect");
