@@ -31,7 +31,7 @@ use revpilot_core::ports::{
 use revpilot_core::{Currency, Rules};
 
 use crate::jobs::{AccountSource, JobError};
-use crate::rebuild::derived::load_account;
+use crate::rebuild::derived::{LoadOptions, load_account_with};
 use crate::rebuild::stream::CachedRebuildError;
 
 /// Accounts kept per process before the oldest goes.
@@ -68,7 +68,11 @@ impl Loaded {
     /// An account ready for queries, with exchange rates for foreign-currency revenue when
     /// known. Compiles it (about 0.4 s for 100,000 customers): off the async runtime's threads.
     pub fn new(account: Account, currency: Currency, fx: Option<FxTable>) -> Self {
-        let account = Arc::new(account);
+        Loaded::compile(Arc::new(account), currency, fx)
+    }
+
+    /// [`Loaded::new`] of an account already shared.
+    pub fn compile(account: Arc<Account>, currency: Currency, fx: Option<FxTable>) -> Self {
         let fx = fx.map(|fx| Arc::new(fx) as Arc<dyn FxRates + Send + Sync>);
         Loaded {
             compiled: OwnedEngine::new(Arc::clone(&account), fx, Rules::default(), currency),
@@ -231,6 +235,7 @@ pub struct Accounts {
     puts: std::sync::atomic::AtomicU64,
     rows: Mutex<HashMap<ConnectionId, (Instant, Connection)>>,
     row_ttl: Duration,
+    options: LoadOptions,
 }
 
 impl Default for Accounts {
@@ -257,6 +262,7 @@ impl Accounts {
             puts: std::sync::atomic::AtomicU64::new(0),
             rows: Mutex::default(),
             row_ttl: ttl,
+            options: LoadOptions::default(),
         }
     }
 
@@ -266,32 +272,46 @@ impl Accounts {
     /// older stamp when there is one, and kept. Reported in `currency` (the connection's, else
     /// USD) and known up to the sync (else the newest object).
     ///
+    /// An account rebuilt from the whole cache is answered before it is stored as the
+    /// connection's derivation: a task stores it afterwards, holding the connection's gate, so
+    /// the next load of that connection (a later sync's update) waits for it and finds it.
+    /// [`Accounts::settled`] waits for it.
+    ///
     /// # Errors
     /// [`CachedRebuildError`]: the store failed, or a cached object cannot be read.
-    pub async fn load<S: ObjectCache + DerivedStore + ?Sized>(
+    pub async fn load<S>(
         &self,
-        store: &S,
+        store: &Arc<S>,
         user: UserId,
         connection: &Connection,
-    ) -> Result<Arc<Loaded>, CachedRebuildError> {
+    ) -> Result<Arc<Loaded>, CachedRebuildError>
+    where
+        S: ObjectCache + DerivedStore + ?Sized + Send + Sync + 'static,
+    {
         let stamp = connection.last_synced_at;
         if let Some(loaded) = self.get(user, connection.id, stamp) {
             return Ok(loaded);
         }
-        let gate = self.gate(connection.id);
-        let _loading = gate.lock().await;
+        let loading = self.gate(connection.id).lock_owned().await;
         if let Some(loaded) = self.get(user, connection.id, stamp) {
             return Ok(loaded);
         }
-        let previous = self.previous(user, connection.id);
+        // The account kept at an older stamp is the base of an update: taken out, so that
+        // when no request or job still holds it, the update patches it in place instead of
+        // copying it (with its compiled form dropped first).
+        let previous = self
+            .take_previous(user, connection.id)
+            .map(|p| match Arc::try_unwrap(p) {
+                Ok(loaded) => loaded.account,
+                Err(shared) => Arc::clone(&shared.account),
+            });
         let started = Instant::now();
-        let loaded = load_account(
-            store,
-            user,
-            connection,
-            previous.as_ref().map(|p| p.account.as_ref()),
-        )
-        .await?;
+        let options = LoadOptions {
+            defer_derivation: true,
+            ..self.options
+        };
+        let mut loaded =
+            load_account_with(store.as_ref(), user, connection, previous, &options).await?;
         tracing::info!(
             connection = %connection.id,
             source = ?loaded.source,
@@ -302,14 +322,42 @@ impl Accounts {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let currency = connection.reporting_currency();
         let as_of = stamp.or(loaded.as_of);
-        let account = loaded.account;
-        let compiled = tokio::task::spawn_blocking(move || Loaded::new(account, currency, None));
-        let compiled = compiled
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let unwritten = loaded.unwritten.take();
+        let account = Arc::new(loaded.account);
+        let compiling = Arc::clone(&account);
+        let compiled =
+            tokio::task::spawn_blocking(move || Loaded::compile(compiling, currency, None))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let loaded = Arc::new(compiled.with_as_of(as_of));
         self.put(user, connection.id, stamp, loaded.clone());
+        if let Some(unwritten) = unwritten {
+            let (store, id) = (Arc::clone(store), connection.id);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                match unwritten.write(store.as_ref(), &account).await {
+                    Ok(()) => tracing::info!(
+                        connection = %id,
+                        ms = started.elapsed().as_millis() as u64,
+                        "derivation stored"
+                    ),
+                    // The next load rebuilds and tries again.
+                    Err(e) => tracing::warn!(
+                        connection = %id,
+                        error = &e as &dyn std::error::Error,
+                        "derivation not stored"
+                    ),
+                }
+                drop(loading);
+            });
+        }
         Ok(loaded)
+    }
+
+    /// Waits until no load of `connection` is in flight, nor the storing of a derivation one
+    /// rebuilt (see [`Accounts::load`]).
+    pub async fn settled(&self, connection: ConnectionId) {
+        drop(self.gate(connection).lock().await);
     }
 
     /// The user's connection: as read less than the row TTL ago, else read from `store` (and
@@ -371,13 +419,16 @@ impl Accounts {
     }
 
     /// The account this process holds for the user's connection, whatever sync it was built
-    /// at: the base a derivation's update patches.
-    fn previous(&self, user: UserId, connection: ConnectionId) -> Option<Arc<Loaded>> {
-        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        entries
+    /// at, no longer kept: the base a derivation's update patches.
+    fn take_previous(&self, user: UserId, connection: ConnectionId) -> Option<Arc<Loaded>> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if !entries
             .get(&connection)
-            .filter(|e| e.user == user)
-            .map(|e| e.loaded.clone())
+            .is_some_and(|e| e.user == user && !e.pinned)
+        {
+            return None;
+        }
+        entries.remove(&connection).map(|e| e.loaded)
     }
 
     /// Keeps the account built at `stamp`, replacing an older one.
@@ -434,6 +485,14 @@ impl Accounts {
     #[must_use]
     pub fn with_budget(mut self, bytes: usize) -> Self {
         self.budget = bytes;
+        self
+    }
+
+    /// Loads with `options` (how an update reads back and how many customers it rebuilds at
+    /// most; a full rebuild is always stored after answering).
+    #[must_use]
+    pub fn with_load_options(mut self, options: LoadOptions) -> Self {
+        self.options = options;
         self
     }
 
@@ -500,7 +559,7 @@ impl AccountSource for SharedAccounts {
     async fn account(&self, connection: &Connection) -> Result<Arc<Account>, JobError> {
         let loaded = self
             .accounts
-            .load(self.store.as_ref(), connection.user, connection)
+            .load(&self.store, connection.user, connection)
             .await
             .map_err(|e| JobError::Account(Box::new(e)))?;
         // The job's row is fresh (its sync just recorded its finish): requests use it at once

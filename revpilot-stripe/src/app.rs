@@ -287,7 +287,7 @@ impl App {
         if c.user != user {
             return Err(no_connection());
         }
-        let loaded = self.accounts.load(self.store.as_ref(), user, c).await;
+        let loaded = self.accounts.load(&self.store, user, c).await;
         loaded.map_err(|e| {
             tracing::error!(connection = %c.id, error = %e, "cached account unreadable");
             match e {

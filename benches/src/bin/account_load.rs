@@ -300,6 +300,26 @@ async fn main() {
         let sql = format!("DELETE FROM {table}");
         db.exec(&sql, &sql).await;
     }
+    // The changes an earlier run made a day old too: only this run's sync is this run's change.
+    let day_ago = Utc::now() - chrono::TimeDelta::days(1);
+    for kind in ObjectKind::ALL {
+        let table = format!("{}s_cache", kind.as_str());
+        db.exec(
+            &format!(
+                "UPDATE {table} SET written_at = written_at - 86400000000
+                   WHERE stripe_connection_id = '{}' AND written_at > {}",
+                conn.0,
+                day_ago.timestamp_micros()
+            ),
+            &format!(
+                "UPDATE {table} SET written_at = written_at - interval '1 day'
+                   WHERE stripe_connection_id = '{}' AND written_at > '{}'",
+                conn.0,
+                day_ago.to_rfc3339()
+            ),
+        )
+        .await;
+    }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     let binary = target.join("release/revpilot-server");
@@ -357,6 +377,16 @@ async fn main() {
     // requests see it once the server's connection row is re-read (`ROW_TTL`) and the derived
     // account is updated with those customers only.
     let store = db.open().await;
+    // The first load answered before storing the derivation; the sync below comes after it.
+    let stored = Instant::now();
+    while store.derived_stamp(conn).await.unwrap().is_none() {
+        assert!(stored.elapsed() < Duration::from_secs(300), "never derived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "derivation stored {:6.2} s after the second answer",
+        stored.elapsed().as_secs_f64()
+    );
     let now = Utc::now();
     // A different 1 % each run, canceled within the reported range.
     let from = format!("sub_{:07}", fastrand::usize(..customers * 98 / 100));

@@ -22,8 +22,8 @@ use std::sync::PoisonError;
 use chrono::{DateTime, TimeDelta, Utc};
 use revpilot_core::model::{Account, Customer, Payment, Price, Subscription};
 use revpilot_core::ports::{
-    CachedObject, Connection, DerivedRow, DerivedStamp, DerivedStore, ObjectCache, ObjectKind,
-    StoreError, UserId,
+    CachedObject, Connection, ConnectionId, DerivedRow, DerivedStamp, DerivedStore, ObjectCache,
+    ObjectKind, StoreError, UserId,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -65,6 +65,11 @@ pub struct LoadOptions {
     /// An update rebuilds at most this many customers; more rebuild everything. Default
     /// [`UPDATE_MAX_CUSTOMERS`].
     pub update_max_customers: usize,
+    /// A full rebuild returns its account before storing it as the connection's derivation:
+    /// the caller answers first and stores it afterwards with
+    /// [`LoadedAccount::unwritten`]'s [`UnwrittenDerivation::write`] (at 100,000 customers
+    /// the rows take seconds to write). Default `false`: the load stores it before returning.
+    pub defer_derivation: bool,
 }
 
 impl Default for LoadOptions {
@@ -72,6 +77,7 @@ impl Default for LoadOptions {
         LoadOptions {
             write_slack: TimeDelta::minutes(5),
             update_max_customers: UPDATE_MAX_CUSTOMERS,
+            defer_derivation: false,
         }
     }
 }
@@ -89,6 +95,59 @@ pub struct LoadedAccount {
     pub as_of: Option<DateTime<Utc>>,
     /// How it was made.
     pub source: Source,
+    /// A full rebuild not yet stored as the connection's derivation (only with
+    /// [`LoadOptions::defer_derivation`]): until it is written, the next load rebuilds again.
+    pub unwritten: Option<UnwrittenDerivation>,
+}
+
+/// A connection's account rebuilt from its whole cache and not yet stored as its derivation:
+/// [`UnwrittenDerivation::write`] stores it. Dropped unwritten, or killed half-way, it leaves
+/// the previous derivation readable and the next load rebuilds.
+#[derive(Debug)]
+#[must_use = "the derivation is stored only when written"]
+pub struct UnwrittenDerivation {
+    connection: ConnectionId,
+    stamp: DerivedStamp,
+}
+
+impl UnwrittenDerivation {
+    /// Stores `account` (the [`LoadedAccount`]'s, unchanged) as the connection's derivation,
+    /// row by row under a new generation, and publishes it.
+    ///
+    /// # Errors
+    /// The store's, or a customer that cannot be serialised.
+    pub async fn write<S: DerivedStore + ?Sized>(
+        self,
+        store: &S,
+        account: &Account,
+    ) -> Result<(), StoreError> {
+        let started = Utc::now();
+        let rows = shares(account);
+        for chunk in rows.chunks(DERIVED_PAGE) {
+            let serialised = chunk
+                .iter()
+                .map(|(key, share)| {
+                    serde_json::to_string(share)
+                        .map(|data| DerivedRow {
+                            key: (*key).to_owned(),
+                            data,
+                        })
+                        .map_err(|e| {
+                            StoreError::Invalid(format!("serialising customer {key}: {e}"))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            store
+                .write_derived(self.connection, self.stamp.generation, &serialised)
+                .await?;
+        }
+        drop(rows);
+        tracing::debug!(ms = ms(started), "derivation: rows written");
+        store
+            .publish_derived(self.connection, &self.stamp, None)
+            .await?;
+        Ok(())
+    }
 }
 
 /// How a [`LoadedAccount`] was made.
@@ -128,7 +187,8 @@ struct OwnedShare {
 /// from the cache (and derived for the next load).
 ///
 /// `previous` is the account this process already holds for the connection, if any (it need
-/// not be current): an update patches it instead of reading every derived row back.
+/// not be current): an update patches it instead of reading every derived row back, in place
+/// when the caller holds the only reference to it, else a copy.
 ///
 /// # Errors
 /// [`CachedRebuildError`]: the store failed, or a cached object cannot be read.
@@ -136,7 +196,7 @@ pub async fn load_account<S: ObjectCache + DerivedStore + ?Sized>(
     store: &S,
     user: UserId,
     connection: &Connection,
-    previous: Option<&Account>,
+    previous: Option<Arc<Account>>,
 ) -> Result<LoadedAccount, CachedRebuildError> {
     load_account_with(store, user, connection, previous, &LoadOptions::default()).await
 }
@@ -149,7 +209,7 @@ pub async fn load_account_with<S: ObjectCache + DerivedStore + ?Sized>(
     store: &S,
     user: UserId,
     connection: &Connection,
-    previous: Option<&Account>,
+    mut previous: Option<Arc<Account>>,
     options: &LoadOptions,
 ) -> Result<LoadedAccount, CachedRebuildError> {
     for _ in 0..3 {
@@ -162,7 +222,7 @@ pub async fn load_account_with<S: ObjectCache + DerivedStore + ?Sized>(
             break;
         }
         if stamp.synced_at != connection.last_synced_at {
-            match update(store, user, connection, &stamp, previous, options).await? {
+            match update(store, user, connection, &stamp, previous.take(), options).await? {
                 Some(loaded) => return Ok(loaded),
                 None => break,
             }
@@ -178,9 +238,16 @@ pub async fn load_account_with<S: ObjectCache + DerivedStore + ?Sized>(
             account,
             as_of: stamp.as_of,
             source: Source::Derived,
+            unwritten: None,
         });
     }
-    derive_account(store, user, connection).await
+    let mut loaded = rebuild_account(store, user, connection).await?;
+    if !options.defer_derivation
+        && let Some(unwritten) = loaded.unwritten.take()
+    {
+        unwritten.write(store, &loaded.account).await?;
+    }
+    Ok(loaded)
 }
 
 /// Brings the published derivation `stamp` up to the connection's last sync by rebuilding only
@@ -191,7 +258,7 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
     user: UserId,
     connection: &Connection,
     stamp: &DerivedStamp,
-    previous: Option<&Account>,
+    previous: Option<Arc<Account>>,
     options: &LoadOptions,
 ) -> Result<Option<LoadedAccount>, CachedRebuildError> {
     let started = Utc::now();
@@ -320,8 +387,16 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
     }
     drop(rows);
     tracing::debug!(ms = ms(started), "derived update: rows written");
+    let updated = keys.iter().filter(|k| !k.is_empty()).count();
     let account = match previous {
-        Some(previous) => patch(previous, &keys, part),
+        // Off the runtime's threads: at 100,000 customers the patch takes a large part of a
+        // second.
+        Some(previous) => tokio::task::spawn_blocking(move || match Arc::try_unwrap(previous) {
+            Ok(owned) => patch_in_place(owned, &keys, part),
+            Err(shared) => patch(&shared, &keys, part),
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
         None => match read(store, user, connection, stamp).await? {
             Some(account) => account,
             None => return Ok(None),
@@ -348,9 +423,8 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
     Ok(Some(LoadedAccount {
         account,
         as_of,
-        source: Source::Updated {
-            customers: keys.iter().filter(|k| !k.is_empty()).count(),
-        },
+        source: Source::Updated { customers: updated },
+        unwritten: None,
     }))
 }
 
@@ -373,6 +447,25 @@ fn charge_of(dispute: &CachedObject) -> Option<String> {
         charge: Option<String>,
     }
     serde_json::from_str::<D>(&dispute.data).ok()?.charge
+}
+
+/// [`patch`] of an account no one else holds: the customers `keys` are removed from it and
+/// `part`'s added, without copying the rest (the rest is sorted already, so the sort merges
+/// the few new items in).
+fn patch_in_place(mut account: Account, keys: &[String], part: Account) -> Account {
+    let dirty: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    account.customers.retain(|c| !dirty.contains(c.id.as_str()));
+    account
+        .subscriptions
+        .retain(|s| !dirty.contains(s.customer.as_str()));
+    account
+        .payments
+        .retain(|p| !dirty.contains(p.customer.as_deref().unwrap_or("")));
+    account.customers.extend(part.customers);
+    account.subscriptions.extend(part.subscriptions);
+    account.payments.extend(part.payments);
+    sort(&mut account);
+    account
 }
 
 /// `previous` with the customers `keys` replaced by what `part` holds of them, sorted as
@@ -448,48 +541,39 @@ pub async fn derive_account<S: ObjectCache + DerivedStore + ?Sized>(
     user: UserId,
     connection: &Connection,
 ) -> Result<LoadedAccount, CachedRebuildError> {
+    let mut loaded = rebuild_account(store, user, connection).await?;
+    if let Some(unwritten) = loaded.unwritten.take() {
+        unwritten.write(store, &loaded.account).await?;
+    }
+    Ok(loaded)
+}
+
+/// Rebuilds the account of the user's `connection` from the whole cache, sorted, with the
+/// derivation still to be written.
+async fn rebuild_account<S: ObjectCache + ?Sized>(
+    store: &S,
+    user: UserId,
+    connection: &Connection,
+) -> Result<LoadedAccount, CachedRebuildError> {
     let started = Utc::now();
     let rebuilt = rebuild_cached(store, user, connection.id, CACHE_PAGE).await?;
     tracing::debug!(ms = ms(started), "derivation: cache rebuilt");
     let mut account = rebuilt.account;
     sort(&mut account);
-    let generation = Uuid::new_v4();
-    let rows = shares(&account);
-    for chunk in rows.chunks(DERIVED_PAGE) {
-        let serialised = chunk
-            .iter()
-            .map(|(key, share)| {
-                serde_json::to_string(share)
-                    .map(|data| DerivedRow {
-                        key: (*key).to_owned(),
-                        data,
-                    })
-                    .map_err(|e| StoreError::Invalid(format!("serialising customer {key}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        store
-            .write_derived(connection.id, generation, &serialised)
-            .await?;
-    }
-    drop(rows);
-    tracing::debug!(ms = ms(started), "derivation: rows written");
-    store
-        .publish_derived(
-            connection.id,
-            &DerivedStamp {
-                generation,
+    Ok(LoadedAccount {
+        account,
+        as_of: rebuilt.as_of,
+        source: Source::Rebuilt,
+        unwritten: Some(UnwrittenDerivation {
+            connection: connection.id,
+            stamp: DerivedStamp {
+                generation: Uuid::new_v4(),
                 version: RULES_VERSION,
                 synced_at: connection.last_synced_at,
                 as_of: rebuilt.as_of,
                 cache_read_at: started,
             },
-            None,
-        )
-        .await?;
-    Ok(LoadedAccount {
-        account,
-        as_of: rebuilt.as_of,
-        source: Source::Rebuilt,
+        }),
     })
 }
 

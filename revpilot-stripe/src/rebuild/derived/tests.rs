@@ -350,13 +350,13 @@ proptest::proptest! {
     fn an_update_after_a_sync_equals_a_full_rebuild(
         customers in 3usize..30,
         rounds in proptest::collection::vec(proptest::collection::vec(change(), 1..6), 1..4),
-        patch_in_hand in proptest::bool::ANY,
+        in_hand in 0u8..3,
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(async {
             let (store, user, conn) = seeded(customers).await;
             let c = connection(&store, user, conn).await;
-            let mut held = load_account(&store, user, &c, None).await.expect("derived").account;
+            let mut held = Arc::new(load_account(&store, user, &c, None).await.expect("derived").account);
             let mut synced = Utc::now();
             for (round, changes) in rounds.iter().enumerate() {
                 std::thread::sleep(std::time::Duration::from_millis(2));
@@ -364,7 +364,13 @@ proptest::proptest! {
                 let global = apply(&store, user, conn, changes, synced, round).await;
                 store.set_last_synced(conn, synced).await.expect("synced");
                 let c = connection(&store, user, conn).await;
-                let previous = patch_in_hand.then_some(&held);
+                // None: the rows are read back; still held here too: a copy is patched; given
+                // away (the only reference): it is patched in place.
+                let previous = match in_hand {
+                    0 => None,
+                    1 => Some(Arc::clone(&held)),
+                    _ => Some(std::mem::take(&mut held)),
+                };
                 let loaded = load_account_with(&store, user, &c, previous, &exact())
                     .await
                     .expect("updated");
@@ -377,7 +383,7 @@ proptest::proptest! {
                 let again = load_account(&store, user, &c, None).await.expect("read");
                 assert_eq!(again.source, Source::Derived);
                 assert_eq!(again.account, loaded.account);
-                held = loaded.account;
+                held = Arc::new(loaded.account);
             }
         });
     }
@@ -427,4 +433,50 @@ async fn an_update_killed_half_way_is_done_again_by_the_next_load() {
         loaded.source
     );
     assert_eq!(loaded.account, oracle(&store, user, conn).await);
+}
+
+/// A process's first load rebuilds from the cache and answers before it stores the
+/// derivation; the next load of the connection (a later sync's) waits for the store and
+/// updates it instead of rebuilding again.
+#[tokio::test]
+async fn a_rebuilt_account_is_answered_then_stored_and_the_next_load_waits_for_it() {
+    use crate::accounts::Accounts;
+
+    let (store, user, conn) = seeded(20).await;
+    let store = Arc::new(store);
+    let c = connection(&store, user, conn).await;
+    let accounts = Accounts::default().with_load_options(exact());
+    let first = accounts.load(&store, user, &c).await.expect("rebuilt");
+    // This test's runtime has one thread: the task storing it has not run yet.
+    assert_eq!(store.derived_stamp(conn).await.expect("read"), None);
+
+    // A sync ends before the derivation is stored: its load waits for it, then updates it.
+    let synced = Utc::now() + TimeDelta::seconds(10);
+    store.set_last_synced(conn, synced).await.expect("synced");
+    let c = connection(&store, user, conn).await;
+    assert_eq!(store.derived_stamp(conn).await.expect("read"), None);
+    let second = accounts.load(&store, user, &c).await.expect("updated");
+    assert_eq!(second.account, first.account);
+    assert_eq!(*first.account, oracle(&store, user, conn).await);
+    let stamp = store
+        .derived_stamp(conn)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(stamp.synced_at, Some(synced));
+    assert_eq!(accounts.builds(), 2);
+    // Updated under the generation the first load stored, not rebuilt under a new one.
+    accounts.settled(conn).await;
+    let again = load_account(store.as_ref(), user, &c, None)
+        .await
+        .expect("read");
+    assert_eq!(again.source, Source::Derived);
+    assert_eq!(
+        store
+            .derived_stamp(conn)
+            .await
+            .expect("read")
+            .map(|s| s.generation),
+        Some(stamp.generation)
+    );
 }
