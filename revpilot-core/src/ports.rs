@@ -695,8 +695,9 @@ pub trait DerivedStore: Send + Sync {
     ) -> StoreResult<()>;
 
     /// Makes `stamp`'s generation the published one, and deletes the rows of every other
-    /// generation, in one transaction. With `replacing`, only when that generation is the one
-    /// published now (an update of it in place); returns whether it published.
+    /// generation, in one transaction, only when `replacing` is the generation published now
+    /// (`None`: only when none is). Returns whether it published: a writer whose generation was
+    /// replaced meanwhile does not publish, since the replacing publish deleted its rows.
     async fn publish_derived(
         &self,
         connection: ConnectionId,

@@ -625,9 +625,7 @@ impl crate::ports::DerivedStore for MemoryStore {
         if !s.connections.contains_key(&connection) {
             return Err(StoreError::NotFound("connection"));
         }
-        if let Some(g) = replacing
-            && s.derived_stamps.get(&connection).map(|x| x.generation) != Some(g)
-        {
+        if s.derived_stamps.get(&connection).map(|x| x.generation) != replacing {
             return Ok(false);
         }
         s.derived

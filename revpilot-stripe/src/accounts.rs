@@ -31,7 +31,7 @@ use revpilot_core::ports::{
 use revpilot_core::{Currency, Rules};
 
 use crate::jobs::{AccountSource, JobError};
-use crate::rebuild::derived::{LoadOptions, load_account_with};
+use crate::rebuild::derived::{Held, LoadOptions, load_account_with};
 use crate::rebuild::stream::CachedRebuildError;
 
 /// Accounts kept per process before the oldest goes.
@@ -301,9 +301,12 @@ impl Accounts {
         // copying it (with its compiled form dropped first).
         let previous = self
             .take_previous(user, connection.id)
-            .map(|p| match Arc::try_unwrap(p) {
-                Ok(loaded) => loaded.account,
-                Err(shared) => Arc::clone(&shared.account),
+            .map(|(p, synced_at)| Held {
+                account: match Arc::try_unwrap(p) {
+                    Ok(loaded) => loaded.account,
+                    Err(shared) => Arc::clone(&shared.account),
+                },
+                synced_at,
             });
         let started = Instant::now();
         let options = LoadOptions {
@@ -335,20 +338,25 @@ impl Accounts {
             let (store, id) = (Arc::clone(store), connection.id);
             tokio::spawn(async move {
                 let started = Instant::now();
-                match unwritten.write(store.as_ref(), &account).await {
-                    Ok(()) => tracing::info!(
+                let written = unwritten.write(store.as_ref(), &account).await;
+                // The account first: a load waiting at the gate may then patch it in place.
+                drop(account);
+                drop(loading);
+                match written {
+                    Ok(published) => tracing::info!(
                         connection = %id,
                         ms = started.elapsed().as_millis() as u64,
+                        published,
                         "derivation stored"
                     ),
-                    // The next load rebuilds and tries again.
+                    // This process keeps serving the account; the next load that finds no
+                    // current derivation (after the next sync) rebuilds everything again.
                     Err(e) => tracing::warn!(
                         connection = %id,
                         error = &e as &dyn std::error::Error,
                         "derivation not stored"
                     ),
                 }
-                drop(loading);
             });
         }
         Ok(loaded)
@@ -404,7 +412,9 @@ impl Accounts {
         rows.insert(connection.id, (Instant::now(), connection.clone()));
     }
 
-    /// The account built at `stamp` for the user's connection, if this process has it.
+    /// The account built at `stamp` for the user's connection, or at a later sync (a caller
+    /// whose connection row was read before a sync ended is served the newer account), if this
+    /// process has it.
     pub fn get(
         &self,
         user: UserId,
@@ -414,13 +424,18 @@ impl Accounts {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries
             .get(&connection)
-            .filter(|e| e.user == user && (e.pinned || e.stamp == stamp))
+            .filter(|e| e.user == user && (e.pinned || e.stamp >= stamp))
             .map(|e| e.loaded.clone())
     }
 
-    /// The account this process holds for the user's connection, whatever sync it was built
-    /// at, no longer kept: the base a derivation's update patches.
-    fn take_previous(&self, user: UserId, connection: ConnectionId) -> Option<Arc<Loaded>> {
+    /// The account this process holds for the user's connection and the sync it was built
+    /// at, no longer kept: the base a derivation's update patches. Should the update fail, the
+    /// next load reads the derivation back instead of patching.
+    fn take_previous(
+        &self,
+        user: UserId,
+        connection: ConnectionId,
+    ) -> Option<(Arc<Loaded>, Option<DateTime<Utc>>)> {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if !entries
             .get(&connection)
@@ -428,7 +443,7 @@ impl Accounts {
         {
             return None;
         }
-        entries.remove(&connection).map(|e| e.loaded)
+        entries.remove(&connection).map(|e| (e.loaded, e.stamp))
     }
 
     /// Keeps the account built at `stamp`, replacing an older one.
@@ -583,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn an_account_serves_its_owner_at_its_stamp_only() {
+    fn an_account_serves_its_owner_at_its_stamp_and_earlier_ones_only() {
         let accounts = Accounts::default();
         let (user, conn) = ids();
         let at = DateTime::from_timestamp(1_700_000_000, 0);
@@ -594,7 +609,20 @@ mod tests {
                 .get(user, conn, at)
                 .is_some_and(|l| Arc::ptr_eq(&l, &a))
         );
-        assert!(accounts.get(user, conn, None).is_none(), "another sync");
+        assert!(
+            accounts
+                .get(user, conn, at.map(|t| t + chrono::TimeDelta::seconds(1)))
+                .is_none(),
+            "a later sync"
+        );
+        // A caller whose row was read before that sync ended is served the newer account.
+        assert!(accounts.get(user, conn, None).is_some(), "an earlier sync");
+        assert!(
+            accounts
+                .get(user, conn, at.map(|t| t - chrono::TimeDelta::seconds(1)))
+                .is_some(),
+            "an earlier sync"
+        );
         assert!(
             accounts.get(UserId(Uuid::new_v4()), conn, at).is_none(),
             "another user"

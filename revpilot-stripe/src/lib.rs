@@ -79,5 +79,5 @@ pub use client::{ApiError, Client, ClientConfig};
 pub use connect::{Connect, ConnectConfig, ConnectError, receive_connect_event};
 pub use export::{Export, ExportError, RawExport};
 pub use jobs::{Done, Enqueue, EnqueueError, ExecuteJob, Job, JobError, RunAtOnce, Runner};
-pub use rebuild::derived::{LoadedAccount, load_account};
+pub use rebuild::derived::{Held, LoadedAccount, load_account};
 pub use sync::{SyncJob, SyncPorts, Syncer};

@@ -947,13 +947,16 @@ pub async fn derived<S: UserStore + ConnectionStore + crate::ports::DerivedStore
         version: 0x8765_4321,
         ..stamp
     };
-    // An update in place of a generation no longer published does not publish.
-    assert!(
-        !store
-            .publish_derived(conn, &next, Some(Uuid::new_v4()))
-            .await
-            .expect("publish")
-    );
+    // An update in place of a generation no longer published does not publish, nor does a
+    // derivation begun when none was published, now that one is.
+    for replacing in [Some(Uuid::new_v4()), None] {
+        assert!(
+            !store
+                .publish_derived(conn, &next, replacing)
+                .await
+                .expect("publish")
+        );
+    }
     assert_eq!(
         store.derived_stamp(conn).await.expect("stamp"),
         Some(stamp.clone())

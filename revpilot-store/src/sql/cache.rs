@@ -445,19 +445,21 @@ impl<D: Dialect> DerivedStore for SqlStore<D> {
         stamp: &DerivedStamp,
         replacing: Option<Uuid>,
     ) -> StoreResult<bool> {
+        // Under the connection's write lock: no other publish runs between the check and the
+        // write.
         let mut tx = self.write_for_connection(connection).await?;
-        if let Some(g) = replacing {
-            let current = sql_owned::<D>(format!(
-                "SELECT 1 FROM derived_accounts WHERE stripe_connection_id = $1 AND generation = $2{}",
-                D::FOR_UPDATE
-            ))
-            .id(connection.0)
-            .id(g)
-            .opt(&mut tx)
-            .await?;
-            if current.is_none() {
-                return Ok(false);
-            }
+        let published = sql_owned::<D>(format!(
+            "SELECT generation FROM derived_accounts WHERE stripe_connection_id = $1{}",
+            D::FOR_UPDATE
+        ))
+        .id(connection.0)
+        .opt(&mut tx)
+        .await?
+        .map(|row| D::get_id(&row, 0))
+        .transpose()?
+        .flatten();
+        if published != replacing {
+            return Ok(false);
         }
         sql::<D>(
             "INSERT INTO derived_accounts

@@ -96,23 +96,38 @@ pub struct LoadedAccount {
     /// How it was made.
     pub source: Source,
     /// A full rebuild not yet stored as the connection's derivation (only with
-    /// [`LoadOptions::defer_derivation`]): until it is written, the next load rebuilds again.
+    /// [`LoadOptions::defer_derivation`]): until it is written, loads that find no current
+    /// derivation rebuild again.
     pub unwritten: Option<UnwrittenDerivation>,
+}
+
+/// An account a process already holds for a connection: the base an update patches.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// The account, as loaded.
+    pub account: Arc<Account>,
+    /// The connection's last sync it was loaded at.
+    pub synced_at: Option<DateTime<Utc>>,
 }
 
 /// A connection's account rebuilt from its whole cache and not yet stored as its derivation:
 /// [`UnwrittenDerivation::write`] stores it. Dropped unwritten, or killed half-way, it leaves
-/// the previous derivation readable and the next load rebuilds.
+/// the derivation published before readable (a stale one is not read: the next load that
+/// finds no current derivation rebuilds).
 #[derive(Debug)]
 #[must_use = "the derivation is stored only when written"]
 pub struct UnwrittenDerivation {
     connection: ConnectionId,
     stamp: DerivedStamp,
+    /// The generation published when the rebuild began (`None`: none was).
+    replacing: Option<Uuid>,
 }
 
 impl UnwrittenDerivation {
     /// Stores `account` (the [`LoadedAccount`]'s, unchanged) as the connection's derivation,
-    /// row by row under a new generation, and publishes it.
+    /// row by row under a new generation, and publishes it, unless another derivation was
+    /// published since the rebuild began (another process's: its publish deleted these rows,
+    /// and it is read instead). Returns whether it published.
     ///
     /// # Errors
     /// The store's, or a customer that cannot be serialised.
@@ -120,7 +135,7 @@ impl UnwrittenDerivation {
         self,
         store: &S,
         account: &Account,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let started = Utc::now();
         let rows = shares(account);
         for chunk in rows.chunks(DERIVED_PAGE) {
@@ -144,9 +159,8 @@ impl UnwrittenDerivation {
         drop(rows);
         tracing::debug!(ms = ms(started), "derivation: rows written");
         store
-            .publish_derived(self.connection, &self.stamp, None)
-            .await?;
-        Ok(())
+            .publish_derived(self.connection, &self.stamp, self.replacing)
+            .await
     }
 }
 
@@ -196,7 +210,7 @@ pub async fn load_account<S: ObjectCache + DerivedStore + ?Sized>(
     store: &S,
     user: UserId,
     connection: &Connection,
-    previous: Option<Arc<Account>>,
+    previous: Option<Held>,
 ) -> Result<LoadedAccount, CachedRebuildError> {
     load_account_with(store, user, connection, previous, &LoadOptions::default()).await
 }
@@ -209,7 +223,7 @@ pub async fn load_account_with<S: ObjectCache + DerivedStore + ?Sized>(
     store: &S,
     user: UserId,
     connection: &Connection,
-    mut previous: Option<Arc<Account>>,
+    mut previous: Option<Held>,
     options: &LoadOptions,
 ) -> Result<LoadedAccount, CachedRebuildError> {
     for _ in 0..3 {
@@ -221,7 +235,9 @@ pub async fn load_account_with<S: ObjectCache + DerivedStore + ?Sized>(
         if stamp.version != RULES_VERSION || connection.last_synced_at.is_none() {
             break;
         }
-        if stamp.synced_at != connection.last_synced_at {
+        // Older than the connection's row: updated. Newer (the row was read before another
+        // process's sync ended): read as it is, never published back at the older sync.
+        if stamp.synced_at < connection.last_synced_at {
             match update(store, user, connection, &stamp, previous.take(), options).await? {
                 Some(loaded) => return Ok(loaded),
                 None => break,
@@ -258,9 +274,14 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
     user: UserId,
     connection: &Connection,
     stamp: &DerivedStamp,
-    previous: Option<Arc<Account>>,
+    previous: Option<Held>,
     options: &LoadOptions,
 ) -> Result<Option<LoadedAccount>, CachedRebuildError> {
+    // Patched only when it holds every change up to the derivation's read: one kept from
+    // before another process's update would miss that update's changes.
+    let previous = previous
+        .filter(|held| held.synced_at >= stamp.synced_at)
+        .map(|held| held.account);
     let started = Utc::now();
     let since = stamp.cache_read_at - options.write_slack;
     // A changed price or coupon can change any customer.
@@ -550,11 +571,15 @@ pub async fn derive_account<S: ObjectCache + DerivedStore + ?Sized>(
 
 /// Rebuilds the account of the user's `connection` from the whole cache, sorted, with the
 /// derivation still to be written.
-async fn rebuild_account<S: ObjectCache + ?Sized>(
+async fn rebuild_account<S: ObjectCache + DerivedStore + ?Sized>(
     store: &S,
     user: UserId,
     connection: &Connection,
 ) -> Result<LoadedAccount, CachedRebuildError> {
+    let replacing = store
+        .derived_stamp(connection.id)
+        .await?
+        .map(|s| s.generation);
     let started = Utc::now();
     let rebuilt = rebuild_cached(store, user, connection.id, CACHE_PAGE).await?;
     tracing::debug!(ms = ms(started), "derivation: cache rebuilt");
@@ -573,6 +598,7 @@ async fn rebuild_account<S: ObjectCache + ?Sized>(
                 as_of: rebuilt.as_of,
                 cache_read_at: started,
             },
+            replacing,
         }),
     })
 }

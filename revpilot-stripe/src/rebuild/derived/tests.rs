@@ -139,7 +139,12 @@ async fn a_sync_or_another_rebuild_makes_it_stale() {
     // A derivation written by another build of the rebuild is not read.
     let mut stamp = store.derived_stamp(conn).await.unwrap().unwrap();
     stamp.version = RULES_VERSION.wrapping_add(1);
-    store.publish_derived(conn, &stamp, None).await.unwrap();
+    assert!(
+        store
+            .publish_derived(conn, &stamp, Some(stamp.generation))
+            .await
+            .unwrap()
+    );
     assert_eq!(
         load_account(&store, user, &c, None).await.unwrap().source,
         Source::Rebuilt
@@ -357,6 +362,7 @@ proptest::proptest! {
             let (store, user, conn) = seeded(customers).await;
             let c = connection(&store, user, conn).await;
             let mut held = Arc::new(load_account(&store, user, &c, None).await.expect("derived").account);
+            let mut held_at = c.last_synced_at;
             let mut synced = Utc::now();
             for (round, changes) in rounds.iter().enumerate() {
                 std::thread::sleep(std::time::Duration::from_millis(2));
@@ -370,7 +376,8 @@ proptest::proptest! {
                     0 => None,
                     1 => Some(Arc::clone(&held)),
                     _ => Some(std::mem::take(&mut held)),
-                };
+                }
+                .map(|account| Held { account, synced_at: held_at });
                 let loaded = load_account_with(&store, user, &c, previous, &exact())
                     .await
                     .expect("updated");
@@ -384,6 +391,7 @@ proptest::proptest! {
                 assert_eq!(again.source, Source::Derived);
                 assert_eq!(again.account, loaded.account);
                 held = Arc::new(loaded.account);
+                held_at = c.last_synced_at;
             }
         });
     }
@@ -479,4 +487,81 @@ async fn a_rebuilt_account_is_answered_then_stored_and_the_next_load_waits_for_i
             .map(|s| s.generation),
         Some(stamp.generation)
     );
+}
+
+/// Two processes rebuild everything at once (a deploy that changed the rules): the first to
+/// store its derivation publishes it; the second, whose rows that publish deleted, does not.
+#[tokio::test]
+async fn of_two_full_rebuilds_at_once_only_the_first_stored_is_published() {
+    let (store, user, conn) = seeded(20).await;
+    let c = connection(&store, user, conn).await;
+    let deferred = LoadOptions {
+        defer_derivation: true,
+        ..exact()
+    };
+    let mut a = load_account_with(&store, user, &c, None, &deferred)
+        .await
+        .expect("rebuilt");
+    let mut b = load_account_with(&store, user, &c, None, &deferred)
+        .await
+        .expect("rebuilt");
+    let (wa, wb) = (a.unwritten.take(), b.unwritten.take());
+    assert!(
+        wa.expect("unwritten")
+            .write(&store, &a.account)
+            .await
+            .expect("written")
+    );
+    assert!(
+        !wb.expect("unwritten")
+            .write(&store, &b.account)
+            .await
+            .expect("written")
+    );
+    let read = load_account(&store, user, &c, None).await.expect("read");
+    assert_eq!(read.source, Source::Derived);
+    assert_eq!(read.account, oracle(&store, user, conn).await);
+}
+
+/// An account this process kept from before another process's update is not patched: it
+/// lacks that update's changes, which the next update does not rebuild again.
+#[tokio::test]
+async fn an_account_kept_from_before_another_update_is_not_patched() {
+    let (store, user, conn) = seeded(12).await;
+    let c = connection(&store, user, conn).await;
+    let kept = Held {
+        account: Arc::new(
+            load_account(&store, user, &c, None)
+                .await
+                .expect("derived")
+                .account,
+        ),
+        synced_at: c.last_synced_at,
+    };
+    let mut at = Utc::now();
+    for (round, change) in [Change::Cancel(3, 40), Change::Country(5)]
+        .into_iter()
+        .enumerate()
+    {
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        at += TimeDelta::seconds(10);
+        assert!(!apply(&store, user, conn, &[change], at, round).await);
+        store.set_last_synced(conn, at).await.expect("synced");
+        let c = connection(&store, user, conn).await;
+        // The first change is another process's update; the second is this one's.
+        let previous = (round == 1).then(|| kept.clone());
+        let loaded = load_account_with(&store, user, &c, previous, &exact())
+            .await
+            .expect("updated");
+        assert!(
+            matches!(loaded.source, Source::Updated { .. }),
+            "{:?}",
+            loaded.source
+        );
+        assert_eq!(
+            loaded.account,
+            oracle(&store, user, conn).await,
+            "round {round}"
+        );
+    }
 }
