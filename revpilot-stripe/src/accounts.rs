@@ -277,9 +277,34 @@ impl Accounts {
     /// the next load of that connection (a later sync's update) waits for it and finds it.
     /// [`Accounts::settled`] waits for it.
     ///
+    /// The load runs in a task of its own: a caller that gives up (a request whose client went
+    /// away) does not stop a load that others wait for, nor throw away its work.
+    ///
     /// # Errors
     /// [`CachedRebuildError`]: the store failed, or a cached object cannot be read.
     pub async fn load<S>(
+        self: &Arc<Self>,
+        store: &Arc<S>,
+        user: UserId,
+        connection: &Connection,
+    ) -> Result<Arc<Loaded>, CachedRebuildError>
+    where
+        S: ObjectCache + DerivedStore + ?Sized + Send + Sync + 'static,
+    {
+        if let Some(loaded) = self.get(user, connection.id, connection.last_synced_at) {
+            return Ok(loaded);
+        }
+        let (this, store, connection) = (Arc::clone(self), Arc::clone(store), connection.clone());
+        let loading = tokio::spawn(async move { this.load_once(&store, user, &connection).await });
+        match loading.await {
+            Ok(loaded) => loaded,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(CachedRebuildError::Cancelled),
+        }
+    }
+
+    /// [`Accounts::load`] in its task: under the connection's gate.
+    async fn load_once<S>(
         &self,
         store: &Arc<S>,
         user: UserId,
@@ -289,9 +314,6 @@ impl Accounts {
         S: ObjectCache + DerivedStore + ?Sized + Send + Sync + 'static,
     {
         let stamp = connection.last_synced_at;
-        if let Some(loaded) = self.get(user, connection.id, stamp) {
-            return Ok(loaded);
-        }
         let loading = self.gate(connection.id).lock_owned().await;
         if let Some(loaded) = self.get(user, connection.id, stamp) {
             return Ok(loaded);
@@ -337,6 +359,8 @@ impl Accounts {
         if let Some(unwritten) = unwritten {
             let (store, id) = (Arc::clone(store), connection.id);
             tokio::spawn(async move {
+                // The tasks waiting for this load (the answer) run first.
+                tokio::task::yield_now().await;
                 let started = Instant::now();
                 let written = unwritten.write(store.as_ref(), &account).await;
                 // The account first: a load waiting at the gate may then patch it in place.

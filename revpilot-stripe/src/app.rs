@@ -292,6 +292,7 @@ impl App {
             tracing::error!(connection = %c.id, error = %e, "cached account unreadable");
             match e {
                 CachedRebuildError::Store(e) => internal(&e),
+                CachedRebuildError::Cancelled => Refusal::internal(),
                 _ => Refusal::new(
                     RefusalKind::Internal,
                     "unreadable_data",

@@ -210,6 +210,9 @@ pub enum CachedRebuildError {
     /// A cached object cannot be read (its kind and id).
     #[error(transparent)]
     Object(#[from] ParseError),
+    /// The load was stopped before it finished (the runtime is shutting down).
+    #[error("the account's load was stopped before it finished")]
+    Cancelled,
 }
 
 /// Objects read from the cache per page by [`rebuild_cached`].

@@ -453,7 +453,7 @@ async fn a_rebuilt_account_is_answered_then_stored_and_the_next_load_waits_for_i
     let (store, user, conn) = seeded(20).await;
     let store = Arc::new(store);
     let c = connection(&store, user, conn).await;
-    let accounts = Accounts::default().with_load_options(exact());
+    let accounts = Arc::new(Accounts::default().with_load_options(exact()));
     let first = accounts.load(&store, user, &c).await.expect("rebuilt");
     // This test's runtime has one thread: the task storing it has not run yet.
     assert_eq!(store.derived_stamp(conn).await.expect("read"), None);
@@ -564,4 +564,27 @@ async fn an_account_kept_from_before_another_update_is_not_patched() {
             "round {round}"
         );
     }
+}
+
+/// A caller that gives up on a load (a request whose client went away) does not stop it: the
+/// account is loaded and kept for the next caller.
+#[tokio::test]
+async fn a_load_whose_caller_gives_up_still_finishes() {
+    use crate::accounts::Accounts;
+
+    let (store, user, conn) = seeded(20).await;
+    let store = Arc::new(store);
+    let c = connection(&store, user, conn).await;
+    let accounts = Arc::new(Accounts::default());
+    let gave_up =
+        tokio::time::timeout(std::time::Duration::ZERO, accounts.load(&store, user, &c)).await;
+    assert!(gave_up.is_err(), "the caller gave up before the load ended");
+    for _ in 0..500 {
+        if accounts.builds() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(accounts.builds(), 1, "the load went on without its caller");
+    assert!(accounts.get(user, conn, c.last_synced_at).is_some());
 }
