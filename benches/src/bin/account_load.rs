@@ -294,6 +294,14 @@ async fn main() {
     let customers: usize = std::env::args()
         .nth(1)
         .map_or(100_000, |c| c.parse().unwrap());
+    // The job queue's migrations create extensions in the first schema of the server's search
+    // path: made in `public` first, they stay usable by every other schema of the database.
+    if let db @ Db::Postgres { .. } = Db::new(customers) {
+        for extension in ["hstore", "pgcrypto"] {
+            let sql = format!("CREATE EXTENSION IF NOT EXISTS {extension} SCHEMA public");
+            db.exec("", &sql).await;
+        }
+    }
     let (db, user, conn) = seed(customers).await;
     // Nothing derived yet, as on the first start after an upgrade: the first request rebuilds.
     for table in ["derived_accounts", "derived_customers"] {

@@ -257,13 +257,11 @@ pub async fn load_account_with<S: ObjectCache + DerivedStore + ?Sized>(
             unwritten: None,
         });
     }
-    let mut loaded = rebuild_account(store, user, connection).await?;
-    if !options.defer_derivation
-        && let Some(unwritten) = loaded.unwritten.take()
-    {
-        unwritten.write(store, &loaded.account).await?;
+    if options.defer_derivation {
+        rebuild_account(store, user, connection).await
+    } else {
+        derive_account(store, user, connection).await
     }
-    Ok(loaded)
 }
 
 /// Brings the published derivation `stamp` up to the connection's last sync by rebuilding only
