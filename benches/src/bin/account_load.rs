@@ -401,26 +401,34 @@ async fn main() {
     let ended = chrono::TimeZone::with_ymd_and_hms(&Utc, 2024, 6, 1, 0, 0, 0)
         .unwrap()
         .timestamp()
-        + fastrand::i64(..86_400 * 90);
+        + fastrand::i64(0..86_400 * 90);
     let changed: Vec<CachedObject> = store
         .objects_page(
             user,
             conn,
             ObjectKind::Subscription,
             Some(&from),
-            customers / 100,
+            customers / 10,
         )
         .await
         .unwrap()
         .into_iter()
         .map(|o| {
-            let mut v: serde_json::Value = serde_json::from_str(&o.data).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&o.data).unwrap();
+            (o, v)
+        })
+        // Active ones begun before the cancellation: one that had already ended, or that
+        // begins later, may leave the last month's MRR as it was, and the change never shows.
+        .filter(|(_, v)| v["status"] == "active" && v["created"].as_i64() < Some(ended))
+        .take(customers / 100)
+        .map(|(o, mut v)| {
             v["status"] = "canceled".into();
             v["canceled_at"] = ended.into();
             v["ended_at"] = ended.into();
             revpilot_stripe::export::cached_object(o.kind, o.stripe_id, now, v.to_string())
         })
         .collect();
+    assert!(!changed.is_empty(), "no active subscription after {from}");
     store.upsert_objects(conn, &changed).await.unwrap();
     store.set_last_synced(conn, Utc::now()).await.unwrap();
     let synced = Instant::now();
