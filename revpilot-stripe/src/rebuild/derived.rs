@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::PoisonError;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use revpilot_core::model::{Account, Customer, Payment, Price, Subscription};
@@ -410,9 +409,10 @@ async fn update<S: ObjectCache + DerivedStore + ?Sized>(
     let account = match previous {
         // Off the runtime's threads: at 100,000 customers the patch takes a large part of a
         // second.
-        Some(previous) => tokio::task::spawn_blocking(move || match Arc::try_unwrap(previous) {
-            Ok(owned) => patch_in_place(owned, &keys, part),
-            Err(shared) => patch(&shared, &keys, part),
+        // Patched in place when no one else holds it, else a copy.
+        Some(previous) => tokio::task::spawn_blocking(move || {
+            let account = Arc::try_unwrap(previous).unwrap_or_else(|shared| (*shared).clone());
+            patch(account, &keys, part)
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
@@ -468,10 +468,10 @@ fn charge_of(dispute: &CachedObject) -> Option<String> {
     serde_json::from_str::<D>(&dispute.data).ok()?.charge
 }
 
-/// [`patch`] of an account no one else holds: the customers `keys` are removed from it and
-/// `part`'s added, without copying the rest (the rest is sorted already, so the sort merges
-/// the few new items in).
-fn patch_in_place(mut account: Account, keys: &[String], part: Account) -> Account {
+/// `account` with the customers `keys` replaced by what `part` holds of them, sorted as
+/// [`sort`] leaves an account: the rest is not copied (it is sorted already, so the sort
+/// merges the few new items in).
+fn patch(mut account: Account, keys: &[String], part: Account) -> Account {
     let dirty: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
     account.customers.retain(|c| !dirty.contains(c.id.as_str()));
     account
@@ -485,69 +485,6 @@ fn patch_in_place(mut account: Account, keys: &[String], part: Account) -> Accou
     account.payments.extend(part.payments);
     sort(&mut account);
     account
-}
-
-/// `previous` with the customers `keys` replaced by what `part` holds of them, sorted as
-/// [`sort`] leaves an account. The payments (the most objects: one per charge) are copied on a
-/// second thread while this one copies the customers and subscriptions (in line when no thread
-/// can be started): the copy is most of an update's own time on a large account.
-fn patch(previous: &Account, keys: &[String], part: Account) -> Account {
-    let dirty: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
-    let dirty = &dirty;
-    let Account {
-        customers,
-        subscriptions,
-        payments,
-    } = part;
-    let payments_of = move || {
-        let mut kept: Vec<_> = previous
-            .payments
-            .iter()
-            .filter(|p| !dirty.contains(p.customer.as_deref().unwrap_or("")))
-            .cloned()
-            .collect();
-        kept.extend(payments);
-        sort_payments(&mut kept);
-        kept
-    };
-    // Taken by the thread, or in line when it cannot start.
-    let job = std::sync::Mutex::new(Some(payments_of));
-    let run = || {
-        let f = job.lock().unwrap_or_else(PoisonError::into_inner).take();
-        f.map(|f| f()).unwrap_or_default()
-    };
-    std::thread::scope(|scope| {
-        let paid = std::thread::Builder::new()
-            .name("revpilot-patch".into())
-            .spawn_scoped(scope, run)
-            .ok();
-        let mut account = Account {
-            customers: previous
-                .customers
-                .iter()
-                .filter(|c| !dirty.contains(c.id.as_str()))
-                .cloned()
-                .chain(customers)
-                .collect(),
-            subscriptions: previous
-                .subscriptions
-                .iter()
-                .filter(|s| !dirty.contains(s.customer.as_str()))
-                .cloned()
-                .chain(subscriptions)
-                .collect(),
-            payments: Vec::new(),
-        };
-        sort_customers(&mut account.customers);
-        sort_subscriptions(&mut account.subscriptions);
-        account.payments = match paid {
-            Some(handle) => handle
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e)),
-            None => run(),
-        };
-        account
-    })
 }
 
 /// Rebuilds the account of the user's `connection` from the cache and stores it as the
