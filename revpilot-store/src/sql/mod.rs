@@ -12,7 +12,9 @@
 
 use std::fmt;
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use revpilot_core::ports::{ConnectionId, StoreError, StoreResult, Tokens};
@@ -20,6 +22,7 @@ use rust_decimal::Decimal;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::pool::PoolConnection;
 use sqlx::{Database, Pool, SqlSafeStr, Transaction};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::crypto::{KeyRing, Sealed};
@@ -94,6 +97,10 @@ pub trait Dialect:
     /// Opens a transaction that will write.
     #[doc(hidden)]
     const BEGIN_WRITE: &'static str;
+    /// The database lets one transaction write at a time (SQLite): the store's own writers
+    /// take turns in the process before they begin, instead of in the database's busy handler.
+    #[doc(hidden)]
+    const ONE_WRITER: bool;
     /// Follows a `SELECT` whose rows the transaction goes on to write.
     #[doc(hidden)]
     const FOR_UPDATE: &'static str;
@@ -164,6 +171,8 @@ pub trait Dialect:
 pub struct SqlStore<D: Dialect> {
     pool: Pool<D::Db>,
     keys: KeyRing,
+    /// The write turn of a one-writer database ([`Dialect::ONE_WRITER`]).
+    turn: Option<Arc<Semaphore>>,
 }
 
 impl<D: Dialect> Clone for SqlStore<D> {
@@ -171,7 +180,34 @@ impl<D: Dialect> Clone for SqlStore<D> {
         SqlStore {
             pool: self.pool.clone(),
             keys: self.keys.clone(),
+            turn: self.turn.clone(),
         }
+    }
+}
+
+/// A write transaction ([`SqlStore::write`]), holding the store's write turn where the database
+/// has one writer. Dropped without [`Write::commit`], it rolls back.
+pub(crate) struct Write<D: Dialect> {
+    tx: Transaction<'static, D::Db>,
+    _turn: Option<OwnedSemaphorePermit>,
+}
+
+impl<D: Dialect> Write<D> {
+    pub(crate) async fn commit(self) -> sqlx::Result<()> {
+        self.tx.commit().await
+    }
+}
+
+impl<D: Dialect> Deref for Write<D> {
+    type Target = Transaction<'static, D::Db>;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl<D: Dialect> DerefMut for Write<D> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
     }
 }
 
@@ -441,16 +477,46 @@ impl<D: Dialect> SqlStore<D> {
         self.pool.acquire().await.map_err(backend)
     }
 
-    /// A transaction that will write.
-    pub(crate) async fn write(&self) -> StoreResult<Transaction<'static, D::Db>> {
-        self.pool.begin_with(D::BEGIN_WRITE).await.map_err(backend)
+    /// A store on `pool`.
+    pub(crate) fn new(pool: Pool<D::Db>, keys: KeyRing) -> Self {
+        SqlStore {
+            pool,
+            keys,
+            turn: D::ONE_WRITER.then(|| Arc::new(Semaphore::new(1))),
+        }
+    }
+
+    /// A transaction that will write. On a one-writer database the process's writers take
+    /// turns here, in order, and the next begins only once the last has committed, which in
+    /// SQLite includes its automatic checkpoint. Queued in SQLite's busy handler instead, each
+    /// waiting writer held a connection and polled, and one began writing while the last one's
+    /// checkpoint was still copying, so the log could never start over: it grew to 334 MB in
+    /// a 20,000-customer backfill, each commit past the threshold checkpointing again (2,800
+    /// `fsync` calls; 480-540 with turns, the log near 40-60 MB). Other processes still meet
+    /// in the busy handler.
+    pub(crate) async fn write(&self) -> StoreResult<Write<D>> {
+        let turn = match &self.turn {
+            Some(turn) => Some(
+                Arc::clone(turn)
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| StoreError::Backend(Box::new(e)))?,
+            ),
+            None => None,
+        };
+        let tx = self
+            .pool
+            .begin_with(D::BEGIN_WRITE)
+            .await
+            .map_err(backend)?;
+        Ok(Write { tx, _turn: turn })
     }
 
     /// A write transaction on a connection's data, after checking the connection exists.
     pub(crate) async fn write_for_connection(
         &self,
         connection: ConnectionId,
-    ) -> StoreResult<Transaction<'static, D::Db>> {
+    ) -> StoreResult<Write<D>> {
         let mut tx = self.write().await?;
         let known = sql::<D>("SELECT 1 FROM stripe_connections WHERE id = $1")
             .id(connection.0)

@@ -54,6 +54,7 @@ fn version_of_db(stored: i32) -> u32 {
 
 impl Dialect for Postgres {
     const BEGIN_WRITE: &'static str = "BEGIN";
+    const ONE_WRITER: bool = false;
     const FOR_UPDATE: &'static str = " FOR UPDATE";
 
     fn all(c: &mut PgConnection, q: Query<Self>) -> Fut<'_, sqlx::Result<Vec<PgRow>>> {
@@ -257,6 +258,6 @@ impl SqlStore<Postgres> {
             .run(&pool)
             .await
             .map_err(|e| open(format!("migrations failed: {e}"), Some(e.into())))?;
-        Ok(SqlStore { pool, keys })
+        Ok(SqlStore::new(pool, keys))
     }
 }
