@@ -402,33 +402,52 @@ async fn main() {
         .unwrap()
         .timestamp()
         + fastrand::i64(0..86_400 * 90);
-    let changed: Vec<CachedObject> = store
-        .objects_page(
-            user,
-            conn,
-            ObjectKind::Subscription,
-            Some(&from),
-            customers / 10,
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| {
-            let v: serde_json::Value = serde_json::from_str(&o.data).unwrap();
-            (o, v)
-        })
-        // Active ones begun before the cancellation: one that had already ended, or that
-        // begins later, may leave the last month's MRR as it was, and the change never shows.
-        .filter(|(_, v)| v["status"] == "active" && v["created"].as_i64() < Some(ended))
-        .take(customers / 100)
-        .map(|(o, mut v)| {
-            v["status"] = "canceled".into();
-            v["canceled_at"] = ended.into();
-            v["ended_at"] = ended.into();
-            revpilot_stripe::export::cached_object(o.kind, o.stripe_id, now, v.to_string())
-        })
-        .collect();
-    assert!(!changed.is_empty(), "no active subscription after {from}");
+    // Active ones begun before the cancellation, from a random id on (wrapping around): one
+    // that had already ended, or that begins later, may leave the last month's MRR as it was,
+    // and the change never shows. Ids follow creation, so a late start finds few at first.
+    let mut changed: Vec<CachedObject> = Vec::new();
+    let (mut after, mut wrapped) = (Some(from.clone()), false);
+    while changed.len() < customers / 100 {
+        let page = store
+            .objects_page(
+                user,
+                conn,
+                ObjectKind::Subscription,
+                after.as_deref(),
+                2_000,
+            )
+            .await
+            .unwrap();
+        let full = page.len() == 2_000;
+        after = page.last().map(|o| o.stripe_id.clone());
+        for o in page {
+            let mut v: serde_json::Value = serde_json::from_str(&o.data).unwrap();
+            if changed.len() < customers / 100
+                && v["status"] == "active"
+                && v["created"].as_i64() < Some(ended)
+            {
+                v["status"] = "canceled".into();
+                v["canceled_at"] = ended.into();
+                v["ended_at"] = ended.into();
+                changed.push(revpilot_stripe::export::cached_object(
+                    o.kind,
+                    o.stripe_id,
+                    now,
+                    v.to_string(),
+                ));
+            }
+        }
+        if !full {
+            if wrapped {
+                break;
+            }
+            (after, wrapped) = (None, true);
+        }
+    }
+    assert!(
+        !changed.is_empty(),
+        "no active subscription begun before {ended}"
+    );
     store.upsert_objects(conn, &changed).await.unwrap();
     store.set_last_synced(conn, Utc::now()).await.unwrap();
     let synced = Instant::now();

@@ -12,10 +12,11 @@
 //! `cargo run --release -p revpilot-benches --bin sync_backfill -- unlimited [CUSTOMERS]`: the
 //! sync's own speed. A `revpilot synth` account of CUSTOMERS customers over 24 months (default
 //! 20,000) served by the fake without a rate limit (the client's bucket as wide open), synced
-//! into a SQLite file as the example programs do, then into memory (the store's share). Prints
-//! objects per second, requests per second, and the process's CPU use (the fake serves from the
-//! same process) over the whole run and in each fifth of it: the backfill should keep both cores
-//! busy until its last page.
+//! into a SQLite file as the example programs do, then (with `REVPILOT_BENCH_POSTGRES_URL`) into
+//! a throwaway schema of that PostgreSQL database, then into memory (the store's share). Prints
+//! objects per second, requests per second, the process's CPU use (the fake serves from the same
+//! process) and the machine's (with the database's processes), over the whole run and the
+//! machine's in each fifth of it: the backfill should keep both cores busy until its last page.
 #![allow(clippy::unwrap_used)]
 
 use std::num::NonZeroU32;
@@ -145,6 +146,24 @@ fn cpu_seconds() -> f64 {
     (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / 100.0
 }
 
+/// Seconds all cores of the machine spent on anything but idling and waiting for the disk
+/// (`/proc/stat`): with PostgreSQL much of a sync's work runs in the database's own processes.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let all: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    (all - idle) / 100.0
+}
+
 /// The synth account's objects by list path, each in Stripe's order source (oldest first).
 fn synth_lists(customers: usize) -> Vec<(String, Vec<Value>)> {
     let mut export = Vec::new();
@@ -191,10 +210,11 @@ async fn unlimited_run(
         let done = done.clone();
         std::thread::spawn(move || {
             let start = Instant::now();
-            let mut samples = vec![(0.0, cpu_seconds())];
+            let mut samples = vec![(0.0, cpu_seconds(), machine_busy_seconds())];
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
-                samples.push((start.elapsed().as_secs_f64(), cpu_seconds()));
+                let t = start.elapsed().as_secs_f64();
+                samples.push((t, cpu_seconds(), machine_busy_seconds()));
             }
             samples
         })
@@ -208,36 +228,33 @@ async fn unlimited_run(
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let samples = sampler.join().unwrap();
     let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
-    let (end, cpu_end) = *samples.last().unwrap();
-    let busy = |from: f64, to: f64| {
-        let at = |t: f64| {
-            samples
-                .iter()
-                .find(|(s, _)| *s >= t)
-                .copied()
-                .unwrap_or((end, cpu_end))
-        };
-        let ((t0, c0), (t1, c1)) = (at(from), at(to));
-        if t1 > t0 {
-            (c1 - c0) / (t1 - t0) / cores * 100.0
+    let last = *samples.last().unwrap();
+    let end = last.0;
+    // The share of all cores busy between two moments: by this process (`machine` false) or
+    // by anything on the machine.
+    let busy = |from: f64, to: f64, machine: bool| {
+        let at = |t: f64| samples.iter().find(|s| s.0 >= t).copied().unwrap_or(last);
+        let (a, b) = (at(from), at(to));
+        let used = if machine { b.2 - a.2 } else { b.1 - a.1 };
+        if b.0 > a.0 {
+            used / (b.0 - a.0) / cores * 100.0
         } else {
             0.0
         }
     };
     let fifths: Vec<String> = (0..5)
         .map(|i| {
-            format!(
-                "{:>4.0}%",
-                busy(end * f64::from(i) / 5.0, end * f64::from(i + 1) / 5.0)
-            )
+            let (from, to) = (end * f64::from(i) / 5.0, end * f64::from(i + 1) / 5.0);
+            format!("{:>4.0}%", busy(from, to, true))
         })
         .collect();
     let objects: u64 = outcome.objects.values().sum();
     println!(
-        "{label:<8} {objects:>9} {secs:>7.2} {:>10.0} {:>10.0} {:>8.0}%   {}   {}",
+        "{label:<10} {objects:>9} {secs:>7.2} {:>10.0} {:>10.0} {:>8.0}% {:>8.0}%   {}   {}",
         objects as f64 / secs,
         outcome.requests as f64 / secs,
-        busy(0.0, end),
+        busy(0.0, end, false),
+        busy(0.0, end, true),
         fifths.join(" "),
         status.as_str()
     );
@@ -266,14 +283,15 @@ async fn unlimited(customers: usize) {
         "synth account of {customers} customers over 24 months: {total} listed objects; no rate limit; {cores} cores"
     );
     println!(
-        "{:<8} {:>9} {:>7} {:>10} {:>10} {:>9}   {:<29}   status",
+        "{:<10} {:>9} {:>7} {:>10} {:>10} {:>9} {:>9}   {:<29}   status",
         "store",
         "objects",
         "secs",
         "objects/s",
         "requests/s",
         "CPU",
-        "CPU in each fifth of the run"
+        "machine",
+        "machine, each fifth of the run"
     );
 
     let dir = tempfile::TempDir::new().unwrap();
@@ -287,6 +305,30 @@ async fn unlimited(customers: usize) {
     );
     let (user, conn) = revpilot_benches::bench_connection(sqlite.as_ref()).await;
     unlimited_run("SQLite", &fake, SyncPorts::from_store(sqlite), user, conn).await;
+
+    if let Ok(url) = std::env::var("REVPILOT_BENCH_POSTGRES_URL") {
+        let schema = format!("bench_sync_{}", std::process::id());
+        let admin = sqlx::PgPool::connect(&url).await.unwrap();
+        // The job queue's extensions stay in `public` (see `account_load`).
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let keys =
+            revpilot_store::KeyRing::parse("bench:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+                .unwrap();
+        let pg = Arc::new(
+            revpilot_store::PgStore::connect_in_schema(&url, Some(&schema), keys)
+                .await
+                .unwrap(),
+        );
+        let (user, conn) = revpilot_benches::bench_connection(pg.as_ref()).await;
+        unlimited_run("PostgreSQL", &fake, SyncPorts::from_store(pg), user, conn).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
 
     let (memory, user, conn) = MemoryStore::with_connection("acct_bench", Utc::now()).await;
     unlimited_run(
