@@ -226,7 +226,7 @@ impl<D: Dialect> UsageStore for SqlStore<D> {
         )
         .id(user.0)
         .bind(idempotency_key)
-        .run(&mut *self.conn().await?)
+        .run(&mut *self.write_conn().await?)
         .await?;
         changed(done, "usage reservation")
     }
@@ -411,7 +411,7 @@ impl<D: Dialect> WebhookInbox for SqlStore<D> {
         .bind(event.livemode)
         .bind(event.payload.as_str())
         .at(event.received_at)
-        .run(&mut *self.conn().await?)
+        .run(&mut *self.write_conn().await?)
         .await?;
         Ok(if done == 1 {
             Inserted::New
@@ -453,7 +453,7 @@ impl<D: Dialect> WebhookInbox for SqlStore<D> {
         let done = sql::<D>("UPDATE webhook_events SET processed_at = $1 WHERE event_id = $2 AND processed_at IS NULL")
             .at(now)
             .bind(event_id)
-            .run(&mut *self.conn().await?)
+            .run(&mut *self.write_conn().await?)
             .await?;
         changed(done, "webhook event")
     }
@@ -465,7 +465,7 @@ impl<D: Dialect> WebhookInbox for SqlStore<D> {
         )
         .bind(error)
         .bind(event_id)
-        .run(&mut *self.conn().await?)
+        .run(&mut *self.write_conn().await?)
         .await?;
         changed(done, "webhook event")
     }
@@ -491,7 +491,7 @@ impl<D: Dialect> LeaseStore for SqlStore<D> {
         .bind(holder)
         .at(until)
         .at(now)
-        .run(&mut *self.conn().await?)
+        .run(&mut *self.write_conn().await?)
         .await?;
         Ok(done == 1)
     }
@@ -500,7 +500,7 @@ impl<D: Dialect> LeaseStore for SqlStore<D> {
         sql::<D>("DELETE FROM leases WHERE key = $1 AND holder = $2")
             .bind(key)
             .bind(holder)
-            .run(&mut *self.conn().await?)
+            .run(&mut *self.write_conn().await?)
             .await
             .map(drop)
     }

@@ -163,7 +163,7 @@ impl<D: Dialect> ConnectionStore for SqlStore<D> {
         let done = sql::<D>("UPDATE stripe_connections SET last_synced_at = $1 WHERE id = $2")
             .at(at)
             .id(id.0)
-            .run(&mut *self.conn().await?)
+            .run(&mut *self.write_conn().await?)
             .await?;
         changed(done, "connection")
     }
@@ -177,7 +177,7 @@ impl<D: Dialect> OAuthStateStore for SqlStore<D> {
         user: UserId,
         expires_at: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let mut c = self.conn().await?;
+        let mut c = self.write_conn().await?;
         // Expired states go as new ones come, whether or not their callback ever does.
         sql::<D>("DELETE FROM oauth_states WHERE expires_at <= $1")
             .at(Utc::now())
@@ -205,7 +205,7 @@ impl<D: Dialect> OAuthStateStore for SqlStore<D> {
         user: UserId,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<UserId>> {
-        let mut c = self.conn().await?;
+        let mut c = self.write_conn().await?;
         sql::<D>("DELETE FROM oauth_states WHERE expires_at <= $1")
             .at(now)
             .run(&mut c)
@@ -263,7 +263,7 @@ impl<D: Dialect> SyncStateStore for SqlStore<D> {
         .bind(stream)
         .bind(cursor)
         .at(now)
-        .try_run(&mut *self.conn().await?)
+        .try_run(&mut *self.write_conn().await?)
         .await
         .map_err(missing("connection"))?;
         Ok(())
@@ -272,7 +272,7 @@ impl<D: Dialect> SyncStateStore for SqlStore<D> {
     async fn clear_cursors(&self, connection: ConnectionId) -> StoreResult<()> {
         sql::<D>("DELETE FROM sync_cursors WHERE stripe_connection_id = $1")
             .id(connection.0)
-            .run(&mut *self.conn().await?)
+            .run(&mut *self.write_conn().await?)
             .await?;
         Ok(())
     }
@@ -283,7 +283,7 @@ impl<D: Dialect> SyncStateStore for SqlStore<D> {
             .id(id)
             .id(connection.0)
             .at(now)
-            .try_run(&mut *self.conn().await?)
+            .try_run(&mut *self.write_conn().await?)
             .await
             .map_err(missing("connection"))?;
         Ok(id)
@@ -308,7 +308,7 @@ impl<D: Dialect> SyncStateStore for SqlStore<D> {
         .bind(count(outcome.retries)?)
         .bind(outcome.error.as_deref())
         .id(run)
-        .run(&mut *self.conn().await?)
+        .run(&mut *self.write_conn().await?)
         .await?;
         changed(done, "running sync run")
     }

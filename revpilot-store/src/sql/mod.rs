@@ -198,6 +198,26 @@ impl<D: Dialect> Write<D> {
     }
 }
 
+/// A connection for one write outside a transaction ([`SqlStore::write_conn`]), holding the
+/// store's write turn where the database has one writer.
+pub(crate) struct WriteConn<D: Dialect> {
+    conn: PoolConnection<D::Db>,
+    _turn: Option<OwnedSemaphorePermit>,
+}
+
+impl<D: Dialect> Deref for WriteConn<D> {
+    type Target = Conn<D>;
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl<D: Dialect> DerefMut for WriteConn<D> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
+    }
+}
+
 impl<D: Dialect> Deref for Write<D> {
     type Target = Transaction<'static, D::Db>;
     fn deref(&self) -> &Self::Target {
@@ -495,21 +515,34 @@ impl<D: Dialect> SqlStore<D> {
     /// `fsync` calls; 480-540 with turns, the log near 40-60 MB). Other processes still meet
     /// in the busy handler.
     pub(crate) async fn write(&self) -> StoreResult<Write<D>> {
-        let turn = match &self.turn {
-            Some(turn) => Some(
-                Arc::clone(turn)
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| StoreError::Backend(Box::new(e)))?,
-            ),
-            None => None,
-        };
+        let turn = self.turn().await?;
         let tx = self
             .pool
             .begin_with(D::BEGIN_WRITE)
             .await
             .map_err(backend)?;
         Ok(Write { tx, _turn: turn })
+    }
+
+    /// A connection for a write outside a transaction (one statement): it takes its turn as
+    /// [`Self::write`] does, so a one-statement write (a lease renewal, a sync's cursor) queues
+    /// with the transactions instead of polling in SQLite's busy handler, where writers that
+    /// hand the lock on in turn could keep it out until its timeout.
+    pub(crate) async fn write_conn(&self) -> StoreResult<WriteConn<D>> {
+        let turn = self.turn().await?;
+        let conn = self.conn().await?;
+        Ok(WriteConn { conn, _turn: turn })
+    }
+
+    async fn turn(&self) -> StoreResult<Option<OwnedSemaphorePermit>> {
+        match &self.turn {
+            Some(turn) => Arc::clone(turn)
+                .acquire_owned()
+                .await
+                .map(Some)
+                .map_err(|e| StoreError::Backend(Box::new(e))),
+            None => Ok(None),
+        }
     }
 
     /// A write transaction on a connection's data, after checking the connection exists.

@@ -330,8 +330,8 @@ mod tests {
     use super::anonymous;
     use crate::{KeyRing, SqliteStore};
 
-    /// The process's writers wait for their turn outside SQLite. Queued in its busy handler
-    /// instead, each holds a connection and polls, and writers that begin the moment another
+    /// The process's writers, transactions and one-statement writes alike, wait for their turn
+    /// outside SQLite. Queued in its busy handler instead, each holds a connection and polls, and writers that begin the moment another
     /// commits leave its checkpoint no gap to finish in: a 20,000-customer backfill's log then
     /// grew to 334 MB (and 2,800 `fsync` calls) instead of staying near the 40 MB checkpoint.
     #[tokio::test]
@@ -343,12 +343,21 @@ mod tests {
             .await
             .unwrap();
         let first = store.write().await.unwrap();
-        let waiting: Vec<_> = (0..3)
+        let mut waiting: Vec<_> = (0..2)
             .map(|_| {
                 let store = store.clone();
                 tokio::spawn(async move { store.write().await.unwrap().commit().await })
             })
             .collect();
+        // A one-statement write queues with them.
+        let one = store.clone();
+        waiting.push(tokio::spawn(async move {
+            let mut c = one.write_conn().await.unwrap();
+            sqlx::query("DELETE FROM leases WHERE key = 'none'")
+                .execute(&mut *c)
+                .await
+                .map(drop)
+        }));
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let pool = store.pool();
         let in_use = pool.size() as usize - pool.num_idle();

@@ -164,7 +164,15 @@ impl<D: Dialect> UserStore for SqlStore<D> {
         limits: Limits,
         now: DateTime<Utc>,
     ) -> StoreResult<UserProfile> {
-        insert_user::<D>(&mut *self.conn().await?, user, email, tier, limits, now).await
+        insert_user::<D>(
+            &mut *self.write_conn().await?,
+            user,
+            email,
+            tier,
+            limits,
+            now,
+        )
+        .await
     }
 
     async fn user(&self, user: UserId) -> StoreResult<Option<UserProfile>> {
@@ -195,7 +203,7 @@ impl<D: Dialect> UserStore for SqlStore<D> {
         change: &PlanChange,
         now: DateTime<Utc>,
     ) -> StoreResult<UserProfile> {
-        update_plan::<D>(&mut *self.conn().await?, user, change, now).await
+        update_plan::<D>(&mut *self.write_conn().await?, user, change, now).await
     }
 
     async fn set_stripe_customer(
@@ -212,7 +220,7 @@ impl<D: Dialect> UserStore for SqlStore<D> {
         .bind(customer)
         .at(now)
         .id(user.0)
-        .try_opt(&mut *self.conn().await?)
+        .try_opt(&mut *self.write_conn().await?)
         .await
         .map_err(|e| {
             if is_unique(&e) {
@@ -287,7 +295,7 @@ impl<D: Dialect> CredentialStore for SqlStore<D> {
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
         revpilot_core::ports::check_session_id(session)?;
-        let mut c = self.conn().await?;
+        let mut c = self.write_conn().await?;
         sql::<D>("DELETE FROM ended_sessions WHERE expires_at < $1")
             .at(now)
             .run(&mut c)
