@@ -299,7 +299,7 @@ async fn unlimited(customers: usize) {
         .unwrap();
     let db = dir.path().join("sync.db");
     let sqlite = Arc::new(
-        revpilot_store::SqliteStore::connect(db.to_str().unwrap(), keys)
+        revpilot_store::SqliteStore::connect(db.to_str().unwrap(), keys.clone())
             .await
             .unwrap(),
     );
@@ -314,9 +314,6 @@ async fn unlimited(customers: usize) {
             .execute(&admin)
             .await
             .unwrap();
-        let keys =
-            revpilot_store::KeyRing::parse("bench:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
-                .unwrap();
         let pg = Arc::new(
             revpilot_store::PgStore::connect_in_schema(&url, Some(&schema), keys)
                 .await

@@ -185,49 +185,33 @@ impl<D: Dialect> Clone for SqlStore<D> {
     }
 }
 
-/// A write transaction ([`SqlStore::write`]), holding the store's write turn where the database
-/// has one writer. Dropped without [`Write::commit`], it rolls back.
-pub(crate) struct Write<D: Dialect> {
-    tx: Transaction<'static, D::Db>,
+/// A write's transaction ([`SqlStore::write`]) or connection ([`SqlStore::write_conn`]), holding
+/// the store's write turn where the database has one writer until it is dropped. A transaction
+/// dropped without [`Turned::commit`] rolls back.
+pub(crate) struct Turned<T> {
+    inner: T,
     _turn: Option<OwnedSemaphorePermit>,
 }
 
-impl<D: Dialect> Write<D> {
+/// A write transaction in its turn.
+pub(crate) type Write<D> = Turned<Transaction<'static, <D as Backend>::Db>>;
+
+impl<DB: Database> Turned<Transaction<'static, DB>> {
     pub(crate) async fn commit(self) -> sqlx::Result<()> {
-        self.tx.commit().await
+        self.inner.commit().await
     }
 }
 
-/// A connection for one write outside a transaction ([`SqlStore::write_conn`]), holding the
-/// store's write turn where the database has one writer.
-pub(crate) struct WriteConn<D: Dialect> {
-    conn: PoolConnection<D::Db>,
-    _turn: Option<OwnedSemaphorePermit>,
-}
-
-impl<D: Dialect> Deref for WriteConn<D> {
-    type Target = Conn<D>;
-    fn deref(&self) -> &Self::Target {
-        &self.conn
+impl<T> Deref for Turned<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
     }
 }
 
-impl<D: Dialect> DerefMut for WriteConn<D> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.conn
-    }
-}
-
-impl<D: Dialect> Deref for Write<D> {
-    type Target = Transaction<'static, D::Db>;
-    fn deref(&self) -> &Self::Target {
-        &self.tx
-    }
-}
-
-impl<D: Dialect> DerefMut for Write<D> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tx
+impl<T> DerefMut for Turned<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
     }
 }
 
@@ -511,9 +495,9 @@ impl<D: Dialect> SqlStore<D> {
     /// SQLite includes its automatic checkpoint. Queued in SQLite's busy handler instead, each
     /// waiting writer held a connection and polled, and one began writing while the last one's
     /// checkpoint was still copying, so the log could never start over: it grew to 334 MB in
-    /// a 20,000-customer backfill, each commit past the threshold checkpointing again (2,800
-    /// `fsync` calls; 480-540 with turns, the log near 40-60 MB). Other processes still meet
-    /// in the busy handler.
+    /// a 20,000-customer backfill, each commit past the threshold checkpointing again
+    /// (1,583-2,833 `fsync` calls in `sync_backfill unlimited`; 258-261 with every write in
+    /// turn, the log near 40-60 MB). Other processes still meet in the busy handler.
     pub(crate) async fn write(&self) -> StoreResult<Write<D>> {
         let turn = self.turn().await?;
         let tx = self
@@ -521,17 +505,23 @@ impl<D: Dialect> SqlStore<D> {
             .begin_with(D::BEGIN_WRITE)
             .await
             .map_err(backend)?;
-        Ok(Write { tx, _turn: turn })
+        Ok(Turned {
+            inner: tx,
+            _turn: turn,
+        })
     }
 
     /// A connection for a write outside a transaction (one statement): it takes its turn as
     /// [`Self::write`] does, so a one-statement write (a lease renewal, a sync's cursor) queues
     /// with the transactions instead of polling in SQLite's busy handler, where writers that
     /// hand the lock on in turn could keep it out until its timeout.
-    pub(crate) async fn write_conn(&self) -> StoreResult<WriteConn<D>> {
+    pub(crate) async fn write_conn(&self) -> StoreResult<Turned<PoolConnection<D::Db>>> {
         let turn = self.turn().await?;
         let conn = self.conn().await?;
-        Ok(WriteConn { conn, _turn: turn })
+        Ok(Turned {
+            inner: conn,
+            _turn: turn,
+        })
     }
 
     async fn turn(&self) -> StoreResult<Option<OwnedSemaphorePermit>> {
